@@ -1,0 +1,163 @@
+//! The admin HTTP API (HTTP/1.1 and h2c): metrics, health, readiness, debug views.
+//!
+//! Owns: request routing for the admin port and the JSON shapes of the debug views. It reads
+//! runtime state and never changes routing. Binds to 127.0.0.1 by default: it exposes the
+//! config and must not face the internet.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::{Runtime, State};
+
+type Body = Full<Bytes>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn json<T: Serialize>(value: &T) -> Response<Body> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("cannot encode: {e}\n"),
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct ListenerView {
+    name: String,
+    configured: SocketAddr,
+    bound: SocketAddr,
+    max_connections: Option<usize>,
+    available_slots: Option<usize>,
+}
+
+#[derive(Serialize)]
+struct RouteView<'a> {
+    name: &'a str,
+    #[serde(rename = "match")]
+    matcher: &'a crate::route::Match,
+    pool: &'a str,
+    idle_timeout: String,
+    active: i64,
+}
+
+pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET is supported here\n",
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            rt.metrics.render(),
+        ),
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => match rt.state() {
+            State::Ready => reply(StatusCode::OK, "text/plain", "ready\n"),
+            s => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {}\n", serde_json::to_string(&s).unwrap_or_default()),
+            ),
+        },
+        "/debug/config" => json(&*rt.snapshot().config),
+        "/debug/routes" => {
+            let snap = rt.snapshot();
+            let views: Vec<RouteView<'_>> = snap
+                .routes
+                .iter()
+                .map(|(m, r)| RouteView {
+                    name: &r.name,
+                    matcher: m,
+                    pool: &r.pool.name,
+                    idle_timeout: r
+                        .idle_timeout
+                        .map(|d| humantime::format_duration(d).to_string())
+                        .unwrap_or_else(|| "0s".into()),
+                    active: r.active.get(),
+                })
+                .collect();
+            json(&views)
+        }
+        "/debug/pools" => {
+            let snap = rt.snapshot();
+            let views: Vec<_> = snap.pools.values().map(|p| p.view()).collect();
+            json(&views)
+        }
+        "/debug/listeners" => {
+            let views: Vec<ListenerView> = rt
+                .listener_states()
+                .iter()
+                .map(|l| ListenerView {
+                    name: l.config.name.clone(),
+                    configured: l.config.address,
+                    bound: l.local_addr,
+                    max_connections: l.config.max_connections,
+                    available_slots: l.permits.as_ref().map(|p| p.available_permits()),
+                })
+                .collect();
+            json(&views)
+        }
+        "/" => reply(
+            StatusCode::OK,
+            "text/plain",
+            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners\n",
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// Serve the admin API on `listener` until `stop` fires.
+pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, stop: CancellationToken) {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let rt = rt.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp = handle(&rt, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection error");
+            }
+        });
+    }
+}

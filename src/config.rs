@@ -1,0 +1,1147 @@
+//! Configuration: TOML text → raw serde structs → validated, immutable `Config`.
+//!
+//! Owns: the user's contract (key names, defaults, units) and every error message about it.
+//! Every error carries the file, the line, the key and a way to fix it; validation collects all
+//! semantic errors instead of stopping at the first. It never binds sockets or touches runtime
+//! state: turning a `Config` into live objects is `snapshot`'s job. Backend host names are
+//! resolved here (at load), so a typo fails the check instead of the first connection.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::route::{AlpnPattern, Match, SniPattern};
+use crate::upstream::balancer::{Balance, HashKey};
+
+/// Hard ceiling for `max_hello_size`: a TLS handshake message split over records can in
+/// principle be larger, but no real ClientHello is, and the buffer is per connection.
+pub const MAX_HELLO_CAP: usize = 65536;
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, "{line}:")?;
+        }
+        write!(f, " {}: {} — {}", self.key, self.problem, self.fix)
+    }
+}
+
+/// All problems found in a config; never empty.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A key path like `route[1].pool` or `pool.tunnel.backends[0]`.
+#[derive(Debug, Clone)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+#[derive(Debug, Clone, Default)]
+struct KeyPath(Vec<Seg>);
+
+impl KeyPath {
+    fn key(&self, k: &str) -> KeyPath {
+        let mut v = self.0.clone();
+        v.push(Seg::Key(k.to_owned()));
+        KeyPath(v)
+    }
+    fn index(&self, i: usize) -> KeyPath {
+        let mut v = self.0.clone();
+        v.push(Seg::Index(i));
+        KeyPath(v)
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, seg) in self.0.iter().enumerate() {
+            match seg {
+                Seg::Key(k) if i == 0 => write!(f, "{k}")?,
+                Seg::Key(k) => write!(f, ".{k}")?,
+                Seg::Index(n) => write!(f, "[{n}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds the line of a key path in the source text, using toml_edit's spans.
+struct Locator<'a> {
+    src: &'a str,
+    doc: Option<toml_edit::Document<&'a str>>,
+}
+
+impl<'a> Locator<'a> {
+    fn new(src: &'a str) -> Self {
+        Self {
+            src,
+            doc: toml_edit::Document::parse(src).ok(),
+        }
+    }
+
+    fn line_of_offset(&self, offset: usize) -> usize {
+        let end = offset.min(self.src.len());
+        self.src.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    /// The line of the deepest part of `path` that exists in the document.
+    fn line(&self, path: &KeyPath) -> Option<usize> {
+        let doc = self.doc.as_ref()?;
+        let mut node = Node::Item(doc.as_item());
+        let mut best: Option<std::ops::Range<usize>> = None;
+        for seg in &path.0 {
+            let Some((next, span)) = node.child(seg) else {
+                break;
+            };
+            if span.is_some() {
+                best = span;
+            }
+            node = next;
+        }
+        best.map(|s| self.line_of_offset(s.start))
+    }
+}
+
+/// A position in a toml_edit tree: tables of arrays (`[[route]]`) are `Table`s, inline values
+/// are `Value`s.
+#[derive(Clone, Copy)]
+enum Node<'d> {
+    Item(&'d toml_edit::Item),
+    Table(&'d toml_edit::Table),
+    Value(&'d toml_edit::Value),
+}
+
+type Span = Option<std::ops::Range<usize>>;
+
+impl<'d> Node<'d> {
+    /// The child at `seg` and the span that best points at it (its key if it has one).
+    fn child(self, seg: &Seg) -> Option<(Node<'d>, Span)> {
+        use toml_edit::{Item, Value};
+        match (self, seg) {
+            (Node::Item(Item::Table(t)), Seg::Key(_)) => Node::Table(t).child(seg),
+            (Node::Item(Item::Value(v)), _) => Node::Value(v).child(seg),
+            (Node::Item(Item::ArrayOfTables(a)), Seg::Index(i)) => {
+                let t = a.get(*i)?;
+                Some((Node::Table(t), t.span()))
+            }
+            (Node::Table(t), Seg::Key(k)) => {
+                let item = t.get(k)?;
+                let span = t.key(k).and_then(|k| k.span()).or_else(|| item.span());
+                Some((Node::Item(item), span))
+            }
+            (Node::Value(Value::InlineTable(t)), Seg::Key(k)) => {
+                let v = t.get(k)?;
+                let span = t.key(k).and_then(|k| k.span()).or_else(|| v.span());
+                Some((Node::Value(v), span))
+            }
+            (Node::Value(Value::Array(a)), Seg::Index(i)) => {
+                let v = a.get(*i)?;
+                Some((Node::Value(v), v.span()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Collects errors during validation.
+struct Errors<'a> {
+    path: &'a Path,
+    locator: Locator<'a>,
+    list: Vec<ConfigError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, at: &KeyPath, problem: impl Into<String>, fix: impl Into<String>) {
+        self.list.push(ConfigError {
+            path: self.path.to_path_buf(),
+            line: self.locator.line(at),
+            key: at.to_string(),
+            problem: problem.into(),
+            fix: fix.into(),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The raw layer: exactly what the file says.
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    lifecycle: RawLifecycle,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<RawListener>,
+    #[serde(default, rename = "route")]
+    routes: Vec<RawRoute>,
+    #[serde(default, rename = "pool")]
+    pools: BTreeMap<String, RawPool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    address: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLifecycle {
+    min_ready: Option<String>,
+    drain_delay: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Option<String>,
+    address: Option<String>,
+    backlog: Option<i64>,
+    hello_timeout: Option<String>,
+    max_hello_size: Option<i64>,
+    max_connections: Option<i64>,
+    reuse_port: Option<bool>,
+    #[serde(flatten)]
+    keepalive: RawKeepalive,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct RawKeepalive {
+    keepalive_idle: Option<String>,
+    keepalive_interval: Option<String>,
+    keepalive_count: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<String>,
+    listener: Option<OneOrMany>,
+    alpn: Option<Vec<String>>,
+    sni: Option<Vec<String>>,
+    tls: Option<bool>,
+    pool: Option<String>,
+    idle_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+    balance: Option<String>,
+    hash_key: Option<String>,
+    connect_timeout: Option<String>,
+    retries: Option<i64>,
+    proxy_protocol: Option<String>,
+    #[serde(flatten)]
+    keepalive: RawKeepalive,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawBackend {
+    Address(String),
+    Detailed {
+        address: String,
+        #[serde(default)]
+        weight: Option<i64>,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated config.
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub source: PathBuf,
+    pub admin: AdminConfig,
+    pub lifecycle: LifecycleConfig,
+    pub limits: LimitsConfig,
+    pub listeners: Vec<ListenerConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminConfig {
+    /// `None` when `address = ""`: no admin server.
+    pub address: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LifecycleConfig {
+    #[serde(with = "human")]
+    pub min_ready: Duration,
+    #[serde(with = "human")]
+    pub drain_delay: Duration,
+    #[serde(with = "human")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LimitsConfig {
+    /// Global cap on connections being handled; `None` derives it from the open-file limit.
+    pub max_connections: Option<usize>,
+}
+
+/// TCP keepalive for one leg; `None` idle means keepalive is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Keepalive {
+    #[serde(with = "human_opt")]
+    pub idle: Option<Duration>,
+    #[serde(with = "human")]
+    pub interval: Duration,
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub backlog: i32,
+    #[serde(with = "human")]
+    pub hello_timeout: Duration,
+    pub max_hello_size: usize,
+    pub max_connections: Option<usize>,
+    pub reuse_port: bool,
+    pub keepalive: Keepalive,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: Match,
+    pub pool: String,
+    /// `None`: never time out (tunnels).
+    #[serde(with = "human_opt")]
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    None,
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendConfig {
+    /// As written in the config (`proxy-1.internal:3024`).
+    pub name: String,
+    /// What it resolved to at load.
+    pub address: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolConfig {
+    pub name: String,
+    pub backends: Vec<BackendConfig>,
+    pub balance: Balance,
+    #[serde(with = "human")]
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub proxy_protocol: ProxyProtocol,
+    pub keepalive: Keepalive,
+}
+
+mod human {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+}
+
+mod human_opt {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_str("0s"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading and validation.
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: path.to_path_buf(),
+                line: None,
+                key: "(file)".into(),
+                problem: format!("cannot read: {e}"),
+                fix: "check the path given to --config and its permissions".into(),
+            }])
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parse and validate config text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let locator = Locator::new(text);
+            let (line, key) = match e.span() {
+                Some(span) => {
+                    let snippet = text.get(span.clone()).unwrap_or("").trim();
+                    let key = if !snippet.is_empty()
+                        && snippet.len() <= 64
+                        && snippet
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"_-.\"[]".contains(&b))
+                    {
+                        snippet.trim_matches(|c| c == '[' || c == ']').to_owned()
+                    } else {
+                        "(syntax)".to_owned()
+                    };
+                    (Some(locator.line_of_offset(span.start)), key)
+                }
+                None => (None, "(syntax)".to_owned()),
+            };
+            let message = e.message().trim().to_owned();
+            let fix = if message.starts_with("unknown field") {
+                "remove the key or fix its spelling (see the README's config reference)"
+            } else if message.contains("untagged enum RawBackend") {
+                "write a backend as \"host:port\" or { address = \"host:port\", weight = 2 }"
+            } else if message.contains("OneOrMany") {
+                "write listener = \"name\" or listener = [\"a\", \"b\"]"
+            } else {
+                "fix the TOML at this line"
+            };
+            let message = message
+                .replace("untagged enum RawBackend", "a backend")
+                .replace("untagged enum OneOrMany", "a listener name or list");
+            ConfigErrors(vec![ConfigError {
+                path: path.to_path_buf(),
+                line,
+                key,
+                problem: message,
+                fix: fix.into(),
+            }])
+        })?;
+        let mut errs = Errors {
+            path,
+            locator: Locator::new(text),
+            list: Vec::new(),
+        };
+        let config = validate(path, raw, &mut errs);
+        if errs.list.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errs.list))
+        }
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+}
+
+fn duration(
+    errs: &mut Errors<'_>,
+    at: &KeyPath,
+    value: Option<&str>,
+    default: Duration,
+) -> Duration {
+    match value {
+        None => default,
+        Some(text) => match humantime::parse_duration(text.trim()) {
+            Ok(d) => d,
+            Err(e) => {
+                errs.push(
+                    at,
+                    format!("`{text}` is not a duration ({e})"),
+                    "write a number with a unit, e.g. \"250ms\", \"10s\", \"5m\", \"1h\"",
+                );
+                default
+            }
+        },
+    }
+}
+
+fn int_in(
+    errs: &mut Errors<'_>,
+    at: &KeyPath,
+    value: Option<i64>,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> i64 {
+    match value {
+        None => default,
+        Some(v) if (min..=max).contains(&v) => v,
+        Some(v) => {
+            errs.push(
+                at,
+                format!("{v} is out of range"),
+                format!("use a value from {min} to {max}"),
+            );
+            default
+        }
+    }
+}
+
+fn keepalive(errs: &mut Errors<'_>, at: &KeyPath, raw: &RawKeepalive) -> Keepalive {
+    let idle = duration(
+        errs,
+        &at.key("keepalive_idle"),
+        raw.keepalive_idle.as_deref(),
+        Duration::from_secs(60),
+    );
+    let interval = duration(
+        errs,
+        &at.key("keepalive_interval"),
+        raw.keepalive_interval.as_deref(),
+        Duration::from_secs(15),
+    );
+    let count = int_in(
+        errs,
+        &at.key("keepalive_count"),
+        raw.keepalive_count,
+        4,
+        1,
+        127,
+    ) as u32;
+    if !idle.is_zero() && interval.is_zero() {
+        errs.push(
+            &at.key("keepalive_interval"),
+            "must not be 0 while keepalive is on",
+            "set e.g. \"15s\", or keepalive_idle = \"0s\" to turn keepalive off",
+        );
+    }
+    Keepalive {
+        idle: (!idle.is_zero()).then_some(idle),
+        interval,
+        count,
+    }
+}
+
+/// `host:port` → the first address it resolves to (as HAProxy does at start).
+fn resolve(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if !text.contains(':') {
+        return Err(format!("`{text}` has no port"));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("`{text}` resolved to no address")),
+        Err(e) => Err(format!("cannot resolve `{text}`: {e}")),
+    }
+}
+
+fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
+    let root = KeyPath::default();
+
+    // [admin]
+    let admin_at = root.key("admin").key("address");
+    let admin_address = match raw.admin.address.as_deref() {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
+        Some("") => None,
+        Some(text) => match resolve(text) {
+            Ok(a) => Some(a),
+            Err(problem) => {
+                errs.push(
+                    &admin_at,
+                    problem,
+                    "write an address like \"127.0.0.1:9901\", or \"\" to disable the admin API",
+                );
+                None
+            }
+        },
+    };
+
+    // [lifecycle]
+    let lc = root.key("lifecycle");
+    let lifecycle = LifecycleConfig {
+        min_ready: duration(
+            errs,
+            &lc.key("min_ready"),
+            raw.lifecycle.min_ready.as_deref(),
+            Duration::ZERO,
+        ),
+        drain_delay: duration(
+            errs,
+            &lc.key("drain_delay"),
+            raw.lifecycle.drain_delay.as_deref(),
+            Duration::from_secs(5),
+        ),
+        drain_timeout: duration(
+            errs,
+            &lc.key("drain_timeout"),
+            raw.lifecycle.drain_timeout.as_deref(),
+            Duration::from_secs(600),
+        ),
+    };
+
+    // [limits]
+    let limits = LimitsConfig {
+        max_connections: raw.limits.max_connections.map(|_| {
+            int_in(
+                errs,
+                &root.key("limits").key("max_connections"),
+                raw.limits.max_connections,
+                0,
+                1,
+                10_000_000,
+            ) as usize
+        }),
+    };
+
+    // [pool.*] first: routes refer to them.
+    let mut pools = BTreeMap::new();
+    for (name, rp) in raw.pools {
+        let at = root.key("pool").key(&name);
+        if !name_ok(&name) {
+            errs.push(
+                &at,
+                format!("pool name `{name}` has characters outside [A-Za-z0-9._-]"),
+                "rename the pool",
+            );
+        }
+        let mut backends = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, rb) in rp.backends.into_iter().enumerate() {
+            let bat = at.key("backends").index(i);
+            let (text, weight) = match rb {
+                RawBackend::Address(a) => (a, None),
+                RawBackend::Detailed { address, weight } => (address, weight),
+            };
+            let weight = int_in(errs, &bat.key("weight"), weight, 1, 1, 1000) as u32;
+            match resolve(&text) {
+                Ok(address) => {
+                    if !seen.insert(address) {
+                        errs.push(
+                            &bat,
+                            format!("backend `{text}` ({address}) is listed twice"),
+                            "remove the duplicate, or use `weight` to give it more traffic",
+                        );
+                    }
+                    backends.push(BackendConfig {
+                        name: text,
+                        address,
+                        weight,
+                    });
+                }
+                Err(problem) => errs.push(
+                    &bat,
+                    problem,
+                    "write \"host:port\" with a name this machine can resolve, or an IP",
+                ),
+            }
+        }
+        if backends.is_empty() && !errs.list.iter().any(|e| e.key.starts_with(&at.to_string())) {
+            errs.push(
+                &at.key("backends"),
+                "the pool has no backends",
+                "add backends = [\"host:port\", ...]",
+            );
+        }
+        let hash_key = match rp.hash_key.as_deref() {
+            None | Some("client_ip") => HashKey::ClientIp,
+            Some("sni") => HashKey::Sni,
+            Some(other) => {
+                errs.push(
+                    &at.key("hash_key"),
+                    format!("unknown hash key `{other}`"),
+                    "use \"client_ip\" or \"sni\"",
+                );
+                HashKey::ClientIp
+            }
+        };
+        let balance = match rp.balance.as_deref() {
+            None | Some("random") => Balance::Random,
+            Some("round_robin") => Balance::RoundRobin,
+            Some("least_conn") => Balance::LeastConn,
+            Some("p2c") => Balance::P2c,
+            Some("hash") => Balance::Hash(hash_key),
+            Some(other) => {
+                errs.push(
+                    &at.key("balance"),
+                    format!("unknown balancer `{other}`"),
+                    "use one of random, round_robin, least_conn, p2c, hash",
+                );
+                Balance::Random
+            }
+        };
+        if rp.hash_key.is_some() && !matches!(balance, Balance::Hash(_)) {
+            errs.push(
+                &at.key("hash_key"),
+                "hash_key only applies to balance = \"hash\"",
+                "remove hash_key or set balance = \"hash\"",
+            );
+        }
+        let proxy_protocol = match rp.proxy_protocol.as_deref() {
+            None | Some("none") => ProxyProtocol::None,
+            Some("v1") => ProxyProtocol::V1,
+            Some("v2") => ProxyProtocol::V2,
+            Some(other) => {
+                errs.push(
+                    &at.key("proxy_protocol"),
+                    format!("unknown PROXY protocol version `{other}`"),
+                    "use \"none\", \"v1\" or \"v2\"",
+                );
+                ProxyProtocol::None
+            }
+        };
+        let connect_timeout = duration(
+            errs,
+            &at.key("connect_timeout"),
+            rp.connect_timeout.as_deref(),
+            Duration::from_secs(3),
+        );
+        if connect_timeout.is_zero() {
+            errs.push(
+                &at.key("connect_timeout"),
+                "must be more than 0",
+                "set e.g. \"3s\"",
+            );
+        }
+        let retries = int_in(errs, &at.key("retries"), rp.retries, 2, 0, 16) as u32;
+        let keepalive = keepalive(errs, &at, &rp.keepalive);
+        pools.insert(
+            name.clone(),
+            PoolConfig {
+                name,
+                backends,
+                balance,
+                connect_timeout,
+                retries,
+                proxy_protocol,
+                keepalive,
+            },
+        );
+    }
+
+    // [[listener]]
+    let mut listeners: Vec<ListenerConfig> = Vec::new();
+    if raw.listeners.is_empty() {
+        errs.push(
+            &root.key("listener"),
+            "no listener is configured",
+            "add a [[listener]] with name and address, e.g. address = \"0.0.0.0:443\"",
+        );
+    }
+    for (i, rl) in raw.listeners.into_iter().enumerate() {
+        let at = root.key("listener").index(i);
+        let name = rl.name.unwrap_or_default();
+        if !name_ok(&name) {
+            errs.push(
+                &at.key("name"),
+                "missing or invalid listener name",
+                "set name = \"edge\" (letters, digits, . _ -)",
+            );
+        } else if listeners.iter().any(|l| l.name == name) {
+            errs.push(
+                &at.key("name"),
+                format!("listener name `{name}` is used twice"),
+                "give each listener its own name",
+            );
+        }
+        let address = match rl.address.as_deref() {
+            None => {
+                errs.push(
+                    &at.key("address"),
+                    "missing",
+                    "set address = \"0.0.0.0:443\" (or \"[::]:443\")",
+                );
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }
+            Some(text) => resolve(text).unwrap_or_else(|problem| {
+                errs.push(
+                    &at.key("address"),
+                    problem,
+                    "write an address like \"0.0.0.0:443\" or \"[::]:443\"",
+                );
+                SocketAddr::from(([0, 0, 0, 0], 0))
+            }),
+        };
+        if address.port() != 0 && listeners.iter().any(|l| l.address == address) {
+            errs.push(
+                &at.key("address"),
+                format!("{address} is already used by another listener"),
+                "give each listener its own address",
+            );
+        }
+        let max_hello_size = int_in(
+            errs,
+            &at.key("max_hello_size"),
+            rl.max_hello_size,
+            16384,
+            512,
+            MAX_HELLO_CAP as i64,
+        ) as usize;
+        let hello_timeout = duration(
+            errs,
+            &at.key("hello_timeout"),
+            rl.hello_timeout.as_deref(),
+            Duration::from_secs(10),
+        );
+        if hello_timeout.is_zero() {
+            errs.push(
+                &at.key("hello_timeout"),
+                "must be more than 0 (a client that never sends a hello would hold a slot forever)",
+                "set e.g. \"10s\"",
+            );
+        }
+        let backlog = int_in(errs, &at.key("backlog"), rl.backlog, 1024, 1, 65535) as i32;
+        let max_connections = rl.max_connections.map(|v| {
+            int_in(
+                errs,
+                &at.key("max_connections"),
+                Some(v),
+                1,
+                1,
+                10_000_000,
+            ) as usize
+        });
+        let keepalive = keepalive(errs, &at, &rl.keepalive);
+        listeners.push(ListenerConfig {
+            name,
+            address,
+            backlog,
+            hello_timeout,
+            max_hello_size,
+            max_connections,
+            reuse_port: rl.reuse_port.unwrap_or(true),
+            keepalive,
+        });
+    }
+
+    // [[route]]
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    if routes.is_empty() && raw.routes.is_empty() {
+        errs.push(
+            &root.key("route"),
+            "no route is configured",
+            "add a [[route]] with a pool (a route without match keys takes everything TLS)",
+        );
+    }
+    for (i, rr) in raw.routes.into_iter().enumerate() {
+        let at = root.key("route").index(i);
+        let name = rr.name.unwrap_or_else(|| format!("route{i}"));
+        if !name_ok(&name) {
+            errs.push(
+                &at.key("name"),
+                format!("route name `{name}` has characters outside [A-Za-z0-9._-]"),
+                "rename the route",
+            );
+        } else if routes.iter().any(|r| r.name == name) {
+            errs.push(
+                &at.key("name"),
+                format!("route name `{name}` is used twice"),
+                "give each route its own name (names label metrics and logs)",
+            );
+        }
+        let listeners_key = rr.listener.map(OneOrMany::into_vec);
+        if let Some(ls) = &listeners_key {
+            for (j, l) in ls.iter().enumerate() {
+                if !listeners.iter().any(|x| &x.name == l) {
+                    let known: Vec<_> = listeners.iter().map(|l| l.name.as_str()).collect();
+                    errs.push(
+                        &at.key("listener").index(j),
+                        format!("no listener is named `{l}`"),
+                        format!("use one of: {}", known.join(", ")),
+                    );
+                }
+            }
+        }
+        let tls = rr.tls.unwrap_or(true);
+        let alpn = rr.alpn.map(|list| {
+            if list.is_empty() {
+                errs.push(
+                    &at.key("alpn"),
+                    "an empty list matches nothing",
+                    "list protocols, or remove the key to match any ALPN",
+                );
+            }
+            for (j, a) in list.iter().enumerate() {
+                if a.is_empty() || a.len() > 255 || a == "*" {
+                    errs.push(
+                        &at.key("alpn").index(j),
+                        format!("`{a}` is not a protocol name or prefix"),
+                        "write e.g. \"h2\" or \"teleport-*\"; remove the key to match anything",
+                    );
+                }
+            }
+            list.iter().map(|a| AlpnPattern::parse(a)).collect::<Vec<_>>()
+        });
+        let sni = rr.sni.map(|list| {
+            if list.is_empty() {
+                errs.push(
+                    &at.key("sni"),
+                    "an empty list matches nothing",
+                    "list server names, or remove the key to match any SNI",
+                );
+            }
+            list.iter()
+                .enumerate()
+                .filter_map(|(j, s)| match SniPattern::parse(s) {
+                    Ok(p) => Some(p),
+                    Err(problem) => {
+                        errs.push(
+                            &at.key("sni").index(j),
+                            problem,
+                            "write \"host.example.com\", \"*.example.com\" or \"prefix.*\"",
+                        );
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        if !tls && (alpn.is_some() || sni.is_some()) {
+            errs.push(
+                &at.key("tls"),
+                "a tls = false route cannot match alpn or sni (non-TLS traffic has neither)",
+                "remove alpn/sni from this route, or remove tls = false",
+            );
+        }
+        let pool = match rr.pool {
+            Some(p) if pools.contains_key(&p) => p,
+            Some(p) => {
+                let known: Vec<_> = pools.keys().map(String::as_str).collect();
+                errs.push(
+                    &at.key("pool"),
+                    format!("no pool is named `{p}`"),
+                    if known.is_empty() {
+                        "define it as [pool.NAME] with backends".to_owned()
+                    } else {
+                        format!("use one of: {} — or define [pool.{p}]", known.join(", "))
+                    },
+                );
+                p
+            }
+            None => {
+                errs.push(
+                    &at.key("pool"),
+                    "missing",
+                    "set pool = \"NAME\" naming a [pool.NAME] table",
+                );
+                String::new()
+            }
+        };
+        let idle = duration(
+            errs,
+            &at.key("idle_timeout"),
+            rr.idle_timeout.as_deref(),
+            Duration::from_secs(3600),
+        );
+        let matcher = Match {
+            listeners: listeners_key,
+            alpn,
+            sni,
+            tls,
+        };
+        if let Some(earlier) = routes.iter().find(|r| matcher.shadowed_by(&r.matcher)) {
+            let what = if earlier.matcher.is_catch_all() {
+                "catch-all route"
+            } else {
+                "route"
+            };
+            errs.push(
+                &at,
+                format!(
+                    "route `{name}` can never match: the earlier {what} `{}` takes all its traffic",
+                    earlier.name
+                ),
+                format!(
+                    "move `{name}` above `{}`, or narrow `{}`",
+                    earlier.name, earlier.name
+                ),
+            );
+        }
+        routes.push(RouteConfig {
+            name,
+            matcher,
+            pool,
+            idle_timeout: (!idle.is_zero()).then_some(idle),
+        });
+    }
+
+    Config {
+        source: path.to_path_buf(),
+        admin: AdminConfig {
+            address: admin_address,
+        },
+        lifecycle,
+        limits,
+        listeners,
+        routes,
+        pools,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+
+[[route]]
+name = "tunnels"
+alpn = ["teleport-reversetunnel*"]
+pool = "tunnel"
+idle_timeout = "0s"
+
+[[route]]
+name = "clients"
+pool = "client"
+
+[pool.tunnel]
+backends = ["127.0.0.1:3024", { address = "127.0.0.2:3024", weight = 3 }]
+balance = "p2c"
+proxy_protocol = "v2"
+
+[pool.client]
+backends = ["localhost:3080"]
+"#;
+
+    #[test]
+    fn good_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[0].idle_timeout, None);
+        assert_eq!(c.routes[1].idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.pools["tunnel"].backends[1].weight, 3);
+        assert_eq!(c.pools["tunnel"].proxy_protocol, ProxyProtocol::V2);
+        assert_eq!(c.listeners[0].max_hello_size, 16384);
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let bad = GOOD
+            .replace("pool = \"client\"", "pool = \"nope\"")
+            .replace("balance = \"p2c\"", "balance = \"fastest\"");
+        let errs = parse(&bad).unwrap_err().0;
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("t.toml:14: route[1].pool: no pool is named `nope`")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("t.toml:18: pool.tunnel.balance: unknown balancer")),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_line() {
+        let bad = GOOD.replace("idle_timeout = \"0s\"", "idle_timout = \"0s\"");
+        let errs = parse(&bad).unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, Some(10));
+        assert_eq!(errs[0].key, "idle_timout");
+        assert!(errs[0].problem.contains("unknown field"), "{:?}", errs[0]);
+    }
+
+    #[test]
+    fn shadowed_route_is_rejected() {
+        let bad = GOOD.replace(
+            "[pool.tunnel]",
+            "[[route]]\nname = \"late\"\nalpn = [\"h2\"]\npool = \"client\"\n\n[pool.tunnel]",
+        );
+        let errs = parse(&bad).unwrap_err().0;
+        assert!(errs[0].problem.contains("catch-all route `clients`"), "{errs:?}");
+        assert_eq!(errs[0].line, Some(16)); // the `[[route]]` header of the shadowed route
+    }
+
+    #[test]
+    fn bad_values() {
+        let bad = GOOD
+            .replace("idle_timeout = \"0s\"", "idle_timeout = \"soon\"")
+            .replace("address = \"127.0.0.1:0\"", "address = \"127.0.0.1:0\"\nmax_hello_size = 100000");
+        let errs = parse(&bad).unwrap_err().0;
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs.iter().any(|e| e.key == "listener[0].max_hello_size"));
+        assert!(errs.iter().any(|e| e.key == "route[0].idle_timeout"));
+    }
+}

@@ -1,0 +1,288 @@
+//! One client connection, from accept to close.
+//!
+//! Owns: the I/O shell around the hello parser (read until complete, under `hello_timeout`
+//! and `max_hello_size`), the routing decision, the backend connect, replaying the buffered
+//! hello (behind an optional PROXY header), the relay, and the access-log line. A hello that is
+//! malformed, oversized or too slow is closed with a counted reason; it is never routed to a
+//! default pool.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BufMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::listener::{apply_keepalive, ListenerState};
+use crate::proxy_protocol::{self, HeaderInfo};
+use crate::relay::{self, End};
+use crate::route::{Facts, TlsFacts};
+use crate::runtime::Runtime;
+use crate::tls::hello::{self, ClientHello, Parse};
+
+/// How reading the first bytes ended.
+enum Hello {
+    Tls(ClientHello),
+    Plain,
+    /// The connection is over; the label is both the hello metric result and the close reason.
+    Rejected(&'static str, String),
+}
+
+async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>, state: &ListenerState) -> Hello {
+    let cap = state.config.max_hello_size;
+    let deadline = tokio::time::Instant::now() + state.config.hello_timeout;
+    loop {
+        match hello::parse(buf) {
+            Parse::Hello { hello, .. } => return Hello::Tls(hello),
+            Parse::NotTls => return Hello::Plain,
+            Parse::Malformed(m) => {
+                return Hello::Rejected("malformed", format!("malformed ClientHello: {m}"))
+            }
+            Parse::Incomplete { needed_at_least } => {
+                if needed_at_least.is_some_and(|n| n > cap) {
+                    return Hello::Rejected(
+                        "too_large",
+                        format!(
+                            "ClientHello needs at least {} bytes; max_hello_size is {cap}",
+                            needed_at_least.unwrap_or(0)
+                        ),
+                    );
+                }
+                if buf.len() >= cap {
+                    return Hello::Rejected(
+                        "too_large",
+                        format!("ClientHello larger than max_hello_size ({cap} bytes)"),
+                    );
+                }
+            }
+        }
+        let room = cap - buf.len();
+        buf.reserve(room.min(4096));
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await;
+        match read {
+            Err(_) => {
+                return Hello::Rejected(
+                    "timeout",
+                    format!(
+                        "no complete ClientHello within hello_timeout ({} bytes received)",
+                        buf.len()
+                    ),
+                )
+            }
+            Ok(Ok(0)) => {
+                return Hello::Rejected(
+                    "eof",
+                    format!("client closed after {} bytes, before a complete hello", buf.len()),
+                )
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Hello::Rejected("eof", format!("read error before hello: {e}")),
+        }
+    }
+}
+
+/// The access-log record, filled in as the connection progresses.
+struct Log<'a> {
+    id: u64,
+    client: SocketAddr,
+    listener: &'a str,
+    sni: Option<String>,
+    alpn: Vec<String>,
+    route: String,
+    pool: String,
+    backend: String,
+    to_backend: u64,
+    to_client: u64,
+    started: Instant,
+    end: &'static str,
+    detail: String,
+}
+
+impl Log<'_> {
+    fn emit(&self) {
+        tracing::info!(
+            target: "sluice::access",
+            conn = self.id,
+            client = %self.client,
+            listener = self.listener,
+            sni = self.sni.as_deref().unwrap_or("-"),
+            alpn = %if self.alpn.is_empty() { "-".to_owned() } else { self.alpn.join(",") },
+            route = %self.route,
+            pool = %self.pool,
+            backend = %self.backend,
+            bytes_to_backend = self.to_backend,
+            bytes_to_client = self.to_client,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            end = self.end,
+            detail = %self.detail,
+            "connection closed"
+        );
+    }
+}
+
+pub async fn serve(
+    rt: Arc<Runtime>,
+    state: Arc<ListenerState>,
+    mut stream: TcpStream,
+    client: SocketAddr,
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+) {
+    let started = Instant::now();
+    let listener = state.config.name.as_str();
+    let active = rt.metrics.active.with_label_values(&[listener]);
+    active.inc();
+    let mut log = Log {
+        id: rt.next_conn_id(),
+        client,
+        listener,
+        sni: None,
+        alpn: Vec::new(),
+        route: "none".into(),
+        pool: "-".into(),
+        backend: "-".into(),
+        to_backend: 0,
+        to_client: 0,
+        started,
+        end: "closed",
+        detail: String::new(),
+    };
+    // The snapshot this connection lives with, whatever reloads happen later.
+    let snapshot = rt.snapshot();
+    handle(&rt, &state, &mut stream, &snapshot, &mut log).await;
+    rt.metrics
+        .closed
+        .with_label_values(&[listener, log.route.as_str(), log.end])
+        .inc();
+    active.dec();
+    log.emit();
+}
+
+async fn handle(
+    rt: &Runtime,
+    state: &ListenerState,
+    stream: &mut TcpStream,
+    snapshot: &crate::runtime::Snapshot,
+    log: &mut Log<'_>,
+) {
+    let listener = state.config.name.as_str();
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = apply_keepalive(&socket2::SockRef::from(&*stream), &state.config.keepalive) {
+        tracing::debug!(error = %e, "could not set keepalive on client socket");
+    }
+
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let hello = read_hello(stream, &mut buf, state).await;
+    let (result, tls) = match hello {
+        Hello::Tls(h) => ("ok", Some(h)),
+        Hello::Plain => ("not_tls", None),
+        Hello::Rejected(result, detail) => {
+            rt.metrics
+                .hello
+                .with_label_values(&[listener, result])
+                .inc();
+            log.end = match result {
+                "timeout" => "hello_timeout",
+                "too_large" => "hello_too_large",
+                "malformed" => "hello_malformed",
+                _ => "client_closed_early",
+            };
+            if result != "eof" {
+                tracing::warn!(conn = log.id, client = %log.client, listener, reason = result, "{detail}");
+            }
+            log.detail = detail;
+            return;
+        }
+    };
+    rt.metrics
+        .hello
+        .with_label_values(&[listener, result])
+        .inc();
+    if let Some(h) = &tls {
+        log.sni = h.sni.clone();
+        log.alpn = h.alpn.clone();
+    }
+
+    let facts = Facts {
+        listener,
+        tls: tls.as_ref().map(|h| TlsFacts {
+            sni: h.sni.as_deref(),
+            alpn: &h.alpn,
+        }),
+    };
+    let Some(route) = snapshot.routes.select(&facts) else {
+        rt.metrics
+            .route_decisions
+            .with_label_values(&[listener, "none"])
+            .inc();
+        log.end = if tls.is_some() { "no_route" } else { "not_tls" };
+        log.detail = "no route matches this connection".into();
+        return;
+    };
+    rt.metrics
+        .route_decisions
+        .with_label_values(&[listener, route.name.as_str()])
+        .inc();
+    log.route = route.name.clone();
+    log.pool = route.pool.name.clone();
+
+    let sni = tls.as_ref().and_then(|h| h.sni.as_deref());
+    let (backend, guard) = match route.pool.connect(log.client, sni, &rt.metrics).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            log.end = "backend_unavailable";
+            log.detail = e.to_string();
+            return;
+        }
+    };
+    log.backend = guard.backend().name.clone();
+
+    // Replay what the client sent, behind the PROXY header if the pool wants one, in one write.
+    let local = stream.local_addr().unwrap_or(state.local_addr);
+    let info = HeaderInfo {
+        client: log.client,
+        local,
+        alpn: tls.as_ref().and_then(|h| route.reported_alpn(&h.alpn)),
+        sni,
+    };
+    let first = match proxy_protocol::encode(route.pool.proxy_protocol, &info) {
+        Ok(Some(mut header)) => {
+            header.extend_from_slice(&buf);
+            header
+        }
+        Ok(None) => buf,
+        Err(e) => {
+            log.end = "internal_error";
+            log.detail = format!("cannot encode PROXY header: {e}");
+            return;
+        }
+    };
+    let mut backend = backend;
+    if let Err(e) = backend.write_all(&first).await {
+        log.end = "backend_error";
+        log.detail = format!("writing the hello to the backend failed: {e}");
+        return;
+    }
+    route.bytes_to_backend.inc_by(first.len() as u64);
+    log.to_backend = first.len() as u64;
+    drop(first);
+
+    route.active.inc();
+    let outcome = relay::relay(
+        stream,
+        &backend,
+        route.idle_timeout,
+        (&route.bytes_to_backend, &route.bytes_to_client),
+        &rt.hard_stop,
+    )
+    .await;
+    route.active.dec();
+    log.to_backend += outcome.to_backend;
+    log.to_client = outcome.to_client;
+    log.end = outcome.end.label();
+    if outcome.end == End::IdleTimeout {
+        log.detail = "idle_timeout reached".into();
+    }
+    drop(guard);
+}

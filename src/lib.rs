@@ -1,0 +1,22 @@
+//! sluice: an edge load balancer for clusters reached through reverse tunnels.
+//!
+//! It reads each TLS ClientHello without terminating TLS, routes by ALPN and SNI, and relays
+//! bytes to a backend chosen from a pool. See `DESIGN` notes at the top of each module: pure
+//! cores (`tls::hello`, `route`, `upstream::balancer`, `proxy_protocol`, `config`) and thin I/O
+//! shells (`listener`, `connection`, `relay`, `admin`, `server`).
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod connection;
+pub mod demo;
+pub mod listener;
+pub mod metrics;
+pub mod proxy_protocol;
+pub mod relay;
+pub mod route;
+pub mod runtime;
+pub mod server;
+pub mod tls;
+pub mod upstream;

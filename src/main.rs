@@ -1,0 +1,135 @@
+//! The `sluice` command: run, check, demo.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice::config::Config;
+use sluice::server::Server;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "ALPN/SNI-routing TLS-passthrough edge for reverse-tunnel clusters")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter (tracing-subscriber EnvFilter syntax); RUST_LOG works too.
+    #[arg(long, global = true, env = "SLUICE_LOG", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the edge.
+    Run {
+        #[arg(long, short, default_value = "conf/sluice.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config; print every problem as path:line: key: problem — fix, exit 1.
+    Check {
+        #[arg(long, short, default_value = "conf/sluice.toml")]
+        config: PathBuf,
+    },
+    /// Everything in one process: the edge on 127.0.0.1:8443 and two demo TLS backends.
+    Demo {
+        #[arg(long, default_value_t = 8443)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .or_else(|| tracing_subscriber::EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn raise_nofile() {
+    // Each relayed connection holds two descriptors: use all the hard limit allows.
+    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE) {
+        let _ = rlimit::increase_nofile_limit(hard);
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listeners, {} routes, {} pools)",
+                    config.display(),
+                    c.listeners.len(),
+                    c.routes.len(),
+                    c.pools.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(errs) => {
+                for e in &errs.0 {
+                    eprintln!("{e}");
+                }
+                ExitCode::from(1)
+            }
+        },
+        Command::Run { config } => {
+            init_logging(cli.log_format, &cli.log_level);
+            raise_nofile();
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(errs) => {
+                    for e in &errs.0 {
+                        eprintln!("{e}");
+                    }
+                    return ExitCode::from(1);
+                }
+            };
+            run(async move {
+                let server = Server::start(cfg).await?;
+                server.run_until_signal().await
+            })
+        }
+        Command::Demo { port, admin } => {
+            init_logging(cli.log_format, &cli.log_level);
+            raise_nofile();
+            run(sluice::demo::run(port, &admin))
+        }
+    }
+}
+
+fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sluice: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

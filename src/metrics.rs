@@ -1,0 +1,198 @@
+//! Metrics: every Prometheus family sluice exports, defined in one place.
+//!
+//! Owns: names, help texts, label sets. Labels are bounded by configuration (listener, route,
+//! pool, backend address as configured) or by code (result, reason, direction) — never a client
+//! address or an SNI. One `Metrics` per process (tests create several, each with its own
+//! registry).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub const CONNECTIONS_ACCEPTED: &str = "sluice_connections_accepted_total";
+pub const CONNECTIONS_ACTIVE: &str = "sluice_connections_active";
+pub const CONNECTIONS_CLOSED: &str = "sluice_connections_closed_total";
+pub const ROUTE_CONNECTIONS_ACTIVE: &str = "sluice_route_connections_active";
+pub const ACCEPT_ERRORS: &str = "sluice_accept_errors_total";
+pub const ACCEPT_PAUSED: &str = "sluice_accept_paused_total";
+pub const HELLO: &str = "sluice_hello_total";
+pub const ROUTE_DECISIONS: &str = "sluice_route_decisions_total";
+pub const UPSTREAM_CONNECT_SECONDS: &str = "sluice_upstream_connect_duration_seconds";
+pub const UPSTREAM_CONNECT_FAILURES: &str = "sluice_upstream_connect_failures_total";
+pub const UPSTREAM_EXHAUSTED: &str = "sluice_upstream_unavailable_total";
+pub const BYTES: &str = "sluice_bytes_total";
+pub const POOL_BACKENDS: &str = "sluice_pool_backends";
+pub const BACKEND_ACTIVE: &str = "sluice_backend_connections_active";
+pub const BUILD_INFO: &str = "sluice_build_info";
+pub const LIFECYCLE_STATE: &str = "sluice_lifecycle_state";
+pub const MAX_CONNECTIONS: &str = "sluice_max_connections";
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// {listener}
+    pub accepted: IntCounterVec,
+    /// {listener}
+    pub active: IntGaugeVec,
+    /// {listener, route, reason}: route is "none" for connections that never got one.
+    pub closed: IntCounterVec,
+    /// {route}
+    pub route_active: IntGaugeVec,
+    /// {listener, kind}
+    pub accept_errors: IntCounterVec,
+    /// {listener, cap}: the accept loop had to wait for a connection slot.
+    pub accept_paused: IntCounterVec,
+    /// {listener, result}: ok, not_tls, malformed, too_large, timeout, eof
+    pub hello: IntCounterVec,
+    /// {listener, route}: route "none" when nothing matched (the connection is closed).
+    pub route_decisions: IntCounterVec,
+    /// {pool}
+    pub connect_seconds: HistogramVec,
+    /// {pool, reason}: refused, timeout, unreachable, reset, other
+    pub connect_failures: IntCounterVec,
+    /// {pool}: every backend was tried or none was available.
+    pub unavailable: IntCounterVec,
+    /// {route, direction}: to_backend, to_client
+    pub bytes: IntCounterVec,
+    /// {pool}
+    pub pool_backends: IntGaugeVec,
+    /// {pool, backend}
+    pub backend_active: IntGaugeVec,
+    /// {state}: 1 for the current one of starting, ready, draining, closing
+    pub lifecycle_state: IntGaugeVec,
+    pub max_connections: IntGauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let connect_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                UPSTREAM_CONNECT_SECONDS,
+                "Time to establish the TCP connection to a backend.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["pool"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(connect_seconds.clone()))
+            .expect("unique metric");
+        let build = gauge(
+            &r,
+            BUILD_INFO,
+            "Build information; always 1.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let max_connections = IntGauge::new(
+            MAX_CONNECTIONS,
+            "The global cap on connections being handled.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(max_connections.clone()))
+            .expect("unique metric");
+        Metrics {
+            accepted: counter(&r, CONNECTIONS_ACCEPTED, "Connections accepted.", &["listener"]),
+            active: gauge(&r, CONNECTIONS_ACTIVE, "Connections open now.", &["listener"]),
+            closed: counter(
+                &r,
+                CONNECTIONS_CLOSED,
+                "Connections closed, by the route they took and why they ended.",
+                &["listener", "route", "reason"],
+            ),
+            route_active: gauge(
+                &r,
+                ROUTE_CONNECTIONS_ACTIVE,
+                "Relayed connections open now, by route.",
+                &["route"],
+            ),
+            accept_errors: counter(
+                &r,
+                ACCEPT_ERRORS,
+                "accept(2) failures, by kind.",
+                &["listener", "kind"],
+            ),
+            accept_paused: counter(
+                &r,
+                ACCEPT_PAUSED,
+                "Times a listener stopped accepting because a connection cap was reached.",
+                &["listener", "cap"],
+            ),
+            hello: counter(
+                &r,
+                HELLO,
+                "ClientHello reads, by outcome.",
+                &["listener", "result"],
+            ),
+            route_decisions: counter(
+                &r,
+                ROUTE_DECISIONS,
+                "Routing decisions; route=\"none\" means no route matched and the connection was closed.",
+                &["listener", "route"],
+            ),
+            connect_seconds,
+            connect_failures: counter(
+                &r,
+                UPSTREAM_CONNECT_FAILURES,
+                "Failed connection attempts to backends.",
+                &["pool", "reason"],
+            ),
+            unavailable: counter(
+                &r,
+                UPSTREAM_EXHAUSTED,
+                "Connections closed because no backend of the pool could be reached.",
+                &["pool"],
+            ),
+            bytes: counter(
+                &r,
+                BYTES,
+                "Bytes relayed, by route and direction.",
+                &["route", "direction"],
+            ),
+            pool_backends: gauge(&r, POOL_BACKENDS, "Backends configured per pool.", &["pool"]),
+            backend_active: gauge(
+                &r,
+                BACKEND_ACTIVE,
+                "Connections open to each backend.",
+                &["pool", "backend"],
+            ),
+            lifecycle_state: gauge(
+                &r,
+                LIFECYCLE_STATE,
+                "1 for the lifecycle state sluice is in.",
+                &["state"],
+            ),
+            max_connections,
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let families = self.registry.gather();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&families, &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

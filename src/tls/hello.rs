@@ -1,0 +1,579 @@
+//! A sans-IO TLS ClientHello parser.
+//!
+//! Owns: turning the first bytes a client sent into the facts routing needs (SNI, ALPN in
+//! client order, versions). It never touches a socket or a clock: callers feed it everything
+//! buffered so far and get back `Incomplete`, `Hello`, `NotTls` or `Malformed`.
+//!
+//! The hello may be split across any number of TCP segments (the caller just buffers) and across
+//! several TLS handshake records (reassembled here). It must never guess: anything ambiguous —
+//! a duplicate extension, two host names, an empty ALPN name — is `Malformed`, because a
+//! parser that is lenient where the backend is strict is how SNI rules get bypassed.
+
+use std::fmt;
+
+const CONTENT_HANDSHAKE: u8 = 22;
+const HANDSHAKE_CLIENT_HELLO: u8 = 1;
+const RECORD_HEADER: usize = 5;
+/// RFC 8446 §5.1: a plaintext record fragment is at most 2^14 bytes.
+const MAX_RECORD: usize = 1 << 14;
+
+const EXT_SERVER_NAME: u16 = 0;
+const EXT_ALPN: u16 = 16;
+const EXT_SUPPORTED_VERSIONS: u16 = 43;
+
+/// What the routing layer learns from a ClientHello.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientHello {
+    /// The `host_name` from server_name, lowercased, trailing dot removed.
+    pub sni: Option<String>,
+    /// ALPN protocol names in the order the client offered them.
+    pub alpn: Vec<String>,
+    /// `legacy_version` of the ClientHello body (0x0303 for TLS 1.2 and 1.3).
+    pub legacy_version: u16,
+    /// The supported_versions extension, in client order (empty if absent).
+    pub supported_versions: Vec<u16>,
+}
+
+/// Why a hello was rejected. Displayed in logs; `label()` is the bounded metric label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Malformed(pub &'static str);
+
+impl fmt::Display for Malformed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// The outcome of parsing what has been buffered so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parse {
+    /// More bytes are needed. `hello_len`, once the handshake header is in, is the total number
+    /// of buffered bytes the complete hello would need at minimum (lets the caller reject an
+    /// oversized hello before reading it all).
+    Incomplete { needed_at_least: Option<usize> },
+    /// A complete ClientHello; `consumed` is the byte length of the records that carried it.
+    Hello { hello: ClientHello, consumed: usize },
+    /// The bytes are not a TLS handshake at all (plain HTTP, SSH, ...).
+    NotTls,
+    Malformed(Malformed),
+}
+
+fn bad(reason: &'static str) -> Parse {
+    Parse::Malformed(Malformed(reason))
+}
+
+/// Parse a ClientHello from the start of `buf`.
+pub fn parse(buf: &[u8]) -> Parse {
+    if buf.is_empty() {
+        return Parse::Incomplete {
+            needed_at_least: None,
+        };
+    }
+    if buf[0] != CONTENT_HANDSHAKE {
+        // SSLv2-compatible hellos (first bit set) are TLS-ish but carry no extensions; nothing
+        // modern sends them, and routing them anywhere would be a guess.
+        if buf[0] & 0x80 != 0 && buf.len() >= 3 && buf[2] == 1 {
+            return bad("sslv2_hello");
+        }
+        return Parse::NotTls;
+    }
+    if buf.len() >= 2 && buf[1] != 3 {
+        return Parse::NotTls;
+    }
+
+    // Walk records, gathering handshake bytes until the ClientHello message is complete.
+    let mut handshake: Vec<u8> = Vec::new();
+    let mut pos = 0;
+    let mut needed: Option<usize> = None; // handshake bytes the message needs (header + body)
+    loop {
+        if let Some(n) = needed {
+            if handshake.len() >= n {
+                if handshake.len() > n {
+                    // Another handshake message follows in the same flight: not a client's
+                    // first flight.
+                    return bad("trailing_handshake_data");
+                }
+                break;
+            }
+        }
+        let rest = &buf[pos..];
+        if rest.len() < RECORD_HEADER {
+            return incomplete(pos, rest.len(), needed, handshake.len());
+        }
+        if rest[0] != CONTENT_HANDSHAKE {
+            return bad("interleaved_record");
+        }
+        if rest[1] != 3 {
+            return bad("record_version");
+        }
+        let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+        if len == 0 {
+            return bad("empty_record");
+        }
+        if len > MAX_RECORD {
+            return bad("record_overflow");
+        }
+        let frag_end = RECORD_HEADER + len;
+        let available = rest.len().min(frag_end);
+        let frag = &rest[RECORD_HEADER..available];
+        handshake.extend_from_slice(frag);
+        if needed.is_none() && handshake.len() >= 4 {
+            if handshake[0] != HANDSHAKE_CLIENT_HELLO {
+                return bad("not_client_hello");
+            }
+            let body = u32::from_be_bytes([0, handshake[1], handshake[2], handshake[3]]) as usize;
+            needed = Some(4 + body);
+        }
+        if available < frag_end {
+            // A partial record: wait for the rest of it.
+            let have = handshake.len();
+            handshake.truncate(have - frag.len());
+            return incomplete(pos, rest.len(), needed, handshake.len());
+        }
+        pos += frag_end;
+    }
+    let n = needed.unwrap_or(0);
+    match parse_body(&handshake[4..n]) {
+        Ok(hello) => Parse::Hello {
+            hello,
+            consumed: pos,
+        },
+        Err(m) => Parse::Malformed(m),
+    }
+}
+
+/// Estimate of the minimum total buffer a complete hello needs, from what is known so far.
+fn incomplete(pos: usize, _rest: usize, needed: Option<usize>, have: usize) -> Parse {
+    let needed_at_least = needed.map(|n| {
+        let missing = n.saturating_sub(have);
+        // At least one more record header for whatever is missing.
+        pos + RECORD_HEADER + missing
+    });
+    Parse::Incomplete { needed_at_least }
+}
+
+/// A bounds-checked big-endian reader over a byte slice.
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+    fn take(&mut self, n: usize, why: &'static str) -> Result<&'a [u8], Malformed> {
+        if self.buf.len() < n {
+            return Err(Malformed(why));
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self, why: &'static str) -> Result<u8, Malformed> {
+        Ok(self.take(1, why)?[0])
+    }
+    fn u16(&mut self, why: &'static str) -> Result<u16, Malformed> {
+        let b = self.take(2, why)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+    /// A vector with a `width`-byte length prefix.
+    fn vec(&mut self, width: usize, why: &'static str) -> Result<Reader<'a>, Malformed> {
+        let len = match width {
+            1 => self.u8(why)? as usize,
+            _ => self.u16(why)? as usize,
+        };
+        Ok(Reader::new(self.take(len, why)?))
+    }
+}
+
+fn parse_body(body: &[u8]) -> Result<ClientHello, Malformed> {
+    let mut r = Reader::new(body);
+    let legacy_version = r.u16("truncated_version")?;
+    r.take(32, "truncated_random")?;
+    let session_id = r.vec(1, "truncated_session_id")?;
+    if session_id.buf.len() > 32 {
+        return Err(Malformed("session_id_too_long"));
+    }
+    let suites = r.vec(2, "truncated_cipher_suites")?;
+    if suites.buf.is_empty() || suites.buf.len() % 2 != 0 {
+        return Err(Malformed("bad_cipher_suites"));
+    }
+    let compression = r.vec(1, "truncated_compression")?;
+    if compression.buf.is_empty() {
+        return Err(Malformed("bad_compression_methods"));
+    }
+    let mut hello = ClientHello {
+        legacy_version,
+        ..ClientHello::default()
+    };
+    if r.is_empty() {
+        // A hello without extensions is legal (old clients): no SNI, no ALPN.
+        return Ok(hello);
+    }
+    let mut exts = r.vec(2, "truncated_extensions")?;
+    if !r.is_empty() {
+        return Err(Malformed("trailing_bytes"));
+    }
+    let mut seen: Vec<u16> = Vec::with_capacity(16);
+    while !exts.is_empty() {
+        let kind = exts.u16("truncated_extension")?;
+        let data = exts.vec(2, "truncated_extension")?;
+        if seen.contains(&kind) {
+            return Err(Malformed("duplicate_extension"));
+        }
+        seen.push(kind);
+        match kind {
+            EXT_SERVER_NAME => hello.sni = parse_sni(data)?,
+            EXT_ALPN => hello.alpn = parse_alpn(data)?,
+            EXT_SUPPORTED_VERSIONS => hello.supported_versions = parse_versions(data)?,
+            _ => {}
+        }
+    }
+    Ok(hello)
+}
+
+fn parse_sni(mut data: Reader<'_>) -> Result<Option<String>, Malformed> {
+    if data.is_empty() {
+        // An empty server_name extension is what a server sends back; tolerate it from a client.
+        return Ok(None);
+    }
+    let mut list = data.vec(2, "truncated_sni")?;
+    if !data.is_empty() {
+        return Err(Malformed("trailing_sni_bytes"));
+    }
+    let mut host: Option<String> = None;
+    while !list.is_empty() {
+        let name_type = list.u8("truncated_sni")?;
+        let name = list.vec(2, "truncated_sni")?.buf;
+        if name_type != 0 {
+            continue; // unknown name types are skipped per RFC 6066
+        }
+        if host.is_some() {
+            return Err(Malformed("duplicate_sni"));
+        }
+        host = Some(normalize_host(name)?);
+    }
+    Ok(host)
+}
+
+/// Lowercase ASCII host name without a trailing dot; anything else is malformed so that logs
+/// and route matching only ever see clean names.
+fn normalize_host(name: &[u8]) -> Result<String, Malformed> {
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return Err(Malformed("bad_sni_length"));
+    }
+    let ok = name
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if !ok {
+        return Err(Malformed("bad_sni_character"));
+    }
+    Ok(String::from_utf8_lossy(name).to_ascii_lowercase())
+}
+
+fn parse_alpn(mut data: Reader<'_>) -> Result<Vec<String>, Malformed> {
+    let mut list = data.vec(2, "truncated_alpn")?;
+    if !data.is_empty() {
+        return Err(Malformed("trailing_alpn_bytes"));
+    }
+    if list.is_empty() {
+        return Err(Malformed("empty_alpn_list"));
+    }
+    let mut out = Vec::new();
+    while !list.is_empty() {
+        let name = list.vec(1, "truncated_alpn")?.buf;
+        if name.is_empty() {
+            // RFC 7301 §3.1: empty strings MUST NOT be included.
+            return Err(Malformed("empty_alpn_name"));
+        }
+        out.push(String::from_utf8_lossy(name).into_owned());
+    }
+    Ok(out)
+}
+
+fn parse_versions(mut data: Reader<'_>) -> Result<Vec<u16>, Malformed> {
+    let mut list = data.vec(1, "truncated_supported_versions")?;
+    if !data.is_empty() || list.buf.len() % 2 != 0 || list.is_empty() {
+        return Err(Malformed("bad_supported_versions"));
+    }
+    let mut out = Vec::with_capacity(list.buf.len() / 2);
+    while !list.is_empty() {
+        out.push(list.u16("bad_supported_versions")?);
+    }
+    Ok(out)
+}
+
+/// Builders for synthetic hellos: used by unit tests, property tests, the fuzz target's seeds
+/// and the benchmarks. Public so integration tests and `bench/` can share them.
+pub mod build {
+    /// Extensions of a synthetic ClientHello.
+    #[derive(Debug, Clone, Default)]
+    pub struct Spec {
+        pub sni: Option<String>,
+        pub alpn: Vec<Vec<u8>>,
+        pub supported_versions: Vec<u16>,
+        /// Extra opaque extensions (type, body), e.g. a large key share.
+        pub extra: Vec<(u16, Vec<u8>)>,
+    }
+
+    fn vec16(out: &mut Vec<u8>, body: &[u8]) {
+        out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        out.extend_from_slice(body);
+    }
+
+    /// The handshake message (type + 3-byte length + body), without record framing.
+    pub fn handshake(spec: &Spec) -> Vec<u8> {
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7u8; 32]); // random
+        body.push(32);
+        body.extend_from_slice(&[9u8; 32]); // session id
+        vec16(&mut body, &[0x13, 0x01, 0x13, 0x02, 0xc0, 0x2f]);
+        body.extend_from_slice(&[1, 0]); // null compression
+        let mut exts = Vec::new();
+        if let Some(sni) = &spec.sni {
+            let mut entry = vec![0u8];
+            vec16(&mut entry, sni.as_bytes());
+            let mut list = Vec::new();
+            vec16(&mut list, &entry);
+            exts.extend_from_slice(&0u16.to_be_bytes());
+            vec16(&mut exts, &list);
+        }
+        if !spec.alpn.is_empty() {
+            let mut names = Vec::new();
+            for p in &spec.alpn {
+                names.push(p.len() as u8);
+                names.extend_from_slice(p);
+            }
+            let mut list = Vec::new();
+            vec16(&mut list, &names);
+            exts.extend_from_slice(&16u16.to_be_bytes());
+            vec16(&mut exts, &list);
+        }
+        if !spec.supported_versions.is_empty() {
+            let mut list = vec![(spec.supported_versions.len() * 2) as u8];
+            for v in &spec.supported_versions {
+                list.extend_from_slice(&v.to_be_bytes());
+            }
+            exts.extend_from_slice(&43u16.to_be_bytes());
+            vec16(&mut exts, &list);
+        }
+        for (kind, data) in &spec.extra {
+            exts.extend_from_slice(&kind.to_be_bytes());
+            vec16(&mut exts, data);
+        }
+        vec16(&mut body, &exts);
+        let mut msg = vec![1u8];
+        msg.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    /// Frame a handshake message into TLS records of at most `max_fragment` bytes each.
+    pub fn records(handshake: &[u8], max_fragment: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in handshake.chunks(max_fragment.max(1)) {
+            out.extend_from_slice(&[22, 3, 1]);
+            out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
+
+    /// A complete single-record hello.
+    pub fn hello(sni: Option<&str>, alpn: &[&str]) -> Vec<u8> {
+        let spec = Spec {
+            sni: sni.map(str::to_owned),
+            alpn: alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            supported_versions: vec![0x0304, 0x0303],
+            extra: vec![],
+        };
+        records(&handshake(&spec), 1 << 14)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hello_of(p: Parse) -> ClientHello {
+        match p {
+            Parse::Hello { hello, .. } => hello,
+            other => panic!("expected a hello, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn simple_hello() {
+        let buf = hello(Some("Tunnel.Example.COM."), &["teleport-reversetunnel", "h2"]);
+        let h = hello_of(parse(&buf));
+        assert_eq!(h.sni.as_deref(), Some("tunnel.example.com"));
+        assert_eq!(h.alpn, vec!["teleport-reversetunnel", "h2"]);
+        assert_eq!(h.legacy_version, 0x0303);
+        assert_eq!(h.supported_versions, vec![0x0304, 0x0303]);
+    }
+
+    #[test]
+    fn every_prefix_is_incomplete() {
+        let buf = hello(Some("a.example.com"), &["h2"]);
+        for i in 0..buf.len() {
+            assert!(
+                matches!(parse(&buf[..i]), Parse::Incomplete { .. }),
+                "prefix {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn split_over_many_records() {
+        let spec = Spec {
+            sni: Some("db.example.com".into()),
+            alpn: vec![b"teleport-postgres-ping".to_vec(), b"teleport-postgres".to_vec()],
+            ..Spec::default()
+        };
+        let hs = handshake(&spec);
+        for frag in [1, 2, 3, 7, 50, hs.len() - 1] {
+            let buf = records(&hs, frag);
+            let parsed = parse(&buf);
+            let consumed = match &parsed {
+                Parse::Hello { consumed, .. } => *consumed,
+                _ => 0,
+            };
+            assert_eq!(consumed, buf.len());
+            assert_eq!(hello_of(parsed).sni.as_deref(), Some("db.example.com"));
+            for i in 0..buf.len() {
+                assert!(matches!(parse(&buf[..i]), Parse::Incomplete { .. }));
+            }
+        }
+    }
+
+    #[test]
+    fn large_post_quantum_sized_hello() {
+        // X25519MLKEM768 key share: 2 + 2 + 1216 bytes.
+        let mut ks = vec![0u8, 0];
+        ks.extend_from_slice(&0x11ecu16.to_be_bytes());
+        ks.extend_from_slice(&1216u16.to_be_bytes());
+        ks.extend_from_slice(&[0xab; 1216]);
+        let len = (ks.len() - 2) as u16;
+        ks[..2].copy_from_slice(&len.to_be_bytes());
+        let spec = Spec {
+            sni: Some("x.example.com".into()),
+            alpn: vec![b"h2".to_vec()],
+            // ... plus padding (ext 21), as Chrome sends: ~1.8 KB in all.
+            extra: vec![(51, ks), (21, vec![0; 400])],
+            ..Spec::default()
+        };
+        let buf = records(&handshake(&spec), 1 << 14);
+        assert!(buf.len() > 1500, "{}", buf.len());
+        assert_eq!(hello_of(parse(&buf)).alpn, vec!["h2"]);
+    }
+
+    #[test]
+    fn not_tls() {
+        assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Parse::NotTls);
+        assert_eq!(parse(b"SSH-2.0-OpenSSH_9.2\r\n"), Parse::NotTls);
+        assert_eq!(parse(&[22, 9, 9]), Parse::NotTls);
+    }
+
+    #[test]
+    fn rejects_ambiguity() {
+        let zero = Spec {
+            alpn: vec![b"h2".to_vec(), vec![]],
+            ..Spec::default()
+        };
+        assert_eq!(
+            parse(&records(&handshake(&zero), 1 << 14)),
+            Parse::Malformed(Malformed("empty_alpn_name"))
+        );
+        let dup = Spec {
+            sni: Some("a.example.com".into()),
+            extra: vec![(0, {
+                let mut e = vec![0, 6, 0, 0, 3];
+                e.extend_from_slice(b"b.c");
+                e
+            })],
+            ..Spec::default()
+        };
+        assert_eq!(
+            parse(&records(&handshake(&dup), 1 << 14)),
+            Parse::Malformed(Malformed("duplicate_extension"))
+        );
+        let weird = Spec {
+            sni: Some("evil\nhost".into()),
+            ..Spec::default()
+        };
+        assert_eq!(
+            parse(&records(&handshake(&weird), 1 << 14)),
+            Parse::Malformed(Malformed("bad_sni_character"))
+        );
+    }
+
+    #[test]
+    fn rejects_bad_framing() {
+        let mut buf = hello(Some("a.b"), &["h2"]);
+        buf[5] = 2; // ServerHello
+        assert_eq!(parse(&buf), Parse::Malformed(Malformed("not_client_hello")));
+        // An alert record in the middle of a split hello.
+        let hs = handshake(&Spec::default());
+        let mut buf = records(&hs[..10], 10);
+        buf.extend_from_slice(&[21, 3, 3, 0, 2, 2, 40]);
+        assert_eq!(parse(&buf), Parse::Malformed(Malformed("interleaved_record")));
+        // A record claiming more than 2^14 bytes.
+        assert_eq!(
+            parse(&[22, 3, 1, 0x40, 0x01, 1]),
+            Parse::Malformed(Malformed("record_overflow"))
+        );
+    }
+
+    #[test]
+    fn needed_at_least_reports_declared_size() {
+        let spec = Spec {
+            extra: vec![(0xffaa, vec![0; 40000])],
+            ..Spec::default()
+        };
+        let buf = records(&handshake(&spec), 1 << 14);
+        match parse(&buf[..100]) {
+            Parse::Incomplete {
+                needed_at_least: Some(n),
+            } => assert!(n > 40000),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn never_panics_on_tls_shaped_input(
+            mut bytes in proptest::collection::vec(any::<u8>(), 6..2048), len in 0u16..3000
+        ) {
+            bytes[0] = 22; bytes[1] = 3; bytes[3..5].copy_from_slice(&len.to_be_bytes()); bytes[5] = 1;
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn roundtrip(
+            sni in proptest::option::of("[a-z0-9]{1,20}(\\.[a-z0-9]{1,20}){0,3}"),
+            alpn in proptest::collection::vec("[a-z0-9/.\\-]{1,30}", 0..6),
+            frag in 1usize..600,
+        ) {
+            let spec = Spec {
+                sni: sni.clone(),
+                alpn: alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
+                ..Spec::default()
+            };
+            let buf = records(&handshake(&spec), frag);
+            let h = hello_of(parse(&buf));
+            prop_assert_eq!(h.sni, sni);
+            prop_assert_eq!(h.alpn, alpn);
+        }
+    }
+}
