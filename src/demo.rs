@@ -179,7 +179,7 @@ sluice demo: edge on {edge}, admin on http://{admin}
 Try, in another terminal:
 
   # an agent's reverse tunnel: routed by ALPN to tunnel-proxy
-  timeout 2 openssl s_client -connect {edge} -servername tunnel.example.com -alpn teleport-reversetunnel -quiet
+  timeout 2 openssl s_client -connect {edge} -servername tunnel.example.com -alpn teleport-reversetunnel -quiet -ign_eof </dev/null
 
   # a browser / tsh: routed to client-proxy
   curl -k https://localhost:{port}/

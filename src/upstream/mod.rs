@@ -153,8 +153,16 @@ impl Pool {
         }
     }
 
-    /// Choose a backend, skipping those in `exclude`.
-    pub fn pick(&self, exclude: &[usize], client: SocketAddr, sni: Option<&str>) -> Option<usize> {
+    /// Choose a backend, skipping those in `exclude`. `rr_ticket` is the connection's
+    /// round-robin position (one per connection, not per attempt: otherwise a dead backend
+    /// would be every connection's first try).
+    pub fn pick(
+        &self,
+        exclude: &[usize],
+        client: SocketAddr,
+        sni: Option<&str>,
+        rr_ticket: u64,
+    ) -> Option<usize> {
         let candidates: Vec<Candidate> = self
             .backends
             .iter()
@@ -176,7 +184,7 @@ impl Pool {
         let ctx = PickContext {
             exclude,
             hash_key,
-            rr_ticket: self.rr.fetch_add(1, Ordering::Relaxed),
+            rr_ticket,
         };
         self.balance.pick(&candidates, &ctx, &mut rand::rng())
     }
@@ -190,8 +198,9 @@ impl Pool {
     ) -> Result<(TcpStream, ActiveGuard), ConnectError> {
         let mut tried: Vec<usize> = Vec::new();
         let mut last = String::from("no backends");
-        for _ in 0..=self.retries {
-            let Some(i) = self.pick(&tried, client, sni) else {
+        let ticket = self.rr.fetch_add(1, Ordering::Relaxed);
+        for attempt in 0..=self.retries {
+            let Some(i) = self.pick(&tried, client, sni, ticket + attempt as u64) else {
                 break;
             };
             tried.push(i);

@@ -1,0 +1,607 @@
+//! End to end on 127.0.0.1: real sockets, real TLS, sluice in-process.
+
+mod support;
+
+use std::time::Duration;
+
+use sluice::tls::hello::build;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ROUTING: &str = r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+hello_timeout = "2s"
+
+[[route]]
+name = "tunnels"
+alpn = ["teleport-reversetunnelv2", "teleport-reversetunnel"]
+pool = "tunnel"
+idle_timeout = "0s"
+
+[[route]]
+name = "kube"
+sni = ["kube-teleport-proxy-alpn.*"]
+pool = "kube"
+
+[[route]]
+name = "db"
+alpn = ["teleport-postgres*", "teleport-mysql-*"]
+sni = ["*.db.example.com"]
+pool = "db"
+
+[[route]]
+name = "clients"
+pool = "client"
+
+[pool.tunnel]
+backends = ["{tunnel}"]
+[pool.kube]
+backends = ["{kube}"]
+[pool.db]
+backends = ["{db}"]
+[pool.client]
+backends = ["{client}"]
+"#;
+
+async fn routing_setup() -> (sluice::server::Server, Vec<TaggedBackend>) {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let tunnel = TaggedBackend::start(
+        "tunnel-proxy",
+        any,
+        &["teleport-reversetunnelv2", "teleport-reversetunnel"],
+    )
+    .await
+    .unwrap();
+    let kube = TaggedBackend::start("kube-proxy", any, &["h2", "http/1.1"]).await.unwrap();
+    let db = TaggedBackend::start(
+        "db-proxy",
+        any,
+        &["teleport-postgres-ping", "teleport-postgres", "teleport-mysql-8.0.36"],
+    )
+    .await
+    .unwrap();
+    let client = TaggedBackend::start("client-proxy", any, &["h2", "http/1.1"]).await.unwrap();
+    let server = start(
+        ROUTING,
+        &[
+            ("tunnel", tunnel.address.to_string()),
+            ("kube", kube.address.to_string()),
+            ("db", db.address.to_string()),
+            ("client", client.address.to_string()),
+        ],
+    )
+    .await;
+    (server, vec![tunnel, kube, db, client])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_alpn_and_sni_with_real_tls() {
+    let (server, _backends) = routing_setup().await;
+    let addr = edge(&server);
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("agent.example.com", &["teleport-reversetunnelv2"], "tunnel-proxy alpn=teleport-reversetunnelv2"),
+        ("agent.example.com", &["h2", "teleport-reversetunnel"], "tunnel-proxy alpn=teleport-reversetunnel"),
+        ("kube-teleport-proxy-alpn.teleport.example.com", &["h2"], "kube-proxy alpn=h2"),
+        ("pg.db.example.com", &["teleport-postgres-ping"], "db-proxy alpn=teleport-postgres-ping"),
+        ("MY.DB.Example.COM", &["teleport-mysql-8.0.36"], "db-proxy alpn=teleport-mysql-8.0.36"),
+        // Right ALPN, wrong SNI: not the db route.
+        ("pg.example.com", &["h2"], "client-proxy alpn=h2"),
+        ("www.example.com", &["h2", "http/1.1"], "client-proxy alpn=h2"),
+    ];
+    for (sni, alpn, expect) in cases {
+        let line = tls_greeting(addr, sni, alpn).await;
+        assert!(line.starts_with(expect), "{sni} {alpn:?}: got `{line}`, want `{expect}`");
+    }
+    // SNI reaches the backend unchanged (TLS is not terminated).
+    let line = tls_greeting(addr, "kube-teleport-proxy-alpn.x", &["h2"]).await;
+    assert!(line.ends_with("sni=kube-teleport-proxy-alpn.x"), "{line}");
+
+    assert_eq!(metric(&server, "sluice_route_decisions_total", &[("route", "tunnels")]).await, 2.0);
+    assert_eq!(metric(&server, "sluice_route_decisions_total", &[("route", "db")]).await, 2.0);
+    assert_eq!(metric(&server, "sluice_hello_total", &[("result", "ok")]).await, 8.0);
+    eventually("bytes counted", || async {
+        metric(&server, "sluice_bytes_total", &[("route", "tunnels"), ("direction", "to_client")]).await > 0.0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_written_one_byte_at_a_time_is_routed() {
+    let tunnel = RawBackend::start("tunnel", false).await;
+    let client = RawBackend::start("client", false).await;
+    let server = start(
+        ROUTING,
+        &[
+            ("tunnel", tunnel.address.to_string()),
+            ("kube", client.address.to_string()),
+            ("db", client.address.to_string()),
+            ("client", client.address.to_string()),
+        ],
+    )
+    .await;
+    // A 2 KB post-quantum Chromium hello, but offering the tunnel ALPN: re-framed over many
+    // records, then trickled byte by byte.
+    let hello = build::hello(Some("agent.example.com"), &["h2", "teleport-reversetunnel"]);
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for b in &hello {
+        s.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_micros(300)).await;
+    }
+    assert_eq!(read_line(&mut s).await, "tunnel");
+    s.shutdown().await.unwrap();
+    assert_eq!(
+        read_line(&mut s).await,
+        format!("tunnel got {} bytes", hello.len()),
+        "the backend received exactly the hello"
+    );
+    assert_eq!(tunnel.connections()[0], hello, "replayed byte for byte");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_pq_hello_split_over_records_and_segments() {
+    let backend = RawBackend::start("kube", false).await;
+    let other = RawBackend::start("other", false).await;
+    let server = start(
+        ROUTING,
+        &[
+            ("tunnel", other.address.to_string()),
+            ("kube", backend.address.to_string()),
+            ("db", other.address.to_string()),
+            ("client", other.address.to_string()),
+        ],
+    )
+    .await;
+    let original = fixture("chromium-pq-h2.bin");
+    // Re-frame the handshake into 100-byte records and send it in 7 segments.
+    let hs = original[5..].to_vec();
+    let framed = build::records(&hs, 100);
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for chunk in framed.chunks(framed.len() / 7 + 1) {
+        s.write_all(chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(read_line(&mut s).await, "kube");
+    drop(s);
+    eventually("backend got the whole hello", || async {
+        backend.connections().first().map(|c| c == &framed).unwrap_or(false)
+    })
+    .await;
+    server.shutdown().await;
+}
+
+const SIMPLE: &str = r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+hello_timeout = "{hello_timeout}"
+max_hello_size = {max_hello}
+
+[[route]]
+name = "main"
+pool = "main"
+idle_timeout = "{idle}"
+
+{extra}
+
+[pool.main]
+backends = [{backends}]
+balance = "round_robin"
+retries = {retries}
+proxy_protocol = "{pp}"
+connect_timeout = "500ms"
+"#;
+
+struct Simple<'a> {
+    backends: Vec<String>,
+    hello_timeout: &'a str,
+    max_hello: usize,
+    idle: &'a str,
+    retries: u32,
+    pp: &'a str,
+    extra: &'a str,
+}
+
+impl Default for Simple<'_> {
+    fn default() -> Self {
+        Simple {
+            backends: vec![],
+            hello_timeout: "2s",
+            max_hello: 16384,
+            idle: "1h",
+            retries: 2,
+            pp: "none",
+            extra: "",
+        }
+    }
+}
+
+async fn simple(s: Simple<'_>) -> sluice::server::Server {
+    let backends = s
+        .backends
+        .iter()
+        .map(|b| format!("\"{b}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    start(
+        SIMPLE,
+        &[
+            ("backends", backends),
+            ("hello_timeout", s.hello_timeout.into()),
+            ("max_hello", s.max_hello.to_string()),
+            ("idle", s.idle.into()),
+            ("retries", s.retries.to_string()),
+            ("pp", s.pp.into()),
+            ("extra", s.extra.into()),
+        ],
+    )
+    .await
+}
+
+fn tunnel_hello() -> Vec<u8> {
+    build::hello(Some("agent.example.com"), &["teleport-reversetunnel"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_hello_times_out_and_is_counted() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        hello_timeout: "300ms",
+        ..Simple::default()
+    })
+    .await;
+    let hello = tunnel_hello();
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&hello[..20]).await.unwrap();
+    let started = std::time::Instant::now();
+    let got = read_to_end(&mut s, Duration::from_secs(3)).await;
+    assert_eq!(got, Some(vec![]), "closed without a byte from any backend");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(metric(&server, "sluice_hello_total", &[("result", "timeout")]).await, 1.0);
+    assert!(b.connections().is_empty(), "never routed anywhere");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_hellos_are_closed_not_routed() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        max_hello: 1024,
+        ..Simple::default()
+    })
+    .await;
+    // Duplicate SNI extension: the classic way to confuse a lenient parser.
+    let mut spec = build::Spec {
+        sni: Some("good.example.com".into()),
+        ..Default::default()
+    };
+    spec.extra.push((0, vec![0, 6, 0, 0, 3, b'e', b'v', b'l']));
+    let bad = build::records(&build::handshake(&spec), 16384);
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&bad).await.unwrap();
+    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
+
+    // A 2 KB hello against max_hello_size = 1024.
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&fixture("chromium-pq-h2.bin")).await.unwrap();
+    // Closed (possibly with a reset, as the client had unsent bytes) without a byte back.
+    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
+
+    eventually("both counted", || async {
+        metric(&server, "sluice_hello_total", &[("result", "malformed")]).await == 1.0
+            && metric(&server, "sluice_hello_total", &[("result", "too_large")]).await == 1.0
+    })
+    .await;
+    assert!(b.connections().is_empty(), "never routed anywhere");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_tls_is_closed_unless_a_route_takes_it() {
+    let tls_backend = RawBackend::start("tls", false).await;
+    let server = simple(Simple {
+        backends: vec![tls_backend.address.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
+    assert_eq!(metric(&server, "sluice_hello_total", &[("result", "not_tls")]).await, 1.0);
+    assert_eq!(metric(&server, "sluice_route_decisions_total", &[("route", "none")]).await, 1.0);
+    assert!(tls_backend.connections().is_empty());
+    server.shutdown().await;
+
+    // With a `tls = false` route, plain traffic goes there (and TLS still goes to the TLS route).
+    let plain_backend = RawBackend::start("plain", false).await;
+    let text = SIMPLE
+        .replace("{extra}", "[[route]]\nname = \"plain\"\ntls = false\npool = \"plain\"\n[pool.plain]\nbackends = [\"{plain}\"]");
+    let server = start(
+        &text,
+        &[
+            ("backends", format!("\"{}\"", tls_backend.address)),
+            ("hello_timeout", "2s".into()),
+            ("max_hello", "16384".into()),
+            ("idle", "1h".into()),
+            ("retries", "2".into()),
+            ("pp", "none".into()),
+            ("plain", plain_backend.address.to_string()),
+        ],
+    )
+    .await;
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await.unwrap();
+    assert_eq!(read_line(&mut s).await, "plain");
+    let mut t = TcpStream::connect(edge(&server)).await.unwrap();
+    t.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut t).await, "tls");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_backend_is_retried_on_another() {
+    let live = RawBackend::start("live", false).await;
+    let dead = dead_address().await;
+    let server = simple(Simple {
+        backends: vec![dead.to_string(), live.address.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    // Round robin: half the connections try the dead backend first.
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+        s.write_all(&tunnel_hello()).await.unwrap();
+        assert_eq!(read_line(&mut s).await, "live");
+    }
+    assert_eq!(
+        metric(&server, "sluice_upstream_connect_failures_total", &[("pool", "main"), ("reason", "refused")]).await,
+        2.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_dead_closes_the_client_and_counts() {
+    let server = simple(Simple {
+        backends: vec![dead_address().await.to_string(), dead_address().await.to_string()],
+        retries: 3,
+        ..Simple::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
+    assert_eq!(metric(&server, "sluice_upstream_unavailable_total", &[("pool", "main")]).await, 1.0);
+    // Two distinct backends: retries never pick the same one twice.
+    assert_eq!(
+        metric(&server, "sluice_upstream_connect_failures_total", &[("reason", "refused")]).await,
+        2.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_client_first() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    let hello = tunnel_hello();
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "b");
+    s.write_all(&[7u8; 100_000]).await.unwrap();
+    // Client FIN: the backend must see EOF, and its answer must still reach the client.
+    s.shutdown().await.unwrap();
+    assert_eq!(read_line(&mut s).await, format!("b got {} bytes", hello.len() + 100_000));
+    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
+    eventually("closed cleanly", || async {
+        metric(&server, "sluice_connections_closed_total", &[("route", "main"), ("reason", "closed")]).await == 1.0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_backend_first() {
+    let b = RawBackend::start("b", true).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    // The backend said its line and closed its side: the client sees EOF...
+    assert_eq!(read_line(&mut s).await, "b");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(rest.is_empty());
+    // ...and can still send: the client-to-backend direction keeps flowing.
+    s.write_all(b"still here").await.unwrap();
+    s.shutdown().await.unwrap();
+    eventually("backend received data after its own FIN", || async {
+        b.connections()
+            .first()
+            .is_some_and(|c| c.ends_with(b"still here"))
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_v2_header_reaches_the_backend() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        pp: "v2",
+        ..Simple::default()
+    })
+    .await;
+    let hello = build::hello(Some("agent.example.com"), &["h2", "teleport-reversetunnel"]);
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    let client_addr = s.local_addr().unwrap();
+    s.write_all(&hello).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "b");
+    drop(s);
+    eventually("received", || async { b.connections().first().is_some_and(|c| c.len() > hello.len()) }).await;
+    let got = b.connections()[0].clone();
+    let header = ppp::v2::Header::try_from(got.as_slice()).expect("a PROXY v2 header first");
+    assert_eq!(header.addresses, ppp::v2::Addresses::from((client_addr, edge(&server))));
+    let tlvs: Vec<(u8, Vec<u8>)> = header.tlvs().map(|t| t.unwrap()).map(|t| (t.kind, t.value.to_vec())).collect();
+    assert_eq!(
+        tlvs,
+        vec![
+            (ppp::v2::Type::ALPN as u8, b"h2".to_vec()),
+            (ppp::v2::Type::Authority as u8, b"agent.example.com".to_vec()),
+        ]
+    );
+    let header_len = header.len();
+    assert_eq!(&got[header_len..], &hello[..], "exactly one header, then the hello");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_and_counts() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        idle: "300ms",
+        ..Simple::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "b");
+    let got = read_to_end(&mut s, Duration::from_secs(3)).await;
+    assert_eq!(got, Some(vec![]));
+    eventually("idle close counted", || async {
+        metric(&server, "sluice_connections_closed_total", &[("reason", "idle_timeout")]).await == 1.0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_connection_cap_waits_in_backlog() {
+    let b = RawBackend::start("b", false).await;
+    let text = SIMPLE.replace("max_hello_size = {max_hello}", "max_hello_size = 16384\nmax_connections = 1");
+    let server = start(
+        &text,
+        &[
+            ("backends", format!("\"{}\"", b.address)),
+            ("hello_timeout", "5s".into()),
+            ("idle", "1h".into()),
+            ("retries", "2".into()),
+            ("pp", "none".into()),
+            ("extra", "".into()),
+        ],
+    )
+    .await;
+    let mut first = TcpStream::connect(edge(&server)).await.unwrap();
+    first.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut first).await, "b");
+    // The second connects (kernel backlog) but is not served while the first holds the slot.
+    let mut second = TcpStream::connect(edge(&server)).await.unwrap();
+    second.write_all(&tunnel_hello()).await.unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(400), second.read(&mut byte)).await.is_err(),
+        "second connection must wait"
+    );
+    assert_eq!(metric(&server, "sluice_accept_paused_total", &[("cap", "listener")]).await, 1.0);
+    drop(first);
+    assert_eq!(read_line(&mut second).await, "b");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_reports_listeners_routes_and_health() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    let admin = server.admin_addr().unwrap();
+    let (status, body) = http_get(admin, "/debug/listeners").await;
+    assert_eq!(status, 200);
+    assert!(body.contains(&format!("\"bound\": \"{}\"", edge(&server))), "{body}");
+    assert!(body.contains("\"configured\": \"127.0.0.1:0\""), "{body}");
+    eventually("ready", || async { http_get(admin, "/readyz").await.0 == 200 }).await;
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    let (status, routes) = http_get(admin, "/debug/routes").await;
+    assert_eq!(status, 200);
+    assert!(routes.contains("\"pool\": \"main\""), "{routes}");
+    let (_, config) = http_get(admin, "/debug/config").await;
+    assert!(config.contains("\"balance\": \"round_robin\""), "{config}");
+    let (_, metrics) = http_get(admin, "/metrics").await;
+    assert!(metrics.contains("sluice_build_info{version="), "{metrics}");
+    assert!(metrics.contains("sluice_pool_backends{pool=\"main\"} 1"), "{metrics}");
+    assert_eq!(http_get(admin, "/nope").await.0, 404);
+    server.shutdown().await;
+    // Shut down: unready.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_keeps_established_connections_until_they_end() {
+    let b = RawBackend::start("b", false).await;
+    let text = SIMPLE.replace("[[listener]]", "[lifecycle]\ndrain_delay = \"200ms\"\ndrain_timeout = \"5s\"\n\n[[listener]]");
+    let server = start(
+        &text,
+        &[
+            ("backends", format!("\"{}\"", b.address)),
+            ("hello_timeout", "2s".into()),
+            ("max_hello", "16384".into()),
+            ("idle", "0s".into()),
+            ("retries", "2".into()),
+            ("pp", "none".into()),
+            ("extra", "".into()),
+        ],
+    )
+    .await;
+    let addr = edge(&server);
+    let mut tunnel = TcpStream::connect(addr).await.unwrap();
+    tunnel.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut tunnel).await, "b");
+    let admin = server.admin_addr().unwrap();
+    eventually("ready", || async { http_get(admin, "/readyz").await.0 == 200 }).await;
+
+    let server = std::sync::Arc::new(server);
+    let s2 = server.clone();
+    let drain = tokio::spawn(async move { s2.drain(std::future::pending()).await });
+    // Unready at once, but still accepting during drain_delay.
+    eventually("unready", || async { http_get(admin, "/readyz").await.0 == 503 }).await;
+    let mut during = TcpStream::connect(addr).await.unwrap();
+    during.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut during).await, "b");
+    drop(during);
+    // After the delay the listener is closed...
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(TcpStream::connect(addr).await.is_err(), "listener closed after drain_delay");
+    // ...but the established tunnel still works, and the drain ends when it does.
+    tunnel.write_all(b"ping").await.unwrap();
+    assert!(!drain.is_finished());
+    tunnel.shutdown().await.unwrap();
+    assert!(read_line(&mut tunnel).await.starts_with("b got"));
+    tokio::time::timeout(Duration::from_secs(3), drain).await.unwrap().unwrap();
+}

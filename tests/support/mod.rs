@@ -1,0 +1,211 @@
+//! Test support: start sluice in-process on 127.0.0.1:0, real backends that say who they are,
+//! a rustls client, and a tiny HTTP getter for the admin API.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice::config::Config;
+use sluice::server::Server;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub use sluice::demo::TaggedBackend;
+
+/// Start sluice from config text. `{name}` placeholders are replaced from `vars`.
+pub async fn start(config: &str, vars: &[(&str, String)]) -> Server {
+    let mut text = config.to_owned();
+    for (k, v) in vars {
+        text = text.replace(&format!("{{{k}}}"), v);
+    }
+    let cfg = Config::parse(Path::new("test.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let server = Server::start(cfg).await.expect("sluice starts");
+    server
+}
+
+pub fn edge(server: &Server) -> SocketAddr {
+    server.listener_addr("edge").expect("listener `edge`")
+}
+
+/// A plain TCP backend: on connect it writes `<name>\n`; it records everything it receives;
+/// at the client's EOF it answers `<name> got <n> bytes\n` and closes. With `fin_first`, it
+/// closes its side right after the greeting and only records.
+#[derive(Clone)]
+pub struct RawBackend {
+    pub name: String,
+    pub address: SocketAddr,
+    pub received: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl RawBackend {
+    pub async fn start(name: &str, fin_first: bool) -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let rec = received.clone();
+        let tag = name.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                let rec = rec.clone();
+                let tag = tag.clone();
+                tokio::spawn(async move {
+                    let idx = {
+                        let mut r = rec.lock().unwrap();
+                        r.push(Vec::new());
+                        r.len() - 1
+                    };
+                    let _ = s.write_all(format!("{tag}\n").as_bytes()).await;
+                    if fin_first {
+                        let _ = s.shutdown().await;
+                    }
+                    let mut buf = vec![0u8; 65536];
+                    let mut total = 0usize;
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                total += n;
+                                rec.lock().unwrap()[idx].extend_from_slice(&buf[..n]);
+                            }
+                        }
+                    }
+                    if !fin_first {
+                        let _ = s
+                            .write_all(format!("{tag} got {total} bytes\n").as_bytes())
+                            .await;
+                        let _ = s.shutdown().await;
+                    }
+                });
+            }
+        });
+        RawBackend {
+            name: name.to_owned(),
+            address,
+            received,
+        }
+    }
+
+    pub fn connections(&self) -> Vec<Vec<u8>> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// An address where nothing listens (connect is refused).
+pub async fn dead_address() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
+
+/// Read one line (up to `\n`) within 5 s.
+pub async fn read_line<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    let fut = async {
+        loop {
+            match s.read(&mut byte).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    if byte[0] == b'\n' {
+                        break;
+                    }
+                    out.push(byte[0]);
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .expect("a line within 5s");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Read until EOF within `limit`; `None` if the connection stayed open.
+pub async fn read_to_end(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    match tokio::time::timeout(limit, s.read_to_end(&mut out)).await {
+        Ok(_) => Some(out),
+        Err(_) => None,
+    }
+}
+
+/// A TLS client through sluice: returns the backend's greeting line.
+pub async fn tls_greeting(addr: SocketAddr, sni: &str, alpn: &[&str]) -> String {
+    let cfg = sluice::tls::testing::insecure_client_config(alpn);
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut tls = tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp))
+        .await
+        .expect("handshake in time")
+        .expect("handshake through sluice");
+    read_line(&mut tls).await
+}
+
+/// GET a path on the admin API; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample of `/metrics`, e.g. `sluice_hello_total{listener="edge",result="ok"}`.
+/// Labels may be given in any order; missing samples read as 0.
+pub async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = server.rt.metrics.render();
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+        if n != name {
+            continue;
+        }
+        if labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            return value.parse().unwrap_or(0.0);
+        }
+    }
+    0.0
+}
+
+/// Poll until `f` holds or 5 s pass.
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name))
+        .expect("fixture")
+}
