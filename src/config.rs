@@ -249,11 +249,12 @@ struct RawListener {
     max_hello_size: Option<i64>,
     max_connections: Option<i64>,
     reuse_port: Option<bool>,
-    #[serde(flatten)]
-    keepalive: RawKeepalive,
+    keepalive_idle: Option<String>,
+    keepalive_interval: Option<String>,
+    keepalive_count: Option<i64>,
 }
 
-#[derive(Debug, Deserialize, Default)]
+/// The keepalive keys of a listener or pool (both spell them the same way).
 struct RawKeepalive {
     keepalive_idle: Option<String>,
     keepalive_interval: Option<String>,
@@ -298,8 +299,9 @@ struct RawPool {
     connect_timeout: Option<String>,
     retries: Option<i64>,
     proxy_protocol: Option<String>,
-    #[serde(flatten)]
-    keepalive: RawKeepalive,
+    keepalive_idle: Option<String>,
+    keepalive_interval: Option<String>,
+    keepalive_count: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -778,7 +780,15 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
             );
         }
         let retries = int_in(errs, &at.key("retries"), rp.retries, 2, 0, 16) as u32;
-        let keepalive = keepalive(errs, &at, &rp.keepalive);
+        let keepalive = keepalive(
+            errs,
+            &at,
+            &RawKeepalive {
+                keepalive_idle: rp.keepalive_idle,
+                keepalive_interval: rp.keepalive_interval,
+                keepalive_count: rp.keepalive_count,
+            },
+        );
         pools.insert(
             name.clone(),
             PoolConfig {
@@ -865,17 +875,18 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
             );
         }
         let backlog = int_in(errs, &at.key("backlog"), rl.backlog, 1024, 1, 65535) as i32;
-        let max_connections = rl.max_connections.map(|v| {
-            int_in(
-                errs,
-                &at.key("max_connections"),
-                Some(v),
-                1,
-                1,
-                10_000_000,
-            ) as usize
-        });
-        let keepalive = keepalive(errs, &at, &rl.keepalive);
+        let max_connections = rl
+            .max_connections
+            .map(|v| int_in(errs, &at.key("max_connections"), Some(v), 1, 1, 10_000_000) as usize);
+        let keepalive = keepalive(
+            errs,
+            &at,
+            &RawKeepalive {
+                keepalive_idle: rl.keepalive_idle,
+                keepalive_interval: rl.keepalive_interval,
+                keepalive_count: rl.keepalive_count,
+            },
+        );
         listeners.push(ListenerConfig {
             name,
             address,
@@ -944,7 +955,9 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                     );
                 }
             }
-            list.iter().map(|a| AlpnPattern::parse(a)).collect::<Vec<_>>()
+            list.iter()
+                .map(|a| AlpnPattern::parse(a))
+                .collect::<Vec<_>>()
         });
         let sni = rr.sni.map(|list| {
             if list.is_empty() {
@@ -1130,7 +1143,10 @@ backends = ["localhost:3080"]
             "[[route]]\nname = \"late\"\nalpn = [\"h2\"]\npool = \"client\"\n\n[pool.tunnel]",
         );
         let errs = parse(&bad).unwrap_err().0;
-        assert!(errs[0].problem.contains("catch-all route `clients`"), "{errs:?}");
+        assert!(
+            errs[0].problem.contains("catch-all route `clients`"),
+            "{errs:?}"
+        );
         assert_eq!(errs[0].line, Some(16)); // the `[[route]]` header of the shadowed route
     }
 
@@ -1138,7 +1154,10 @@ backends = ["localhost:3080"]
     fn bad_values() {
         let bad = GOOD
             .replace("idle_timeout = \"0s\"", "idle_timeout = \"soon\"")
-            .replace("address = \"127.0.0.1:0\"", "address = \"127.0.0.1:0\"\nmax_hello_size = 100000");
+            .replace(
+                "address = \"127.0.0.1:0\"",
+                "address = \"127.0.0.1:0\"\nmax_hello_size = 100000",
+            );
         let errs = parse(&bad).unwrap_err().0;
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs.iter().any(|e| e.key == "listener[0].max_hello_size"));

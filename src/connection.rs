@@ -60,7 +60,8 @@ async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>, state: &ListenerS
         }
         let room = cap - buf.len();
         buf.reserve(room.min(4096));
-        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await;
+        let read =
+            tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await;
         match read {
             Err(_) => {
                 return Hello::Rejected(
@@ -74,7 +75,10 @@ async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>, state: &ListenerS
             Ok(Ok(0)) => {
                 return Hello::Rejected(
                     "eof",
-                    format!("client closed after {} bytes, before a complete hello", buf.len()),
+                    format!(
+                        "client closed after {} bytes, before a complete hello",
+                        buf.len()
+                    ),
                 )
             }
             Ok(Ok(_)) => {}

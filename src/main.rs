@@ -10,7 +10,11 @@ use sluice::config::Config;
 use sluice::server::Server;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "ALPN/SNI-routing TLS-passthrough edge for reverse-tunnel clusters")]
+#[command(
+    name = "sluice",
+    version,
+    about = "ALPN/SNI-routing TLS-passthrough edge for reverse-tunnel clusters"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -57,6 +61,7 @@ fn init_logging(format: LogFormat, level: &str) {
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -118,7 +123,10 @@ fn main() -> ExitCode {
 }
 
 fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sluice: cannot start the async runtime: {e}");

@@ -91,12 +91,7 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(connect_seconds.clone()))
             .expect("unique metric");
-        let build = gauge(
-            &r,
-            BUILD_INFO,
-            "Build information; always 1.",
-            &["version"],
-        );
+        let build = gauge(&r, BUILD_INFO, "Build information; always 1.", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let max_connections = IntGauge::new(
             MAX_CONNECTIONS,

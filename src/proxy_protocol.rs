@@ -43,8 +43,11 @@ pub fn encode(version: ProxyProtocol, info: &HeaderInfo<'_>) -> std::io::Result<
             Ok(Some(addrs.to_string().into_bytes()))
         }
         ProxyProtocol::V2 => {
-            let mut b =
-                Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst));
+            let mut b = Builder::with_addresses(
+                Version::Two | Command::Proxy,
+                Protocol::Stream,
+                (src, dst),
+            );
             if let Some(alpn) = info.alpn {
                 b = b.write_tlv(Type::ALPN, alpn.as_bytes())?;
             }

@@ -196,16 +196,16 @@ impl Match {
         let alpn = match (&self.alpn, &earlier.alpn) {
             (_, None) => true,
             (None, Some(_)) => false,
-            (Some(mine), Some(theirs)) => mine
-                .iter()
-                .all(|m| theirs.iter().any(|t| m.covered_by(t))),
+            (Some(mine), Some(theirs)) => {
+                mine.iter().all(|m| theirs.iter().any(|t| m.covered_by(t)))
+            }
         };
         let sni = match (&self.sni, &earlier.sni) {
             (_, None) => true,
             (None, Some(_)) => false,
-            (Some(mine), Some(theirs)) => mine
-                .iter()
-                .all(|m| theirs.iter().any(|t| m.covered_by(t))),
+            (Some(mine), Some(theirs)) => {
+                mine.iter().all(|m| theirs.iter().any(|t| m.covered_by(t)))
+            }
         };
         listeners && alpn && sni
     }
@@ -277,12 +277,25 @@ mod tests {
 
     #[test]
     fn sni_forms() {
-        let r = m(&[], &["*.example.com", "kube-teleport-proxy-alpn.*", "Exact.Host."]);
+        let r = m(
+            &[],
+            &["*.example.com", "kube-teleport-proxy-alpn.*", "Exact.Host."],
+        );
         let none: Vec<String> = vec![];
-        for ok in ["a.example.com", "a.b.example.com", "kube-teleport-proxy-alpn.x.y", "exact.host"] {
+        for ok in [
+            "a.example.com",
+            "a.b.example.com",
+            "kube-teleport-proxy-alpn.x.y",
+            "exact.host",
+        ] {
             assert!(r.matches(&tls(Some(ok), &none)), "{ok}");
         }
-        for no in ["example.com", "aexample.com", "kube-teleport-proxy-alpn.", "other.host"] {
+        for no in [
+            "example.com",
+            "aexample.com",
+            "kube-teleport-proxy-alpn.",
+            "other.host",
+        ] {
             assert!(!r.matches(&tls(Some(no), &none)), "{no}");
         }
         assert!(!r.matches(&tls(None, &none)));

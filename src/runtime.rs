@@ -104,7 +104,12 @@ pub enum State {
 }
 
 impl State {
-    const ALL: [State; 4] = [State::Starting, State::Ready, State::Draining, State::Closing];
+    const ALL: [State; 4] = [
+        State::Starting,
+        State::Ready,
+        State::Draining,
+        State::Closing,
+    ];
     fn label(self) -> &'static str {
         match self {
             State::Starting => "starting",
@@ -182,10 +187,7 @@ impl Runtime {
     }
 
     pub fn listener_states(&self) -> Vec<Arc<ListenerState>> {
-        self.listeners
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default()
+        self.listeners.lock().map(|l| l.clone()).unwrap_or_default()
     }
 }
 

@@ -58,15 +58,23 @@ async fn routing_setup() -> (sluice::server::Server, Vec<TaggedBackend>) {
     )
     .await
     .unwrap();
-    let kube = TaggedBackend::start("kube-proxy", any, &["h2", "http/1.1"]).await.unwrap();
+    let kube = TaggedBackend::start("kube-proxy", any, &["h2", "http/1.1"])
+        .await
+        .unwrap();
     let db = TaggedBackend::start(
         "db-proxy",
         any,
-        &["teleport-postgres-ping", "teleport-postgres", "teleport-mysql-8.0.36"],
+        &[
+            "teleport-postgres-ping",
+            "teleport-postgres",
+            "teleport-mysql-8.0.36",
+        ],
     )
     .await
     .unwrap();
-    let client = TaggedBackend::start("client-proxy", any, &["h2", "http/1.1"]).await.unwrap();
+    let client = TaggedBackend::start("client-proxy", any, &["h2", "http/1.1"])
+        .await
+        .unwrap();
     let server = start(
         ROUTING,
         &[
@@ -85,28 +93,75 @@ async fn routes_by_alpn_and_sni_with_real_tls() {
     let (server, _backends) = routing_setup().await;
     let addr = edge(&server);
     let cases: &[(&str, &[&str], &str)] = &[
-        ("agent.example.com", &["teleport-reversetunnelv2"], "tunnel-proxy alpn=teleport-reversetunnelv2"),
-        ("agent.example.com", &["h2", "teleport-reversetunnel"], "tunnel-proxy alpn=teleport-reversetunnel"),
-        ("kube-teleport-proxy-alpn.teleport.example.com", &["h2"], "kube-proxy alpn=h2"),
-        ("pg.db.example.com", &["teleport-postgres-ping"], "db-proxy alpn=teleport-postgres-ping"),
-        ("MY.DB.Example.COM", &["teleport-mysql-8.0.36"], "db-proxy alpn=teleport-mysql-8.0.36"),
+        (
+            "agent.example.com",
+            &["teleport-reversetunnelv2"],
+            "tunnel-proxy alpn=teleport-reversetunnelv2",
+        ),
+        (
+            "agent.example.com",
+            &["h2", "teleport-reversetunnel"],
+            "tunnel-proxy alpn=teleport-reversetunnel",
+        ),
+        (
+            "kube-teleport-proxy-alpn.teleport.example.com",
+            &["h2"],
+            "kube-proxy alpn=h2",
+        ),
+        (
+            "pg.db.example.com",
+            &["teleport-postgres-ping"],
+            "db-proxy alpn=teleport-postgres-ping",
+        ),
+        (
+            "MY.DB.Example.COM",
+            &["teleport-mysql-8.0.36"],
+            "db-proxy alpn=teleport-mysql-8.0.36",
+        ),
         // Right ALPN, wrong SNI: not the db route.
         ("pg.example.com", &["h2"], "client-proxy alpn=h2"),
-        ("www.example.com", &["h2", "http/1.1"], "client-proxy alpn=h2"),
+        (
+            "www.example.com",
+            &["h2", "http/1.1"],
+            "client-proxy alpn=h2",
+        ),
     ];
     for (sni, alpn, expect) in cases {
         let line = tls_greeting(addr, sni, alpn).await;
-        assert!(line.starts_with(expect), "{sni} {alpn:?}: got `{line}`, want `{expect}`");
+        assert!(
+            line.starts_with(expect),
+            "{sni} {alpn:?}: got `{line}`, want `{expect}`"
+        );
     }
     // SNI reaches the backend unchanged (TLS is not terminated).
     let line = tls_greeting(addr, "kube-teleport-proxy-alpn.x", &["h2"]).await;
     assert!(line.ends_with("sni=kube-teleport-proxy-alpn.x"), "{line}");
 
-    assert_eq!(metric(&server, "sluice_route_decisions_total", &[("route", "tunnels")]).await, 2.0);
-    assert_eq!(metric(&server, "sluice_route_decisions_total", &[("route", "db")]).await, 2.0);
-    assert_eq!(metric(&server, "sluice_hello_total", &[("result", "ok")]).await, 8.0);
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_route_decisions_total",
+            &[("route", "tunnels")]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        metric(&server, "sluice_route_decisions_total", &[("route", "db")]).await,
+        2.0
+    );
+    assert_eq!(
+        metric(&server, "sluice_hello_total", &[("result", "ok")]).await,
+        8.0
+    );
     eventually("bytes counted", || async {
-        metric(&server, "sluice_bytes_total", &[("route", "tunnels"), ("direction", "to_client")]).await > 0.0
+        metric(
+            &server,
+            "sluice_bytes_total",
+            &[("route", "tunnels"), ("direction", "to_client")],
+        )
+        .await
+            > 0.0
     })
     .await;
     server.shutdown().await;
@@ -173,7 +228,11 @@ async fn chromium_pq_hello_split_over_records_and_segments() {
     assert_eq!(read_line(&mut s).await, "kube");
     drop(s);
     eventually("backend got the whole hello", || async {
-        backend.connections().first().map(|c| c == &framed).unwrap_or(false)
+        backend
+            .connections()
+            .first()
+            .map(|c| c == &framed)
+            .unwrap_or(false)
     })
     .await;
     server.shutdown().await;
@@ -270,7 +329,10 @@ async fn slow_hello_times_out_and_is_counted() {
     let got = read_to_end(&mut s, Duration::from_secs(3)).await;
     assert_eq!(got, Some(vec![]), "closed without a byte from any backend");
     assert!(started.elapsed() < Duration::from_secs(2));
-    assert_eq!(metric(&server, "sluice_hello_total", &[("result", "timeout")]).await, 1.0);
+    assert_eq!(
+        metric(&server, "sluice_hello_total", &[("result", "timeout")]).await,
+        1.0
+    );
     assert!(b.connections().is_empty(), "never routed anywhere");
     server.shutdown().await;
 }
@@ -293,13 +355,19 @@ async fn malformed_and_oversized_hellos_are_closed_not_routed() {
     let bad = build::records(&build::handshake(&spec), 16384);
     let mut s = TcpStream::connect(edge(&server)).await.unwrap();
     s.write_all(&bad).await.unwrap();
-    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
 
     // A 2 KB hello against max_hello_size = 1024.
     let mut s = TcpStream::connect(edge(&server)).await.unwrap();
     s.write_all(&fixture("chromium-pq-h2.bin")).await.unwrap();
     // Closed (possibly with a reset, as the client had unsent bytes) without a byte back.
-    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
 
     eventually("both counted", || async {
         metric(&server, "sluice_hello_total", &[("result", "malformed")]).await == 1.0
@@ -319,10 +387,26 @@ async fn non_tls_is_closed_unless_a_route_takes_it() {
     })
     .await;
     let mut s = TcpStream::connect(edge(&server)).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
-    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
-    assert_eq!(metric(&server, "sluice_hello_total", &[("result", "not_tls")]).await, 1.0);
-    assert_eq!(metric(&server, "sluice_route_decisions_total", &[("route", "none")]).await, 1.0);
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+    assert_eq!(
+        metric(&server, "sluice_hello_total", &[("result", "not_tls")]).await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_route_decisions_total",
+            &[("route", "none")]
+        )
+        .await,
+        1.0
+    );
     assert!(tls_backend.connections().is_empty());
     server.shutdown().await;
 
@@ -368,7 +452,12 @@ async fn dead_backend_is_retried_on_another() {
         assert_eq!(read_line(&mut s).await, "live");
     }
     assert_eq!(
-        metric(&server, "sluice_upstream_connect_failures_total", &[("pool", "main"), ("reason", "refused")]).await,
+        metric(
+            &server,
+            "sluice_upstream_connect_failures_total",
+            &[("pool", "main"), ("reason", "refused")]
+        )
+        .await,
         2.0
     );
     server.shutdown().await;
@@ -377,18 +466,37 @@ async fn dead_backend_is_retried_on_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_backends_dead_closes_the_client_and_counts() {
     let server = simple(Simple {
-        backends: vec![dead_address().await.to_string(), dead_address().await.to_string()],
+        backends: vec![
+            dead_address().await.to_string(),
+            dead_address().await.to_string(),
+        ],
         retries: 3,
         ..Simple::default()
     })
     .await;
     let mut s = TcpStream::connect(edge(&server)).await.unwrap();
     s.write_all(&tunnel_hello()).await.unwrap();
-    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
-    assert_eq!(metric(&server, "sluice_upstream_unavailable_total", &[("pool", "main")]).await, 1.0);
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_upstream_unavailable_total",
+            &[("pool", "main")]
+        )
+        .await,
+        1.0
+    );
     // Two distinct backends: retries never pick the same one twice.
     assert_eq!(
-        metric(&server, "sluice_upstream_connect_failures_total", &[("reason", "refused")]).await,
+        metric(
+            &server,
+            "sluice_upstream_connect_failures_total",
+            &[("reason", "refused")]
+        )
+        .await,
         2.0
     );
     server.shutdown().await;
@@ -409,10 +517,22 @@ async fn half_close_client_first() {
     s.write_all(&[7u8; 100_000]).await.unwrap();
     // Client FIN: the backend must see EOF, and its answer must still reach the client.
     s.shutdown().await.unwrap();
-    assert_eq!(read_line(&mut s).await, format!("b got {} bytes", hello.len() + 100_000));
-    assert_eq!(read_to_end(&mut s, Duration::from_secs(3)).await, Some(vec![]));
+    assert_eq!(
+        read_line(&mut s).await,
+        format!("b got {} bytes", hello.len() + 100_000)
+    );
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
     eventually("closed cleanly", || async {
-        metric(&server, "sluice_connections_closed_total", &[("route", "main"), ("reason", "closed")]).await == 1.0
+        metric(
+            &server,
+            "sluice_connections_closed_total",
+            &[("route", "main"), ("reason", "closed")],
+        )
+        .await
+            == 1.0
     })
     .await;
     server.shutdown().await;
@@ -463,20 +583,39 @@ async fn proxy_v2_header_reaches_the_backend() {
     s.write_all(&hello).await.unwrap();
     assert_eq!(read_line(&mut s).await, "b");
     drop(s);
-    eventually("received", || async { b.connections().first().is_some_and(|c| c.len() > hello.len()) }).await;
+    eventually("received", || async {
+        b.connections()
+            .first()
+            .is_some_and(|c| c.len() > hello.len())
+    })
+    .await;
     let got = b.connections()[0].clone();
     let header = ppp::v2::Header::try_from(got.as_slice()).expect("a PROXY v2 header first");
-    assert_eq!(header.addresses, ppp::v2::Addresses::from((client_addr, edge(&server))));
-    let tlvs: Vec<(u8, Vec<u8>)> = header.tlvs().map(|t| t.unwrap()).map(|t| (t.kind, t.value.to_vec())).collect();
+    assert_eq!(
+        header.addresses,
+        ppp::v2::Addresses::from((client_addr, edge(&server)))
+    );
+    let tlvs: Vec<(u8, Vec<u8>)> = header
+        .tlvs()
+        .map(|t| t.unwrap())
+        .map(|t| (t.kind, t.value.to_vec()))
+        .collect();
     assert_eq!(
         tlvs,
         vec![
             (ppp::v2::Type::ALPN as u8, b"h2".to_vec()),
-            (ppp::v2::Type::Authority as u8, b"agent.example.com".to_vec()),
+            (
+                ppp::v2::Type::Authority as u8,
+                b"agent.example.com".to_vec()
+            ),
         ]
     );
     let header_len = header.len();
-    assert_eq!(&got[header_len..], &hello[..], "exactly one header, then the hello");
+    assert_eq!(
+        &got[header_len..],
+        &hello[..],
+        "exactly one header, then the hello"
+    );
     server.shutdown().await;
 }
 
@@ -495,7 +634,13 @@ async fn idle_timeout_closes_and_counts() {
     let got = read_to_end(&mut s, Duration::from_secs(3)).await;
     assert_eq!(got, Some(vec![]));
     eventually("idle close counted", || async {
-        metric(&server, "sluice_connections_closed_total", &[("reason", "idle_timeout")]).await == 1.0
+        metric(
+            &server,
+            "sluice_connections_closed_total",
+            &[("reason", "idle_timeout")],
+        )
+        .await
+            == 1.0
     })
     .await;
     server.shutdown().await;
@@ -504,7 +649,10 @@ async fn idle_timeout_closes_and_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_connection_cap_waits_in_backlog() {
     let b = RawBackend::start("b", false).await;
-    let text = SIMPLE.replace("max_hello_size = {max_hello}", "max_hello_size = 16384\nmax_connections = 1");
+    let text = SIMPLE.replace(
+        "max_hello_size = {max_hello}",
+        "max_hello_size = 16384\nmax_connections = 1",
+    );
     let server = start(
         &text,
         &[
@@ -525,10 +673,20 @@ async fn listener_connection_cap_waits_in_backlog() {
     second.write_all(&tunnel_hello()).await.unwrap();
     let mut byte = [0u8; 1];
     assert!(
-        tokio::time::timeout(Duration::from_millis(400), second.read(&mut byte)).await.is_err(),
+        tokio::time::timeout(Duration::from_millis(400), second.read(&mut byte))
+            .await
+            .is_err(),
         "second connection must wait"
     );
-    assert_eq!(metric(&server, "sluice_accept_paused_total", &[("cap", "listener")]).await, 1.0);
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_accept_paused_total",
+            &[("cap", "listener")]
+        )
+        .await,
+        1.0
+    );
     drop(first);
     assert_eq!(read_line(&mut second).await, "b");
     server.shutdown().await;
@@ -545,9 +703,15 @@ async fn admin_api_reports_listeners_routes_and_health() {
     let admin = server.admin_addr().unwrap();
     let (status, body) = http_get(admin, "/debug/listeners").await;
     assert_eq!(status, 200);
-    assert!(body.contains(&format!("\"bound\": \"{}\"", edge(&server))), "{body}");
+    assert!(
+        body.contains(&format!("\"bound\": \"{}\"", edge(&server))),
+        "{body}"
+    );
     assert!(body.contains("\"configured\": \"127.0.0.1:0\""), "{body}");
-    eventually("ready", || async { http_get(admin, "/readyz").await.0 == 200 }).await;
+    eventually("ready", || async {
+        http_get(admin, "/readyz").await.0 == 200
+    })
+    .await;
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     let (status, routes) = http_get(admin, "/debug/routes").await;
     assert_eq!(status, 200);
@@ -556,7 +720,10 @@ async fn admin_api_reports_listeners_routes_and_health() {
     assert!(config.contains("\"balance\": \"round_robin\""), "{config}");
     let (_, metrics) = http_get(admin, "/metrics").await;
     assert!(metrics.contains("sluice_build_info{version="), "{metrics}");
-    assert!(metrics.contains("sluice_pool_backends{pool=\"main\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("sluice_pool_backends{pool=\"main\"} 1"),
+        "{metrics}"
+    );
     assert_eq!(http_get(admin, "/nope").await.0, 404);
     server.shutdown().await;
     // Shut down: unready.
@@ -565,7 +732,10 @@ async fn admin_api_reports_listeners_routes_and_health() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_keeps_established_connections_until_they_end() {
     let b = RawBackend::start("b", false).await;
-    let text = SIMPLE.replace("[[listener]]", "[lifecycle]\ndrain_delay = \"200ms\"\ndrain_timeout = \"5s\"\n\n[[listener]]");
+    let text = SIMPLE.replace(
+        "[[listener]]",
+        "[lifecycle]\ndrain_delay = \"200ms\"\ndrain_timeout = \"5s\"\n\n[[listener]]",
+    );
     let server = start(
         &text,
         &[
@@ -584,24 +754,36 @@ async fn drain_keeps_established_connections_until_they_end() {
     tunnel.write_all(&tunnel_hello()).await.unwrap();
     assert_eq!(read_line(&mut tunnel).await, "b");
     let admin = server.admin_addr().unwrap();
-    eventually("ready", || async { http_get(admin, "/readyz").await.0 == 200 }).await;
+    eventually("ready", || async {
+        http_get(admin, "/readyz").await.0 == 200
+    })
+    .await;
 
     let server = std::sync::Arc::new(server);
     let s2 = server.clone();
     let drain = tokio::spawn(async move { s2.drain(std::future::pending()).await });
     // Unready at once, but still accepting during drain_delay.
-    eventually("unready", || async { http_get(admin, "/readyz").await.0 == 503 }).await;
+    eventually("unready", || async {
+        http_get(admin, "/readyz").await.0 == 503
+    })
+    .await;
     let mut during = TcpStream::connect(addr).await.unwrap();
     during.write_all(&tunnel_hello()).await.unwrap();
     assert_eq!(read_line(&mut during).await, "b");
     drop(during);
     // After the delay the listener is closed...
     tokio::time::sleep(Duration::from_millis(400)).await;
-    assert!(TcpStream::connect(addr).await.is_err(), "listener closed after drain_delay");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "listener closed after drain_delay"
+    );
     // ...but the established tunnel still works, and the drain ends when it does.
     tunnel.write_all(b"ping").await.unwrap();
     assert!(!drain.is_finished());
     tunnel.shutdown().await.unwrap();
     assert!(read_line(&mut tunnel).await.starts_with("b got"));
-    tokio::time::timeout(Duration::from_secs(3), drain).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(3), drain)
+        .await
+        .unwrap()
+        .unwrap();
 }

@@ -49,7 +49,10 @@ fn check_all_forms(bytes: &[u8]) -> ClientHello {
 fn openssl_tunnel_hello() {
     let h = check_all_forms(&fixture("openssl-3.0-tunnel.bin"));
     assert_eq!(h.sni.as_deref(), Some("tunnel.example.com"));
-    assert_eq!(h.alpn, ["teleport-reversetunnelv2", "teleport-reversetunnel"]);
+    assert_eq!(
+        h.alpn,
+        ["teleport-reversetunnelv2", "teleport-reversetunnel"]
+    );
     assert!(h.supported_versions.contains(&0x0304));
 }
 
@@ -80,7 +83,10 @@ fn chromium_post_quantum_hello_is_larger_than_one_mss() {
     let bytes = fixture("chromium-pq-h2.bin");
     assert!(bytes.len() > 1500, "{}", bytes.len());
     let h = check_all_forms(&bytes);
-    assert_eq!(h.sni.as_deref(), Some("kube-teleport-proxy-alpn.example.com"));
+    assert_eq!(
+        h.sni.as_deref(),
+        Some("kube-teleport-proxy-alpn.example.com")
+    );
     assert_eq!(h.alpn, ["h2", "http/1.1"]);
 }
 

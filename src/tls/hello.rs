@@ -50,9 +50,14 @@ pub enum Parse {
     /// More bytes are needed. `hello_len`, once the handshake header is in, is the total number
     /// of buffered bytes the complete hello would need at minimum (lets the caller reject an
     /// oversized hello before reading it all).
-    Incomplete { needed_at_least: Option<usize> },
+    Incomplete {
+        needed_at_least: Option<usize>,
+    },
     /// A complete ClientHello; `consumed` is the byte length of the records that carried it.
-    Hello { hello: ClientHello, consumed: usize },
+    Hello {
+        hello: ClientHello,
+        consumed: usize,
+    },
     /// The bytes are not a TLS handshake at all (plain HTTP, SSH, ...).
     NotTls,
     Malformed(Malformed),
@@ -410,7 +415,10 @@ mod tests {
 
     #[test]
     fn simple_hello() {
-        let buf = hello(Some("Tunnel.Example.COM."), &["teleport-reversetunnel", "h2"]);
+        let buf = hello(
+            Some("Tunnel.Example.COM."),
+            &["teleport-reversetunnel", "h2"],
+        );
         let h = hello_of(parse(&buf));
         assert_eq!(h.sni.as_deref(), Some("tunnel.example.com"));
         assert_eq!(h.alpn, vec!["teleport-reversetunnel", "h2"]);
@@ -433,7 +441,10 @@ mod tests {
     fn split_over_many_records() {
         let spec = Spec {
             sni: Some("db.example.com".into()),
-            alpn: vec![b"teleport-postgres-ping".to_vec(), b"teleport-postgres".to_vec()],
+            alpn: vec![
+                b"teleport-postgres-ping".to_vec(),
+                b"teleport-postgres".to_vec(),
+            ],
             ..Spec::default()
         };
         let hs = handshake(&spec);
@@ -522,7 +533,10 @@ mod tests {
         let hs = handshake(&Spec::default());
         let mut buf = records(&hs[..10], 10);
         buf.extend_from_slice(&[21, 3, 3, 0, 2, 2, 40]);
-        assert_eq!(parse(&buf), Parse::Malformed(Malformed("interleaved_record")));
+        assert_eq!(
+            parse(&buf),
+            Parse::Malformed(Malformed("interleaved_record"))
+        );
         // A record claiming more than 2^14 bytes.
         assert_eq!(
             parse(&[22, 3, 1, 0x40, 0x01, 1]),

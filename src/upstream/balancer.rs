@@ -132,7 +132,10 @@ impl Balance {
 
 fn unreachable_last(candidates: &[Candidate], eligible: &dyn Fn(usize) -> bool) -> usize {
     // Only reached through rounding; positions are always < total.
-    (0..candidates.len()).rev().find(|&i| eligible(i)).unwrap_or(0)
+    (0..candidates.len())
+        .rev()
+        .find(|&i| eligible(i))
+        .unwrap_or(0)
 }
 
 fn load(c: &Candidate) -> f64 {
@@ -205,8 +208,14 @@ mod tests {
         let c = cands(&[1, 2, 1]);
         for b in [Balance::Random, Balance::RoundRobin, Balance::P2c] {
             let h = histogram(b, &c, 40_000);
-            assert!((h[1] as f64 / h[0] as f64 - 2.0).abs() < 0.25, "{b:?} {h:?}");
-            assert!((h[2] as f64 / h[0] as f64 - 1.0).abs() < 0.15, "{b:?} {h:?}");
+            assert!(
+                (h[1] as f64 / h[0] as f64 - 2.0).abs() < 0.25,
+                "{b:?} {h:?}"
+            );
+            assert!(
+                (h[2] as f64 / h[0] as f64 - 1.0).abs() < 0.15,
+                "{b:?} {h:?}"
+            );
         }
     }
 
@@ -214,13 +223,21 @@ mod tests {
     fn exclusion_and_empty() {
         let c = cands(&[1, 1]);
         let mut rng = StdRng::seed_from_u64(2);
-        for b in [Balance::Random, Balance::RoundRobin, Balance::LeastConn, Balance::P2c] {
+        for b in [
+            Balance::Random,
+            Balance::RoundRobin,
+            Balance::LeastConn,
+            Balance::P2c,
+        ] {
             for t in 0..50 {
                 assert_eq!(b.pick(&c, &ctx(&[0], None, t), &mut rng), Some(1));
                 assert_eq!(b.pick(&c, &ctx(&[0, 1], None, t), &mut rng), None);
             }
         }
-        assert_eq!(Balance::Random.pick(&[], &ctx(&[], None, 0), &mut rng), None);
+        assert_eq!(
+            Balance::Random.pick(&[], &ctx(&[], None, 0), &mut rng),
+            None
+        );
     }
 
     #[test]

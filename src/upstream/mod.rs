@@ -131,7 +131,9 @@ impl Pool {
             proxy_protocol: cfg.proxy_protocol,
             keepalive: cfg.keepalive,
             rr: AtomicU64::new(0),
-            connect_seconds: metrics.connect_seconds.with_label_values(&[cfg.name.as_str()]),
+            connect_seconds: metrics
+                .connect_seconds
+                .with_label_values(&[cfg.name.as_str()]),
             unavailable: metrics.unavailable.with_label_values(&[cfg.name.as_str()]),
         }
     }

@@ -1,6 +1,6 @@
 //! Test support: start sluice in-process on 127.0.0.1:0, real backends that say who they are,
 //! a rustls client, and a tiny HTTP getter for the admin API.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -20,7 +20,8 @@ pub async fn start(config: &str, vars: &[(&str, String)]) -> Server {
     for (k, v) in vars {
         text = text.replace(&format!("{{{k}}}"), v);
     }
-    let cfg = Config::parse(Path::new("test.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let cfg =
+        Config::parse(Path::new("test.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let server = Server::start(cfg).await.expect("sluice starts");
     server
 }
@@ -161,7 +162,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -206,6 +210,10 @@ where
 }
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name))
-        .expect("fixture")
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .expect("fixture")
 }

@@ -1,0 +1,230 @@
+//! The `sluice` binary as a user runs it: `check` on good and bad configs, and `run` with real
+//! clients (openssl s_client, curl) and SIGTERM.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::TaggedBackend;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn check(path: &std::path::Path) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_configs() {
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf");
+    for entry in std::fs::read_dir(conf).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let (code, out) = check(&path);
+            assert_eq!(code, 0, "{}: {out}", path.display());
+            assert!(out.contains(": ok ("), "{out}");
+        }
+    }
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+hello_timeout = "ten seconds"
+
+[[route]]
+name = "clients"
+pool = "client"
+
+[[route]]
+name = "tunnels"
+alpn = ["teleport-reversetunnel"]
+pool = "tunnel"
+
+[pool.client]
+backends = ["127.0.0.1:3080"]
+balance = "fastest"
+"#,
+    )
+    .unwrap();
+    let (code, out) = check(&path);
+    assert_eq!(code, 1, "{out}");
+    let p = path.display().to_string();
+    for expected in [
+        format!("{p}:4: listener[0].hello_timeout: `ten seconds` is not a duration"),
+        format!("{p}:10: route[1]: route `tunnels` can never match: the earlier catch-all route `clients`"),
+        format!("{p}:13: route[1].pool: no pool is named `tunnel` — use one of: client"),
+        format!("{p}:17: pool.client.balance: unknown balancer `fastest` — use one of"),
+    ] {
+        assert!(out.contains(&expected), "missing `{expected}` in:\n{out}");
+    }
+    assert_eq!(out.lines().count(), 4, "{out}");
+
+    // A TOML-level problem (unknown key) names its line and key too.
+    std::fs::write(
+        &path,
+        "[[listener]]\nname = \"edge\"\nadress = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let (code, out) = check(&path);
+    assert_eq!(code, 1);
+    assert!(
+        out.starts_with(&format!("{p}:3: adress: unknown field `adress`")),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_reports_a_missing_file() {
+    let (code, out) = check(std::path::Path::new("/nonexistent/sluice.toml"));
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("/nonexistent/sluice.toml: (file): cannot read"),
+        "{out}"
+    );
+}
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{tool} is required in CI (.ci/run installs it)");
+    }
+    if !ok {
+        eprintln!("skipping: {tool} is not installed");
+    }
+    ok
+}
+
+/// `sluice run` as a process, with real clients, then SIGTERM.
+#[test]
+fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (tunnel, client) = rt.block_on(async {
+        let any = "127.0.0.1:0".parse().unwrap();
+        (
+            TaggedBackend::start(
+                "tunnel-proxy",
+                any,
+                &["teleport-reversetunnelv2", "teleport-reversetunnel"],
+            )
+            .await
+            .unwrap(),
+            TaggedBackend::start("client-proxy", any, &["http/1.1"])
+                .await
+                .unwrap(),
+        )
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    let text = sluice::demo::demo_config(0, "127.0.0.1:0", tunnel.address, client.address);
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut edge = None;
+    let mut line = String::new();
+    while edge.is_none() && stderr.read_line(&mut line).unwrap() > 0 {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "listening" {
+            edge = v["address"].as_str().map(str::to_owned);
+        }
+        line.clear();
+    }
+    let edge = edge.expect("sluice logs the bound address");
+    let port = edge.rsplit(':').next().unwrap().to_owned();
+    // Keep draining stderr so the child never blocks on a full pipe.
+    let log = std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut l = String::new();
+        while stderr.read_line(&mut l).unwrap_or(0) > 0 {
+            all.push_str(&l);
+            l.clear();
+        }
+        all
+    });
+
+    if have("openssl") {
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "timeout 3 openssl s_client -connect {edge} -servername tunnel.example.com \
+                     -alpn teleport-reversetunnel -quiet -ign_eof </dev/null 2>/dev/null"
+                ),
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with("tunnel-proxy alpn=teleport-reversetunnel sni=tunnel.example.com"),
+            "openssl got: {stdout}"
+        );
+    }
+    if have("curl") {
+        let out = Command::new("curl")
+            .args([
+                "-sk",
+                "--max-time",
+                "5",
+                &format!("https://localhost:{port}/"),
+            ])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with("hello from client-proxy (alpn=http/1.1 sni=localhost)"),
+            "curl got: {stdout}"
+        );
+    }
+
+    // SIGTERM: drain (drain_delay 0s in this config) and exit 0.
+    let started = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "sluice did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code.success(), "exit status {code:?}");
+    let log = log.join().unwrap();
+    assert!(
+        log.contains("\"route\":\"tunnels\""),
+        "access log names the route:\n{log}"
+    );
+    assert!(log.contains("\"message\":\"stopped\""), "{log}");
+}
