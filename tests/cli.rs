@@ -228,3 +228,137 @@ fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
     );
     assert!(log.contains("\"message\":\"stopped\""), "{log}");
 }
+
+/// Out of file descriptors: accept fails with EMFILE; sluice backs off instead of spinning,
+/// counts it, and serves again once descriptors free up.
+#[test]
+fn emfile_backs_off_and_recovers() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(async {
+        let b = support::RawBackend::start("b", false).await;
+        b.address
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[admin]
+address = "127.0.0.1:0"
+[limits]
+max_connections = 10000   # far above what 64 descriptors allow: provoke EMFILE
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+[[route]]
+name = "all"
+pool = "p"
+[pool.p]
+backends = ["{backend}"]
+"#
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {BIN} --log-format json run --config {}",
+            path.display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let (mut edge, mut admin) = (None, None);
+    let mut line = String::new();
+    while (edge.is_none() || admin.is_none()) && stderr.read_line(&mut line).unwrap() > 0 {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "listening" {
+            edge = v["address"].as_str().map(str::to_owned);
+        }
+        if v["message"] == "admin API listening" {
+            admin = v["address"].as_str().map(str::to_owned);
+        }
+        line.clear();
+    }
+    std::thread::spawn(move || {
+        let mut l = String::new();
+        while stderr.read_line(&mut l).unwrap_or(0) > 0 {
+            l.clear();
+        }
+    });
+    let (edge, admin) = (edge.unwrap(), admin.unwrap());
+    let hello = sluice::tls::hello::build::hello(Some("a.example.com"), &["h2"]);
+
+    // Hold 60 relayed connections: 120 descriptors wanted, 64 allowed.
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        let mut s = std::net::TcpStream::connect(&edge).unwrap();
+        s.write_all(&hello).unwrap();
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let cpu_ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks() - before;
+    assert!(
+        spent < 50,
+        "sluice spun at EMFILE: {spent} ticks of CPU in 2 s"
+    );
+    drop(held);
+
+    // Descriptors free again: a new connection is served.
+    let served = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        let Ok(mut s) = std::net::TcpStream::connect(&edge) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(&hello).is_ok() && {
+            let mut buf = [0u8; 2];
+            std::io::Read::read_exact(&mut s, &mut buf).is_ok() && &buf == b"b\n"
+        }
+    });
+    assert!(served, "sluice serves again after EMFILE");
+
+    let out = Command::new("curl")
+        .args(["-s", &format!("http://{admin}/metrics")])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.contains("sluice_accept_errors_total{kind=\"emfile\",listener=\"edge\"}"),
+        "{metrics}"
+    );
+    // The admin API speaks h2c too.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+            &format!("http://{admin}/healthz"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}

@@ -787,3 +787,150 @@ async fn drain_keeps_established_connections_until_they_end() {
         .unwrap()
         .unwrap();
 }
+
+/// A loopback address that never answers a SYN: a listener with a full accept queue that
+/// never accepts (the kernel drops further SYNs).
+async fn black_hole() -> (socket2::Socket, Vec<TcpStream>, std::net::SocketAddr) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    (sock, fillers, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn black_holed_backend_times_out_and_is_retried() {
+    let live = RawBackend::start("live", false).await;
+    let (_hole, _fillers, hole) = black_hole().await;
+    let server = simple(Simple {
+        backends: vec![hole.to_string(), live.address.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+        s.write_all(&tunnel_hello()).await.unwrap();
+        assert_eq!(read_line(&mut s).await, "live");
+    }
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_upstream_connect_failures_total",
+            &[("reason", "timeout")]
+        )
+        .await,
+        1.0,
+        "connect_timeout (500ms) fired once, then the retry went to the live backend"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_listener_and_backend() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipping: no IPv6 loopback here");
+        return;
+    }
+    let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s
+                    .write_all(format!("v6 backend saw {}\n", peer.ip()).as_bytes())
+                    .await;
+                let mut sink = vec![0u8; 4096];
+                while let Ok(n) = s.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let text = SIMPLE.replace(
+        "address = \"127.0.0.1:0\"\nhello",
+        "address = \"[::1]:0\"\nhello",
+    );
+    let server = start(
+        &text,
+        &[
+            ("backends", format!("\"{backend}\"")),
+            ("hello_timeout", "2s".into()),
+            ("max_hello", "16384".into()),
+            ("idle", "1h".into()),
+            ("retries", "0".into()),
+            ("pp", "none".into()),
+            ("extra", "".into()),
+        ],
+    )
+    .await;
+    let addr = edge(&server);
+    assert!(addr.is_ipv6(), "{addr}");
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "v6 backend saw ::1");
+    server.shutdown().await;
+}
+
+/// TCP keepalive is on for both legs of a relayed connection: `ss -o` shows a keepalive timer
+/// on sluice's client-side and backend-side sockets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_on_both_legs() {
+    if std::process::Command::new("ss").arg("-V").output().is_err() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "ss (iproute2) is required in CI"
+        );
+        eprintln!("skipping: ss (iproute2) is not installed");
+        return;
+    }
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    let addr = edge(&server);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "b");
+    let client_port = s.local_addr().unwrap().port();
+    let ss = |filter: String| {
+        let out = std::process::Command::new("ss")
+            .args(["-tnoH", "state", "established", &filter])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // sluice's accepted socket: local port = edge port, peer = our client.
+    let client_leg = ss(format!(
+        "( sport = :{} and dport = :{client_port} )",
+        addr.port()
+    ));
+    assert!(
+        client_leg.contains("timer:(keepalive,"),
+        "client leg: {client_leg}"
+    );
+    // sluice's backend socket: peer port = the backend's.
+    let backend_leg = ss(format!("( dport = :{} )", b.address.port()));
+    assert!(
+        backend_leg.contains("timer:(keepalive,"),
+        "backend leg: {backend_leg}"
+    );
+    server.shutdown().await;
+}
