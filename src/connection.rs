@@ -19,8 +19,9 @@ use crate::listener::{apply_keepalive, ListenerState};
 use crate::proxy_protocol::{self, HeaderInfo};
 use crate::relay::{self, End};
 use crate::route::{Facts, TlsFacts};
-use crate::runtime::Runtime;
+use crate::runtime::{Route, Runtime, Snapshot};
 use crate::tls::hello::{self, ClientHello, Parse};
+use crate::upstream::{ActiveGuard, Backend};
 
 /// How reading the first bytes ended.
 enum Hello {
@@ -59,7 +60,10 @@ async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>, state: &ListenerS
             }
         }
         let room = cap - buf.len();
-        buf.reserve(room.min(4096));
+        if buf.len() == buf.capacity() {
+            // Grow by doubling: most hellos fit the first 1 KiB, Chrome's in 2 KiB.
+            buf.reserve(buf.capacity().max(512).min(room));
+        }
         let read =
             tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await;
         match read {
@@ -94,9 +98,9 @@ struct Log<'a> {
     listener: &'a str,
     sni: Option<String>,
     alpn: Vec<String>,
-    route: String,
-    pool: String,
-    backend: String,
+    /// Names come from these at emit time: no per-connection string copies.
+    route: Option<Arc<Route>>,
+    backend: Option<Arc<Backend>>,
     to_backend: u64,
     to_client: u64,
     started: Instant,
@@ -105,6 +109,10 @@ struct Log<'a> {
 }
 
 impl Log<'_> {
+    fn route_name(&self) -> &str {
+        self.route.as_ref().map_or("none", |r| r.name.as_str())
+    }
+
     fn emit(&self) {
         tracing::info!(
             target: "sluice::access",
@@ -113,9 +121,9 @@ impl Log<'_> {
             listener = self.listener,
             sni = self.sni.as_deref().unwrap_or("-"),
             alpn = %if self.alpn.is_empty() { "-".to_owned() } else { self.alpn.join(",") },
-            route = %self.route,
-            pool = %self.pool,
-            backend = %self.backend,
+            route = self.route_name(),
+            pool = self.route.as_ref().map_or("-", |r| r.pool.name.as_str()),
+            backend = self.backend.as_ref().map_or("-", |b| b.name.as_str()),
             bytes_to_backend = self.to_backend,
             bytes_to_client = self.to_client,
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -143,9 +151,8 @@ pub async fn serve(
         listener,
         sni: None,
         alpn: Vec::new(),
-        route: "none".into(),
-        pool: "-".into(),
-        backend: "-".into(),
+        route: None,
+        backend: None,
         to_backend: 0,
         to_client: 0,
         started,
@@ -154,22 +161,46 @@ pub async fn serve(
     };
     // The snapshot this connection lives with, whatever reloads happen later.
     let snapshot = rt.snapshot();
-    handle(&rt, &state, &mut stream, &snapshot, &mut log).await;
+    // The hello/connect phase is boxed: its state is freed before the (long) relay phase, so
+    // an idle tunnel's task holds only what the relay needs.
+    let established = Box::pin(establish(&rt, &state, &mut stream, &snapshot, &mut log)).await;
+    drop(snapshot);
+    if let Some((backend, route, guard)) = established {
+        route.active.inc();
+        let outcome = relay::relay(
+            &stream,
+            &backend,
+            route.idle_timeout,
+            (&route.bytes_to_backend, &route.bytes_to_client),
+            &rt.hard_stop,
+        )
+        .await;
+        route.active.dec();
+        log.to_backend += outcome.to_backend;
+        log.to_client = outcome.to_client;
+        log.end = outcome.end.label();
+        if outcome.end == End::IdleTimeout {
+            log.detail = "idle_timeout reached".into();
+        }
+        drop(guard);
+    }
     rt.metrics
         .closed
-        .with_label_values(&[listener, log.route.as_str(), log.end])
+        .with_label_values(&[listener, log.route_name(), log.end])
         .inc();
     active.dec();
     log.emit();
 }
 
-async fn handle(
+/// Read the hello, route, connect, replay the hello. `None`: the connection is over (the log
+/// says why).
+async fn establish(
     rt: &Runtime,
     state: &ListenerState,
     stream: &mut TcpStream,
-    snapshot: &crate::runtime::Snapshot,
+    snapshot: &Snapshot,
     log: &mut Log<'_>,
-) {
+) -> Option<(TcpStream, Arc<Route>, ActiveGuard)> {
     let listener = state.config.name.as_str();
     let _ = stream.set_nodelay(true);
     if let Err(e) = apply_keepalive(&socket2::SockRef::from(&*stream), &state.config.keepalive) {
@@ -196,7 +227,7 @@ async fn handle(
                 tracing::warn!(conn = log.id, client = %log.client, listener, reason = result, "{detail}");
             }
             log.detail = detail;
-            return;
+            return None;
         }
     };
     rt.metrics
@@ -222,14 +253,13 @@ async fn handle(
             .inc();
         log.end = if tls.is_some() { "no_route" } else { "not_tls" };
         log.detail = "no route matches this connection".into();
-        return;
+        return None;
     };
     rt.metrics
         .route_decisions
         .with_label_values(&[listener, route.name.as_str()])
         .inc();
-    log.route = route.name.clone();
-    log.pool = route.pool.name.clone();
+    log.route = Some(route.clone());
 
     let sni = tls.as_ref().and_then(|h| h.sni.as_deref());
     let (backend, guard) = match route.pool.connect(log.client, sni, &rt.metrics).await {
@@ -237,10 +267,10 @@ async fn handle(
         Err(e) => {
             log.end = "backend_unavailable";
             log.detail = e.to_string();
-            return;
+            return None;
         }
     };
-    log.backend = guard.backend().name.clone();
+    log.backend = Some(guard.backend().clone());
 
     // Replay what the client sent, behind the PROXY header if the pool wants one, in one write.
     let local = stream.local_addr().unwrap_or(state.local_addr);
@@ -259,34 +289,16 @@ async fn handle(
         Err(e) => {
             log.end = "internal_error";
             log.detail = format!("cannot encode PROXY header: {e}");
-            return;
+            return None;
         }
     };
     let mut backend = backend;
     if let Err(e) = backend.write_all(&first).await {
         log.end = "backend_error";
         log.detail = format!("writing the hello to the backend failed: {e}");
-        return;
+        return None;
     }
     route.bytes_to_backend.inc_by(first.len() as u64);
     log.to_backend = first.len() as u64;
-    drop(first);
-
-    route.active.inc();
-    let outcome = relay::relay(
-        stream,
-        &backend,
-        route.idle_timeout,
-        (&route.bytes_to_backend, &route.bytes_to_client),
-        &rt.hard_stop,
-    )
-    .await;
-    route.active.dec();
-    log.to_backend += outcome.to_backend;
-    log.to_client = outcome.to_client;
-    log.end = outcome.end.label();
-    if outcome.end == End::IdleTimeout {
-        log.detail = "idle_timeout reached".into();
-    }
-    drop(guard);
+    Some((backend, route.clone(), guard))
 }

@@ -1,24 +1,30 @@
 //! The relay: bytes both ways between client and backend until both sides are done.
 //!
-//! Owns: exact half-close (a FIN from one side becomes a shutdown(SHUT_WR) toward the other, and
-//! the other direction keeps flowing), the idle timeout, and memory discipline: an idle
-//! connection holds no buffer. A direction allocates its buffer only when its socket is
-//! readable, keeps it while data keeps coming, and frees it as soon as a read would block.
-//! It never interprets the bytes.
+//! Owns: exact half-close (a FIN from one side becomes a shutdown(SHUT_WR) toward the other,
+//! and the other direction keeps flowing), the idle timeout, and memory discipline. A relayed
+//! connection is mostly an idle tunnel, so the state here is a small hand-polled future (no
+//! nested async state machines), and a direction holds a buffer only while it has bytes to
+//! move: the buffer is allocated when the socket becomes readable and freed as soon as a read
+//! would block with nothing left to write. It never interprets the bytes.
 
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntCounter;
 use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-/// Per-read buffer. Allocated on readiness, released when the socket runs dry.
-const CHUNK: usize = 16 * 1024;
+/// Buffer sizes: a direction starts small (tunnels mostly carry small messages, and many
+/// connections opening at once should not each leave a large freed block in the heap) and
+/// doubles whenever a read fills its buffer, up to `MAX_CHUNK` for bulk transfers.
+const MIN_CHUNK: usize = 2 * 1024;
+const MAX_CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -50,136 +56,201 @@ pub struct Outcome {
     pub to_client: u64,
 }
 
+/// One direction's state.
+#[derive(Default)]
+struct Pump {
+    /// Bytes read but not yet written are `buf[pos..]`. `None` while idle.
+    buf: Option<Vec<u8>>,
+    pos: usize,
+    /// Size of the next buffer to allocate (0 = not yet chosen).
+    chunk: u32,
+    eof: bool,
+    done: bool,
+    moved: u64,
+}
+
+/// Which socket failed.
 #[derive(Clone, Copy)]
-enum Side {
-    Client,
-    Backend,
+enum Failed {
+    From,
+    To,
 }
 
-struct Direction<'a> {
-    from: &'a TcpStream,
-    to: &'a TcpStream,
-    from_side: Side,
-    counter: &'a IntCounter,
-    moved: &'a AtomicU64,
-    last_activity: &'a AtomicU64,
-    epoch: Instant,
-}
-
-impl Direction<'_> {
-    fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_activity.store(ms, Ordering::Relaxed);
-    }
-
-    fn fail(&self, reading: bool) -> Side {
-        match (self.from_side, reading) {
-            (s, true) => s,
-            (Side::Client, false) => Side::Backend,
-            (Side::Backend, false) => Side::Client,
-        }
-    }
-
-    async fn run(self) -> Result<(), Side> {
+impl Pump {
+    /// Move bytes `from` → `to` until it would block (Pending) or this direction is finished.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        counter: &IntCounter,
+        active: &mut bool,
+    ) -> Poll<Result<(), Failed>> {
         loop {
-            self.from.readable().await.map_err(|_| self.fail(true))?;
-            let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
-            loop {
-                buf.clear();
-                match self.from.try_read_buf(&mut buf) {
-                    Ok(0) => {
-                        // FIN: pass it on; the other direction keeps going.
-                        if let Err(e) = SockRef::from(self.to).shutdown(Shutdown::Write) {
-                            if e.kind() != io::ErrorKind::NotConnected {
-                                return Err(self.fail(false));
-                            }
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(buf) = &self.buf {
+                if self.pos < buf.len() {
+                    match to.poll_write_ready(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::To)),
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    match to.try_write(&buf[self.pos..]) {
+                        Ok(n) => {
+                            self.pos += n;
+                            self.moved += n as u64;
+                            counter.inc_by(n as u64);
+                            *active = true;
                         }
-                        return Ok(());
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => return Poll::Ready(Err(Failed::To)),
                     }
-                    Ok(n) => {
-                        self.touch();
-                        self.write_all(&buf[..n]).await?;
-                        self.counter.inc_by(n as u64);
-                        self.moved.fetch_add(n as u64, Ordering::Relaxed);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return Err(self.fail(true)),
+                    continue;
                 }
             }
-            // `buf` is dropped here: nothing is held while the socket is idle.
-        }
-    }
-
-    async fn write_all(&self, mut data: &[u8]) -> Result<(), Side> {
-        while !data.is_empty() {
-            match self.to.try_write(data) {
-                Ok(n) => data = &data[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.to.writable().await.map_err(|_| self.fail(false))?;
+            if self.eof {
+                // Pass the FIN on; the other direction keeps flowing.
+                self.buf = None;
+                self.done = true;
+                if let Err(e) = SockRef::from(to).shutdown(Shutdown::Write) {
+                    if e.kind() != io::ErrorKind::NotConnected {
+                        return Poll::Ready(Err(Failed::To));
+                    }
                 }
+                return Poll::Ready(Ok(()));
+            }
+            match from.poll_read_ready(cx) {
+                Poll::Pending => {
+                    // Idle: hold no buffer.
+                    self.buf = None;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::From)),
+                Poll::Ready(Ok(())) => {}
+            }
+            if self.chunk == 0 {
+                self.chunk = MIN_CHUNK as u32;
+            }
+            let chunk = self.chunk as usize;
+            // Everything buffered was written: the buffer is empty and can be resized.
+            if self.buf.as_ref().is_some_and(|b| b.capacity() < chunk) {
+                self.buf = None;
+            }
+            let buf = self.buf.get_or_insert_with(|| Vec::with_capacity(chunk));
+            buf.clear();
+            self.pos = 0;
+            match from.try_read_buf(buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    *active = true;
+                    if n == buf.capacity() && chunk < MAX_CHUNK {
+                        // A full read: more is probably waiting; read more at a time.
+                        self.chunk = (chunk * 2) as u32;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Err(self.fail(false)),
+                Err(_) => return Poll::Ready(Err(Failed::From)),
             }
         }
-        Ok(())
     }
+}
+
+/// The relay future. Small on purpose: an idle tunnel is this struct and two sockets.
+pub struct Relay<'a> {
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
+    up: Pump,
+    down: Pump,
+    to_backend: &'a IntCounter,
+    to_client: &'a IntCounter,
+    /// Idle limit, timer and time of the last byte; `None` for tunnels (no timer at all).
+    idle: Option<(Duration, Pin<Box<Sleep>>, Instant)>,
+    stop: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 /// Relay until both directions are done, one fails, the idle timeout passes, or `stop` fires.
-pub async fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
+pub fn relay<'a>(
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
     idle_timeout: Option<Duration>,
-    counters: (&IntCounter, &IntCounter),
+    counters: (&'a IntCounter, &'a IntCounter),
     stop: &CancellationToken,
-) -> Outcome {
-    let epoch = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let to_backend = Direction {
-        from: client,
-        to: backend,
-        from_side: Side::Client,
-        counter: counters.0,
-        moved: &up,
-        last_activity: &last_activity,
-        epoch,
-    };
-    let to_client = Direction {
-        from: backend,
-        to: client,
-        from_side: Side::Backend,
-        counter: counters.1,
-        moved: &down,
-        last_activity: &last_activity,
-        epoch,
-    };
-    let idle = async {
-        match idle_timeout {
-            None => std::future::pending::<()>().await,
-            Some(limit) => loop {
-                let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
-                let deadline = epoch + last + limit;
-                if Instant::now() >= deadline {
-                    return;
-                }
-                tokio::time::sleep_until(deadline).await;
-            },
+) -> Relay<'a> {
+    let idle = idle_timeout.map(|limit| {
+        let now = Instant::now();
+        (limit, Box::pin(tokio::time::sleep_until(now + limit)), now)
+    });
+    Relay {
+        client,
+        backend,
+        up: Pump::default(),
+        down: Pump::default(),
+        to_backend: counters.0,
+        to_client: counters.1,
+        idle,
+        stop: Box::pin(stop.clone().cancelled_owned()),
+    }
+}
+
+impl Relay<'_> {
+    fn outcome(&self, end: End) -> Poll<Outcome> {
+        Poll::Ready(Outcome {
+            end,
+            to_backend: self.up.moved,
+            to_client: self.down.moved,
+        })
+    }
+}
+
+impl Future for Relay<'_> {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let this = &mut *self;
+        if this.stop.as_mut().poll(cx).is_ready() {
+            return this.outcome(End::Shutdown);
         }
-    };
-    let end = tokio::select! {
-        r = async { tokio::try_join!(to_backend.run(), to_client.run()) } => match r {
-            Ok(_) => End::Closed,
-            Err(Side::Client) => End::ClientError,
-            Err(Side::Backend) => End::BackendError,
-        },
-        _ = idle => End::IdleTimeout,
-        _ = stop.cancelled() => End::Shutdown,
-    };
-    Outcome {
-        end,
-        to_backend: up.load(Ordering::Relaxed),
-        to_client: down.load(Ordering::Relaxed),
+        let mut active = false;
+        let up = this
+            .up
+            .poll(cx, this.client, this.backend, this.to_backend, &mut active);
+        if let Poll::Ready(Err(f)) = up {
+            let end = match f {
+                Failed::From => End::ClientError,
+                Failed::To => End::BackendError,
+            };
+            return this.outcome(end);
+        }
+        let down = this
+            .down
+            .poll(cx, this.backend, this.client, this.to_client, &mut active);
+        if let Poll::Ready(Err(f)) = down {
+            let end = match f {
+                Failed::From => End::BackendError,
+                Failed::To => End::ClientError,
+            };
+            return this.outcome(end);
+        }
+        if up.is_ready() && down.is_ready() {
+            return this.outcome(End::Closed);
+        }
+        if let Some((limit, sleep, last)) = &mut this.idle {
+            if active {
+                *last = Instant::now();
+            }
+            // The timer is only re-armed when it fires, not on every byte.
+            while sleep.as_mut().poll(cx).is_ready() {
+                let deadline = *last + *limit;
+                if Instant::now() >= deadline {
+                    return this.outcome(End::IdleTimeout);
+                }
+                sleep.as_mut().reset(deadline);
+            }
+        }
+        Poll::Pending
     }
 }
