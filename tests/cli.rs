@@ -362,3 +362,54 @@ backends = ["{backend}"]
         .status();
     let _ = child.wait();
 }
+
+/// The README's first command: `sluice demo` starts the edge and both backends, prints the
+/// commands to try, and splits traffic by ALPN.
+#[test]
+fn demo_splits_tunnels_from_clients() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--port", "0", "--admin", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut printed = String::new();
+    let mut line = String::new();
+    while stdout.read_line(&mut line).unwrap() > 0 {
+        printed.push_str(&line);
+        if line.contains("Ctrl-C stops everything") {
+            break;
+        }
+        line.clear();
+    }
+    let edge: std::net::SocketAddr = printed
+        .split("edge on ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("demo prints its edge address:\n{printed}"));
+    assert!(printed.contains("openssl s_client"), "{printed}");
+    assert!(printed.contains("curl -k https://localhost:"), "{printed}");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tunnel =
+            support::tls_greeting(edge, "tunnel.example.com", &["teleport-reversetunnel"]).await;
+        assert_eq!(
+            tunnel,
+            "tunnel-proxy alpn=teleport-reversetunnel sni=tunnel.example.com"
+        );
+        let web = support::tls_http_get(edge, "localhost").await;
+        assert!(web.starts_with("HTTP/1.1 200 OK"), "{web}");
+        assert!(
+            web.ends_with("hello from client-proxy (alpn=http/1.1 sni=localhost)\n"),
+            "{web}"
+        );
+    });
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}

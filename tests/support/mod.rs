@@ -217,3 +217,21 @@ pub fn fixture(name: &str) -> Vec<u8> {
     )
     .expect("fixture")
 }
+
+/// An HTTP/1.1 GET over TLS (ALPN http/1.1) through sluice; returns the whole response.
+pub async fn tls_http_get(addr: SocketAddr, sni: &str) -> String {
+    let cfg = sluice::tls::testing::insecure_client_config(&["http/1.1"]);
+    let connector = tokio_rustls::TlsConnector::from(cfg);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("handshake through sluice");
+    tls.write_all(format!("GET / HTTP/1.1\r\nhost: {sni}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
