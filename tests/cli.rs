@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::TaggedBackend;
@@ -113,6 +113,40 @@ fn have(tool: &str) -> bool {
     ok
 }
 
+/// Wait until a `sluice run --log-format json` child has logged its bound edge and admin
+/// addresses, then keep draining its stderr (so it never blocks on a full pipe); the handle
+/// returns the whole log once the child exits.
+fn bound_addresses(child: &mut Child) -> (String, String, std::thread::JoinHandle<String>) {
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
+    let (mut edge, mut admin) = (None, None);
+    let mut all = String::new();
+    let mut line = String::new();
+    while (edge.is_none() || admin.is_none()) && stderr.read_line(&mut line).unwrap() > 0 {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "listening" {
+            edge = v["address"].as_str().map(str::to_owned);
+        }
+        if v["message"] == "admin API listening" {
+            admin = v["address"].as_str().map(str::to_owned);
+        }
+        all.push_str(&line);
+        line.clear();
+    }
+    let log = std::thread::spawn(move || {
+        let mut l = String::new();
+        while stderr.read_line(&mut l).unwrap_or(0) > 0 {
+            all.push_str(&l);
+            l.clear();
+        }
+        all
+    });
+    (
+        edge.expect("sluice logs the bound edge address"),
+        admin.expect("sluice logs the bound admin address"),
+        log,
+    )
+}
+
 /// `sluice run` as a process, with real clients, then SIGTERM.
 #[test]
 fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
@@ -146,28 +180,8 @@ fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut edge = None;
-    let mut line = String::new();
-    while edge.is_none() && stderr.read_line(&mut line).unwrap() > 0 {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "listening" {
-            edge = v["address"].as_str().map(str::to_owned);
-        }
-        line.clear();
-    }
-    let edge = edge.expect("sluice logs the bound address");
+    let (edge, _admin, log) = bound_addresses(&mut child);
     let port = edge.rsplit(':').next().unwrap().to_owned();
-    // Keep draining stderr so the child never blocks on a full pipe.
-    let log = std::thread::spawn(move || {
-        let mut all = String::new();
-        let mut l = String::new();
-        while stderr.read_line(&mut l).unwrap_or(0) > 0 {
-            all.push_str(&l);
-            l.clear();
-        }
-        all
-    });
 
     if have("openssl") {
         let out = Command::new("sh")
@@ -268,26 +282,7 @@ backends = ["{backend}"]
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let (mut edge, mut admin) = (None, None);
-    let mut line = String::new();
-    while (edge.is_none() || admin.is_none()) && stderr.read_line(&mut line).unwrap() > 0 {
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "listening" {
-            edge = v["address"].as_str().map(str::to_owned);
-        }
-        if v["message"] == "admin API listening" {
-            admin = v["address"].as_str().map(str::to_owned);
-        }
-        line.clear();
-    }
-    std::thread::spawn(move || {
-        let mut l = String::new();
-        while stderr.read_line(&mut l).unwrap_or(0) > 0 {
-            l.clear();
-        }
-    });
-    let (edge, admin) = (edge.unwrap(), admin.unwrap());
+    let (edge, admin, _log) = bound_addresses(&mut child);
     let hello = sluice::tls::hello::build::hello(Some("a.example.com"), &["h2"]);
 
     // Hold 60 relayed connections: 120 descriptors wanted, 64 allowed.

@@ -242,11 +242,14 @@ const SIMPLE: &str = r#"
 [admin]
 address = "127.0.0.1:0"
 
+{top}
+
 [[listener]]
 name = "edge"
-address = "127.0.0.1:0"
+address = "{listen}"
 hello_timeout = "{hello_timeout}"
 max_hello_size = {max_hello}
+{listener_extra}
 
 [[route]]
 name = "main"
@@ -270,7 +273,13 @@ struct Simple<'a> {
     idle: &'a str,
     retries: u32,
     pp: &'a str,
-    extra: &'a str,
+    /// More routes and pools after the main ones.
+    extra: String,
+    /// Top-level sections before the listener (e.g. `[lifecycle]`).
+    top: &'a str,
+    listen: &'a str,
+    /// More keys for the listener.
+    listener_extra: &'a str,
 }
 
 impl Default for Simple<'_> {
@@ -282,7 +291,10 @@ impl Default for Simple<'_> {
             idle: "1h",
             retries: 2,
             pp: "none",
-            extra: "",
+            extra: String::new(),
+            top: "",
+            listen: "127.0.0.1:0",
+            listener_extra: "",
         }
     }
 }
@@ -303,7 +315,10 @@ async fn simple(s: Simple<'_>) -> sluice::server::Server {
             ("idle", s.idle.into()),
             ("retries", s.retries.to_string()),
             ("pp", s.pp.into()),
-            ("extra", s.extra.into()),
+            ("extra", s.extra),
+            ("top", s.top.into()),
+            ("listen", s.listen.into()),
+            ("listener_extra", s.listener_extra.into()),
         ],
     )
     .await
@@ -412,20 +427,15 @@ async fn non_tls_is_closed_unless_a_route_takes_it() {
 
     // With a `tls = false` route, plain traffic goes there (and TLS still goes to the TLS route).
     let plain_backend = RawBackend::start("plain", false).await;
-    let text = SIMPLE
-        .replace("{extra}", "[[route]]\nname = \"plain\"\ntls = false\npool = \"plain\"\n[pool.plain]\nbackends = [\"{plain}\"]");
-    let server = start(
-        &text,
-        &[
-            ("backends", format!("\"{}\"", tls_backend.address)),
-            ("hello_timeout", "2s".into()),
-            ("max_hello", "16384".into()),
-            ("idle", "1h".into()),
-            ("retries", "2".into()),
-            ("pp", "none".into()),
-            ("plain", plain_backend.address.to_string()),
-        ],
-    )
+    let server = simple(Simple {
+        backends: vec![tls_backend.address.to_string()],
+        extra: format!(
+            "[[route]]\nname = \"plain\"\ntls = false\npool = \"plain\"\n\
+             [pool.plain]\nbackends = [\"{}\"]",
+            plain_backend.address
+        ),
+        ..Simple::default()
+    })
     .await;
     let mut s = TcpStream::connect(edge(&server)).await.unwrap();
     s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await.unwrap();
@@ -649,21 +659,12 @@ async fn idle_timeout_closes_and_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_connection_cap_waits_in_backlog() {
     let b = RawBackend::start("b", false).await;
-    let text = SIMPLE.replace(
-        "max_hello_size = {max_hello}",
-        "max_hello_size = 16384\nmax_connections = 1",
-    );
-    let server = start(
-        &text,
-        &[
-            ("backends", format!("\"{}\"", b.address)),
-            ("hello_timeout", "5s".into()),
-            ("idle", "1h".into()),
-            ("retries", "2".into()),
-            ("pp", "none".into()),
-            ("extra", "".into()),
-        ],
-    )
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        hello_timeout: "5s",
+        listener_extra: "max_connections = 1",
+        ..Simple::default()
+    })
     .await;
     let mut first = TcpStream::connect(edge(&server)).await.unwrap();
     first.write_all(&tunnel_hello()).await.unwrap();
@@ -732,22 +733,12 @@ async fn admin_api_reports_listeners_routes_and_health() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_keeps_established_connections_until_they_end() {
     let b = RawBackend::start("b", false).await;
-    let text = SIMPLE.replace(
-        "[[listener]]",
-        "[lifecycle]\ndrain_delay = \"200ms\"\ndrain_timeout = \"5s\"\n\n[[listener]]",
-    );
-    let server = start(
-        &text,
-        &[
-            ("backends", format!("\"{}\"", b.address)),
-            ("hello_timeout", "2s".into()),
-            ("max_hello", "16384".into()),
-            ("idle", "0s".into()),
-            ("retries", "2".into()),
-            ("pp", "none".into()),
-            ("extra", "".into()),
-        ],
-    )
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        idle: "0s",
+        top: "[lifecycle]\ndrain_delay = \"200ms\"\ndrain_timeout = \"5s\"",
+        ..Simple::default()
+    })
     .await;
     let addr = edge(&server);
     let mut tunnel = TcpStream::connect(addr).await.unwrap();
@@ -861,22 +852,12 @@ async fn ipv6_listener_and_backend() {
             });
         }
     });
-    let text = SIMPLE.replace(
-        "address = \"127.0.0.1:0\"\nhello",
-        "address = \"[::1]:0\"\nhello",
-    );
-    let server = start(
-        &text,
-        &[
-            ("backends", format!("\"{backend}\"")),
-            ("hello_timeout", "2s".into()),
-            ("max_hello", "16384".into()),
-            ("idle", "1h".into()),
-            ("retries", "0".into()),
-            ("pp", "none".into()),
-            ("extra", "".into()),
-        ],
-    )
+    let server = simple(Simple {
+        backends: vec![backend.to_string()],
+        retries: 0,
+        listen: "[::1]:0",
+        ..Simple::default()
+    })
     .await;
     let addr = edge(&server);
     assert!(addr.is_ipv6(), "{addr}");
