@@ -909,7 +909,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
 
     // [[route]]
     let mut routes: Vec<RouteConfig> = Vec::new();
-    if routes.is_empty() && raw.routes.is_empty() {
+    if raw.routes.is_empty() {
         errs.push(
             &root.key("route"),
             "no route is configured",

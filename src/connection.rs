@@ -209,14 +209,19 @@ async fn establish(
 
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let hello = read_hello(stream, &mut buf, state).await;
-    let (result, tls) = match hello {
-        Hello::Tls(h) => ("ok", Some(h)),
-        Hello::Plain => ("not_tls", None),
+    let result = match &hello {
+        Hello::Tls(_) => "ok",
+        Hello::Plain => "not_tls",
+        Hello::Rejected(result, _) => result,
+    };
+    rt.metrics
+        .hello
+        .with_label_values(&[listener, result])
+        .inc();
+    let tls = match hello {
+        Hello::Tls(h) => Some(h),
+        Hello::Plain => None,
         Hello::Rejected(result, detail) => {
-            rt.metrics
-                .hello
-                .with_label_values(&[listener, result])
-                .inc();
             log.end = match result {
                 "timeout" => "hello_timeout",
                 "too_large" => "hello_too_large",
@@ -230,10 +235,6 @@ async fn establish(
             return None;
         }
     };
-    rt.metrics
-        .hello
-        .with_label_values(&[listener, result])
-        .inc();
     if let Some(h) = &tls {
         log.sni = h.sni.clone();
         log.alpn = h.alpn.clone();

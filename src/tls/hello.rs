@@ -103,7 +103,7 @@ pub fn parse(buf: &[u8]) -> Parse {
         }
         let rest = &buf[pos..];
         if rest.len() < RECORD_HEADER {
-            return incomplete(pos, rest.len(), needed, handshake.len());
+            return incomplete(pos, needed, handshake.len());
         }
         if rest[0] != CONTENT_HANDSHAKE {
             return bad("interleaved_record");
@@ -133,7 +133,7 @@ pub fn parse(buf: &[u8]) -> Parse {
             // A partial record: wait for the rest of it.
             let have = handshake.len();
             handshake.truncate(have - frag.len());
-            return incomplete(pos, rest.len(), needed, handshake.len());
+            return incomplete(pos, needed, handshake.len());
         }
         pos += frag_end;
     }
@@ -148,7 +148,7 @@ pub fn parse(buf: &[u8]) -> Parse {
 }
 
 /// Estimate of the minimum total buffer a complete hello needs, from what is known so far.
-fn incomplete(pos: usize, _rest: usize, needed: Option<usize>, have: usize) -> Parse {
+fn incomplete(pos: usize, needed: Option<usize>, have: usize) -> Parse {
     let needed_at_least = needed.map(|n| {
         let missing = n.saturating_sub(have);
         // At least one more record header for whatever is missing.
