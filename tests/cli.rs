@@ -113,6 +113,31 @@ fn have(tool: &str) -> bool {
     ok
 }
 
+/// A child process that is killed when the test ends, even if the test panics first.
+struct Running(Child);
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Wait until a `sluice run --log-format json` child has logged its bound edge and admin
 /// addresses, then keep draining its stderr (so it never blocks on a full pipe); the handle
 /// returns the whole log once the child exits.
@@ -174,12 +199,14 @@ fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
         .write_all(text.as_bytes())
         .unwrap();
 
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (edge, _admin, log) = bound_addresses(&mut child);
     let port = edge.rsplit(':').next().unwrap().to_owned();
 
@@ -273,15 +300,17 @@ backends = ["{backend}"]
         ),
     )
     .unwrap();
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ulimit -n 64 && exec {BIN} --log-format json run --config {}",
-            path.display()
-        ))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 64 && exec {BIN} --log-format json run --config {}",
+                path.display()
+            ))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let (edge, admin, _log) = bound_addresses(&mut child);
     let hello = sluice::tls::hello::build::hello(Some("a.example.com"), &["h2"]);
 
@@ -362,12 +391,14 @@ backends = ["{backend}"]
 /// commands to try, and splits traffic by ALPN.
 #[test]
 fn demo_splits_tunnels_from_clients() {
-    let mut child = Command::new(BIN)
-        .args(["demo", "--port", "0", "--admin", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["demo", "--port", "0", "--admin", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut printed = String::new();
     let mut line = String::new();
