@@ -124,14 +124,35 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners\n",
+            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners, POST /-/reload\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
 
+/// `POST /-/reload`: reload the config files now; 200 with the summary, 400 with the
+/// config errors (the running config stays).
+async fn reload(rt: &Arc<Runtime>, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::POST {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use POST /-/reload\n",
+        );
+    }
+    match crate::reload::reload(rt, "POST /-/reload").await {
+        crate::reload::Outcome::Applied(summary) => json(&summary),
+        crate::reload::Outcome::Unchanged => reply(StatusCode::OK, "text/plain", "unchanged\n"),
+        crate::reload::Outcome::Rejected(errors) => reply(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            format!("reload rejected; the running config stays:\n{errors}\n"),
+        ),
+    }
+}
+
 /// Serve the admin API on `listener` until `stop` fires.
-pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, stop: CancellationToken) {
+pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: CancellationToken) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
         let (stream, _) = tokio::select! {
@@ -149,8 +170,15 @@ pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, stop: CancellationTo
         let builder = builder.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = handle(&rt, &req);
-                async move { Ok::<_, Infallible>(resp) }
+                let rt = rt.clone();
+                async move {
+                    let resp = if req.uri().path() == "/-/reload" {
+                        reload(&rt, &req).await
+                    } else {
+                        handle(&rt, &req)
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)

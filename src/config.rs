@@ -188,19 +188,57 @@ impl<'d> Node<'d> {
     }
 }
 
+/// Where each merged `[[listener]]`, `[[route]]` and `[pool.*]` came from: (file, index there).
+#[derive(Default)]
+struct Origins {
+    listeners: Vec<(usize, usize)>,
+    routes: Vec<(usize, usize)>,
+    pools: BTreeMap<String, usize>,
+}
+
+impl Origins {
+    /// The file a merged key path lives in, and the path as that file spells it.
+    fn locate(&self, at: &KeyPath) -> (usize, KeyPath) {
+        let mut local = at.clone();
+        let file = match at.0.as_slice() {
+            [Seg::Key(k), Seg::Index(i), ..] if k == "listener" || k == "route" => {
+                let table = if k == "listener" {
+                    &self.listeners
+                } else {
+                    &self.routes
+                };
+                match table.get(*i) {
+                    Some(&(file, j)) => {
+                        local.0[1] = Seg::Index(j);
+                        file
+                    }
+                    None => 0,
+                }
+            }
+            [Seg::Key(k), Seg::Key(name), ..] if k == "pool" => {
+                self.pools.get(name).copied().unwrap_or(0)
+            }
+            _ => 0,
+        };
+        (file, local)
+    }
+}
+
 /// Collects errors during validation.
 struct Errors<'a> {
-    path: &'a Path,
-    locator: Locator<'a>,
+    files: Vec<(&'a Path, Locator<'a>)>,
+    origins: Origins,
     list: Vec<ConfigError>,
 }
 
 impl Errors<'_> {
     fn push(&mut self, at: &KeyPath, problem: impl Into<String>, fix: impl Into<String>) {
+        let (file, local) = self.origins.locate(at);
+        let (path, locator) = &self.files[file.min(self.files.len() - 1)];
         self.list.push(ConfigError {
-            path: self.path.to_path_buf(),
-            line: self.locator.line(at),
-            key: at.to_string(),
+            path: path.to_path_buf(),
+            line: locator.line(&local),
+            key: local.to_string(),
             problem: problem.into(),
             fix: fix.into(),
         });
@@ -219,6 +257,8 @@ struct RawConfig {
     lifecycle: RawLifecycle,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    reload: RawReload,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
     #[serde(default, rename = "route")]
@@ -239,12 +279,47 @@ struct RawLifecycle {
     min_ready: Option<String>,
     drain_delay: Option<String>,
     drain_timeout: Option<String>,
+    close_spread: Option<String>,
+    upgrade_socket: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_connections: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch: Option<bool>,
+    debounce: Option<String>,
+}
+
+impl RawConfig {
+    /// The process-wide tables, which only the main file may set.
+    fn global_tables(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.admin.address.is_some() {
+            v.push("admin");
+        }
+        let lc = &self.lifecycle;
+        if lc.min_ready.is_some()
+            || lc.drain_delay.is_some()
+            || lc.drain_timeout.is_some()
+            || lc.close_spread.is_some()
+            || lc.upgrade_socket.is_some()
+        {
+            v.push("lifecycle");
+        }
+        if self.limits.max_connections.is_some() {
+            v.push("limits");
+        }
+        if self.reload.watch.is_some() || self.reload.debounce.is_some() {
+            v.push("reload");
+        }
+        v
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -310,6 +385,8 @@ struct RawPool {
     keepalive_idle: Option<String>,
     keepalive_interval: Option<String>,
     keepalive_count: Option<i64>,
+    min_ready: Option<String>,
+    removed_drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -328,10 +405,16 @@ enum RawBackend {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
+    /// The main file.
     pub source: PathBuf,
+    /// Every file this config was read from: the main one, then `conf.d/*.toml` in name order.
+    pub files: Vec<PathBuf>,
+    /// A hash of the files' contents (hex), exported as a label of `sluice_config_info`.
+    pub hash: String,
     pub admin: AdminConfig,
     pub lifecycle: LifecycleConfig,
     pub limits: LimitsConfig,
+    pub reload: ReloadConfig,
     pub listeners: Vec<ListenerConfig>,
     pub routes: Vec<RouteConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
@@ -351,6 +434,21 @@ pub struct LifecycleConfig {
     pub drain_delay: Duration,
     #[serde(with = "human")]
     pub drain_timeout: Duration,
+    /// Connections still open at the end of a drain (or of a removed backend's
+    /// `removed_drain_timeout`) are closed at random moments over this window, not all at once.
+    #[serde(with = "human")]
+    pub close_spread: Duration,
+    /// The Unix socket a running sluice hands its listeners over on (`sluice run --upgrade`).
+    pub upgrade_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadConfig {
+    /// Watch the config files and reload when they change.
+    pub watch: bool,
+    /// Wait this long after the last file event before reloading.
+    #[serde(with = "human")]
+    pub debounce: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -420,6 +518,13 @@ pub struct PoolConfig {
     pub retries: u32,
     pub proxy_protocol: ProxyProtocol,
     pub keepalive: Keepalive,
+    /// A backend added by a reload takes new connections only after this long.
+    #[serde(with = "human")]
+    pub min_ready: Duration,
+    /// After a reload removes a backend, its established connections are closed (spread over
+    /// `lifecycle.close_spread`) once this has passed. `None`: they live until they end.
+    #[serde(with = "human_opt")]
+    pub removed_drain_timeout: Option<Duration>,
 }
 
 mod human {
@@ -443,78 +548,185 @@ mod human_opt {
 // Loading and validation.
 
 impl Config {
-    /// Read, parse and validate a config file.
+    /// Read, parse and validate a config file, and the `conf.d/*.toml` files beside it.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                path: path.to_path_buf(),
-                line: None,
-                key: "(file)".into(),
-                problem: format!("cannot read: {e}"),
-                fix: "check the path given to --config and its permissions".into(),
-            }])
-        })?;
-        Self::parse(path, &text)
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    path: p.to_path_buf(),
+                    line: None,
+                    key: "(file)".into(),
+                    problem: format!("cannot read: {e}"),
+                    fix: "check the path given to --config and its permissions".into(),
+                }])
+            })
+        };
+        let mut files = vec![(path.to_path_buf(), read(path)?)];
+        for extra in conf_d_files(path) {
+            files.push((extra.clone(), read(&extra)?));
+        }
+        Self::parse_files(&files)
     }
 
     /// Parse and validate config text; `path` is only used in messages.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let locator = Locator::lines_only(text);
-            let (line, key) = match e.span() {
-                Some(span) => {
-                    let snippet = text.get(span.clone()).unwrap_or("").trim();
-                    let key = if !snippet.is_empty()
-                        && snippet.len() <= 64
-                        && snippet
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"_-.\"[]".contains(&b))
-                    {
-                        snippet.trim_matches(|c| c == '[' || c == ']').to_owned()
-                    } else {
-                        "(syntax)".to_owned()
-                    };
-                    (Some(locator.line_of_offset(span.start)), key)
-                }
-                None => (None, "(syntax)".to_owned()),
-            };
-            let message = e.message().trim().to_owned();
-            let fix = if message.starts_with("unknown field") {
-                "remove the key or fix its spelling (see the README's config reference)"
-            } else if message.contains("untagged enum RawBackend") {
-                "write a backend as \"host:port\" or { address = \"host:port\", weight = 2 }"
-            } else if message.contains("OneOrMany") {
-                "write listener = \"name\" or listener = [\"a\", \"b\"]"
-            } else {
-                "fix the TOML at this line"
-            };
-            let message = message
-                .replace("untagged enum RawBackend", "a backend")
-                .replace("untagged enum OneOrMany", "a listener name or list");
-            ConfigErrors(vec![ConfigError {
-                path: path.to_path_buf(),
-                line,
-                key,
-                problem: message,
-                fix: fix.into(),
-            }])
-        })?;
-        let mut errs = Errors {
-            path,
-            locator: Locator::new(text),
-            list: Vec::new(),
-        };
-        let config = validate(path, raw, &mut errs);
-        if errs.list.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigErrors(errs.list))
+        Self::parse_files(&[(path.to_path_buf(), text.to_owned())])
+    }
+
+    /// Parse the main file and extra files (`conf.d`), merge them, validate the whole.
+    /// Extra files may hold `[[listener]]`, `[[route]]` (appended after the main file's, in
+    /// file order) and `[pool.*]` (each pool defined once).
+    pub fn parse_files(files: &[(PathBuf, String)]) -> Result<Config, ConfigErrors> {
+        let mut list = Vec::new();
+        let mut raws = Vec::new();
+        for (path, text) in files {
+            match parse_raw(path, text) {
+                Ok(raw) => raws.push(raw),
+                Err(e) => list.extend(e.0),
+            }
         }
+        if !list.is_empty() {
+            return Err(ConfigErrors(list));
+        }
+        let mut errs = Errors {
+            files: files
+                .iter()
+                .map(|(p, t)| (p.as_path(), Locator::new(t)))
+                .collect(),
+            origins: Origins::default(),
+            list,
+        };
+        let mut raws = raws.into_iter().enumerate();
+        let Some((_, mut merged)) = raws.next() else {
+            return Err(ConfigErrors(vec![]));
+        };
+        let origins = &mut errs.origins;
+        origins.listeners = (0..merged.listeners.len()).map(|i| (0, i)).collect();
+        origins.routes = (0..merged.routes.len()).map(|i| (0, i)).collect();
+        origins.pools = merged.pools.keys().map(|k| (k.clone(), 0)).collect();
+        let mut merge_errors = Vec::new();
+        for (fi, raw) in raws {
+            let (path, locator) = &errs.files[fi];
+            for table in raw.global_tables() {
+                merge_errors.push(ConfigError {
+                    path: path.to_path_buf(),
+                    line: locator.line(&KeyPath::default().key(table)),
+                    key: table.into(),
+                    problem: format!("[{table}] may only be set in the main config file"),
+                    fix: format!("move it to {}", files[0].0.display()),
+                });
+            }
+            let origins = &mut errs.origins;
+            for (i, l) in raw.listeners.into_iter().enumerate() {
+                origins.listeners.push((fi, i));
+                merged.listeners.push(l);
+            }
+            for (i, r) in raw.routes.into_iter().enumerate() {
+                origins.routes.push((fi, i));
+                merged.routes.push(r);
+            }
+            for (name, pool) in raw.pools {
+                if let Some(&first) = origins.pools.get(&name) {
+                    merge_errors.push(ConfigError {
+                        path: path.to_path_buf(),
+                        line: locator.line(&KeyPath::default().key("pool").key(&name)),
+                        key: format!("pool.{name}"),
+                        problem: format!(
+                            "pool `{name}` is already defined in {}",
+                            files[first].0.display()
+                        ),
+                        fix: "define each pool in one file only".into(),
+                    });
+                    continue;
+                }
+                origins.pools.insert(name.clone(), fi);
+                merged.pools.insert(name, pool);
+            }
+        }
+        errs.list.extend(merge_errors);
+        let mut config = validate(&files[0].0, merged, &mut errs);
+        if !errs.list.is_empty() {
+            return Err(ConfigErrors(errs.list));
+        }
+        config.files = files.iter().map(|(p, _)| p.clone()).collect();
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for (p, t) in files {
+            for chunk in [p.as_os_str().as_encoded_bytes(), t.as_bytes(), b"\0"] {
+                hash = crate::upstream::balancer::fnv1a_continue(hash, chunk);
+            }
+        }
+        config.hash = format!("{hash:016x}");
+        Ok(config)
     }
 
     pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
         self.listeners.iter().find(|l| l.name == name)
     }
+}
+
+/// The `conf.d/*.toml` files beside the main config, in name order (none if no such directory).
+pub fn conf_d_files(main: &Path) -> Vec<PathBuf> {
+    let dir = main.parent().unwrap_or(Path::new(".")).join("conf.d");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "toml")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+                && p.is_file()
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// TOML text → the raw layer; syntax and type errors carry this file's path and line.
+fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigErrors> {
+    toml::from_str(text).map_err(|e| {
+        let locator = Locator::lines_only(text);
+        let (line, key) = match e.span() {
+            Some(span) => {
+                let snippet = text.get(span.clone()).unwrap_or("").trim();
+                let key = if !snippet.is_empty()
+                    && snippet.len() <= 64
+                    && snippet
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.\"[]".contains(&b))
+                {
+                    snippet.trim_matches(|c| c == '[' || c == ']').to_owned()
+                } else {
+                    "(syntax)".to_owned()
+                };
+                (Some(locator.line_of_offset(span.start)), key)
+            }
+            None => (None, "(syntax)".to_owned()),
+        };
+        let message = e.message().trim().to_owned();
+        let fix = if message.starts_with("unknown field") {
+            "remove the key or fix its spelling (see the README's config reference)"
+        } else if message.contains("untagged enum RawBackend") {
+            "write a backend as \"host:port\" or { address = \"host:port\", weight = 2 }"
+        } else if message.contains("OneOrMany") {
+            "write listener = \"name\" or listener = [\"a\", \"b\"]"
+        } else {
+            "fix the TOML at this line"
+        };
+        let message = message
+            .replace("untagged enum RawBackend", "a backend")
+            .replace("untagged enum OneOrMany", "a listener name or list");
+        ConfigErrors(vec![ConfigError {
+            path: path.to_path_buf(),
+            line,
+            key,
+            problem: message,
+            fix: fix.into(),
+        }])
+    })
 }
 
 fn duration(
@@ -662,6 +874,27 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
             raw.lifecycle.drain_timeout.as_deref(),
             Duration::from_secs(600),
         ),
+        close_spread: duration(
+            errs,
+            &lc.key("close_spread"),
+            raw.lifecycle.close_spread.as_deref(),
+            Duration::from_secs(10),
+        ),
+        upgrade_socket: match raw.lifecycle.upgrade_socket.as_deref() {
+            None | Some("") => None,
+            Some(p) => Some(PathBuf::from(p)),
+        },
+    };
+
+    // [reload]
+    let reload = ReloadConfig {
+        watch: raw.reload.watch.unwrap_or(true),
+        debounce: duration(
+            errs,
+            &root.key("reload").key("debounce"),
+            raw.reload.debounce.as_deref(),
+            Duration::from_millis(200),
+        ),
     };
 
     // [limits]
@@ -797,6 +1030,20 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 keepalive_count: rp.keepalive_count,
             },
         );
+        let min_ready = duration(
+            errs,
+            &at.key("min_ready"),
+            rp.min_ready.as_deref(),
+            Duration::ZERO,
+        );
+        let removed_drain_timeout = rp.removed_drain_timeout.as_deref().map(|text| {
+            duration(
+                errs,
+                &at.key("removed_drain_timeout"),
+                Some(text),
+                Duration::ZERO,
+            )
+        });
         pools.insert(
             name.clone(),
             PoolConfig {
@@ -807,6 +1054,8 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 retries,
                 proxy_protocol,
                 keepalive,
+                min_ready,
+                removed_drain_timeout,
             },
         );
     }
@@ -1061,11 +1310,14 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
 
     Config {
         source: path.to_path_buf(),
+        files: vec![path.to_path_buf()],
+        hash: String::new(),
         admin: AdminConfig {
             address: admin_address,
         },
         lifecycle,
         limits,
+        reload,
         listeners,
         routes,
         pools,

@@ -14,12 +14,13 @@ use bytes::BufMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
 use crate::listener::{apply_keepalive, ListenerState};
 use crate::proxy_protocol::{self, HeaderInfo};
 use crate::relay::{self, End};
 use crate::route::{Facts, TlsFacts};
-use crate::runtime::{Route, Runtime, Snapshot};
+use crate::runtime::{Route, Runtime};
 use crate::tls::hello::{self, ClientHello, Parse};
 use crate::upstream::{ActiveGuard, Backend};
 
@@ -159,20 +160,18 @@ pub async fn serve(
         end: "closed",
         detail: String::new(),
     };
-    // The snapshot this connection lives with, whatever reloads happen later.
-    let snapshot = rt.snapshot();
     // The hello/connect phase is boxed: its state is freed before the (long) relay phase, so
     // an idle tunnel's task holds only what the relay needs.
-    let established = Box::pin(establish(&rt, &state, &mut stream, &snapshot, &mut log)).await;
-    drop(snapshot);
+    let established = Box::pin(establish(&rt, &state, &mut stream, &mut log)).await;
     if let Some((backend, route, guard)) = established {
         route.active.inc();
+        let stop = Box::pin(stop_signal(rt.clone(), guard.backend().retire.clone()));
         let outcome = relay::relay(
             &stream,
             &backend,
             route.idle_timeout,
             (&route.bytes_to_backend, &route.bytes_to_client),
-            &rt.hard_stop,
+            stop,
         )
         .await;
         route.active.dec();
@@ -192,13 +191,38 @@ pub async fn serve(
     log.emit();
 }
 
+/// When an established connection must close: its backend's `retire` token fires (a removed
+/// backend's `removed_drain_timeout`, or the end of a drain, through the runtime's
+/// `close_all`); then it waits a random part of `close_spread`, so that thousands of tunnels
+/// do not all reconnect in the same second. `hard_stop` cuts the wait short.
+async fn stop_signal(rt: Arc<Runtime>, retire: CancellationToken) -> End {
+    retire.cancelled().await;
+    let end = if rt.close_all.is_cancelled() {
+        End::Shutdown
+    } else {
+        End::BackendRemoved
+    };
+    let spread = rt.close_spread();
+    if !rt.hard_stop.is_cancelled() && !spread.is_zero() {
+        // Boxed: an idle connection's future only holds the first wait.
+        let wait = spread.mul_f64(rand::random::<f64>());
+        Box::pin(async {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = rt.hard_stop.cancelled() => {}
+            }
+        })
+        .await;
+    }
+    end
+}
+
 /// Read the hello, route, connect, replay the hello. `None`: the connection is over (the log
 /// says why).
 async fn establish(
     rt: &Runtime,
     state: &ListenerState,
     stream: &mut TcpStream,
-    snapshot: &Snapshot,
     log: &mut Log<'_>,
 ) -> Option<(TcpStream, Arc<Route>, ActiveGuard)> {
     let listener = state.config.name.as_str();
@@ -240,6 +264,9 @@ async fn establish(
         log.alpn = h.alpn.clone();
     }
 
+    // Routed by the config running now; the connection keeps this route and backend for its
+    // whole life, whatever reloads happen later.
+    let snapshot = rt.snapshot();
     let facts = Facts {
         listener,
         tls: tls.as_ref().map(|h| TlsFacts {

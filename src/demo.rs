@@ -193,5 +193,5 @@ Ctrl-C stops everything.
         client_addr = client.address,
         port = edge.port(),
     );
-    server.run_until_signal().await
+    server.run_until_signal(Default::default()).await
 }

@@ -6,6 +6,7 @@
 //! and surviving accept errors. It never reads from a connection: each accepted socket is
 //! handed to `connection::serve` in its own task.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,30 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Keepalive, ListenerConfig};
 use crate::runtime::Runtime;
+
+/// A listening socket for `cfg`: one handed over (systemd socket activation, or the previous
+/// sluice in an upgrade) under the listener's name if there is one, else a new one.
+pub fn open(
+    cfg: &ListenerConfig,
+    inherited: &mut HashMap<String, std::net::TcpListener>,
+) -> io::Result<TcpListener> {
+    if let Some(sock) = inherited.remove(&cfg.name) {
+        let local = sock.local_addr()?;
+        if !addresses_agree(cfg.address, local) {
+            tracing::warn!(listener = %cfg.name, configured = %cfg.address, inherited = %local,
+                "using the inherited socket, whose address differs from the config");
+        }
+        sock.set_nonblocking(true)?;
+        tracing::info!(listener = %cfg.name, address = %local, "using an inherited listening socket");
+        return TcpListener::from_std(sock);
+    }
+    bind(cfg)
+}
+
+/// Same address, or the configured one asks for any port (0) on the same IP.
+fn addresses_agree(configured: SocketAddr, actual: SocketAddr) -> bool {
+    configured == actual || (configured.port() == 0 && configured.ip() == actual.ip())
+}
 
 /// Bind a listening socket for `cfg`.
 pub fn bind(cfg: &ListenerConfig) -> io::Result<TcpListener> {
@@ -50,11 +75,65 @@ pub fn apply_keepalive(sock: &SockRef<'_>, ka: &Keepalive) -> io::Result<()> {
     }
 }
 
-/// A listener as the runtime knows it.
+/// A listener as its connections know it.
 pub struct ListenerState {
     pub config: ListenerConfig,
     pub local_addr: SocketAddr,
     pub permits: Option<Arc<Semaphore>>,
+}
+
+/// A running listener: its socket and the accept loop's stop token. Connections never hold
+/// this (only `ListenerState`), so dropping it closes the listening socket while the
+/// connections it accepted live on.
+pub struct ListenerHandle {
+    pub state: Arc<ListenerState>,
+    pub socket: Arc<TcpListener>,
+    stop: CancellationToken,
+}
+
+impl ListenerHandle {
+    /// Start accepting on `socket`. `parent` stops every listener at once (drain).
+    pub fn start(
+        rt: &Arc<Runtime>,
+        config: ListenerConfig,
+        socket: Arc<TcpListener>,
+        parent: &CancellationToken,
+    ) -> io::Result<ListenerHandle> {
+        let state = Arc::new(ListenerState {
+            local_addr: socket.local_addr()?,
+            permits: config.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            config,
+        });
+        let stop = parent.child_token();
+        tokio::spawn(accept_loop(
+            rt.clone(),
+            state.clone(),
+            socket.clone(),
+            stop.clone(),
+        ));
+        Ok(ListenerHandle {
+            state,
+            socket,
+            stop,
+        })
+    }
+
+    /// Stop accepting. The socket closes when the last handle to it is dropped.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// The socket can be kept when only these options changed (a new accept loop takes the
+    /// new ones); a new address or `reuse_port` needs a new socket.
+    pub fn reusable_for(&self, cfg: &ListenerConfig) -> bool {
+        let old = &self.state.config;
+        old.address == cfg.address && old.reuse_port == cfg.reuse_port
+    }
+
+    /// Apply a new backlog to the listening socket (listen(2) again updates it on Linux).
+    pub fn set_backlog(&self, backlog: i32) -> io::Result<()> {
+        SockRef::from(&*self.socket).listen(backlog)
+    }
 }
 
 /// Errors that mean the process is out of a resource: back off instead of spinning.
@@ -90,10 +169,10 @@ async fn acquire(
 
 /// Accept until `stop` is cancelled. Each connection runs in its own task on the runtime's
 /// tracker, holding its permits until it ends.
-pub async fn accept_loop(
+async fn accept_loop(
     rt: Arc<Runtime>,
     state: Arc<ListenerState>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     stop: CancellationToken,
 ) {
     let name = state.config.name.clone();

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::config::Config;
-use sluice::server::Server;
+use sluice::handover;
+use sluice::server::{RunOptions, Server};
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +39,10 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "conf/sluice.toml")]
         config: PathBuf,
+        /// Take the listening sockets over from the sluice running with the same
+        /// `lifecycle.upgrade_socket`, then tell it to drain (zero-downtime upgrade).
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config; print every problem as path:line: key: problem — fix, exit 1.
     Check {
@@ -97,7 +102,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Command::Run { config } => {
+        Command::Run { config, upgrade } => {
             init_logging(cli.log_format, &cli.log_level);
             raise_nofile();
             let cfg = match Config::load(&config) {
@@ -109,9 +114,52 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            let mut inherited = match handover::from_systemd() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("sluice: socket activation: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let mut takeover = None;
+            if upgrade {
+                let Some(path) = cfg.lifecycle.upgrade_socket.clone() else {
+                    eprintln!(
+                        "sluice: --upgrade needs lifecycle.upgrade_socket in {}",
+                        config.display()
+                    );
+                    return ExitCode::from(1);
+                };
+                match handover::take_over(&path) {
+                    Ok(mut t) => {
+                        tracing::info!(
+                            old_pid = t.old_pid,
+                            sockets = t.sockets.len(),
+                            "upgrade: took the listening sockets over"
+                        );
+                        inherited.extend(std::mem::take(&mut t.sockets));
+                        takeover = Some(t);
+                    }
+                    Err(e) => {
+                        eprintln!("sluice: upgrade: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            // SIGUSR2 runs this same command with --upgrade.
+            let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            if !upgrade {
+                args.push("--upgrade".into());
+            }
+            let upgrade_command = std::env::current_exe().ok().map(|exe| (exe, args));
             run(async move {
-                let server = Server::start(cfg).await?;
-                server.run_until_signal().await
+                let server = Server::start_with(cfg, inherited).await?;
+                server
+                    .run_until_signal(RunOptions {
+                        takeover,
+                        upgrade_command,
+                    })
+                    .await
             })
         }
         Command::Demo { port, admin } => {

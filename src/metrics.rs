@@ -27,6 +27,11 @@ pub const BACKEND_ACTIVE: &str = "sluice_backend_connections_active";
 pub const BUILD_INFO: &str = "sluice_build_info";
 pub const LIFECYCLE_STATE: &str = "sluice_lifecycle_state";
 pub const MAX_CONNECTIONS: &str = "sluice_max_connections";
+pub const CONFIG_RELOADS: &str = "sluice_config_reloads_total";
+pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "sluice_config_last_reload_successful";
+pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
+    "sluice_config_last_reload_success_timestamp_seconds";
+pub const CONFIG_INFO: &str = "sluice_config_info";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -61,6 +66,12 @@ pub struct Metrics {
     /// {state}: 1 for the current one of starting, ready, draining, closing
     pub lifecycle_state: IntGaugeVec,
     pub max_connections: IntGauge,
+    /// {result}: success, failure, unchanged
+    pub reloads: IntCounterVec,
+    pub last_reload_successful: IntGauge,
+    pub last_reload_success_timestamp: IntGauge,
+    /// {hash}: 1 for the config running now
+    pub config_info: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -100,7 +111,36 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(max_connections.clone()))
             .expect("unique metric");
+        let last_reload_successful = IntGauge::new(
+            CONFIG_LAST_RELOAD_SUCCESSFUL,
+            "1 if the last reload attempt loaded its config, 0 if it was rejected.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(last_reload_successful.clone()))
+            .expect("unique metric");
+        last_reload_successful.set(1);
+        let last_reload_success_timestamp = IntGauge::new(
+            CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP,
+            "Unix time of the last successful config load (startup counts).",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(last_reload_success_timestamp.clone()))
+            .expect("unique metric");
         Metrics {
+            reloads: counter(
+                &r,
+                CONFIG_RELOADS,
+                "Config reload attempts, by result (success, failure, unchanged).",
+                &["result"],
+            ),
+            last_reload_successful,
+            last_reload_success_timestamp,
+            config_info: gauge(
+                &r,
+                CONFIG_INFO,
+                "1, labelled with the hash of the config files running now.",
+                &["hash"],
+            ),
             accepted: counter(&r, CONNECTIONS_ACCEPTED, "Connections accepted.", &["listener"]),
             active: gauge(&r, CONNECTIONS_ACTIVE, "Connections open now.", &["listener"]),
             closed: counter(

@@ -18,7 +18,9 @@ use prometheus::IntCounter;
 use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+/// Resolves when the connection must close, with the reason.
+pub type StopSignal = Pin<Box<dyn Future<Output = End> + Send>>;
 
 /// Buffer sizes: a direction starts small (tunnels mostly carry small messages, and many
 /// connections opening at once should not each leave a large freed block in the heap) and
@@ -35,6 +37,8 @@ pub enum End {
     IdleTimeout,
     /// The process stopped the connection (end of a drain).
     Shutdown,
+    /// A reload removed its backend and the pool's `removed_drain_timeout` passed.
+    BackendRemoved,
 }
 
 impl End {
@@ -45,6 +49,7 @@ impl End {
             End::BackendError => "backend_error",
             End::IdleTimeout => "idle_timeout",
             End::Shutdown => "shutdown",
+            End::BackendRemoved => "backend_removed",
         }
     }
 }
@@ -169,7 +174,7 @@ pub struct Relay<'a> {
     to_client: &'a IntCounter,
     /// Idle limit, timer and time of the last byte; `None` for tunnels (no timer at all).
     idle: Option<(Duration, Pin<Box<Sleep>>, Instant)>,
-    stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    stop: StopSignal,
 }
 
 /// Relay until both directions are done, one fails, the idle timeout passes, or `stop` fires.
@@ -178,7 +183,7 @@ pub fn relay<'a>(
     backend: &'a TcpStream,
     idle_timeout: Option<Duration>,
     counters: (&'a IntCounter, &'a IntCounter),
-    stop: &CancellationToken,
+    stop: StopSignal,
 ) -> Relay<'a> {
     let idle = idle_timeout.map(|limit| {
         let now = Instant::now();
@@ -192,7 +197,7 @@ pub fn relay<'a>(
         to_backend: counters.0,
         to_client: counters.1,
         idle,
-        stop: Box::pin(stop.clone().cancelled_owned()),
+        stop,
     }
 }
 
@@ -211,8 +216,8 @@ impl Future for Relay<'_> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let this = &mut *self;
-        if this.stop.as_mut().poll(cx).is_ready() {
-            return this.outcome(End::Shutdown);
+        if let Poll::Ready(end) = this.stop.as_mut().poll(cx) {
+            return this.outcome(end);
         }
         let mut active = false;
         let up = this

@@ -5,10 +5,10 @@
 //! connection loads the snapshot once when it is accepted and keeps that `Arc` for its whole
 //! life, so replacing the snapshot can never change an established connection.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use prometheus::{IntCounter, IntGauge};
@@ -17,11 +17,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::listener::ListenerState;
+use tokio::net::TcpListener;
+
+use crate::config::{Config, ListenerConfig};
+use crate::listener::{self, ListenerHandle, ListenerState};
 use crate::metrics::Metrics;
 use crate::route::{AlpnPattern, RouteTable};
-use crate::upstream::Pool;
+use crate::upstream::{Backend, Backends, Pool};
 
 /// A route compiled for use: its pool and its metric handles resolved once.
 pub struct Route {
@@ -57,11 +59,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn build(config: Config, metrics: &Metrics) -> Snapshot {
+    /// `warm`: this snapshot replaces a running one, so backends new to the process wait for
+    /// their pool's `min_ready`.
+    pub fn build(config: Config, metrics: &Metrics, backends: &Backends, warm: bool) -> Snapshot {
         let pools: BTreeMap<String, Arc<Pool>> = config
             .pools
             .iter()
-            .map(|(name, p)| (name.clone(), Arc::new(Pool::new(p, metrics))))
+            .map(|(name, p)| {
+                (
+                    name.clone(),
+                    Arc::new(Pool::new(p, metrics, backends, warm)),
+                )
+            })
             .collect();
         let routes = config
             .routes
@@ -92,6 +101,25 @@ impl Snapshot {
             pools,
         }
     }
+
+    fn backend_set(&self) -> HashSet<*const Backend> {
+        self.pools
+            .values()
+            .flat_map(|p| p.backends.iter().map(Arc::as_ptr))
+            .collect()
+    }
+}
+
+/// What a reload changed, for the log line.
+#[derive(Debug, Default, Serialize)]
+pub struct ReloadSummary {
+    pub hash: String,
+    pub listeners_added: Vec<String>,
+    pub listeners_removed: Vec<String>,
+    pub listeners_updated: Vec<String>,
+    pub routes: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -127,12 +155,23 @@ pub struct Runtime {
     pub started: Instant,
     next_conn_id: AtomicU64,
     pub global_permits: Arc<Semaphore>,
-    pub max_connections: usize,
+    max_connections: AtomicUsize,
     /// Every connection task; waited on during a drain.
     pub tracker: TaskTracker,
-    /// Fired at the end of a drain: connections still open are closed.
+    /// Closes every connection at once (the very end of a drain, a second signal).
     pub hard_stop: CancellationToken,
-    pub listeners: Mutex<Vec<Arc<ListenerState>>>,
+    /// Closes every connection spread over `close_spread` (drain_timeout passed). A child of
+    /// `hard_stop`, and the parent of every backend's `retire` token.
+    pub close_all: CancellationToken,
+    close_spread_ms: AtomicU64,
+    /// Parent of every listener's accept loop.
+    pub accepting: CancellationToken,
+    listeners: Mutex<Vec<ListenerHandle>>,
+    /// Listening sockets handed to this process (systemd, an upgrade), by listener name.
+    inherited: Mutex<HashMap<String, std::net::TcpListener>>,
+    pub backends: Backends,
+    /// One reload at a time.
+    reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl Runtime {
@@ -142,7 +181,16 @@ impl Runtime {
             .max_connections
             .unwrap_or_else(default_max_connections);
         metrics.max_connections.set(max_connections as i64);
-        let snapshot = Snapshot::build(config, &metrics);
+        metrics
+            .config_info
+            .with_label_values(&[&config.hash])
+            .set(1);
+        metrics.last_reload_success_timestamp.set(unix_now());
+        let hard_stop = CancellationToken::new();
+        let close_all = hard_stop.child_token();
+        let backends = Backends::new(close_all.clone());
+        let close_spread_ms = config.lifecycle.close_spread.as_millis() as u64;
+        let snapshot = Snapshot::build(config, &metrics, &backends, false);
         let rt = Runtime {
             metrics,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -150,10 +198,16 @@ impl Runtime {
             started: Instant::now(),
             next_conn_id: AtomicU64::new(1),
             global_permits: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
+            max_connections: AtomicUsize::new(max_connections),
             tracker: TaskTracker::new(),
-            hard_stop: CancellationToken::new(),
+            hard_stop,
+            close_all,
+            close_spread_ms: AtomicU64::new(close_spread_ms),
+            accepting: CancellationToken::new(),
             listeners: Mutex::new(Vec::new()),
+            inherited: Mutex::new(HashMap::new()),
+            backends,
+            reload_lock: tokio::sync::Mutex::new(()),
         };
         rt.set_state(State::Starting);
         Arc::new(rt)
@@ -186,9 +240,250 @@ impl Runtime {
         }
     }
 
-    pub fn listener_states(&self) -> Vec<Arc<ListenerState>> {
-        self.listeners.lock().map(|l| l.clone()).unwrap_or_default()
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.load(Ordering::Relaxed)
     }
+
+    /// The window over which connections still open at a forced close are spread.
+    pub fn close_spread(&self) -> Duration {
+        Duration::from_millis(self.close_spread_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn listener_states(&self) -> Vec<Arc<ListenerState>> {
+        self.lock_listeners()
+            .iter()
+            .map(|h| h.state.clone())
+            .collect()
+    }
+
+    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<ListenerHandle>> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Listening sockets handed over by systemd or a previous sluice, by listener name.
+    pub fn inherit(&self, sockets: HashMap<String, std::net::TcpListener>) {
+        self.inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(sockets);
+    }
+
+    /// Raw descriptors of the running listeners, by name (for an upgrade handover).
+    pub fn listener_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        self.lock_listeners()
+            .iter()
+            .map(|h| (h.state.config.name.clone(), h.socket.as_raw_fd()))
+            .collect()
+    }
+
+    /// Stop every accept loop and close the listening sockets (drain, or after an upgrade).
+    pub fn close_listeners(&self) {
+        self.accepting.cancel();
+        self.lock_listeners().clear();
+    }
+
+    /// Open the listeners of the running config (at startup). Fails, serving nothing, if
+    /// one cannot be bound.
+    pub fn open_listeners(self: &Arc<Self>) -> anyhow::Result<()> {
+        let cfgs = self.snapshot().config.listeners.clone();
+        self.sync_listeners(&cfgs, &mut ReloadSummary::default())
+            .map_err(|e| anyhow::anyhow!(e))
+    }
+
+    /// Make the running listeners match `cfgs`: bind new ones first (any failure changes
+    /// nothing), then start them, restart the accept loops of changed ones on the same
+    /// socket, and stop removed ones. The names go into `summary`.
+    fn sync_listeners(
+        self: &Arc<Self>,
+        cfgs: &[ListenerConfig],
+        summary: &mut ReloadSummary,
+    ) -> Result<(), String> {
+        let mut current = self.lock_listeners();
+        let mut fresh: Vec<(ListenerConfig, Arc<TcpListener>)> = Vec::new();
+        {
+            let mut inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner());
+            for cfg in cfgs {
+                if current
+                    .iter()
+                    .any(|h| h.state.config.name == cfg.name && h.reusable_for(cfg))
+                {
+                    continue;
+                }
+                match listener::open(cfg, &mut inherited) {
+                    Ok(l) => fresh.push((cfg.clone(), Arc::new(l))),
+                    Err(e) => {
+                        return Err(format!(
+                            "listener `{}`: cannot bind {}: {e}",
+                            cfg.name, cfg.address
+                        ))
+                    }
+                }
+            }
+        }
+        let ReloadSummary {
+            listeners_added: added,
+            listeners_removed: removed,
+            listeners_updated: updated,
+            ..
+        } = summary;
+        let mut next = Vec::new();
+        for cfg in cfgs {
+            let old = current.iter().position(|h| h.state.config.name == cfg.name);
+            let socket = fresh
+                .iter()
+                .position(|(c, _)| c.name == cfg.name)
+                .map(|i| fresh.swap_remove(i).1);
+            let (socket, old) = match (socket, old) {
+                (Some(s), old) => {
+                    match old {
+                        Some(i) => {
+                            current.swap_remove(i).stop();
+                            updated.push(cfg.name.clone());
+                        }
+                        None => added.push(cfg.name.clone()),
+                    }
+                    (s, None)
+                }
+                (None, Some(i)) => {
+                    let h = current.swap_remove(i);
+                    if same_listener(&h.state.config, cfg) {
+                        next.push(h);
+                        continue;
+                    }
+                    if h.state.config.backlog != cfg.backlog {
+                        if let Err(e) = h.set_backlog(cfg.backlog) {
+                            tracing::warn!(listener = %cfg.name, error = %e, "cannot change the backlog");
+                        }
+                    }
+                    updated.push(cfg.name.clone());
+                    (h.socket.clone(), Some(h))
+                }
+                (None, None) => continue,
+            };
+            match ListenerHandle::start(self, cfg.clone(), socket, &self.accepting) {
+                Ok(h) => {
+                    tracing::info!(listener = %cfg.name, address = %h.state.local_addr, "listening");
+                    next.push(h);
+                }
+                Err(e) => {
+                    tracing::error!(listener = %cfg.name, error = %e, "cannot start listener")
+                }
+            }
+            // The old accept loop stops once the new one runs on the same socket.
+            if let Some(old) = old {
+                old.stop();
+            }
+        }
+        for h in current.drain(..) {
+            removed.push(h.state.config.name.clone());
+            h.stop();
+        }
+        *current = next;
+        Ok(())
+    }
+
+    /// Replace the running config with `config`. Established connections keep what they
+    /// have; only new connections see the change. On error nothing changes.
+    pub async fn apply(self: &Arc<Self>, config: Config) -> Result<ReloadSummary, String> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let old = self.snapshot();
+        let mut summary = ReloadSummary {
+            hash: config.hash.clone(),
+            routes: config.routes.len(),
+            ..Default::default()
+        };
+        for (what, old_v, new_v) in [
+            (
+                "admin.address",
+                format!("{:?}", old.config.admin.address),
+                format!("{:?}", config.admin.address),
+            ),
+            (
+                "lifecycle.upgrade_socket",
+                format!("{:?}", old.config.lifecycle.upgrade_socket),
+                format!("{:?}", config.lifecycle.upgrade_socket),
+            ),
+        ] {
+            if old_v != new_v {
+                tracing::warn!(key = what, running = %old_v, new = %new_v,
+                    "this setting changes only at a restart or upgrade; keeping the running one");
+            }
+        }
+        self.sync_listeners(&config.listeners, &mut summary)?;
+
+        let max = config
+            .limits
+            .max_connections
+            .unwrap_or_else(default_max_connections);
+        let was = self.max_connections.swap(max, Ordering::Relaxed);
+        if max > was {
+            self.global_permits.add_permits(max - was);
+        } else if max < was {
+            // Take the difference out of circulation as connections return their slots.
+            let sem = self.global_permits.clone();
+            let n = u32::try_from(was - max).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                if let Ok(p) = sem.acquire_many_owned(n).await {
+                    p.forget();
+                }
+            });
+        }
+        self.metrics.max_connections.set(max as i64);
+        self.close_spread_ms.store(
+            config.lifecycle.close_spread.as_millis() as u64,
+            Ordering::Relaxed,
+        );
+
+        let old_hash = old.config.hash.clone();
+        let new = Arc::new(Snapshot::build(config, &self.metrics, &self.backends, true));
+        let kept = new.backend_set();
+        let before = old.backend_set();
+        summary.backends_added = kept.difference(&before).count();
+        for pool in old.pools.values() {
+            for b in &pool.backends {
+                if !kept.contains(&Arc::as_ptr(b)) {
+                    summary.backends_removed += 1;
+                    b.remove(pool.removed_drain_timeout);
+                }
+            }
+        }
+        for name in old.pools.keys() {
+            if !new.pools.contains_key(name) {
+                let _ = self
+                    .metrics
+                    .pool_backends
+                    .remove_label_values(&[name.as_str()]);
+            }
+        }
+        self.snapshot.store(new);
+        let _ = self
+            .metrics
+            .config_info
+            .remove_label_values(&[old_hash.as_str()]);
+        self.metrics
+            .config_info
+            .with_label_values(&[summary.hash.as_str()])
+            .set(1);
+        Ok(summary)
+    }
+}
+
+fn same_listener(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    a.address == b.address
+        && a.backlog == b.backlog
+        && a.hello_timeout == b.hello_timeout
+        && a.max_hello_size == b.max_hello_size
+        && a.max_connections == b.max_connections
+        && a.reuse_port == b.reuse_port
+        && a.keepalive == b.keepalive
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// Half the open-file limit (each relayed connection holds two descriptors), less a reserve

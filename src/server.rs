@@ -1,88 +1,94 @@
-//! The server: binds listeners and the admin API, runs them, and stops them in order.
+//! The server: starts the runtime's listeners and the admin API, reacts to signals, and stops
+//! in order.
 //!
-//! Owns: startup (bind everything or fail before serving anything), readiness after
-//! `min_ready`, and the drain sequence on SIGTERM/SIGINT: unready → keep serving for
-//! `drain_delay` → close listeners → wait for connections up to `drain_timeout` → close the
-//! rest → exit. A second signal skips to the end.
+//! Owns: startup (bind everything or fail before serving anything; sockets may come from
+//! systemd or from the sluice being upgraded), readiness after `min_ready`, the reload
+//! triggers (SIGHUP, the file watcher), the upgrade handover (serving the control socket,
+//! SIGUSR2 starting the new binary), systemd notifications, and the drain sequence on
+//! SIGTERM/SIGINT: unready → keep serving for `drain_delay` → close listeners → wait for
+//! connections up to `drain_timeout` → close the rest spread over `close_spread` → exit. A
+//! second signal skips to the end.
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::Semaphore;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::listener::{self, ListenerState};
+use crate::handover::{self, ControlSocket, Takeover};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, State};
 
+/// Tell systemd (when run under it with `Type=notify`) about a state change. A no-op
+/// elsewhere.
+pub fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
 pub struct Server {
     pub rt: Arc<Runtime>,
-    listeners: Vec<(String, SocketAddr)>,
-    admin: Option<SocketAddr>,
-    /// Stops accept loops (and the admin API at the very end).
-    stop_accepting: CancellationToken,
+    admin: Option<Arc<TcpListener>>,
     stop_admin: CancellationToken,
+}
+
+/// How `run_until_signal` was started.
+#[derive(Default)]
+pub struct RunOptions {
+    /// This process took its sockets from a running sluice: finish the handover once ready.
+    pub takeover: Option<Takeover>,
+    /// The command that starts a new sluice in upgrade mode (on SIGUSR2).
+    pub upgrade_command: Option<(PathBuf, Vec<OsString>)>,
 }
 
 impl Server {
     /// Bind every listener and the admin API, then start serving. Fails without serving
     /// anything if any address cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        Self::start_with(config, HashMap::new()).await
+    }
+
+    /// As `start`, using the listening sockets in `inherited` (by listener name; the admin
+    /// API's under `handover::ADMIN`) instead of binding new ones.
+    pub async fn start_with(
+        config: Config,
+        mut inherited: HashMap<String, std::net::TcpListener>,
+    ) -> anyhow::Result<Server> {
         let admin_addr = config.admin.address;
         let min_ready = config.lifecycle.min_ready;
-        let listener_cfgs = config.listeners.clone();
         let rt = Runtime::new(config, Metrics::new());
-
-        let mut bound = Vec::new();
-        for cfg in &listener_cfgs {
-            let l = listener::bind(cfg)
-                .with_context(|| format!("listener `{}`: cannot bind {}", cfg.name, cfg.address))?;
-            let local = l.local_addr()?;
-            tracing::info!(listener = %cfg.name, address = %local, "listening");
-            let state = Arc::new(ListenerState {
-                config: cfg.clone(),
-                local_addr: local,
-                permits: cfg.max_connections.map(|n| Arc::new(Semaphore::new(n))),
-            });
-            bound.push((state, l));
-        }
-        let admin_listener = match admin_addr {
-            Some(addr) => {
-                let l = tokio::net::TcpListener::bind(addr)
+        let admin_inherited = inherited.remove(handover::ADMIN);
+        rt.inherit(inherited);
+        rt.open_listeners()?;
+        let admin = match (admin_addr, admin_inherited) {
+            (None, _) => None,
+            (Some(_), Some(sock)) => {
+                sock.set_nonblocking(true)?;
+                Some(TcpListener::from_std(sock)?)
+            }
+            (Some(addr), None) => Some(
+                TcpListener::bind(addr)
                     .await
-                    .with_context(|| format!("admin: cannot bind {addr}"))?;
-                tracing::info!(address = %l.local_addr()?, "admin API listening");
-                Some(l)
-            }
-            None => None,
-        };
-
-        let stop_accepting = CancellationToken::new();
+                    .with_context(|| format!("admin: cannot bind {addr}"))?,
+            ),
+        }
+        .map(Arc::new);
         let stop_admin = CancellationToken::new();
-        let mut listeners = Vec::new();
-        for (state, l) in bound {
-            listeners.push((state.config.name.clone(), state.local_addr));
-            if let Ok(mut ls) = rt.listeners.lock() {
-                ls.push(state.clone());
-            }
-            tokio::spawn(listener::accept_loop(
+        if let Some(l) = &admin {
+            tracing::info!(address = %l.local_addr()?, "admin API listening");
+            tokio::spawn(crate::admin::serve(
                 rt.clone(),
-                state,
-                l,
-                stop_accepting.clone(),
+                l.clone(),
+                stop_admin.clone(),
             ));
         }
-        let admin = match admin_listener {
-            Some(l) => {
-                let addr = l.local_addr()?;
-                tokio::spawn(crate::admin::serve(rt.clone(), l, stop_admin.clone()));
-                Some(addr)
-            }
-            None => None,
-        };
 
         // Ready once everything is bound and min_ready has passed.
         let rt2 = rt.clone();
@@ -91,74 +97,106 @@ impl Server {
             if rt2.state() == State::Starting {
                 rt2.set_state(State::Ready);
                 tracing::info!(min_ready = ?min_ready, "ready");
+                notify_systemd(&[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status("running"),
+                ]);
             }
         });
 
         Ok(Server {
             rt,
-            listeners,
             admin,
-            stop_accepting,
             stop_admin,
         })
     }
 
     /// The bound address of a listener (useful with port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.rt
+            .listener_states()
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
+            .find(|l| l.config.name == name)
+            .map(|l| l.local_addr)
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Wait until `/readyz` would say ready (or the process is already stopping).
+    pub async fn ready(&self) {
+        while self.rt.state() == State::Starting {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The drain sequence. `interrupt` resolves on a second signal: it skips to the end.
-    pub async fn drain(&self, interrupt: impl std::future::Future<Output = ()>) {
+    /// `delay`: hold `drain_delay` first (not after an upgrade handover: the new process
+    /// already serves the sockets).
+    pub async fn drain(&self, interrupt: impl std::future::Future<Output = ()>, delay: bool) {
         let cfg = self.rt.snapshot().config.lifecycle.clone();
         tokio::pin!(interrupt);
         let open = || self.rt.tracker.len();
 
         self.rt.set_state(State::Draining);
-        tracing::info!(connections = open(), drain_delay = ?cfg.drain_delay,
-            "draining: unready, still accepting");
-        let skipped = tokio::select! {
-            _ = tokio::time::sleep(cfg.drain_delay) => false,
-            _ = &mut interrupt => true,
-        };
+        notify_systemd(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("draining"),
+        ]);
+        let mut skipped = false;
+        if delay {
+            tracing::info!(connections = open(), drain_delay = ?cfg.drain_delay,
+                "drain 1/4: unready, still accepting for drain_delay");
+            skipped = tokio::select! {
+                _ = tokio::time::sleep(cfg.drain_delay) => false,
+                _ = &mut interrupt => true,
+            };
+        }
 
-        self.stop_accepting.cancel();
+        self.rt.close_listeners();
         self.rt.set_state(State::Closing);
         self.rt.tracker.close();
         tracing::info!(connections = open(), drain_timeout = ?cfg.drain_timeout,
-            "listeners closed; waiting for connections to finish");
+            "drain 2/4: listeners closed; waiting for connections to finish");
         if !skipped {
-            tokio::select! {
-                _ = self.rt.tracker.wait() => {}
+            skipped = tokio::select! {
+                _ = self.rt.tracker.wait() => false,
                 _ = tokio::time::sleep(cfg.drain_timeout) => {
                     tracing::warn!(connections = open(), "drain_timeout passed");
+                    false
                 }
-                _ = &mut interrupt => {
-                    tracing::warn!(connections = open(), "second signal: stopping now");
-                }
-            }
+                _ = &mut interrupt => true,
+            };
         }
         let left = open();
-        if left > 0 {
-            tracing::info!(connections = left, "closing remaining connections");
+        if left > 0 && !skipped {
+            let spread = self.rt.close_spread();
+            tracing::info!(connections = left, close_spread = ?spread,
+                "drain 3/4: closing the remaining connections spread over close_spread");
+            self.rt.close_all.cancel();
+            skipped = tokio::select! {
+                _ = self.rt.tracker.wait() => false,
+                _ = tokio::time::sleep(spread + Duration::from_secs(1)) => false,
+                _ = &mut interrupt => true,
+            };
+        }
+        if skipped {
+            tracing::warn!(
+                connections = open(),
+                "second signal: closing everything now"
+            );
         }
         self.rt.hard_stop.cancel();
         // Give the closed connections a moment to log and count themselves.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.rt.tracker.wait()).await;
         self.stop_admin.cancel();
-        tracing::info!("stopped");
+        tracing::info!(connections = open(), "drain 4/4: stopped");
     }
 
     /// Stop at once: close listeners and every connection (tests, demo).
     pub async fn shutdown(&self) {
-        self.stop_accepting.cancel();
+        self.rt.close_listeners();
         self.rt.set_state(State::Closing);
         self.rt.tracker.close();
         self.rt.hard_stop.cancel();
@@ -166,23 +204,130 @@ impl Server {
         self.stop_admin.cancel();
     }
 
-    /// Run until SIGTERM or SIGINT, then drain.
-    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+    /// The sockets a successor takes over: every listener, and the admin API's.
+    fn offer(rt: &Runtime, admin: &Option<Arc<TcpListener>>) -> Vec<(String, i32)> {
+        use std::os::fd::AsRawFd;
+        let mut v = rt.listener_fds();
+        if let Some(a) = admin {
+            v.push((handover::ADMIN.to_owned(), a.as_raw_fd()));
+        }
+        v
+    }
+
+    /// Serve until SIGTERM/SIGINT or a completed upgrade handover, then drain. SIGHUP
+    /// reloads; SIGUSR2 starts an upgrade.
+    pub async fn run_until_signal(self, opts: RunOptions) -> anyhow::Result<()> {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let which = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut usr2 = signal(SignalKind::user_defined2())?;
+        let config = self.rt.snapshot().config.clone();
+
+        if let Some(takeover) = opts.takeover {
+            self.ready().await;
+            let old = takeover.old_pid;
+            tokio::task::spawn_blocking(move || takeover.finish())
+                .await?
+                .context("upgrade: the old process did not confirm the handover")?;
+            notify_systemd(&[sd_notify::NotifyState::MainPid(std::process::id())]);
+            tracing::info!(
+                old_pid = old,
+                "upgrade complete: the old process is draining"
+            );
+        }
+
+        // The upgrade control socket: a successor takes the sockets over through it.
+        let (handed_over_tx, mut handed_over) = tokio::sync::oneshot::channel::<()>();
+        match &config.lifecycle.upgrade_socket {
+            None => drop(handed_over_tx),
+            Some(path) => match ControlSocket::bind(path) {
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e,
+                        "cannot serve upgrades on the control socket");
+                    drop(handed_over_tx);
+                }
+                Ok(control) => {
+                    let rt = self.rt.clone();
+                    let admin = self.admin.clone();
+                    let stop_admin = self.stop_admin.clone();
+                    let rt_stop = self.rt.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let offer = move || Self::offer(&rt, &admin);
+                        let stop = move || {
+                            rt_stop.set_state(State::Draining);
+                            rt_stop.close_listeners();
+                            stop_admin.cancel();
+                        };
+                        match control.serve(offer, stop) {
+                            Ok(()) => {
+                                let _ = handed_over_tx.send(());
+                            }
+                            Err(e) => tracing::error!(error = %e, "upgrade socket failed"),
+                        }
+                    });
+                }
+            },
+        }
+
+        let stop_watch = CancellationToken::new();
+        if config.reload.watch {
+            tokio::spawn(crate::reload::watch(self.rt.clone(), stop_watch.clone()));
+        }
+
+        let delay = loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!(signal = "SIGTERM", "shutdown requested");
+                    break true;
+                }
+                _ = int.recv() => {
+                    tracing::info!(signal = "SIGINT", "shutdown requested");
+                    break true;
+                }
+                _ = hup.recv() => {
+                    crate::reload::reload(&self.rt, "SIGHUP").await;
+                }
+                _ = usr2.recv() => start_upgrade(&config, &opts.upgrade_command),
+                Ok(()) = &mut handed_over => {
+                    tracing::info!("upgrade: a new sluice took over the sockets; draining");
+                    break false;
+                }
+            }
         };
-        tracing::info!(signal = which, "shutdown requested");
+        stop_watch.cancel();
         let second = async move {
             tokio::select! {
                 _ = term.recv() => {},
                 _ = int.recv() => {},
             }
         };
-        self.drain(second).await;
+        self.drain(second, delay).await;
         Ok(())
+    }
+}
+
+/// SIGUSR2: start the binary at the same path (a new version once it was replaced) in
+/// upgrade mode. It takes the sockets over through the control socket.
+fn start_upgrade(config: &Config, command: &Option<(PathBuf, Vec<OsString>)>) {
+    if config.lifecycle.upgrade_socket.is_none() {
+        tracing::error!(
+            "SIGUSR2: upgrades need lifecycle.upgrade_socket in the config; ignoring the signal"
+        );
+        return;
+    }
+    let Some((exe, args)) = command else {
+        tracing::error!("SIGUSR2: this process does not know its own command; ignoring");
+        return;
+    };
+    match std::process::Command::new(exe).args(args).spawn() {
+        Ok(mut child) => {
+            tracing::info!(pid = child.id(), exe = %exe.display(),
+                "SIGUSR2: started the new sluice; it takes over once ready");
+            // Reap it if it fails before taking over.
+            std::thread::spawn(move || child.wait());
+        }
+        Err(e) => tracing::error!(exe = %exe.display(), error = %e,
+            "SIGUSR2: cannot start the new sluice"),
     }
 }

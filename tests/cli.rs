@@ -267,7 +267,7 @@ fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
         log.contains("\"route\":\"tunnels\""),
         "access log names the route:\n{log}"
     );
-    assert!(log.contains("\"message\":\"stopped\""), "{log}");
+    assert!(log.contains("\"message\":\"drain 4/4: stopped\""), "{log}");
 }
 
 /// Out of file descriptors: accept fails with EMFILE; sluice backs off instead of spinning,

@@ -752,7 +752,7 @@ async fn drain_keeps_established_connections_until_they_end() {
 
     let server = std::sync::Arc::new(server);
     let s2 = server.clone();
-    let drain = tokio::spawn(async move { s2.drain(std::future::pending()).await });
+    let drain = tokio::spawn(async move { s2.drain(std::future::pending(), true).await });
     // Unready at once, but still accepting during drain_delay.
     eventually("unready", || async {
         http_get(admin, "/readyz").await.0 == 503

@@ -7,35 +7,133 @@
 
 pub mod balancer;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 use serde::Serialize;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{Keepalive, PoolConfig, ProxyProtocol};
+use crate::config::{BackendConfig, Keepalive, PoolConfig, ProxyProtocol};
 use crate::metrics::Metrics;
 use balancer::{fnv1a, Balance, Candidate, HashKey, PickContext};
 
-/// One backend address. Shared by every connection using it.
+/// One backend address. Shared by every connection using it, and by successive snapshots:
+/// a reload that keeps a backend keeps this object (its active count, its ready time).
 #[derive(Debug)]
 pub struct Backend {
     /// As configured (`proxy-1:3024`); also the metric label.
     pub name: String,
     pub address: SocketAddr,
-    pub weight: u32,
+    weight: AtomicU32,
     id: u64,
     active: AtomicU64,
     active_gauge: IntGauge,
+    /// It takes new connections from this moment on (the pool's `min_ready` after it appeared).
+    ready_at: Instant,
+    /// False once a reload removed it: it takes no new connections.
+    in_service: AtomicBool,
+    /// Bumped on each removal and return, so a delayed close applies only to its own removal.
+    generation: AtomicU64,
+    /// Fires when its established connections must close (`removed_drain_timeout`, or the end
+    /// of a drain: it is a child of the runtime's close token).
+    pub retire: CancellationToken,
 }
 
 impl Backend {
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Past its `min_ready`.
+    pub fn is_ready(&self, now: Instant) -> bool {
+        now >= self.ready_at
+    }
+
+    pub fn in_service(&self) -> bool {
+        self.in_service.load(Ordering::Acquire)
+    }
+
+    /// A reload removed it: no new connections; after `drain`, close the established ones.
+    pub fn remove(self: &Arc<Self>, drain: Option<Duration>) {
+        self.in_service.store(false, Ordering::Release);
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let Some(drain) = drain else { return };
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(drain).await;
+            let Some(b) = me.upgrade() else { return };
+            if b.generation.load(Ordering::Acquire) == generation && !b.in_service() {
+                tracing::info!(backend = %b.name, connections = b.active(),
+                    "removed_drain_timeout passed: closing the removed backend's connections");
+                b.retire.cancel();
+            }
+        });
+    }
+}
+
+/// Every live backend object, keyed by (pool, address), so a reload finds the ones it keeps.
+pub struct Backends {
+    map: Mutex<HashMap<(String, SocketAddr), Weak<Backend>>>,
+    /// Parent of every backend's `retire` token.
+    close_all: CancellationToken,
+}
+
+impl Backends {
+    pub fn new(close_all: CancellationToken) -> Backends {
+        Backends {
+            map: Mutex::new(HashMap::new()),
+            close_all,
+        }
+    }
+
+    /// The backend object for `b` in `pool`: the live one if there is one (updated to the new
+    /// weight, back in service), else a new one, ready at once or after the pool's
+    /// `min_ready` (`warm`: it appears in a running process).
+    fn obtain(
+        &self,
+        pool: &PoolConfig,
+        b: &BackendConfig,
+        metrics: &Metrics,
+        warm: bool,
+    ) -> Arc<Backend> {
+        let key = (pool.name.clone(), b.address);
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = map.get(&key).and_then(Weak::upgrade) {
+            if !existing.retire.is_cancelled() {
+                existing.weight.store(b.weight, Ordering::Relaxed);
+                if !existing.in_service.swap(true, Ordering::AcqRel) {
+                    existing.generation.fetch_add(1, Ordering::AcqRel);
+                }
+                return existing;
+            }
+        }
+        let backend = Arc::new(Backend {
+            name: b.name.clone(),
+            address: b.address,
+            weight: AtomicU32::new(b.weight),
+            id: fnv1a(b.address.to_string().as_bytes()),
+            active: AtomicU64::new(0),
+            active_gauge: metrics
+                .backend_active
+                .with_label_values(&[pool.name.as_str(), b.name.as_str()]),
+            ready_at: Instant::now() + if warm { pool.min_ready } else { Duration::ZERO },
+            in_service: AtomicBool::new(true),
+            generation: AtomicU64::new(0),
+            retire: self.close_all.child_token(),
+        });
+        map.insert(key, Arc::downgrade(&backend));
+        map.retain(|_, w| w.strong_count() > 0);
+        backend
     }
 }
 
@@ -69,6 +167,7 @@ pub struct Pool {
     pub retries: u32,
     pub proxy_protocol: ProxyProtocol,
     pub keepalive: Keepalive,
+    pub removed_drain_timeout: Option<Duration>,
     rr: AtomicU64,
     connect_seconds: Histogram,
     unavailable: IntCounter,
@@ -91,6 +190,10 @@ pub struct BackendView<'a> {
     pub address: SocketAddr,
     pub weight: u32,
     pub active: u64,
+    /// "ready", or "warming" until the pool's `min_ready` has passed.
+    pub state: &'static str,
+    /// Seconds until it takes new connections (0 when ready).
+    pub ready_in_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -101,22 +204,13 @@ pub struct PoolView<'a> {
 }
 
 impl Pool {
-    pub fn new(cfg: &PoolConfig, metrics: &Metrics) -> Pool {
+    /// `warm`: backends new to this process wait for the pool's `min_ready` (a reload); at
+    /// startup every backend is ready at once (the process has its own `min_ready`).
+    pub fn new(cfg: &PoolConfig, metrics: &Metrics, registry: &Backends, warm: bool) -> Pool {
         let backends = cfg
             .backends
             .iter()
-            .map(|b| {
-                Arc::new(Backend {
-                    name: b.name.clone(),
-                    address: b.address,
-                    weight: b.weight,
-                    id: fnv1a(b.address.to_string().as_bytes()),
-                    active: AtomicU64::new(0),
-                    active_gauge: metrics
-                        .backend_active
-                        .with_label_values(&[cfg.name.as_str(), b.name.as_str()]),
-                })
-            })
+            .map(|b| registry.obtain(cfg, b, metrics, warm))
             .collect::<Vec<_>>();
         metrics
             .pool_backends
@@ -130,6 +224,7 @@ impl Pool {
             retries: cfg.retries,
             proxy_protocol: cfg.proxy_protocol,
             keepalive: cfg.keepalive,
+            removed_drain_timeout: cfg.removed_drain_timeout,
             rr: AtomicU64::new(0),
             connect_seconds: metrics
                 .connect_seconds
@@ -139,17 +234,23 @@ impl Pool {
     }
 
     pub fn view(&self) -> PoolView<'_> {
+        let now = Instant::now();
         PoolView {
             name: &self.name,
             balance: self.balance,
             backends: self
                 .backends
                 .iter()
-                .map(|b| BackendView {
-                    name: &b.name,
-                    address: b.address,
-                    weight: b.weight,
-                    active: b.active(),
+                .map(|b| {
+                    let wait = b.ready_at.saturating_duration_since(now);
+                    BackendView {
+                        name: &b.name,
+                        address: b.address,
+                        weight: b.weight(),
+                        active: b.active(),
+                        state: if wait.is_zero() { "ready" } else { "warming" },
+                        ready_in_seconds: wait.as_secs_f64(),
+                    }
                 })
                 .collect(),
         }
@@ -165,11 +266,26 @@ impl Pool {
         sni: Option<&str>,
         rr_ticket: u64,
     ) -> Option<usize> {
+        // Prefer backends in service and past their min_ready; then those in service (all are
+        // warming up); a removed backend only for a connection routed just before the reload.
+        let now = Instant::now();
+        let tier = |b: &Backend| match (b.in_service(), b.is_ready(now)) {
+            (true, true) => 2,
+            (true, false) => 1,
+            (false, _) => 0,
+        };
+        let best = self
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(i, b)| !exclude.contains(i) && b.weight() > 0)
+            .map(|(_, b)| tier(b))
+            .max()?;
         let candidates: Vec<Candidate> = self
             .backends
             .iter()
             .map(|b| Candidate {
-                weight: b.weight,
+                weight: if tier(b) == best { b.weight() } else { 0 },
                 active: b.active(),
                 id: b.id,
             })

@@ -1,0 +1,282 @@
+//! Listening sockets that come from outside the process: systemd socket activation, and the
+//! zero-downtime upgrade in which a new sluice takes the sockets of the running one.
+//!
+//! Owns: turning raw descriptors into sockets (the only `unsafe` in sluice, two lines, each
+//! with its reason), and the upgrade conversation over a Unix socket:
+//!
+//! ```text
+//! new → old   TAKEOVER\n
+//! old → new   {"pid":…,"names":["edge",…,"@admin"]}\n   + the descriptors (SCM_RIGHTS)
+//!             (the new process opens its listeners on them and becomes ready; both
+//!              processes accept from the same sockets meanwhile, so nothing is refused)
+//! new → old   READY\n
+//! old         stops accepting, stops its admin API, removes the control socket
+//! old → new   DRAINING\n
+//!             (the new process binds the control socket; the old one drains and exits)
+//! ```
+//!
+//! If the new process goes away before READY, the old one logs it and carries on serving.
+
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sendfd::{RecvWithFd, SendWithFd};
+use serde::{Deserialize, Serialize};
+
+/// The name the admin API's socket travels under (listener names cannot start with `@`).
+pub const ADMIN: &str = "@admin";
+
+/// At most this many descriptors in one handover (the kernel's SCM_MAX_FD is 253).
+const MAX_FDS: usize = 253;
+
+/// How long each side waits for the other's next message.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the old process waits for the new one to be ready (its `min_ready` included).
+const READY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Sockets passed by systemd (`LISTEN_FDS`, named by `FileDescriptorName=` in the socket
+/// unit), by name. Empty when not socket-activated.
+pub fn from_systemd() -> io::Result<HashMap<String, TcpListener>> {
+    let mut out = HashMap::new();
+    for (fd, name) in sd_notify::listen_fds_with_names()? {
+        // SAFETY: sd_notify returns only descriptors systemd passed to this very process
+        // (LISTEN_PID matched); nothing else in the process has taken ownership of them.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sock = listening_tcp(owned).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("socket-activated fd {fd} (`{name}`): {e}"),
+            )
+        })?;
+        out.insert(name, sock);
+    }
+    Ok(out)
+}
+
+/// Check that a descriptor is a listening TCP socket, and mark it close-on-exec.
+fn listening_tcp(fd: OwnedFd) -> io::Result<TcpListener> {
+    let sock = socket2::Socket::from(fd);
+    sock.set_cloexec(true)?;
+    if sock.r#type()? != socket2::Type::STREAM || !sock.is_listener()? {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a listening stream socket",
+        ));
+    }
+    sock.local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a TCP socket"))?;
+    Ok(sock.into())
+}
+
+#[derive(Serialize, Deserialize)]
+struct Offer {
+    pid: u32,
+    names: Vec<String>,
+}
+
+fn read_line(r: &mut BufReader<&UnixStream>) -> io::Result<String> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the other process closed the control socket",
+        ));
+    }
+    Ok(line.trim_end().to_owned())
+}
+
+fn expect(r: &mut BufReader<&UnixStream>, want: &str) -> io::Result<()> {
+    let got = read_line(r)?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("expected `{want}`, got `{got}`"),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The new process.
+
+/// The sockets taken from the running sluice; `finish` completes the handover.
+pub struct Takeover {
+    stream: UnixStream,
+    pub old_pid: u32,
+    pub sockets: HashMap<String, TcpListener>,
+}
+
+/// Ask the sluice serving upgrades at `path` for its listening sockets.
+pub fn take_over(path: &Path) -> io::Result<Takeover> {
+    let stream = UnixStream::connect(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "no running sluice answers at {} ({e}); start without --upgrade",
+                path.display()
+            ),
+        )
+    })?;
+    stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+    (&stream).write_all(b"TAKEOVER\n")?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut fds: Vec<RawFd> = vec![-1; MAX_FDS];
+    let (n, nfds) = stream.recv_with_fd(&mut buf, &mut fds)?;
+    // SAFETY: the kernel installed these descriptors in this process for this message
+    // (SCM_RIGHTS); nothing else refers to them yet.
+    let owned: Vec<OwnedFd> = fds[..nfds]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    let text = std::str::from_utf8(&buf[..n])
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "offer is not UTF-8"))?;
+    let offer: Offer = serde_json::from_str(text.trim_end())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("bad offer: {e}")))?;
+    if offer.names.len() != owned.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "offer names {} sockets but carried {}",
+                offer.names.len(),
+                owned.len()
+            ),
+        ));
+    }
+    let mut sockets = HashMap::new();
+    for (name, fd) in offer.names.into_iter().zip(owned) {
+        sockets.insert(name, listening_tcp(fd)?);
+    }
+    Ok(Takeover {
+        stream,
+        old_pid: offer.pid,
+        sockets,
+    })
+}
+
+impl Takeover {
+    /// Tell the old process this one is ready; returns once it has stopped accepting.
+    pub fn finish(self) -> io::Result<()> {
+        (&self.stream).write_all(b"READY\n")?;
+        expect(&mut BufReader::new(&self.stream), "DRAINING")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The running process.
+
+/// The control socket a running sluice waits for its successor on.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Cleared once a successor has taken the path over: it is no longer ours to remove.
+    owns_path: bool,
+}
+
+impl ControlSocket {
+    /// Bind `path`. A stale socket file (nobody answers) is replaced; a live one is an error:
+    /// another sluice is running and `--upgrade` is how to replace it.
+    pub fn bind(path: &Path) -> io::Result<ControlSocket> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!(
+                        "another sluice serves upgrades at {}; use `sluice run --upgrade` to replace it",
+                        path.display()
+                    ),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+            owns_path: true,
+        })
+    }
+
+    /// Serve successors until one completes a handover (blocking: run it on a blocking
+    /// thread). `offer` lists the sockets to hand over at the moment of asking; `stop`
+    /// makes this process stop accepting, and runs before DRAINING is sent.
+    pub fn serve(
+        mut self,
+        offer: impl Fn() -> Vec<(String, RawFd)>,
+        stop: impl FnOnce(),
+    ) -> io::Result<()> {
+        let mut stop = Some(stop);
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "upgrade socket accept failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            match self.hand_over(&stream, &offer) {
+                Ok(()) => {
+                    // The successor is ready: stop accepting, then let it take the path.
+                    if let Some(stop) = stop.take() {
+                        stop();
+                    }
+                    let _ = std::fs::remove_file(&self.path);
+                    self.owns_path = false;
+                    (&stream).write_all(b"DRAINING\n")?;
+                    return Ok(());
+                }
+                Err(e) => tracing::warn!(error = %e,
+                    "upgrade aborted before the new process was ready; still serving"),
+            }
+        }
+    }
+
+    fn hand_over(
+        &self,
+        stream: &UnixStream,
+        offer: &impl Fn() -> Vec<(String, RawFd)>,
+    ) -> io::Result<()> {
+        stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+        let mut reader = BufReader::new(stream);
+        expect(&mut reader, "TAKEOVER")?;
+        let sockets = offer();
+        if sockets.len() > MAX_FDS {
+            return Err(io::Error::other(format!(
+                "{} sockets are more than one handover carries ({MAX_FDS})",
+                sockets.len()
+            )));
+        }
+        let (names, fds): (Vec<String>, Vec<RawFd>) = sockets.into_iter().unzip();
+        let mut msg = serde_json::to_vec(&Offer {
+            pid: std::process::id(),
+            names,
+        })
+        .map_err(io::Error::other)?;
+        msg.push(b'\n');
+        tracing::info!(
+            sockets = fds.len(),
+            "upgrade: handing the listening sockets over"
+        );
+        stream.send_with_fd(&msg, &fds)?;
+        // The new process becomes ready first (its min_ready included).
+        stream.set_read_timeout(Some(READY_TIMEOUT))?;
+        expect(&mut reader, "READY")
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if self.owns_path {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
