@@ -1,0 +1,539 @@
+//! Live operations in-process: reloads from files, the file watcher, per-backend min_ready and
+//! removal, and the drain's close_spread. Real sockets on 127.0.0.1.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sluice::config::Config;
+use sluice::reload::{self, Outcome};
+use sluice::server::Server;
+use sluice::tls::hello::build;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// A config with one listener, one catch-all route to pool `p`, and `pool_extra` keys.
+fn conf(backends: &[&RawBackend], pool_extra: &str, top: &str) -> String {
+    let list = backends
+        .iter()
+        .map(|b| format!("\"{}\"", b.address))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+[admin]
+address = ""
+{top}
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+
+[[route]]
+name = "all"
+pool = "p"
+idle_timeout = "0s"
+
+[pool.p]
+backends = [{list}]
+{pool_extra}
+"#
+    )
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    server: Server,
+}
+
+impl Setup {
+    async fn new(text: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let server = Server::start(cfg).await.expect("sluice starts");
+        Setup {
+            _dir: dir,
+            path,
+            server,
+        }
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(&self.path, text).unwrap();
+    }
+
+    async fn reload(&self) -> Outcome {
+        reload::reload(&self.server.rt, "test").await
+    }
+
+    fn dir(&self) -> &Path {
+        self.path.parent().unwrap()
+    }
+}
+
+/// Connect through the edge with a tunnel hello; returns the stream and the backend's name.
+async fn open(addr: std::net::SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.expect("edge accepts");
+    s.write_all(&build::hello(
+        Some("agent.example.com"),
+        &["teleport-reversetunnel"],
+    ))
+    .await
+    .unwrap();
+    let name = read_line(&mut s).await;
+    (s, name)
+}
+
+/// The connection still relays: half-close it and read the backend's byte count.
+async fn still_relays(mut s: TcpStream, backend: &str) {
+    s.write_all(b"ping").await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut rest = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut rest))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    assert!(
+        rest.starts_with(&format!("{backend} got ")),
+        "established connection answered {rest:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_moves_new_connections_and_keeps_established_ones() {
+    let a = RawBackend::start("A", false).await;
+    let b = RawBackend::start("B", false).await;
+    let s = Setup::new(&conf(&[&a], "", "")).await;
+    let addr = edge(&s.server);
+    let hash_before = s.server.rt.snapshot().config.hash.clone();
+
+    let (old, name) = open(addr).await;
+    assert_eq!(name, "A");
+
+    s.write(&conf(&[&b], "", ""));
+    match s.reload().await {
+        Outcome::Applied(sum) => {
+            assert_eq!((sum.backends_added, sum.backends_removed), (1, 1));
+            assert!(sum.listeners_added.is_empty() && sum.listeners_removed.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        open(addr).await.1,
+        "B",
+        "new connections take the new backend"
+    );
+    still_relays(old, "A").await;
+
+    let hash_after = s.server.rt.snapshot().config.hash.clone();
+    assert_ne!(hash_before, hash_after);
+    assert_eq!(
+        metric(
+            &s.server,
+            "sluice_config_reloads_total",
+            &[("result", "success")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(&s.server, "sluice_config_info", &[("hash", &hash_after)]).await,
+        1.0
+    );
+    assert_eq!(
+        metric(&s.server, "sluice_config_info", &[("hash", &hash_before)]).await,
+        0.0,
+        "the old hash is no longer exported"
+    );
+    // The same files again: nothing to do.
+    assert!(matches!(s.reload().await, Outcome::Unchanged));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_config_changes_nothing() {
+    let a = RawBackend::start("A", false).await;
+    let b = RawBackend::start("B", false).await;
+    let s = Setup::new(&conf(&[&a], "", "")).await;
+    let addr = edge(&s.server);
+    let (old, _) = open(addr).await;
+
+    // A route naming a pool that does not exist, and a bad duration.
+    let bad = conf(&[&b], "", "").replace("pool = \"p\"\nidle", "pool = \"nope\"\nidle");
+    s.write(&(bad + "\n[lifecycle]\ndrain_delay = \"soon\"\n"));
+    let Outcome::Rejected(errors) = s.reload().await else {
+        panic!("an invalid config must be rejected")
+    };
+    let path = s.path.display().to_string();
+    assert!(
+        errors.contains(&format!(
+            "{path}:12: route[0].pool: no pool is named `nope`"
+        )),
+        "{errors}"
+    );
+    assert!(errors.contains("lifecycle.drain_delay"), "{errors}");
+    assert_eq!(
+        metric(&s.server, "sluice_config_last_reload_successful", &[]).await,
+        0.0
+    );
+    assert_eq!(open(addr).await.1, "A", "the running config stays");
+
+    // A TOML syntax error is rejected the same way.
+    s.write("[[listener]\nname = ");
+    assert!(matches!(s.reload().await, Outcome::Rejected(_)));
+
+    s.write(&conf(&[&b], "", ""));
+    assert!(matches!(s.reload().await, Outcome::Applied(_)));
+    assert_eq!(
+        metric(&s.server, "sluice_config_last_reload_successful", &[]).await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &s.server,
+            "sluice_config_reloads_total",
+            &[("result", "failure")]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(open(addr).await.1, "B");
+    still_relays(old, "A").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_come_and_go_without_touching_connections() {
+    let a = RawBackend::start("A", false).await;
+    let s = Setup::new(&conf(&[&a], "", "")).await;
+    let first = edge(&s.server);
+    let (old, _) = open(first).await;
+
+    // Add a second listener.
+    let two =
+        conf(&[&a], "", "") + "\n[[listener]]\nname = \"second\"\naddress = \"127.0.0.1:0\"\n";
+    s.write(&two);
+    let Outcome::Applied(sum) = s.reload().await else {
+        panic!()
+    };
+    assert_eq!(sum.listeners_added, vec!["second".to_owned()]);
+    let second = s.server.listener_addr("second").expect("second listener");
+    assert_eq!(open(second).await.1, "A");
+    assert_eq!(
+        s.server.listener_addr("edge"),
+        Some(first),
+        "an unchanged listener keeps its socket"
+    );
+
+    // A changed option (hello_timeout) keeps the socket too.
+    s.write(&two.replacen(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nhello_timeout = \"3s\"\n",
+        1,
+    ));
+    let Outcome::Applied(sum) = s.reload().await else {
+        panic!()
+    };
+    assert_eq!(sum.listeners_updated, vec!["edge".to_owned()]);
+    assert_eq!(s.server.listener_addr("edge"), Some(first));
+    assert_eq!(open(first).await.1, "A");
+
+    // Remove the first listener: it stops accepting; its connection lives on.
+    s.write(
+        &two.replacen("name = \"edge\"", "name = \"gone\"", 1)
+            .replacen(
+                "[[listener]]\nname = \"gone\"\naddress = \"127.0.0.1:0\"\n",
+                "",
+                1,
+            ),
+    );
+    let Outcome::Applied(sum) = s.reload().await else {
+        panic!()
+    };
+    assert_eq!(sum.listeners_removed, vec!["edge".to_owned()]);
+    eventually("the removed listener refuses connections", || async {
+        TcpStream::connect(first).await.is_err()
+    })
+    .await;
+    assert_eq!(open(second).await.1, "A");
+    still_relays(old, "A").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_backend_keeps_its_state() {
+    let a = RawBackend::start("A", false).await;
+    let b = RawBackend::start("B", false).await;
+    let s = Setup::new(&conf(&[&a], "balance = \"least_conn\"", "")).await;
+    let addr = edge(&s.server);
+    let (held, _) = open(addr).await;
+    let before = s.server.rt.snapshot().pools["p"].backends[0].clone();
+    assert_eq!(before.active(), 1);
+
+    // Add B: A is the same object, still counting the held connection, so least_conn sends
+    // the next two connections to B and B.
+    s.write(&conf(&[&a, &b], "balance = \"least_conn\"", ""));
+    assert!(matches!(s.reload().await, Outcome::Applied(_)));
+    let snap = s.server.rt.snapshot();
+    let after = snap.pools["p"]
+        .backends
+        .iter()
+        .find(|x| x.address == a.address)
+        .unwrap();
+    assert!(std::sync::Arc::ptr_eq(&before, after));
+    assert_eq!(after.active(), 1);
+    let (c1, n1) = open(addr).await;
+    assert_eq!(n1, "B", "least_conn knows A already holds one");
+    drop(c1);
+    still_relays(held, "A").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_backend_is_closed_after_removed_drain_timeout() {
+    let a = RawBackend::start("A", false).await;
+    let b = RawBackend::start("B", false).await;
+    let extra = "removed_drain_timeout = \"400ms\"";
+    let top = "[lifecycle]\nclose_spread = \"0s\"";
+    let s = Setup::new(&conf(&[&a], extra, top)).await;
+    let addr = edge(&s.server);
+    let (mut held, _) = open(addr).await;
+
+    s.write(&conf(&[&b], extra, top));
+    let removed_at = Instant::now();
+    assert!(matches!(s.reload().await, Outcome::Applied(_)));
+    // Still open right after the reload...
+    held.write_all(b"x").await.unwrap();
+    assert!(read_to_end(&mut held, Duration::from_millis(200))
+        .await
+        .is_none());
+    // ...closed once removed_drain_timeout has passed.
+    let end = read_to_end(&mut held, Duration::from_secs(3)).await;
+    assert!(end.is_some(), "closed after removed_drain_timeout");
+    let took = removed_at.elapsed();
+    assert!(took >= Duration::from_millis(380), "closed after {took:?}");
+    eventually("counted as backend_removed", || async {
+        metric(
+            &s.server,
+            "sluice_connections_closed_total",
+            &[("reason", "backend_removed")],
+        )
+        .await
+            == 1.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_added_by_reload_waits_for_min_ready() {
+    let a = RawBackend::start("A", false).await;
+    let b = RawBackend::start("B", false).await;
+    let extra = "min_ready = \"1500ms\"\nbalance = \"round_robin\"";
+    let s = Setup::new(&conf(&[&a], extra, "")).await;
+    let addr = edge(&s.server);
+
+    s.write(&conf(&[&a, &b], extra, ""));
+    let added = Instant::now();
+    assert!(matches!(s.reload().await, Outcome::Applied(_)));
+    let mut names = Vec::new();
+    while added.elapsed() < Duration::from_millis(1000) {
+        names.push(open(addr).await.1);
+    }
+    assert!(names.len() >= 4, "{names:?}");
+    assert!(
+        names.iter().all(|n| n == "A"),
+        "a warming backend took connections: {names:?}"
+    );
+    let pools = s.server.rt.snapshot();
+    let view = pools.pools["p"].view();
+    let warming = view
+        .backends
+        .iter()
+        .find(|v| v.address == b.address)
+        .unwrap();
+    assert_eq!(warming.state, "warming");
+
+    tokio::time::sleep(Duration::from_millis(1600).saturating_sub(added.elapsed())).await;
+    let mut later = Vec::new();
+    for _ in 0..4 {
+        later.push(open(addr).await.1);
+    }
+    assert!(later.iter().any(|n| n == "B"), "after min_ready: {later:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_closes_the_leftovers_spread_over_close_spread() {
+    let a = RawBackend::start("A", false).await;
+    let top =
+        "[lifecycle]\ndrain_delay = \"0s\"\ndrain_timeout = \"200ms\"\nclose_spread = \"1500ms\"";
+    let s = Setup::new(&conf(&[&a], "", top)).await;
+    let addr = edge(&s.server);
+    let mut held = Vec::new();
+    for _ in 0..12 {
+        held.push(open(addr).await.0);
+    }
+    let started = Instant::now();
+    let server = std::sync::Arc::new(s.server);
+    let srv = server.clone();
+    let drain = tokio::spawn(async move { srv.drain(std::future::pending(), true).await });
+    let mut closed_at = Vec::new();
+    let waits: Vec<_> = held
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let _ = read_to_end(&mut c, Duration::from_secs(5)).await;
+                Instant::now()
+            })
+        })
+        .collect();
+    for w in waits {
+        closed_at.push(w.await.unwrap().duration_since(started));
+    }
+    drain.await.unwrap();
+    closed_at.sort();
+    let (first, last) = (closed_at[0], closed_at[closed_at.len() - 1]);
+    assert!(
+        first >= Duration::from_millis(190),
+        "nothing closes before drain_timeout: {closed_at:?}"
+    );
+    assert!(
+        last - first >= Duration::from_millis(400),
+        "closes are spread, not all at once: {closed_at:?}"
+    );
+    assert!(
+        last <= Duration::from_millis(2200),
+        "all closed within drain_timeout + close_spread: {closed_at:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conf_d_files_are_merged_and_their_errors_point_at_them() {
+    let a = RawBackend::start("A", false).await;
+    let b = RawBackend::start("B", false).await;
+    // The main file routes only SNI b.example.com to pool `p`; conf.d adds the rest.
+    let main = conf(&[&a], "", "").replace(
+        "name = \"all\"\n",
+        "name = \"b-only\"\nsni = [\"b.example.com\"]\n",
+    );
+    let s = Setup::new(&main).await;
+    let addr = edge(&s.server);
+    let conf_d = s.dir().join("conf.d");
+    std::fs::create_dir(&conf_d).unwrap();
+    let extra = format!(
+        "[[route]]\nname = \"rest\"\npool = \"q\"\n\n[pool.q]\nbackends = [\"{}\"]\n",
+        b.address
+    );
+    std::fs::write(conf_d.join("10-rest.toml"), &extra).unwrap();
+    // Not a .toml file: ignored.
+    std::fs::write(conf_d.join("notes.txt"), "[[route]]").unwrap();
+    assert!(matches!(s.reload().await, Outcome::Applied(_)));
+    assert_eq!(open(addr).await.1, "B", "the conf.d route serves the rest");
+    assert_eq!(
+        s.server.rt.snapshot().config.files.len(),
+        2,
+        "main + one conf.d file"
+    );
+
+    // An error in conf.d names that file and its line; [lifecycle] belongs to the main file.
+    std::fs::write(
+        conf_d.join("20-bad.toml"),
+        "\n[[route]]\nname = \"bad\"\npool = \"missing\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        conf_d.join("30-global.toml"),
+        "[lifecycle]\nmin_ready = \"1s\"\n",
+    )
+    .unwrap();
+    let Outcome::Rejected(errors) = s.reload().await else {
+        panic!()
+    };
+    let bad = conf_d.join("20-bad.toml").display().to_string();
+    assert!(
+        errors.contains(&format!(
+            "{bad}:4: route[0].pool: no pool is named `missing`"
+        )),
+        "{errors}"
+    );
+    assert!(
+        errors.contains(
+            "30-global.toml:1: lifecycle: [lifecycle] may only be set in the main config file"
+        ),
+        "{errors}"
+    );
+    assert_eq!(open(addr).await.1, "B", "the running config stays");
+}
+
+/// The ways people and tools replace a config file, seen by the watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_sees_every_way_of_replacing_a_file() {
+    let backends = [
+        RawBackend::start("A", false).await,
+        RawBackend::start("B", false).await,
+        RawBackend::start("C", false).await,
+        RawBackend::start("D", false).await,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    // Kubernetes layout: sluice.toml -> ..data/sluice.toml, ..data -> ..v1
+    let k8s = dir.path();
+    std::fs::create_dir(k8s.join("..v1")).unwrap();
+    std::fs::write(
+        k8s.join("..v1/sluice.toml"),
+        conf(&[&backends[0]], "", "[reload]\ndebounce = \"50ms\""),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..v1", k8s.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/sluice.toml", k8s.join("sluice.toml")).unwrap();
+    let path = k8s.join("sluice.toml");
+    let server = Server::start(Config::load(&path).unwrap()).await.unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(reload::watch(server.rt.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let addr = edge(&server);
+    let text = |i: usize| conf(&[&backends[i]], "", "[reload]\ndebounce = \"50ms\"");
+    let expect = |name: &'static str| {
+        let server = &server;
+        async move {
+            eventually(&format!("new connections reach {name}"), || async {
+                open(addr).await.1 == name
+            })
+            .await;
+            let _ = server;
+        }
+    };
+
+    // 1. Kubernetes ConfigMap update: a new ..v2 directory, ..data swapped atomically.
+    std::fs::create_dir(k8s.join("..v2")).unwrap();
+    std::fs::write(k8s.join("..v2/sluice.toml"), text(1)).unwrap();
+    std::os::unix::fs::symlink("..v2", k8s.join("..data_tmp")).unwrap();
+    std::fs::rename(k8s.join("..data_tmp"), k8s.join("..data")).unwrap();
+    std::fs::remove_dir_all(k8s.join("..v1")).unwrap();
+    expect("B").await;
+
+    // From here on a plain file (the symlink replaced by `mv`): 2. mv of a new file.
+    let staged = k8s.join("staged.new");
+    std::fs::write(&staged, text(2)).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    expect("C").await;
+
+    // 3. In-place write (truncate + write, as `cat > file` or `sed -i`-less editors).
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, text(3).as_bytes()).unwrap();
+    }
+    expect("D").await;
+
+    // 4. Editor-style: write a swap file, rename it over the original.
+    std::fs::write(k8s.join(".sluice.toml.swp"), text(0)).unwrap();
+    std::fs::rename(k8s.join(".sluice.toml.swp"), &path).unwrap();
+    expect("A").await;
+
+    stop.cancel();
+    server.shutdown().await;
+}
