@@ -107,6 +107,18 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
             let views: Vec<_> = snap.pools.values().map(|p| p.view()).collect();
             json(&views)
         }
+        "/debug/process" => {
+            let snap = rt.snapshot();
+            json(&serde_json::json!({
+                "pid": std::process::id(),
+                "version": env!("CARGO_PKG_VERSION"),
+                "state": rt.state(),
+                "uptime_seconds": rt.started.elapsed().as_secs_f64(),
+                "config_files": snap.config.files,
+                "config_hash": snap.config.hash,
+                "connections": rt.tracker.len(),
+            }))
+        }
         "/debug/listeners" => {
             let views: Vec<ListenerView> = rt
                 .listener_states()
@@ -124,7 +136,7 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners, POST /-/reload\n",
+            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners /debug/process, POST /-/reload\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

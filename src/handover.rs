@@ -175,15 +175,16 @@ impl Takeover {
 
 /// The control socket a running sluice waits for its successor on.
 pub struct ControlSocket {
-    listener: UnixListener,
+    listener: tokio::net::UnixListener,
     path: PathBuf,
     /// Cleared once a successor has taken the path over: it is no longer ours to remove.
     owns_path: bool,
 }
 
 impl ControlSocket {
-    /// Bind `path`. A stale socket file (nobody answers) is replaced; a live one is an error:
-    /// another sluice is running and `--upgrade` is how to replace it.
+    /// Bind `path` (from within the tokio runtime). A stale socket file (nobody answers) is
+    /// replaced; a live one is an error: another sluice is running and `--upgrade` is how
+    /// to replace it.
     pub fn bind(path: &Path) -> io::Result<ControlSocket> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
@@ -198,79 +199,86 @@ impl ControlSocket {
             std::fs::remove_file(path)?;
         }
         let listener = UnixListener::bind(path)?;
+        listener.set_nonblocking(true)?;
         Ok(ControlSocket {
-            listener,
+            listener: tokio::net::UnixListener::from_std(listener)?,
             path: path.to_path_buf(),
             owns_path: true,
         })
     }
 
-    /// Serve successors until one completes a handover (blocking: run it on a blocking
-    /// thread). `offer` lists the sockets to hand over at the moment of asking; `stop`
+    /// Serve successors until one completes a handover (`Ok(true)`) or `shutdown` fires
+    /// (`Ok(false)`). `offer` lists the sockets to hand over at the moment of asking; `stop`
     /// makes this process stop accepting, and runs before DRAINING is sent.
-    pub fn serve(
+    pub async fn serve(
         mut self,
-        offer: impl Fn() -> Vec<(String, RawFd)>,
+        offer: impl Fn() -> Vec<(String, RawFd)> + Send + Sync + 'static,
         stop: impl FnOnce(),
-    ) -> io::Result<()> {
-        let mut stop = Some(stop);
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> io::Result<bool> {
+        let offer = std::sync::Arc::new(offer);
         loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "upgrade socket accept failed");
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            };
-            match self.hand_over(&stream, &offer) {
-                Ok(()) => {
-                    // The successor is ready: stop accepting, then let it take the path.
-                    if let Some(stop) = stop.take() {
-                        stop();
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(false),
+                r = self.listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "upgrade socket accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
                     }
+                },
+            };
+            let stream = stream.into_std()?;
+            stream.set_nonblocking(false)?;
+            let offer = offer.clone();
+            // The conversation blocks (it waits for the successor to be ready).
+            let talked =
+                tokio::task::spawn_blocking(move || hand_over(&stream, &*offer).map(|()| stream))
+                    .await
+                    .map_err(io::Error::other)?;
+            match talked {
+                Ok(stream) => {
+                    // The successor is ready: stop accepting, then let it take the path.
+                    stop();
                     let _ = std::fs::remove_file(&self.path);
                     self.owns_path = false;
                     (&stream).write_all(b"DRAINING\n")?;
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(e) => tracing::warn!(error = %e,
                     "upgrade aborted before the new process was ready; still serving"),
             }
         }
     }
+}
 
-    fn hand_over(
-        &self,
-        stream: &UnixStream,
-        offer: &impl Fn() -> Vec<(String, RawFd)>,
-    ) -> io::Result<()> {
-        stream.set_read_timeout(Some(STEP_TIMEOUT))?;
-        let mut reader = BufReader::new(stream);
-        expect(&mut reader, "TAKEOVER")?;
-        let sockets = offer();
-        if sockets.len() > MAX_FDS {
-            return Err(io::Error::other(format!(
-                "{} sockets are more than one handover carries ({MAX_FDS})",
-                sockets.len()
-            )));
-        }
-        let (names, fds): (Vec<String>, Vec<RawFd>) = sockets.into_iter().unzip();
-        let mut msg = serde_json::to_vec(&Offer {
-            pid: std::process::id(),
-            names,
-        })
-        .map_err(io::Error::other)?;
-        msg.push(b'\n');
-        tracing::info!(
-            sockets = fds.len(),
-            "upgrade: handing the listening sockets over"
-        );
-        stream.send_with_fd(&msg, &fds)?;
-        // The new process becomes ready first (its min_ready included).
-        stream.set_read_timeout(Some(READY_TIMEOUT))?;
-        expect(&mut reader, "READY")
+fn hand_over(stream: &UnixStream, offer: &dyn Fn() -> Vec<(String, RawFd)>) -> io::Result<()> {
+    stream.set_read_timeout(Some(STEP_TIMEOUT))?;
+    let mut reader = BufReader::new(stream);
+    expect(&mut reader, "TAKEOVER")?;
+    let sockets = offer();
+    if sockets.len() > MAX_FDS {
+        return Err(io::Error::other(format!(
+            "{} sockets are more than one handover carries ({MAX_FDS})",
+            sockets.len()
+        )));
     }
+    let (names, fds): (Vec<String>, Vec<RawFd>) = sockets.into_iter().unzip();
+    let mut msg = serde_json::to_vec(&Offer {
+        pid: std::process::id(),
+        names,
+    })
+    .map_err(io::Error::other)?;
+    msg.push(b'\n');
+    tracing::info!(
+        sockets = fds.len(),
+        "upgrade: handing the listening sockets over"
+    );
+    stream.send_with_fd(&msg, &fds)?;
+    // The new process becomes ready first (its min_ready included).
+    stream.set_read_timeout(Some(READY_TIMEOUT))?;
+    expect(&mut reader, "READY")
 }
 
 impl Drop for ControlSocket {

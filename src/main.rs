@@ -181,7 +181,10 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(fut) {
+    let result = rt.block_on(fut);
+    // Do not wait for blocking threads (e.g. an upgrade conversation) to end.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sluice: {e:#}");

@@ -238,36 +238,36 @@ impl Server {
         }
 
         // The upgrade control socket: a successor takes the sockets over through it.
-        let (handed_over_tx, mut handed_over) = tokio::sync::oneshot::channel::<()>();
-        match &config.lifecycle.upgrade_socket {
-            None => drop(handed_over_tx),
-            Some(path) => match ControlSocket::bind(path) {
+        let handed_over = CancellationToken::new();
+        let stop_control = CancellationToken::new();
+        if let Some(path) = &config.lifecycle.upgrade_socket {
+            match ControlSocket::bind(path) {
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e,
                         "cannot serve upgrades on the control socket");
-                    drop(handed_over_tx);
                 }
                 Ok(control) => {
                     let rt = self.rt.clone();
                     let admin = self.admin.clone();
                     let stop_admin = self.stop_admin.clone();
                     let rt_stop = self.rt.clone();
-                    tokio::task::spawn_blocking(move || {
+                    let done = handed_over.clone();
+                    let shutdown = stop_control.clone();
+                    tokio::spawn(async move {
                         let offer = move || Self::offer(&rt, &admin);
                         let stop = move || {
                             rt_stop.set_state(State::Draining);
                             rt_stop.close_listeners();
                             stop_admin.cancel();
                         };
-                        match control.serve(offer, stop) {
-                            Ok(()) => {
-                                let _ = handed_over_tx.send(());
-                            }
+                        match control.serve(offer, stop, shutdown).await {
+                            Ok(true) => done.cancel(),
+                            Ok(false) => {}
                             Err(e) => tracing::error!(error = %e, "upgrade socket failed"),
                         }
                     });
                 }
-            },
+            }
         }
 
         let stop_watch = CancellationToken::new();
@@ -289,13 +289,14 @@ impl Server {
                     crate::reload::reload(&self.rt, "SIGHUP").await;
                 }
                 _ = usr2.recv() => start_upgrade(&config, &opts.upgrade_command),
-                Ok(()) = &mut handed_over => {
+                _ = handed_over.cancelled() => {
                     tracing::info!("upgrade: a new sluice took over the sockets; draining");
                     break false;
                 }
             }
         };
         stop_watch.cancel();
+        stop_control.cancel();
         let second = async move {
             tokio::select! {
                 _ = term.recv() => {},

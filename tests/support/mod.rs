@@ -14,6 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use sluice::demo::TaggedBackend;
 
+pub mod process;
+
 /// Start sluice from config text. `{name}` placeholders are replaced from `vars`.
 pub async fn start(config: &str, vars: &[(&str, String)]) -> Server {
     let mut text = config.to_owned();

@@ -1,0 +1,483 @@
+//! Live operations with the real binary: reload under load (file replacements, an invalid
+//! file, SIGHUP, POST /-/reload), the zero-downtime upgrade (fd handover between two
+//! processes, and SIGUSR2), systemd socket activation and notifications.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice::tls::hello::build;
+use support::process::{bound_addresses, have, Running};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+
+fn conf(backend: &RawBackend, top: &str) -> String {
+    format!(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+
+{top}
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+
+[[route]]
+name = "all"
+pool = "p"
+idle_timeout = "0s"
+
+[pool.p]
+backends = ["{}"]
+"#,
+        backend.address
+    )
+}
+
+fn spawn(args: &[&str], path: &Path) -> Running {
+    Running(
+        Command::new(BIN)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(path)
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+fn hello() -> Vec<u8> {
+    build::hello(Some("agent.example.com"), &["teleport-reversetunnel"])
+}
+
+async fn open(addr: SocketAddr) -> std::io::Result<(TcpStream, String)> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&hello()).await?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(1)) if b[0] == b'\n' => break,
+            Ok(Ok(1)) => line.push(b[0]),
+            Ok(Ok(_)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+    Ok((s, String::from_utf8_lossy(&line).into_owned()))
+}
+
+/// Clients opening connections continuously; counts successes and failures and remembers
+/// the backend names seen lately.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<Mutex<Vec<String>>>,
+    last: Arc<Mutex<String>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, workers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let last = Arc::new(Mutex::new(String::new()));
+        let tasks = (0..workers)
+            .map(|_| {
+                let (stop, ok, failed, last) =
+                    (stop.clone(), ok.clone(), failed.clone(), last.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match open(addr).await {
+                            Ok((_, name)) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                *last.lock().unwrap() = name;
+                            }
+                            Err(e) => failed.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            last,
+            tasks,
+        }
+    }
+
+    async fn until_last(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while *self.last.lock().unwrap() != name {
+            assert!(
+                Instant::now() < deadline,
+                "new connections never reached {name}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failed)
+    }
+}
+
+/// Every held tunnel still relays to `backend`.
+async fn tunnels_alive(tunnels: Vec<TcpStream>, backend: &str) {
+    for mut t in tunnels {
+        t.write_all(b"still here").await.expect("tunnel writable");
+        t.shutdown().await.unwrap();
+        let mut rest = String::new();
+        tokio::time::timeout(Duration::from_secs(5), t.read_to_string(&mut rest))
+            .await
+            .expect("tunnel answers")
+            .unwrap();
+        let sent = hello().len() + 10;
+        assert_eq!(
+            rest,
+            format!("{backend} got {sent} bytes\n"),
+            "a tunnel was cut"
+        );
+    }
+}
+
+#[test]
+fn reload_under_load_fails_nothing_and_cuts_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let bs = [
+            RawBackend::start("A", false).await,
+            RawBackend::start("B", false).await,
+            RawBackend::start("C", false).await,
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        let top = "[reload]\ndebounce = \"30ms\"";
+        std::fs::write(&path, conf(&bs[0], top)).unwrap();
+        let mut child = spawn(&[], &path);
+        let (edge, admin, log) = bound_addresses(&mut child);
+        let edge: SocketAddr = edge.parse().unwrap();
+
+        let mut tunnels = Vec::new();
+        for _ in 0..40 {
+            let (t, name) = open(edge).await.unwrap();
+            assert_eq!(name, "A");
+            tunnels.push(t);
+        }
+        let load = Load::start(edge, 4);
+
+        // In-place write.
+        std::fs::write(&path, conf(&bs[1], top)).unwrap();
+        load.until_last("B").await;
+        // Rename-over (editors) and `mv` of a new file.
+        std::fs::write(dir.path().join("new.tmp"), conf(&bs[2], top)).unwrap();
+        std::fs::rename(dir.path().join("new.tmp"), &path).unwrap();
+        load.until_last("C").await;
+        // An invalid file in the middle changes nothing.
+        std::fs::write(
+            &path,
+            conf(&bs[0], top).replace("pool = \"p\"", "pool = \"x\""),
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(*load.last.lock().unwrap(), "C");
+        let (_, metrics) = http_get(admin.parse().unwrap(), "/metrics").await;
+        assert!(
+            metrics.contains("sluice_config_last_reload_successful 0"),
+            "{metrics}"
+        );
+        // Then many rewrites, every 100 ms for 3 s, alternating the backend.
+        for i in 0..30 {
+            std::fs::write(&path, conf(&bs[i % 3], top)).unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        std::fs::write(&path, conf(&bs[1], top)).unwrap();
+        load.until_last("B").await;
+
+        let (ok, failed) = load.finish().await;
+        assert!(failed.is_empty(), "failed connections: {failed:?}");
+        assert!(ok > 100, "only {ok} connections were made");
+        tunnels_alive(tunnels, "A").await;
+
+        let (_, metrics) = http_get(admin.parse().unwrap(), "/metrics").await;
+        assert!(
+            metrics.contains("sluice_config_last_reload_successful 1"),
+            "{metrics}"
+        );
+        signal(child.id(), "TERM");
+        assert!(child.wait().unwrap().success());
+        let log = log.join().unwrap();
+        assert!(log.contains("no pool is named `x`"), "{log}");
+        eprintln!("reload under load: {ok} connections, 0 failed, 40 tunnels kept");
+    });
+}
+
+#[test]
+fn sighup_and_post_reload_when_the_watcher_is_off() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = RawBackend::start("A", false).await;
+        let b = RawBackend::start("B", false).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        let top = "[reload]\nwatch = false";
+        std::fs::write(&path, conf(&a, top)).unwrap();
+        let mut child = spawn(&[], &path);
+        let (edge, admin, _log) = bound_addresses(&mut child);
+        let (edge, admin): (SocketAddr, SocketAddr) =
+            (edge.parse().unwrap(), admin.parse().unwrap());
+
+        std::fs::write(&path, conf(&b, top)).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            open(edge).await.unwrap().1,
+            "A",
+            "no watcher: nothing changes yet"
+        );
+        signal(child.id(), "HUP");
+        eventually("SIGHUP reloads", || async {
+            open(edge).await.unwrap().1 == "B"
+        })
+        .await;
+
+        std::fs::write(&path, conf(&a, top)).unwrap();
+        let (status, body) = post(admin, "/-/reload").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"backends_added\": 1"), "{body}");
+        assert_eq!(open(edge).await.unwrap().1, "A");
+
+        std::fs::write(&path, "[[route]]\nname = 1\n").unwrap();
+        let (status, body) = post(admin, "/-/reload").await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains(&format!("{}:2: ", path.display())), "{body}");
+        assert_eq!(open(edge).await.unwrap().1, "A");
+        let (status, _) = http_get(admin, "/-/reload").await;
+        assert_eq!(status, 405, "GET is not a reload");
+    });
+}
+
+async fn post(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// A process that is not our child (started by a sluice on SIGUSR2): killed at the end.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Wait for a child to exit within `limit`.
+fn exits_within(child: &mut Running, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "process still running after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = RawBackend::start("A", false).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        let sock = dir.path().join("upgrade.sock");
+        let top = format!(
+            "[lifecycle]\nupgrade_socket = \"{}\"\ndrain_delay = \"0s\"\ndrain_timeout = \"30s\"\n[reload]\nwatch = false",
+            sock.display()
+        );
+        std::fs::write(&path, conf(&a, &top)).unwrap();
+        let mut old = spawn(&[], &path);
+        let (edge, admin, old_log) = bound_addresses(&mut old);
+        let edge: SocketAddr = edge.parse().unwrap();
+
+        let mut tunnels = Vec::new();
+        for _ in 0..10 {
+            tunnels.push(open(edge).await.unwrap().0);
+        }
+        let load = Load::start(edge, 4);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // The new process takes the sockets over.
+        let mut new = spawn(&["--upgrade"], &path);
+        let (edge2, admin2, new_log) = bound_addresses(&mut new);
+        assert_eq!(edge2, edge.to_string(), "same listening socket");
+        assert_eq!(admin2, admin, "same admin socket");
+        // The old one keeps its tunnels; it exits once they end.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(old.try_wait().unwrap().is_none(), "old process waits for its connections");
+        let (status, body) = http_get(admin.parse().unwrap(), "/readyz").await;
+        assert_eq!((status, body.as_str()), (200, "ready\n"), "the new process answers");
+        tunnels_alive(tunnels, "A").await;
+        let status = exits_within(&mut old, Duration::from_secs(10));
+        assert!(status.success(), "old process exit: {status:?}");
+        let (ok, failed) = load.finish().await;
+        assert!(failed.is_empty(), "refused or failed across the handover: {failed:?}");
+
+        // Again, by signal: SIGUSR2 makes the running process start its successor.
+        let load = Load::start(edge, 4);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signal(new.id(), "USR2");
+        let status = exits_within(&mut new, Duration::from_secs(20));
+        assert!(status.success(), "second process exit: {status:?}");
+        let (ok2, failed) = load.finish().await;
+        assert!(failed.is_empty(), "refused or failed across the SIGUSR2 upgrade: {failed:?}");
+        let (status, _) = http_get(admin.parse().unwrap(), "/readyz").await;
+        assert_eq!(status, 200, "the third process serves");
+        // The third process is the second one's child: find it through the admin API.
+        let (_, body) = http_get(admin.parse().unwrap(), "/debug/process").await;
+        let third = serde_json::from_str::<serde_json::Value>(&body).unwrap()["pid"]
+            .as_u64()
+            .unwrap() as u32;
+        assert_ne!(third, new.id());
+        let third = KillOnDrop(third);
+        signal(third.0, "TERM");
+        // Its stderr is the second process's pipe: the log ends when it exits.
+        let new_log = new_log.join().unwrap();
+        assert!(new_log.contains("upgrade complete"), "{new_log}");
+        assert!(new_log.contains("SIGUSR2: started the new sluice"), "{new_log}");
+        let old_log = old_log.join().unwrap();
+        assert!(
+            old_log.contains("a new sluice took over the sockets"),
+            "{old_log}"
+        );
+        eprintln!("upgrade: {ok} + {ok2} connections across two handovers, none failed");
+    });
+}
+
+/// `systemd-socket-activate` passes the listening socket as fd 3 with LISTEN_FDNAMES=edge,
+/// and sluice reports READY=1 / RELOADING=1 / STOPPING=1 on NOTIFY_SOCKET.
+#[test]
+fn socket_activation_and_systemd_notifications() {
+    if !have("systemd-socket-activate") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = RawBackend::start("A", false).await;
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        let text = conf(&a, "[reload]\nwatch = false").replace(
+            "address = \"127.0.0.1:0\"\n\n[[route]]",
+            &format!("address = \"127.0.0.1:{port}\"\n\n[[route]]"),
+        );
+        std::fs::write(&path, text).unwrap();
+        let notify_path = dir.path().join("notify.sock");
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+
+        let mut child = Running(
+            Command::new("systemd-socket-activate")
+                .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=edge"])
+                .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+                .arg(BIN)
+                .args(["--log-format", "json", "run", "--config"])
+                .arg(&path)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let edge: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // systemd-socket-activate binds, then execs sluice with the socket as fd 3.
+        let started = Instant::now();
+        let name = loop {
+            match open(edge).await {
+                Ok((_, name)) => break name,
+                Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the socket-activated edge never answered: {e}"),
+            }
+        };
+        assert_eq!(name, "A");
+        let mut buf = [0u8; 512];
+        let mut next = || {
+            let n = notify
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("a notification: {e}"));
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        };
+        let ready = next();
+        assert!(ready.contains("READY=1"), "{ready}");
+        let pid = child.id();
+        signal(pid, "HUP");
+        let reloading = next();
+        assert!(reloading.contains("RELOADING=1"), "{reloading}");
+        let ready = next();
+        assert!(ready.contains("READY=1"), "{ready}");
+        signal(pid, "TERM");
+        let stopping = next();
+        assert!(stopping.contains("STOPPING=1"), "{stopping}");
+        let status = exits_within(&mut child, Duration::from_secs(15));
+        assert!(status.success(), "{status:?}");
+        let mut log = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+        assert!(log.contains("using an inherited listening socket"), "{log}");
+    });
+}
