@@ -367,3 +367,74 @@ fn demo_splits_tunnels_from_clients() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// The shipped units are valid: `systemd-analyze verify` prints nothing (it only warns about
+/// unknown keys) and exits 0. The binary path is pointed at the test build.
+#[test]
+fn systemd_units_pass_systemd_analyze_verify() {
+    if !have("systemd-analyze") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
+    for unit in ["sluice.socket", "sluice.service"] {
+        let text = std::fs::read_to_string(src.join(unit))
+            .unwrap()
+            .replace("/usr/local/bin/sluice", BIN);
+        std::fs::write(dir.path().join(unit), text).unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(dir.path().join("sluice.socket"))
+        .arg(dir.path().join("sluice.service"))
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+/// The Kubernetes example: its embedded config passes `sluice check`, and the pod's grace
+/// period covers preStop + drain_delay + drain_timeout + close_spread.
+#[test]
+fn kubernetes_example_is_valid_and_consistent() {
+    let yaml = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/kubernetes/sluice.yaml"),
+    )
+    .unwrap();
+    let toml: String = yaml
+        .lines()
+        .skip_while(|l| !l.contains("sluice.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    // Backend names resolve inside the cluster only.
+    let toml = toml.replace("teleport-proxy.teleport.svc.cluster.local", "127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let (code, out) = check(&path);
+    assert_eq!(code, 0, "{out}\n{toml}");
+
+    let cfg = sluice::config::Config::load(&path).unwrap();
+    let number = |key: &str| -> u64 {
+        yaml.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{key} in the manifest"))
+    };
+    let grace = number("terminationGracePeriodSeconds:");
+    let pre_stop: u64 = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("command: [\"/bin/sleep\", \""))
+        .and_then(|v| v.trim_end_matches("\"]").parse().ok())
+        .expect("preStop sleep");
+    let lc = &cfg.lifecycle;
+    let needed = pre_stop + (lc.drain_delay + lc.drain_timeout + lc.close_spread).as_secs();
+    assert!(grace > needed, "grace {grace}s must exceed {needed}s");
+    assert!(
+        number("minReadySeconds:") >= lc.min_ready.as_secs(),
+        "minReadySeconds covers min_ready"
+    );
+}
