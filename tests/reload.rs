@@ -537,3 +537,16 @@ async fn the_watcher_sees_every_way_of_replacing_a_file() {
     stop.cancel();
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unready_until_min_ready_has_passed() {
+    let a = RawBackend::start("A", false).await;
+    let started = Instant::now();
+    let s = Setup::new(&conf(&[&a], "", "[lifecycle]\nmin_ready = \"700ms\"")).await;
+    assert_eq!(s.server.rt.state(), sluice::runtime::State::Starting);
+    // Serving (connections are routed) but not ready yet.
+    assert_eq!(open(edge(&s.server)).await.1, "A");
+    assert_eq!(s.server.rt.state(), sluice::runtime::State::Starting);
+    s.server.ready().await;
+    assert!(started.elapsed() >= Duration::from_millis(690));
+}
