@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::runtime::{unix_now, ReloadSummary, Runtime};
+use crate::runtime::{unix_now, ReloadSummary, Runtime, State};
 
 /// How a reload ended.
 #[derive(Debug)]
@@ -31,6 +31,10 @@ pub enum Outcome {
 
 /// Read the config files again and apply them. `trigger` is for the log.
 pub async fn reload(rt: &Arc<Runtime>, trigger: &str) -> Outcome {
+    if matches!(rt.state(), State::Draining | State::Closing) {
+        tracing::warn!(trigger, "reload ignored: sluice is draining");
+        return Outcome::Rejected("sluice is draining; reloads are off".into());
+    }
     let path = rt.snapshot().config.source.clone();
     crate::server::notify_systemd(&[
         sd_notify::NotifyState::Reloading,

@@ -287,17 +287,26 @@ impl Runtime {
     /// one cannot be bound.
     pub fn open_listeners(self: &Arc<Self>) -> anyhow::Result<()> {
         let cfgs = self.snapshot().config.listeners.clone();
-        self.sync_listeners(&cfgs, &mut ReloadSummary::default())
-            .map_err(|e| anyhow::anyhow!(e))
+        self.sync_listeners(&cfgs, &mut ReloadSummary::default(), || {})
+            .map_err(|e| anyhow::anyhow!(e))?;
+        // A handed-over socket no listener claims would queue clients nobody accepts.
+        let mut inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, sock) in inherited.drain() {
+            tracing::warn!(socket = %name, address = ?sock.local_addr().ok(),
+                "closing an inherited listening socket: no listener of that name in the config");
+        }
+        Ok(())
     }
 
     /// Make the running listeners match `cfgs`: bind new ones first (any failure changes
-    /// nothing), then start them, restart the accept loops of changed ones on the same
+    /// nothing), run `commit` (the snapshot swap, so new listeners route by the new
+    /// config), then start them, restart the accept loops of changed ones on the same
     /// socket, and stop removed ones. The names go into `summary`.
     fn sync_listeners(
         self: &Arc<Self>,
         cfgs: &[ListenerConfig],
         summary: &mut ReloadSummary,
+        commit: impl FnOnce(),
     ) -> Result<(), String> {
         let mut current = self.lock_listeners();
         let mut fresh: Vec<(ListenerConfig, Arc<TcpListener>)> = Vec::new();
@@ -321,6 +330,7 @@ impl Runtime {
                 }
             }
         }
+        commit();
         let ReloadSummary {
             listeners_added: added,
             listeners_removed: removed,
@@ -410,12 +420,23 @@ impl Runtime {
                     "this setting changes only at a restart or upgrade; keeping the running one");
             }
         }
-        self.sync_listeners(&config.listeners, &mut summary)?;
-
+        let listeners = config.listeners.clone();
+        let lifecycle_spread = config.lifecycle.close_spread;
         let max = config
             .limits
             .max_connections
             .unwrap_or_else(default_max_connections);
+        let old_hash = old.config.hash.clone();
+        let mut new = None;
+        self.sync_listeners(&listeners, &mut summary, || {
+            let snap = Arc::new(Snapshot::build(config, &self.metrics, &self.backends, true));
+            self.snapshot.store(snap.clone());
+            new = Some(snap);
+        })?;
+        let Some(new) = new else {
+            return Err("internal: the new snapshot was not built".into());
+        };
+
         let was = self.max_connections.swap(max, Ordering::Relaxed);
         if max > was {
             self.global_permits.add_permits(max - was);
@@ -430,13 +451,9 @@ impl Runtime {
             });
         }
         self.metrics.max_connections.set(max as i64);
-        self.close_spread_ms.store(
-            config.lifecycle.close_spread.as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        self.close_spread_ms
+            .store(lifecycle_spread.as_millis() as u64, Ordering::Relaxed);
 
-        let old_hash = old.config.hash.clone();
-        let new = Arc::new(Snapshot::build(config, &self.metrics, &self.backends, true));
         let kept = new.backend_set();
         let before = old.backend_set();
         summary.backends_added = kept.difference(&before).count();
@@ -456,7 +473,6 @@ impl Runtime {
                     .remove_label_values(&[name.as_str()]);
             }
         }
-        self.snapshot.store(new);
         let _ = self
             .metrics
             .config_info

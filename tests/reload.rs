@@ -550,3 +550,33 @@ async fn unready_until_min_ready_has_passed() {
     s.server.ready().await;
     assert!(started.elapsed() >= Duration::from_millis(690));
 }
+
+/// Sockets handed over (systemd, an upgrade) are matched to listeners by name; one that no
+/// listener claims is closed, not left queueing clients nobody accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inherited_sockets_are_matched_by_name_and_strays_closed() {
+    let a = RawBackend::start("A", false).await;
+    let edge_sock = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stray = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (edge_addr, stray_addr) = (edge_sock.local_addr().unwrap(), stray.local_addr().unwrap());
+    let text = conf(&[&a], "", "");
+    let cfg = Config::parse(Path::new("t.toml"), &text).unwrap();
+    let inherited = [
+        ("edge".to_owned(), edge_sock),
+        ("old-listener".to_owned(), stray),
+    ]
+    .into_iter()
+    .collect();
+    let server = Server::start_with(cfg, inherited).await.unwrap();
+    assert_eq!(
+        edge(&server),
+        edge_addr,
+        "the `edge` listener uses the inherited socket"
+    );
+    assert_eq!(open(edge_addr).await.1, "A");
+    assert!(
+        TcpStream::connect(stray_addr).await.is_err(),
+        "the unclaimed socket is closed"
+    );
+    server.shutdown().await;
+}
