@@ -131,6 +131,7 @@ pub async fn watch(rt: Arc<Runtime>, stop: CancellationToken) {
         return;
     }
     watch_conf_d(&mut watcher, &conf_d);
+    watch_target_dir(&mut watcher, &source, &dir);
     tracing::info!(dir = %dir.display(), debounce = ?debounce, "watching the config files");
     loop {
         tokio::select! {
@@ -146,6 +147,7 @@ pub async fn watch(rt: Arc<Runtime>, stop: CancellationToken) {
             }
         }
         watch_conf_d(&mut watcher, &conf_d);
+        watch_target_dir(&mut watcher, &source, &dir);
         reload(&rt, "file change").await;
     }
 }
@@ -154,5 +156,19 @@ pub async fn watch(rt: Arc<Runtime>, stop: CancellationToken) {
 fn watch_conf_d(watcher: &mut impl Watcher, dir: &Path) {
     if dir.is_dir() {
         let _ = watcher.watch(dir, RecursiveMode::NonRecursive);
+    }
+}
+
+/// When the config file is a symlink into another directory, watch that directory too, so an
+/// in-place edit of the target is seen. (Kubernetes swaps the `..data` link in `dir` itself.)
+fn watch_target_dir(watcher: &mut impl Watcher, source: &Path, dir: &Path) {
+    let Some(target_dir) = std::fs::canonicalize(source)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    else {
+        return;
+    };
+    if std::fs::canonicalize(dir).ok().as_deref() != Some(target_dir.as_path()) {
+        let _ = watcher.watch(&target_dir, RecursiveMode::NonRecursive);
     }
 }

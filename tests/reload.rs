@@ -580,3 +580,31 @@ async fn inherited_sockets_are_matched_by_name_and_strays_closed() {
     );
     server.shutdown().await;
 }
+
+/// The config file is a symlink into another directory; an in-place edit of the target is
+/// seen too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watcher_follows_a_symlinked_config_to_its_directory() {
+    let a = RawBackend::start("A", false).await;
+    let b = RawBackend::start("B", false).await;
+    let etc = tempfile::tempdir().unwrap();
+    let opt = tempfile::tempdir().unwrap();
+    let target = opt.path().join("real.toml");
+    let top = "[reload]\ndebounce = \"50ms\"";
+    std::fs::write(&target, conf(&[&a], "", top)).unwrap();
+    let link = etc.path().join("sluice.toml");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let server = Server::start(Config::load(&link).unwrap()).await.unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(reload::watch(server.rt.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let addr = edge(&server);
+    assert_eq!(open(addr).await.1, "A");
+    std::fs::write(&target, conf(&[&b], "", top)).unwrap();
+    eventually("the edit of the symlink target is seen", || async {
+        open(addr).await.1 == "B"
+    })
+    .await;
+    stop.cancel();
+    server.shutdown().await;
+}
