@@ -21,6 +21,10 @@ use crate::upstream::balancer::{Balance, HashKey};
 /// principle be larger, but no real ClientHello is, and the buffer is per connection.
 pub const MAX_HELLO_CAP: usize = 65536;
 
+/// The longest duration any setting accepts: far beyond any real timeout, and small enough
+/// that adding it to a clock reading can never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 // ---------------------------------------------------------------------------------------------
 // Errors
 
@@ -738,6 +742,14 @@ fn duration(
     match value {
         None => default,
         Some(text) => match humantime::parse_duration(text.trim()) {
+            Ok(d) if d > MAX_DURATION => {
+                errs.push(
+                    at,
+                    format!("`{text}` is longer than sluice allows (10 years)"),
+                    "use a shorter duration; \"0s\" means never where a timeout allows it",
+                );
+                default
+            }
             Ok(d) => d,
             Err(e) => {
                 errs.push(

@@ -20,7 +20,7 @@ use crate::listener::{apply_keepalive, ListenerState};
 use crate::proxy_protocol::{self, HeaderInfo};
 use crate::relay::{self, End};
 use crate::route::{Facts, TlsFacts};
-use crate::runtime::{Route, Runtime};
+use crate::runtime::{Route, Runtime, Snapshot};
 use crate::tls::hello::{self, ClientHello, Parse};
 use crate::upstream::{ActiveGuard, Backend};
 
@@ -160,9 +160,12 @@ pub async fn serve(
         end: "closed",
         detail: String::new(),
     };
+    // The config this connection lives with, whatever reloads happen later.
+    let snapshot = rt.snapshot();
     // The hello/connect phase is boxed: its state is freed before the (long) relay phase, so
     // an idle tunnel's task holds only what the relay needs.
-    let established = Box::pin(establish(&rt, &state, &mut stream, &mut log)).await;
+    let established = Box::pin(establish(&rt, &state, &mut stream, &snapshot, &mut log)).await;
+    drop(snapshot);
     if let Some((backend, route, guard)) = established {
         route.active.inc();
         let stop = Box::pin(stop_signal(rt.clone(), guard.backend().retire.clone()));
@@ -223,6 +226,7 @@ async fn establish(
     rt: &Runtime,
     state: &ListenerState,
     stream: &mut TcpStream,
+    snapshot: &Snapshot,
     log: &mut Log<'_>,
 ) -> Option<(TcpStream, Arc<Route>, ActiveGuard)> {
     let listener = state.config.name.as_str();
@@ -264,9 +268,6 @@ async fn establish(
         log.alpn = h.alpn.clone();
     }
 
-    // Routed by the config running now; the connection keeps this route and backend for its
-    // whole life, whatever reloads happen later.
-    let snapshot = rt.snapshot();
     let facts = Facts {
         listener,
         tls: tls.as_ref().map(|h| TlsFacts {

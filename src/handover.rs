@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -55,6 +55,15 @@ pub fn from_systemd() -> io::Result<HashMap<String, TcpListener>> {
                 format!("socket-activated fd {fd} (`{name}`): {e}"),
             )
         })?;
+        if out.contains_key(&name) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "two socket-activated sockets are named `{name}`: give each ListenStream \
+                     its own .socket unit with its own FileDescriptorName (= listener name)"
+                ),
+            ));
+        }
         out.insert(name, sock);
     }
     Ok(out)
@@ -212,7 +221,7 @@ impl ControlSocket {
     /// makes this process stop accepting, and runs before DRAINING is sent.
     pub async fn serve(
         mut self,
-        offer: impl Fn() -> Vec<(String, RawFd)> + Send + Sync + 'static,
+        offer: impl Fn() -> Vec<(String, OwnedFd)> + Send + Sync + 'static,
         stop: impl FnOnce(),
         shutdown: tokio_util::sync::CancellationToken,
     ) -> io::Result<bool> {
@@ -253,7 +262,7 @@ impl ControlSocket {
     }
 }
 
-fn hand_over(stream: &UnixStream, offer: &dyn Fn() -> Vec<(String, RawFd)>) -> io::Result<()> {
+fn hand_over(stream: &UnixStream, offer: &dyn Fn() -> Vec<(String, OwnedFd)>) -> io::Result<()> {
     stream.set_read_timeout(Some(STEP_TIMEOUT))?;
     let mut reader = BufReader::new(stream);
     expect(&mut reader, "TAKEOVER")?;
@@ -264,7 +273,9 @@ fn hand_over(stream: &UnixStream, offer: &dyn Fn() -> Vec<(String, RawFd)>) -> i
             sockets.len()
         )));
     }
-    let (names, fds): (Vec<String>, Vec<RawFd>) = sockets.into_iter().unzip();
+    let (names, owned): (Vec<String>, Vec<OwnedFd>) = sockets.into_iter().unzip();
+    // Held open (`owned`) until sent.
+    let fds: Vec<RawFd> = owned.iter().map(|f| f.as_raw_fd()).collect();
     let mut msg = serde_json::to_vec(&Offer {
         pid: std::process::id(),
         names,

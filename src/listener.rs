@@ -40,7 +40,7 @@ pub fn open(
 }
 
 /// Same address, or the configured one asks for any port (0) on the same IP.
-fn addresses_agree(configured: SocketAddr, actual: SocketAddr) -> bool {
+pub fn addresses_agree(configured: SocketAddr, actual: SocketAddr) -> bool {
     configured == actual || (configured.port() == 0 && configured.ip() == actual.ip())
 }
 

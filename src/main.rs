@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::config::Config;
-use sluice::handover;
 use sluice::server::{RunOptions, Server};
+use sluice::{handover, listener};
 
 #[derive(Parser)]
 #[command(
@@ -121,6 +121,16 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            // systemd keeps its own copy of each socket listening: one that no listener
+            // claims would queue clients forever.
+            if let Some(name) = inherited.keys().find(|n| cfg.listener(n).is_none()) {
+                eprintln!(
+                    "sluice: socket activation: the socket named `{name}` matches no [[listener]] \
+                     in {}; name the listener `{name}` or change FileDescriptorName",
+                    config.display()
+                );
+                return ExitCode::from(1);
+            }
             let mut takeover = None;
             if upgrade {
                 let Some(path) = cfg.lifecycle.upgrade_socket.clone() else {
@@ -137,7 +147,25 @@ fn main() -> ExitCode {
                             sockets = t.sockets.len(),
                             "upgrade: took the listening sockets over"
                         );
-                        inherited.extend(std::mem::take(&mut t.sockets));
+                        for (name, sock) in std::mem::take(&mut t.sockets) {
+                            // A listener whose address changed binds anew (the old process
+                            // keeps the old socket until it has drained).
+                            let wanted = if name == handover::ADMIN {
+                                cfg.admin.address
+                            } else {
+                                cfg.listener(&name).map(|l| l.address)
+                            };
+                            let agrees = match (wanted, sock.local_addr()) {
+                                (Some(w), Ok(have)) => listener::addresses_agree(w, have),
+                                _ => false,
+                            };
+                            if agrees {
+                                inherited.insert(name, sock);
+                            } else {
+                                tracing::info!(socket = %name,
+                                    "upgrade: not taking this socket over: not in the new config at that address");
+                            }
+                        }
                         takeover = Some(t);
                     }
                     Err(e) => {

@@ -268,19 +268,24 @@ impl Runtime {
             .extend(sockets);
     }
 
-    /// Raw descriptors of the running listeners, by name (for an upgrade handover).
-    pub fn listener_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
-        use std::os::fd::AsRawFd;
+    /// Duplicates of the running listeners' sockets, by name (for an upgrade handover: a
+    /// reload closing one meanwhile cannot make its descriptor number mean another file).
+    pub fn listener_fds(&self) -> Vec<(String, std::os::fd::OwnedFd)> {
+        use std::os::fd::AsFd;
         self.lock_listeners()
             .iter()
-            .map(|h| (h.state.config.name.clone(), h.socket.as_raw_fd()))
+            .filter_map(|h| {
+                let fd = h.socket.as_fd().try_clone_to_owned().ok()?;
+                Some((h.state.config.name.clone(), fd))
+            })
             .collect()
     }
 
     /// Stop every accept loop and close the listening sockets (drain, or after an upgrade).
     pub fn close_listeners(&self) {
+        let mut listeners = self.lock_listeners();
         self.accepting.cancel();
-        self.lock_listeners().clear();
+        listeners.clear();
     }
 
     /// Open the listeners of the running config (at startup). Fails, serving nothing, if
@@ -309,6 +314,9 @@ impl Runtime {
         commit: impl FnOnce(),
     ) -> Result<(), String> {
         let mut current = self.lock_listeners();
+        if self.accepting.is_cancelled() {
+            return Err("sluice is draining: listeners are closed".into());
+        }
         let mut fresh: Vec<(ListenerConfig, Arc<TcpListener>)> = Vec::new();
         {
             let mut inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner());

@@ -140,10 +140,14 @@ impl Server {
         let open = || self.rt.tracker.len();
 
         self.rt.set_state(State::Draining);
-        notify_systemd(&[
-            sd_notify::NotifyState::Stopping,
-            sd_notify::NotifyState::Status("draining"),
-        ]);
+        // After a handover the successor is the service's main process: STOPPING=1 from
+        // here would make systemd stop the whole unit, successor included.
+        if delay {
+            notify_systemd(&[
+                sd_notify::NotifyState::Stopping,
+                sd_notify::NotifyState::Status("draining"),
+            ]);
+        }
         let mut skipped = false;
         if delay {
             tracing::info!(connections = open(), drain_delay = ?cfg.drain_delay,
@@ -205,11 +209,17 @@ impl Server {
     }
 
     /// The sockets a successor takes over: every listener, and the admin API's.
-    fn offer(rt: &Runtime, admin: &Option<Arc<TcpListener>>) -> Vec<(String, i32)> {
-        use std::os::fd::AsRawFd;
+    fn offer(
+        rt: &Runtime,
+        admin: &Option<Arc<TcpListener>>,
+    ) -> Vec<(String, std::os::fd::OwnedFd)> {
+        use std::os::fd::AsFd;
         let mut v = rt.listener_fds();
-        if let Some(a) = admin {
-            v.push((handover::ADMIN.to_owned(), a.as_raw_fd()));
+        if let Some(fd) = admin
+            .as_ref()
+            .and_then(|a| a.as_fd().try_clone_to_owned().ok())
+        {
+            v.push((handover::ADMIN.to_owned(), fd));
         }
         v
     }
@@ -227,14 +237,20 @@ impl Server {
         if let Some(takeover) = opts.takeover {
             self.ready().await;
             let old = takeover.old_pid;
-            tokio::task::spawn_blocking(move || takeover.finish())
-                .await?
-                .context("upgrade: the old process did not confirm the handover")?;
-            notify_systemd(&[sd_notify::NotifyState::MainPid(std::process::id())]);
-            tracing::info!(
-                old_pid = old,
-                "upgrade complete: the old process is draining"
-            );
+            match tokio::task::spawn_blocking(move || takeover.finish()).await {
+                Ok(Ok(())) => {
+                    notify_systemd(&[sd_notify::NotifyState::MainPid(std::process::id())]);
+                    tracing::info!(
+                        old_pid = old,
+                        "upgrade complete: the old process is draining"
+                    );
+                }
+                // Keep serving: the sockets are shared, so whether the old process died or
+                // gave up waiting, nothing is lost by this one staying up.
+                Ok(Err(e)) => tracing::error!(old_pid = old, error = %e,
+                    "upgrade: the old process did not confirm the handover; serving anyway"),
+                Err(e) => tracing::error!(error = %e, "upgrade: handover failed; serving anyway"),
+            }
         }
 
         // The upgrade control socket: a successor takes the sockets over through it.

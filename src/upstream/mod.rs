@@ -39,7 +39,8 @@ pub struct Backend {
     /// False once a reload removed it: it takes no new connections.
     in_service: AtomicBool,
     /// Bumped on each removal and return, so a delayed close applies only to its own removal.
-    generation: AtomicU64,
+    /// Removal, return and the delayed close change `in_service`/`retire` under this lock.
+    generation: Mutex<u64>,
     /// Fires when its established connections must close (`removed_drain_timeout`, or the end
     /// of a drain: it is a child of the runtime's close token).
     pub retire: CancellationToken,
@@ -65,14 +66,19 @@ impl Backend {
 
     /// A reload removed it: no new connections; after `drain`, close the established ones.
     pub fn remove(self: &Arc<Self>, drain: Option<Duration>) {
-        self.in_service.store(false, Ordering::Release);
-        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let generation = {
+            let mut g = self.generation.lock().unwrap_or_else(|e| e.into_inner());
+            self.in_service.store(false, Ordering::Release);
+            *g += 1;
+            *g
+        };
         let Some(drain) = drain else { return };
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(drain).await;
             let Some(b) = me.upgrade() else { return };
-            if b.generation.load(Ordering::Acquire) == generation && !b.in_service() {
+            let g = b.generation.lock().unwrap_or_else(|e| e.into_inner());
+            if *g == generation && !b.in_service() {
                 tracing::info!(backend = %b.name, connections = b.active(),
                     "removed_drain_timeout passed: closing the removed backend's connections");
                 b.retire.cancel();
@@ -109,11 +115,16 @@ impl Backends {
         let key = (pool.name.clone(), b.address);
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = map.get(&key).and_then(Weak::upgrade) {
+            let mut g = existing
+                .generation
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if !existing.retire.is_cancelled() {
                 existing.weight.store(b.weight, Ordering::Relaxed);
                 if !existing.in_service.swap(true, Ordering::AcqRel) {
-                    existing.generation.fetch_add(1, Ordering::AcqRel);
+                    *g += 1;
                 }
+                drop(g);
                 return existing;
             }
         }
@@ -128,7 +139,7 @@ impl Backends {
                 .with_label_values(&[pool.name.as_str(), b.name.as_str()]),
             ready_at: Instant::now() + if warm { pool.min_ready } else { Duration::ZERO },
             in_service: AtomicBool::new(true),
-            generation: AtomicU64::new(0),
+            generation: Mutex::new(0),
             retire: self.close_all.child_token(),
         });
         map.insert(key, Arc::downgrade(&backend));
