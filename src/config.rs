@@ -1369,6 +1369,21 @@ backends = ["localhost:3080"]
 "#;
 
     #[test]
+    fn absurd_durations_are_errors_not_overflows() {
+        let text = format!("{GOOD}\n[lifecycle]\nclose_spread = \"20years\"\n");
+        let errs = parse(&text).unwrap_err().to_string();
+        assert!(
+            errs.contains("lifecycle.close_spread: `20years` is longer than sluice allows"),
+            "{errs}"
+        );
+        let text = GOOD.replace(
+            "balance = \"p2c\"",
+            "balance = \"p2c\"\nmin_ready = \"9999999years\"",
+        );
+        assert!(parse(&text).is_err());
+    }
+
+    #[test]
     fn good_config() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.routes.len(), 2);

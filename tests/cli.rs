@@ -377,7 +377,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
     }
     let dir = tempfile::tempdir().unwrap();
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
-    for unit in ["sluice.socket", "sluice.service"] {
+    for unit in ["sluice.socket", "sluice-edge6.socket", "sluice.service"] {
         let text = std::fs::read_to_string(src.join(unit))
             .unwrap()
             .replace("/usr/local/bin/sluice", BIN);
@@ -386,6 +386,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.path().join("sluice.socket"))
+        .arg(dir.path().join("sluice-edge6.socket"))
         .arg(dir.path().join("sluice.service"))
         .output()
         .unwrap();

@@ -44,15 +44,20 @@ backends = ["{}"]
 }
 
 fn spawn(args: &[&str], path: &Path) -> Running {
-    Running(
-        Command::new(BIN)
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(path)
-            .args(args)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
+    spawn_notifying(args, path, None)
+}
+
+/// `notify`: a NOTIFY_SOCKET path, as systemd would give.
+fn spawn_notifying(args: &[&str], path: &Path, notify: Option<&Path>) -> Running {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(path)
+        .args(args)
+        .stderr(Stdio::piped());
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
+    Running(cmd.spawn().unwrap())
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -346,7 +351,11 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
             sock.display()
         );
         std::fs::write(&path, conf(&a, &top)).unwrap();
-        let mut old = spawn(&[], &path);
+        // As under systemd with NotifyAccess=all: both processes notify the same socket.
+        let notify_path = dir.path().join("notify.sock");
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_nonblocking(true).unwrap();
+        let mut old = spawn_notifying(&[], &path, Some(&notify_path));
         let (edge, admin, old_log) = bound_addresses(&mut old);
         let edge: SocketAddr = edge.parse().unwrap();
 
@@ -358,7 +367,7 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
         tokio::time::sleep(Duration::from_millis(200)).await;
 
         // The new process takes the sockets over.
-        let mut new = spawn(&["--upgrade"], &path);
+        let mut new = spawn_notifying(&["--upgrade"], &path, Some(&notify_path));
         let (edge2, admin2, new_log) = bound_addresses(&mut new);
         assert_eq!(edge2, edge.to_string(), "same listening socket");
         assert_eq!(admin2, admin, "same admin socket");
@@ -372,6 +381,15 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
         assert!(status.success(), "old process exit: {status:?}");
         let (ok, failed) = load.finish().await;
         assert!(failed.is_empty(), "refused or failed across the handover: {failed:?}");
+        // systemd learns the new main pid, and never hears STOPPING=1 (it would stop the
+        // whole unit, the new process included).
+        let mut said = String::new();
+        let mut buf = [0u8; 512];
+        while let Ok(n) = notify.recv(&mut buf) {
+            said.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(said.contains(&format!("MAINPID={}", new.id())), "{said}");
+        assert!(!said.contains("STOPPING=1"), "{said}");
 
         // Again, by signal: SIGUSR2 makes the running process start its successor.
         let load = Load::start(edge, 4);
@@ -420,7 +438,11 @@ fn socket_activation_and_systemd_notifications() {
         };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sluice.toml");
-        let text = conf(&a, "[reload]\nwatch = false").replace(
+        let text = conf(
+            &a,
+            "[lifecycle]\ndrain_delay = \"0s\"\n[reload]\nwatch = false",
+        )
+        .replace(
             "address = \"127.0.0.1:0\"\n\n[[route]]",
             &format!("address = \"127.0.0.1:{port}\"\n\n[[route]]"),
         );
@@ -479,5 +501,29 @@ fn socket_activation_and_systemd_notifications() {
         let mut log = String::new();
         std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
         assert!(log.contains("using an inherited listening socket"), "{log}");
+
+        // A socket no listener claims is an error, not a port that queues clients forever.
+        let mut wrong = Running(
+            Command::new("systemd-socket-activate")
+                .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=other", BIN])
+                .args(["run", "--config"])
+                .arg(&path)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        let started = Instant::now();
+        while TcpStream::connect(edge).await.is_err() {
+            assert!(started.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let status = exits_within(&mut wrong, Duration::from_secs(10));
+        assert_eq!(status.code(), Some(1));
+        let mut err = String::new();
+        std::io::Read::read_to_string(wrong.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(
+            err.contains("the socket named `other` matches no [[listener]]"),
+            "{err}"
+        );
     });
 }

@@ -608,3 +608,36 @@ async fn the_watcher_follows_a_symlinked_config_to_its_directory() {
     stop.cancel();
     server.shutdown().await;
 }
+
+/// A reload arriving during a drain changes nothing and binds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reload_while_draining() {
+    let a = RawBackend::start("A", false).await;
+    let b = RawBackend::start("B", false).await;
+    let top = "[lifecycle]\ndrain_delay = \"0s\"\ndrain_timeout = \"2s\"";
+    let s = Setup::new(&conf(&[&a], "", top)).await;
+    let addr = edge(&s.server);
+    let (held, _) = open(addr).await;
+    let server = std::sync::Arc::new(s.server);
+    let srv = server.clone();
+    let drain = tokio::spawn(async move { srv.drain(std::future::pending(), true).await });
+    eventually("listener closed", || async {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    std::fs::write(
+        &s.path,
+        conf(&[&b], "", top) + "\n[[listener]]\nname = \"late\"\naddress = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        reload::reload(&server.rt, "test").await,
+        Outcome::Rejected(_)
+    ));
+    assert!(
+        server.listener_addr("late").is_none(),
+        "no listener bound during a drain"
+    );
+    still_relays(held, "A").await;
+    drain.await.unwrap();
+}
