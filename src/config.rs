@@ -339,6 +339,8 @@ struct RawListener {
     keepalive_idle: Option<String>,
     keepalive_interval: Option<String>,
     keepalive_count: Option<i64>,
+    accept_proxy: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 /// The keepalive keys of a listener or pool (both spell them the same way).
@@ -482,6 +484,21 @@ pub struct ListenerConfig {
     pub max_connections: Option<usize>,
     pub reuse_port: bool,
     pub keepalive: Keepalive,
+    /// Inbound PROXY protocol (sluice behind an NLB or HAProxy).
+    pub accept_proxy: AcceptProxy,
+    /// Sources allowed to send a PROXY header.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// Whether a listener expects a PROXY header before the client's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptProxy {
+    None,
+    V1,
+    V2,
+    /// v1, v2 or nothing, from trusted sources.
+    Optional,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1156,6 +1173,48 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 keepalive_count: rl.keepalive_count,
             },
         );
+        let accept_proxy = match rl.accept_proxy.as_deref() {
+            None | Some("none") => AcceptProxy::None,
+            Some("v1") => AcceptProxy::V1,
+            Some("v2") => AcceptProxy::V2,
+            Some("optional") => AcceptProxy::Optional,
+            Some(other) => {
+                errs.push(
+                    &at.key("accept_proxy"),
+                    format!("unknown PROXY protocol mode `{other}`"),
+                    "use one of: none, v1, v2, optional",
+                );
+                AcceptProxy::None
+            }
+        };
+        let mut trusted_proxies = Vec::new();
+        for (j, text) in rl.trusted_proxies.iter().flatten().enumerate() {
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => errs.push(
+                    &at.key("trusted_proxies").index(j),
+                    format!("`{text}` is not an address or CIDR block"),
+                    "write e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\"",
+                ),
+            }
+        }
+        if accept_proxy != AcceptProxy::None && rl.trusted_proxies.is_none() {
+            errs.push(
+                &at.key("accept_proxy"),
+                "accept_proxy needs trusted_proxies: a PROXY header from anyone else would let them choose their address",
+                "list the load balancers' addresses, e.g. trusted_proxies = [\"10.0.0.0/8\"] (\"0.0.0.0/0\" and \"::/0\" trust everyone)",
+            );
+        }
+        if accept_proxy == AcceptProxy::None && rl.trusted_proxies.is_some() {
+            errs.push(
+                &at.key("trusted_proxies"),
+                "has no effect without accept_proxy",
+                "set accept_proxy = \"v2\" (or v1, optional), or remove trusted_proxies",
+            );
+        }
         listeners.push(ListenerConfig {
             name,
             address,
@@ -1165,6 +1224,8 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
             max_connections,
             reuse_port: rl.reuse_port.unwrap_or(true),
             keepalive,
+            accept_proxy,
+            trusted_proxies,
         });
     }
 
@@ -1367,6 +1428,43 @@ proxy_protocol = "v2"
 [pool.client]
 backends = ["localhost:3080"]
 "#;
+
+    #[test]
+    fn accept_proxy_needs_trusted_proxies() {
+        let with = |keys: &str| {
+            GOOD.replacen(
+                "address = \"127.0.0.1:0\"\n",
+                &format!("address = \"127.0.0.1:0\"\n{keys}\n"),
+                1,
+            )
+        };
+        let errs = parse(&with("accept_proxy = \"v2\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains("t.toml:5: listener[0].accept_proxy: accept_proxy needs trusted_proxies"),
+            "{errs}"
+        );
+        let errs = parse(&with("trusted_proxies = [\"10.0.0.0/8\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            errs.contains("trusted_proxies: has no effect without accept_proxy"),
+            "{errs}"
+        );
+        let errs = parse(&with(
+            "accept_proxy = \"v3\"\ntrusted_proxies = [\"10.0.0.0/8\", \"nope\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(errs.contains("unknown PROXY protocol mode `v3`"), "{errs}");
+        assert!(
+            errs.contains("trusted_proxies[1]: `nope` is not an address or CIDR block"),
+            "{errs}"
+        );
+        let ok = parse(&with("accept_proxy = \"optional\"\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"::/0\"]")).unwrap();
+        assert_eq!(ok.listeners[0].trusted_proxies.len(), 3);
+    }
 
     #[test]
     fn absurd_durations_are_errors_not_overflows() {

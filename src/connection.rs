@@ -32,9 +32,126 @@ enum Hello {
     Rejected(&'static str, String),
 }
 
-async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>, state: &ListenerState) -> Hello {
+/// Where the connection really comes from, when a trusted load balancer says so.
+struct Origin {
+    client: SocketAddr,
+    local: Option<SocketAddr>,
+}
+
+/// Read and strip an inbound PROXY header per the listener's `accept_proxy`. On success the
+/// bytes after the header stay in `buf` (the start of the hello), with the metric result:
+/// `ok` (an origin), `local` (a LOCAL/UNKNOWN header: the connection's own addresses stand),
+/// `absent` (optional mode, no header). `Err((result, reason, detail))`: the connection is
+/// closed.
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    cfg: &crate::config::ListenerConfig,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<(Option<Origin>, &'static str), (&'static str, &'static str, String)> {
+    use crate::config::AcceptProxy;
+    use crate::proxy_protocol::{parse_inbound, Inbound, MAX_V2_HEADER};
+    // An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d; match it as IPv4 too.
+    let ip = peer.ip();
+    let trusted = cfg
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(&ip) || n.contains(&ip.to_canonical()));
+    let required = matches!(cfg.accept_proxy, AcceptProxy::V1 | AcceptProxy::V2);
+    if !trusted && required {
+        return Err((
+            "untrusted",
+            "proxy_untrusted",
+            format!("{peer} is not in trusted_proxies; this listener requires a PROXY header"),
+        ));
+    }
+    loop {
+        match parse_inbound(buf) {
+            Inbound::Incomplete => {}
+            Inbound::Absent if required => {
+                return Err((
+                    "missing",
+                    "proxy_missing",
+                    "no PROXY header; this listener requires one".into(),
+                ))
+            }
+            Inbound::Absent => return Ok((None, "absent")),
+            Inbound::Malformed(m) => return Err(("malformed", "proxy_malformed", m)),
+            Inbound::Header { .. } if !trusted => {
+                return Err((
+                    "untrusted",
+                    "proxy_untrusted",
+                    format!("PROXY header from {peer}, which is not in trusted_proxies"),
+                ))
+            }
+            Inbound::Header { version, .. }
+                if (cfg.accept_proxy == AcceptProxy::V1 && version != 1)
+                    || (cfg.accept_proxy == AcceptProxy::V2 && version != 2) =>
+            {
+                return Err((
+                    "malformed",
+                    "proxy_malformed",
+                    format!(
+                        "PROXY v{version} header; this listener accepts only {:?}",
+                        cfg.accept_proxy
+                    ),
+                ))
+            }
+            Inbound::Header {
+                consumed,
+                source,
+                destination,
+                ..
+            } => {
+                buf.drain(..consumed);
+                let origin = source.map(|client| Origin {
+                    client,
+                    local: destination,
+                });
+                let result = if origin.is_some() { "ok" } else { "local" };
+                return Ok((origin, result));
+            }
+        }
+        if buf.len() >= MAX_V2_HEADER {
+            return Err((
+                "malformed",
+                "proxy_malformed",
+                "PROXY header too large".into(),
+            ));
+        }
+        if buf.capacity() == buf.len() {
+            buf.reserve(512);
+        }
+        let room = MAX_V2_HEADER - buf.len();
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await
+        {
+            Err(_) => {
+                return Err((
+                    "timeout",
+                    "proxy_timeout",
+                    "no complete PROXY header within hello_timeout".into(),
+                ))
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Err((
+                    "eof",
+                    "client_closed_early",
+                    "client closed before a complete PROXY header".into(),
+                ))
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+async fn read_hello(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    state: &ListenerState,
+    deadline: tokio::time::Instant,
+) -> Hello {
     let cap = state.config.max_hello_size;
-    let deadline = tokio::time::Instant::now() + state.config.hello_timeout;
     loop {
         match hello::parse(buf) {
             Parse::Hello { hello, .. } => return Hello::Tls(hello),
@@ -236,7 +353,35 @@ async fn establish(
     }
 
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let hello = read_hello(stream, &mut buf, state).await;
+    let deadline = tokio::time::Instant::now() + state.config.hello_timeout;
+    let mut local = None;
+    if state.config.accept_proxy != crate::config::AcceptProxy::None {
+        let outcome =
+            read_proxy_header(stream, &mut buf, &state.config, log.client, deadline).await;
+        let result = match &outcome {
+            Ok((_, result)) | Err((result, _, _)) => *result,
+        };
+        rt.metrics
+            .proxy_inbound
+            .with_label_values(&[listener, result])
+            .inc();
+        match outcome {
+            Ok((Some(origin), _)) => {
+                log.client = origin.client;
+                local = origin.local;
+            }
+            Ok((None, _)) => {}
+            Err((result, end, detail)) => {
+                if result != "eof" {
+                    tracing::warn!(conn = log.id, peer = %log.client, listener, reason = result, "{detail}");
+                }
+                log.end = end;
+                log.detail = detail;
+                return None;
+            }
+        }
+    }
+    let hello = read_hello(stream, &mut buf, state, deadline).await;
     let result = match &hello {
         Hello::Tls(_) => "ok",
         Hello::Plain => "not_tls",
@@ -302,7 +447,7 @@ async fn establish(
     log.backend = Some(guard.backend().clone());
 
     // Replay what the client sent, behind the PROXY header if the pool wants one, in one write.
-    let local = stream.local_addr().unwrap_or(state.local_addr);
+    let local = local.unwrap_or_else(|| stream.local_addr().unwrap_or(state.local_addr));
     let info = HeaderInfo {
         client: log.client,
         local,

@@ -32,6 +32,7 @@ pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "sluice_config_last_reload_succe
 pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
     "sluice_config_last_reload_success_timestamp_seconds";
 pub const CONFIG_INFO: &str = "sluice_config_info";
+pub const PROXY_INBOUND: &str = "sluice_proxy_protocol_inbound_total";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -72,6 +73,8 @@ pub struct Metrics {
     pub last_reload_success_timestamp: IntGauge,
     /// {hash}: 1 for the config running now
     pub config_info: IntGaugeVec,
+    /// {listener, result}: ok, local, absent, untrusted, missing, malformed, timeout, eof
+    pub proxy_inbound: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -127,6 +130,12 @@ impl Metrics {
         r.register(Box::new(last_reload_success_timestamp.clone()))
             .expect("unique metric");
         Metrics {
+            proxy_inbound: counter(
+                &r,
+                PROXY_INBOUND,
+                "Inbound PROXY protocol headers on listeners with accept_proxy, by outcome.",
+                &["listener", "result"],
+            ),
             reloads: counter(
                 &r,
                 CONFIG_RELOADS,

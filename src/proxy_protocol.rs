@@ -89,3 +89,211 @@ mod tests {
         assert_eq!(encode(ProxyProtocol::None, &info).unwrap(), None);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Inbound: sluice behind a load balancer that sends PROXY headers (an NLB, HAProxy).
+
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+const V1_PREFIX: &[u8; 6] = b"PROXY ";
+/// v1 headers are at most 107 bytes (spec); v2 headers here at most this much (addresses and
+/// TLVs: load balancers send a few dozen bytes).
+pub const MAX_V2_HEADER: usize = 16 + 2048;
+
+/// What the start of a connection says about a PROXY header.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// Not enough bytes to tell.
+    Incomplete,
+    /// No PROXY header: the bytes are the client's own.
+    Absent,
+    /// A header of `consumed` bytes. `source`/`destination` are `None` for LOCAL (the load
+    /// balancer's own health check) or UNKNOWN: the connection's own addresses stand.
+    Header {
+        version: u8,
+        consumed: usize,
+        source: Option<SocketAddr>,
+        destination: Option<SocketAddr>,
+    },
+    Malformed(String),
+}
+
+/// Look for a PROXY header (v1 or v2) at the start of `buf`. Sans-IO: call again with more
+/// bytes while it says `Incomplete`.
+pub fn parse_inbound(buf: &[u8]) -> Inbound {
+    let n = buf.len().min(12);
+    if buf[..n] == V2_SIGNATURE[..n] {
+        if buf.len() < 16 {
+            return Inbound::Incomplete;
+        }
+        let total = 16 + u16::from_be_bytes([buf[14], buf[15]]) as usize;
+        if total > MAX_V2_HEADER {
+            return Inbound::Malformed(format!(
+                "PROXY v2 header of {total} bytes is larger than {MAX_V2_HEADER}"
+            ));
+        }
+        if buf.len() < total {
+            return Inbound::Incomplete;
+        }
+        return match ppp::v2::Header::try_from(&buf[..total]) {
+            Ok(h) => {
+                let (source, destination) = match (h.command, h.addresses) {
+                    (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv4(a)) => (
+                        Some(SocketAddr::from((a.source_address, a.source_port))),
+                        Some(SocketAddr::from((
+                            a.destination_address,
+                            a.destination_port,
+                        ))),
+                    ),
+                    (ppp::v2::Command::Proxy, ppp::v2::Addresses::IPv6(a)) => (
+                        Some(SocketAddr::from((a.source_address, a.source_port))),
+                        Some(SocketAddr::from((
+                            a.destination_address,
+                            a.destination_port,
+                        ))),
+                    ),
+                    _ => (None, None),
+                };
+                Inbound::Header {
+                    version: 2,
+                    consumed: total,
+                    source,
+                    destination,
+                }
+            }
+            Err(e) => Inbound::Malformed(format!("PROXY v2 header: {e}")),
+        };
+    }
+    let n = buf.len().min(6);
+    if buf[..n] == V1_PREFIX[..n] {
+        // A v1 header is one line of at most 107 bytes: parse it once the line is complete.
+        let Some(end) = buf.windows(2).take(106).position(|w| w == b"\r\n") else {
+            return if buf.len() >= 107 {
+                Inbound::Malformed("PROXY v1 header: no CRLF within 107 bytes".into())
+            } else {
+                Inbound::Incomplete
+            };
+        };
+        return match ppp::v1::Header::try_from(&buf[..end + 2]) {
+            Ok(h) => {
+                let (source, destination) = match h.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => (
+                        Some(SocketAddr::from((a.source_address, a.source_port))),
+                        Some(SocketAddr::from((
+                            a.destination_address,
+                            a.destination_port,
+                        ))),
+                    ),
+                    ppp::v1::Addresses::Tcp6(a) => (
+                        Some(SocketAddr::from((a.source_address, a.source_port))),
+                        Some(SocketAddr::from((
+                            a.destination_address,
+                            a.destination_port,
+                        ))),
+                    ),
+                    ppp::v1::Addresses::Unknown => (None, None),
+                };
+                Inbound::Header {
+                    version: 1,
+                    consumed: h.header.len(),
+                    source,
+                    destination,
+                }
+            }
+            Err(e) => Inbound::Malformed(format!("PROXY v1 header: {e}")),
+        };
+    }
+    if buf.is_empty() {
+        Inbound::Incomplete
+    } else {
+        Inbound::Absent
+    }
+}
+
+#[cfg(test)]
+mod inbound_tests {
+    use super::*;
+
+    fn v2(src: &str, dst: &str) -> Vec<u8> {
+        encode(
+            ProxyProtocol::V2,
+            &HeaderInfo {
+                client: src.parse().unwrap(),
+                local: dst.parse().unwrap(),
+                alpn: Some("h2"),
+                sni: Some("a.example.com"),
+            },
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    #[test]
+    fn v2_with_tlvs_and_the_hello_after_it() {
+        let mut buf = v2("192.0.2.7:51000", "10.0.0.1:443");
+        let header_len = buf.len();
+        buf.extend_from_slice(b"\x16\x03\x01rest of the hello");
+        for cut in 0..header_len {
+            assert_eq!(parse_inbound(&buf[..cut]), Inbound::Incomplete, "cut {cut}");
+        }
+        assert_eq!(
+            parse_inbound(&buf),
+            Inbound::Header {
+                version: 2,
+                consumed: header_len,
+                source: Some("192.0.2.7:51000".parse().unwrap()),
+                destination: Some("10.0.0.1:443".parse().unwrap()),
+            }
+        );
+    }
+
+    #[test]
+    fn v1_tcp4_tcp6_and_unknown() {
+        let line = b"PROXY TCP4 192.0.2.7 10.0.0.1 51000 443\r\n\x16\x03\x01";
+        for cut in 0..line.len() - 3 {
+            assert_eq!(
+                parse_inbound(&line[..cut]),
+                Inbound::Incomplete,
+                "cut {cut}"
+            );
+        }
+        assert_eq!(
+            parse_inbound(line),
+            Inbound::Header {
+                version: 1,
+                consumed: line.len() - 3,
+                source: Some("192.0.2.7:51000".parse().unwrap()),
+                destination: Some("10.0.0.1:443".parse().unwrap()),
+            }
+        );
+        let v6 = b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 443\r\n";
+        assert!(matches!(
+            parse_inbound(v6),
+            Inbound::Header { version: 1, source: Some(s), .. } if s.is_ipv6()
+        ));
+        assert!(matches!(
+            parse_inbound(b"PROXY UNKNOWN\r\n"),
+            Inbound::Header { source: None, .. }
+        ));
+    }
+
+    #[test]
+    fn absent_and_malformed() {
+        assert_eq!(parse_inbound(b"\x16\x03\x01\x02\x00"), Inbound::Absent);
+        assert_eq!(parse_inbound(b"GET / HTTP/1.1\r\n"), Inbound::Absent);
+        assert!(matches!(
+            parse_inbound(b"PROXY TCP4 not-an-ip 10.0.0.1 1 2\r\n"),
+            Inbound::Malformed(_)
+        ));
+        assert!(matches!(
+            parse_inbound(&[b"PROXY TCP4 ".as_slice(), &[b'1'; 200]].concat()),
+            Inbound::Malformed(_)
+        ));
+        let mut big = V2_SIGNATURE.to_vec();
+        big.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        assert!(matches!(parse_inbound(&big), Inbound::Malformed(_)));
+        let mut bad_version = V2_SIGNATURE.to_vec();
+        bad_version.extend_from_slice(&[0x31, 0x11, 0x00, 0x0c]);
+        bad_version.extend_from_slice(&[0; 12]);
+        assert!(matches!(parse_inbound(&bad_version), Inbound::Malformed(_)));
+    }
+}

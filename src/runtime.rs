@@ -501,6 +501,8 @@ fn same_listener(a: &ListenerConfig, b: &ListenerConfig) -> bool {
         && a.max_connections == b.max_connections
         && a.reuse_port == b.reuse_port
         && a.keepalive == b.keepalive
+        && a.accept_proxy == b.accept_proxy
+        && a.trusted_proxies == b.trusted_proxies
 }
 
 pub fn unix_now() -> i64 {

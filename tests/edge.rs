@@ -914,3 +914,235 @@ async fn keepalive_on_both_legs() {
     );
     server.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Inbound PROXY protocol: sluice behind a load balancer.
+
+fn v2_header(src: &str, dst: &str) -> Vec<u8> {
+    sluice::proxy_protocol::encode(
+        sluice::config::ProxyProtocol::V2,
+        &sluice::proxy_protocol::HeaderInfo {
+            client: src.parse().unwrap(),
+            local: dst.parse().unwrap(),
+            alpn: None,
+            sni: None,
+        },
+    )
+    .unwrap()
+    .unwrap()
+}
+
+async fn behind_lb(mode: &str, trusted: &str) -> (sluice::server::Server, RawBackend) {
+    let b = RawBackend::start("b", false).await;
+    let listener_extra = format!("accept_proxy = \"{mode}\"\ntrusted_proxies = [{trusted}]");
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        pp: "v1",
+        listener_extra: &listener_extra,
+        ..Simple::default()
+    })
+    .await;
+    (server, b)
+}
+
+/// The first line the backend received (sluice's own PROXY v1 header).
+async fn backend_first_line(b: &RawBackend, conn: usize) -> String {
+    eventually("the backend got the header", || async {
+        b.connections().len() > conn
+    })
+    .await;
+    let got = b.connections()[conn].clone();
+    String::from_utf8_lossy(&got[..got.iter().position(|&c| c == b'\n').unwrap_or(got.len())])
+        .trim_end()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_proxy_v2_gives_the_real_client_address() {
+    let (server, b) = behind_lb("v2", "\"127.0.0.0/8\"").await;
+    let addr = edge(&server);
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut first = v2_header("192.0.2.7:51000", "203.0.113.1:443");
+    first.extend_from_slice(&tunnel_hello());
+    s.write_all(&first).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "b");
+    // The backend hears of the real client, and of the address it connected to.
+    assert_eq!(
+        backend_first_line(&b, 0).await,
+        "PROXY TCP4 192.0.2.7 203.0.113.1 51000 443"
+    );
+    // ...and gets the hello intact after it.
+    let got = b.connections()[0].clone();
+    assert!(got.ends_with(&tunnel_hello()));
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_proxy_protocol_inbound_total",
+            &[("result", "ok")]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_proxy_rejects_untrusted_missing_and_malformed_headers() {
+    // Not from a trusted proxy: closed before anything reaches a backend.
+    let (server, b) = behind_lb("v2", "\"10.0.0.0/8\"").await;
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    let mut first = v2_header("192.0.2.7:51000", "203.0.113.1:443");
+    first.extend_from_slice(&tunnel_hello());
+    s.write_all(&first).await.unwrap();
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![]),
+        "closed"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_proxy_protocol_inbound_total",
+            &[("result", "untrusted")]
+        )
+        .await,
+        1.0
+    );
+    assert!(b.connections().is_empty());
+
+    let (server, b) = behind_lb("v2", "\"127.0.0.1\"").await;
+    let addr = edge(&server);
+    // Required but absent (a client that bypassed the load balancer).
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+    // A v1 header where v2 is required, and a broken v2 header.
+    for bad in [
+        b"PROXY TCP4 192.0.2.7 203.0.113.1 51000 443\r\n".to_vec(),
+        [
+            &b"\r\n\r\n\0\r\nQUIT\n"[..],
+            &[0x21, 0x11, 0x00, 0x02, 0, 0],
+        ]
+        .concat(),
+    ] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&bad).await.unwrap();
+        assert_eq!(
+            read_to_end(&mut s, Duration::from_secs(3)).await,
+            Some(vec![])
+        );
+    }
+    for (result, n) in [("missing", 1.0), ("malformed", 2.0)] {
+        assert_eq!(
+            metric(
+                &server,
+                "sluice_proxy_protocol_inbound_total",
+                &[("result", result)]
+            )
+            .await,
+            n,
+            "{result}"
+        );
+    }
+    eventually("closes counted with their reason", || async {
+        metric(
+            &server,
+            "sluice_connections_closed_total",
+            &[("reason", "proxy_malformed")],
+        )
+        .await
+            == 2.0
+    })
+    .await;
+    assert!(b.connections().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_proxy_optional_takes_both() {
+    let (server, b) = behind_lb("optional", "\"127.0.0.1\"").await;
+    let addr = edge(&server);
+    let mut direct = TcpStream::connect(addr).await.unwrap();
+    direct.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut direct).await, "b");
+    let direct_line = backend_first_line(&b, 0).await;
+    assert!(
+        direct_line.starts_with("PROXY TCP4 127.0.0.1 127.0.0.1 "),
+        "{direct_line}"
+    );
+
+    let mut via = TcpStream::connect(addr).await.unwrap();
+    via.write_all(b"PROXY TCP4 198.51.100.9 203.0.113.1 40000 443\r\n")
+        .await
+        .unwrap();
+    via.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut via).await, "b");
+    assert_eq!(
+        backend_first_line(&b, 1).await,
+        "PROXY TCP4 198.51.100.9 203.0.113.1 40000 443"
+    );
+}
+
+/// Real HAProxy in front of sluice with `send-proxy-v2`: the client's own address (here
+/// 127.0.0.2) reaches the backend, not HAProxy's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_real_haproxy_with_send_proxy_v2() {
+    if !support::process::have("haproxy") {
+        return;
+    }
+    let (server, b) = behind_lb("v2", "\"127.0.0.1\"").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
+             backend b\n  server s {} send-proxy-v2\n",
+            edge(&server)
+        ),
+    )
+    .unwrap();
+    let _haproxy = support::process::Running(
+        std::process::Command::new("haproxy")
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let front: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let connect = || async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        sock.connect(front).await
+    };
+    let mut s = None;
+    for _ in 0..100 {
+        if let Ok(c) = connect().await {
+            s = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut s = s.expect("haproxy listens");
+    let client = s.local_addr().unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "b");
+    let line = backend_first_line(&b, 0).await;
+    assert!(
+        line.starts_with(&format!(
+            "PROXY TCP4 127.0.0.2 127.0.0.1 {} {port}",
+            client.port()
+        )),
+        "{line}"
+    );
+}
