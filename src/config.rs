@@ -393,6 +393,10 @@ struct RawPool {
     keepalive_count: Option<i64>,
     min_ready: Option<String>,
     removed_drain_timeout: Option<String>,
+    eject_after_failures: Option<i64>,
+    eject_time: Option<String>,
+    eject_max_time: Option<String>,
+    max_ejected_percent: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -546,6 +550,23 @@ pub struct PoolConfig {
     /// `lifecycle.close_spread`) once this has passed. `None`: they live until they end.
     #[serde(with = "human_opt")]
     pub removed_drain_timeout: Option<Duration>,
+    /// Passive ejection on consecutive connect failures; `None`: off.
+    pub ejection: Option<Ejection>,
+}
+
+/// Passive ejection (Envoy's outlier detection, for connect failures only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Ejection {
+    /// Consecutive connect failures (refused, timeout) that eject a backend.
+    pub after_failures: u32,
+    /// The first ejection lasts this long; each further one in a row doubles it...
+    #[serde(with = "human")]
+    pub time: Duration,
+    /// ...up to this.
+    #[serde(with = "human")]
+    pub max_time: Duration,
+    /// At most this share of the pool is ejected at once (one backend always may be).
+    pub max_percent: u32,
 }
 
 mod human {
@@ -1073,9 +1094,51 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 Duration::ZERO,
             )
         });
+        let eject_after = int_in(
+            errs,
+            &at.key("eject_after_failures"),
+            rp.eject_after_failures,
+            0,
+            0,
+            1000,
+        ) as u32;
+        let eject_time = duration(
+            errs,
+            &at.key("eject_time"),
+            rp.eject_time.as_deref(),
+            Duration::from_secs(30),
+        );
+        let eject_max_time = duration(
+            errs,
+            &at.key("eject_max_time"),
+            rp.eject_max_time.as_deref(),
+            Duration::from_secs(300),
+        );
+        let max_ejected_percent = int_in(
+            errs,
+            &at.key("max_ejected_percent"),
+            rp.max_ejected_percent,
+            10,
+            0,
+            100,
+        ) as u32;
+        if eject_after > 0 && (eject_time.is_zero() || eject_max_time < eject_time) {
+            errs.push(
+                &at.key("eject_max_time"),
+                "eject_time must be more than 0 and at most eject_max_time",
+                "e.g. eject_time = \"30s\", eject_max_time = \"5m\"",
+            );
+        }
+        let ejection = (eject_after > 0).then_some(Ejection {
+            after_failures: eject_after,
+            time: eject_time,
+            max_time: eject_max_time,
+            max_percent: max_ejected_percent,
+        });
         pools.insert(
             name.clone(),
             PoolConfig {
+                ejection,
                 name,
                 backends,
                 balance,

@@ -33,6 +33,7 @@ pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
     "sluice_config_last_reload_success_timestamp_seconds";
 pub const CONFIG_INFO: &str = "sluice_config_info";
 pub const PROXY_INBOUND: &str = "sluice_proxy_protocol_inbound_total";
+pub const BACKEND_EJECTIONS: &str = "sluice_backend_ejections_total";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -75,6 +76,8 @@ pub struct Metrics {
     pub config_info: IntGaugeVec,
     /// {listener, result}: ok, local, absent, untrusted, missing, malformed, timeout, eof
     pub proxy_inbound: IntCounterVec,
+    /// {pool, backend}: passive ejections after consecutive connect failures
+    pub ejections: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -130,6 +133,12 @@ impl Metrics {
         r.register(Box::new(last_reload_success_timestamp.clone()))
             .expect("unique metric");
         Metrics {
+            ejections: counter(
+                &r,
+                BACKEND_EJECTIONS,
+                "Backends ejected after consecutive connect failures.",
+                &["pool", "backend"],
+            ),
             proxy_inbound: counter(
                 &r,
                 PROXY_INBOUND,

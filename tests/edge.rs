@@ -264,6 +264,7 @@ balance = "round_robin"
 retries = {retries}
 proxy_protocol = "{pp}"
 connect_timeout = "500ms"
+{pool_extra}
 "#;
 
 struct Simple<'a> {
@@ -280,6 +281,8 @@ struct Simple<'a> {
     listen: &'a str,
     /// More keys for the listener.
     listener_extra: &'a str,
+    /// More keys for `[pool.main]`.
+    pool_extra: &'a str,
 }
 
 impl Default for Simple<'_> {
@@ -295,6 +298,7 @@ impl Default for Simple<'_> {
             top: "",
             listen: "127.0.0.1:0",
             listener_extra: "",
+            pool_extra: "",
         }
     }
 }
@@ -319,6 +323,7 @@ async fn simple(s: Simple<'_>) -> sluice::server::Server {
             ("top", s.top.into()),
             ("listen", s.listen.into()),
             ("listener_extra", s.listener_extra.into()),
+            ("pool_extra", s.pool_extra.into()),
         ],
     )
     .await
@@ -1144,5 +1149,104 @@ async fn behind_real_haproxy_with_send_proxy_v2() {
             client.port()
         )),
         "{line}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passive ejection.
+
+async fn through(addr: std::net::SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    read_line(&mut s).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_connect_failures_eject_a_backend_for_a_while() {
+    let live = RawBackend::start("live", false).await;
+    let dead = dead_address().await;
+    let server = simple(Simple {
+        backends: vec![dead.to_string(), live.address.to_string()],
+        retries: 1,
+        pool_extra: "eject_after_failures = 2\neject_time = \"500ms\"\nmax_ejected_percent = 50",
+        ..Simple::default()
+    })
+    .await;
+    let addr = edge(&server);
+    let refused = || {
+        metric(
+            &server,
+            "sluice_upstream_connect_failures_total",
+            &[("reason", "refused")],
+        )
+    };
+    for _ in 0..10 {
+        assert_eq!(through(addr).await, "live", "a retry hides every failure");
+    }
+    // Round robin tried the dead one on every other connection until it was ejected.
+    assert_eq!(refused().await, 2.0);
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_backend_ejections_total",
+            &[("backend", &dead.to_string())]
+        )
+        .await,
+        1.0
+    );
+    let (_, pools) = http_get(server.admin_addr().unwrap(), "/debug/pools").await;
+    assert!(pools.contains("\"state\": \"ejected\""), "{pools}");
+    // After eject_time it is tried again (and, still dead, ejected again, for twice as long).
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    for _ in 0..6 {
+        assert_eq!(through(addr).await, "live");
+    }
+    assert_eq!(refused().await, 4.0);
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_backend_ejections_total",
+            &[("backend", &dead.to_string())]
+        )
+        .await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_ejected_percent_caps_ejection() {
+    let live = RawBackend::start("live", false).await;
+    let (d1, d2) = (dead_address().await, dead_address().await);
+    let server = simple(Simple {
+        backends: vec![d1.to_string(), d2.to_string(), live.address.to_string()],
+        retries: 2,
+        pool_extra: "eject_after_failures = 1\nmax_ejected_percent = 50",
+        ..Simple::default()
+    })
+    .await;
+    let addr = edge(&server);
+    for _ in 0..9 {
+        assert_eq!(through(addr).await, "live");
+    }
+    // One of three may be ejected (one always may); a second would be 67% > 50%.
+    let mut ejected = 0.0;
+    for d in [d1, d2] {
+        ejected += metric(
+            &server,
+            "sluice_backend_ejections_total",
+            &[("backend", &d.to_string())],
+        )
+        .await;
+    }
+    assert_eq!(ejected, 1.0);
+    let refused = metric(
+        &server,
+        "sluice_upstream_connect_failures_total",
+        &[("reason", "refused")],
+    )
+    .await;
+    assert!(
+        refused > 2.0,
+        "the other dead backend is still tried: {refused}"
     );
 }

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendConfig, Keepalive, PoolConfig, ProxyProtocol};
+use crate::config::{BackendConfig, Ejection, Keepalive, PoolConfig, ProxyProtocol};
 use crate::metrics::Metrics;
 use balancer::{fnv1a, Balance, Candidate, HashKey, PickContext};
 
@@ -44,6 +44,22 @@ pub struct Backend {
     /// Fires when its established connections must close (`removed_drain_timeout`, or the end
     /// of a drain: it is a child of the runtime's close token).
     pub retire: CancellationToken,
+    /// Connect failures (refused, timeout) in a row.
+    failures: AtomicU32,
+    /// Ejected until this many ms after `epoch()`; 0: not ejected.
+    ejected_until_ms: AtomicU64,
+    /// Ejections in a row (each doubles the next one's length); reset by a success.
+    ejections: AtomicU32,
+}
+
+/// The process's reference instant for times kept in atomics.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn ms_since_epoch(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_millis() as u64
 }
 
 impl Backend {
@@ -62,6 +78,19 @@ impl Backend {
 
     pub fn in_service(&self) -> bool {
         self.in_service.load(Ordering::Acquire)
+    }
+
+    /// Time left of its passive ejection (zero when not ejected).
+    pub fn ejected_for(&self, now: Instant) -> Duration {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        Duration::from_millis(until.saturating_sub(ms_since_epoch(now)))
+    }
+
+    fn connected(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        if self.ejected_for(Instant::now()).is_zero() {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
     }
 
     /// A reload removed it: no new connections; after `drain`, close the established ones.
@@ -96,6 +125,7 @@ pub struct Backends {
 
 impl Backends {
     pub fn new(close_all: CancellationToken) -> Backends {
+        epoch();
         Backends {
             map: Mutex::new(HashMap::new()),
             close_all,
@@ -141,6 +171,9 @@ impl Backends {
             in_service: AtomicBool::new(true),
             generation: Mutex::new(0),
             retire: self.close_all.child_token(),
+            failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
         });
         map.insert(key, Arc::downgrade(&backend));
         map.retain(|_, w| w.strong_count() > 0);
@@ -179,7 +212,9 @@ pub struct Pool {
     pub proxy_protocol: ProxyProtocol,
     pub keepalive: Keepalive,
     pub removed_drain_timeout: Option<Duration>,
+    pub ejection: Option<Ejection>,
     rr: AtomicU64,
+    ejections: prometheus::IntCounterVec,
     connect_seconds: Histogram,
     unavailable: IntCounter,
 }
@@ -205,6 +240,8 @@ pub struct BackendView<'a> {
     pub state: &'static str,
     /// Seconds until it takes new connections (0 when ready).
     pub ready_in_seconds: f64,
+    /// Seconds left of a passive ejection (0 when not ejected).
+    pub ejected_for_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -236,7 +273,9 @@ impl Pool {
             proxy_protocol: cfg.proxy_protocol,
             keepalive: cfg.keepalive,
             removed_drain_timeout: cfg.removed_drain_timeout,
+            ejection: cfg.ejection,
             rr: AtomicU64::new(0),
+            ejections: metrics.ejections.clone(),
             connect_seconds: metrics
                 .connect_seconds
                 .with_label_values(&[cfg.name.as_str()]),
@@ -254,13 +293,21 @@ impl Pool {
                 .iter()
                 .map(|b| {
                     let wait = b.ready_at.saturating_duration_since(now);
+                    let ejected = b.ejected_for(now);
                     BackendView {
                         name: &b.name,
                         address: b.address,
                         weight: b.weight(),
                         active: b.active(),
-                        state: if wait.is_zero() { "ready" } else { "warming" },
+                        state: if !ejected.is_zero() {
+                            "ejected"
+                        } else if wait.is_zero() {
+                            "ready"
+                        } else {
+                            "warming"
+                        },
                         ready_in_seconds: wait.as_secs_f64(),
+                        ejected_for_seconds: ejected.as_secs_f64(),
                     }
                 })
                 .collect(),
@@ -277,13 +324,19 @@ impl Pool {
         sni: Option<&str>,
         rr_ticket: u64,
     ) -> Option<usize> {
-        // Prefer backends in service and past their min_ready; then those in service (all are
-        // warming up); a removed backend only for a connection routed just before the reload.
+        // Prefer backends in service, not ejected and past their min_ready; then warming
+        // ones; then ejected ones (every backend failing: try anyway, as Envoy's panic mode
+        // does); a removed backend only for a connection routed just before the reload.
         let now = Instant::now();
-        let tier = |b: &Backend| match (b.in_service(), b.is_ready(now)) {
-            (true, true) => 2,
-            (true, false) => 1,
-            (false, _) => 0,
+        let tier = |b: &Backend| match (
+            b.in_service(),
+            b.ejected_for(now).is_zero(),
+            b.is_ready(now),
+        ) {
+            (true, true, true) => 3,
+            (true, true, false) => 2,
+            (true, false, _) => 1,
+            (false, _, _) => 0,
         };
         let best = self
             .backends
@@ -337,6 +390,7 @@ impl Pool {
             let started = Instant::now();
             match connect_one(backend.address, self.connect_timeout, &self.keepalive).await {
                 Ok(stream) => {
+                    backend.connected();
                     self.connect_seconds
                         .observe(started.elapsed().as_secs_f64());
                     return Ok((stream, ActiveGuard::new(backend.clone())));
@@ -352,6 +406,9 @@ impl Pool {
                         reason, error = %e, "backend connect failed"
                     );
                     last = format!("{} ({}): {e}", backend.name, backend.address);
+                    if matches!(reason, "refused" | "timeout") {
+                        self.connect_failed(backend);
+                    }
                 }
             }
         }
@@ -361,6 +418,41 @@ impl Pool {
             attempts: tried.len() as u32,
             last,
         })
+    }
+}
+
+impl Pool {
+    /// Count a connect failure; eject the backend after `after_failures` in a row, unless
+    /// that would eject more than `max_percent` of the pool (one backend always may be).
+    fn connect_failed(&self, backend: &Backend) {
+        let failures = backend.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let Some(ej) = self.ejection else { return };
+        let now = Instant::now();
+        if failures < ej.after_failures || !backend.ejected_for(now).is_zero() {
+            return;
+        }
+        let ejected = self
+            .backends
+            .iter()
+            .filter(|b| !b.ejected_for(now).is_zero())
+            .count();
+        if ejected > 0 && (ejected + 1) * 100 > ej.max_percent as usize * self.backends.len() {
+            tracing::warn!(pool = %self.name, backend = %backend.name, ejected,
+                max_ejected_percent = ej.max_percent,
+                "backend keeps failing but max_ejected_percent is reached; not ejecting");
+            return;
+        }
+        let n = backend.ejections.fetch_add(1, Ordering::Relaxed);
+        let length = ej.time.saturating_mul(1u32 << n.min(20)).min(ej.max_time);
+        backend
+            .ejected_until_ms
+            .store(ms_since_epoch(now + length), Ordering::Relaxed);
+        backend.failures.store(0, Ordering::Relaxed);
+        self.ejections
+            .with_label_values(&[self.name.as_str(), backend.name.as_str()])
+            .inc();
+        tracing::warn!(pool = %self.name, backend = %backend.name, address = %backend.address,
+            failures, ejected_for = ?length, "backend ejected after consecutive connect failures");
     }
 }
 
