@@ -394,9 +394,29 @@ struct RawPool {
     min_ready: Option<String>,
     removed_drain_timeout: Option<String>,
     eject_after_failures: Option<i64>,
+    all_unhealthy: Option<String>,
+    health: Option<RawHealth>,
     eject_time: Option<String>,
     eject_max_time: Option<String>,
     max_ejected_percent: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    jitter: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+    tls: Option<bool>,
+    sni: Option<String>,
+    alpn: Option<Vec<String>>,
+    ca_file: Option<String>,
+    path: Option<String>,
+    host: Option<String>,
+    expect_status: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -552,6 +572,49 @@ pub struct PoolConfig {
     pub removed_drain_timeout: Option<Duration>,
     /// Passive ejection on consecutive connect failures; `None`: off.
     pub ejection: Option<Ejection>,
+    /// Active health checks; `None`: off.
+    pub health: Option<HealthCheck>,
+    /// When every backend is unhealthy: use them anyway (`true`, the default) or refuse.
+    pub fail_open: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// A TCP connect.
+    Tcp,
+    /// A full TLS handshake (with SNI and ALPN).
+    Tls,
+    /// An HTTP/1.1 GET (plain, or over TLS with `tls = true`).
+    Http,
+    /// An HTTP/2 GET (h2c prior knowledge, or over TLS with ALPN h2).
+    H2,
+}
+
+/// An active health check, per pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    #[serde(with = "human")]
+    pub interval: Duration,
+    #[serde(with = "human")]
+    pub timeout: Duration,
+    /// Each wait is `interval` plus a random part of this.
+    #[serde(with = "human")]
+    pub jitter: Duration,
+    /// Successes in a row that make a backend healthy...
+    pub rise: u32,
+    /// ...failures in a row that make it unhealthy.
+    pub fall: u32,
+    pub tls: bool,
+    pub sni: Option<String>,
+    pub alpn: Vec<String>,
+    /// Verify the certificate against these CAs; `None`: no verification.
+    pub ca_file: Option<PathBuf>,
+    pub path: String,
+    pub host: Option<String>,
+    /// Accepted status codes, inclusive.
+    pub expect_status: (u16, u16),
 }
 
 /// Passive ejection (Envoy's outlier detection, for connect failures only).
@@ -858,6 +921,131 @@ fn keepalive(errs: &mut Errors<'_>, at: &KeyPath, raw: &RawKeepalive) -> Keepali
     }
 }
 
+fn health_check(errs: &mut Errors<'_>, at: &KeyPath, raw: &RawHealth) -> Option<HealthCheck> {
+    let kind = match raw.kind.as_deref() {
+        Some("tcp") => CheckKind::Tcp,
+        Some("tls") => CheckKind::Tls,
+        Some("http") => CheckKind::Http,
+        Some("h2") => CheckKind::H2,
+        Some(other) => {
+            errs.push(
+                &at.key("kind"),
+                format!("unknown check kind `{other}`"),
+                "use one of: tcp, tls, http, h2",
+            );
+            return None;
+        }
+        None => {
+            errs.push(
+                &at.key("kind"),
+                "missing",
+                "set kind = \"tcp\" (or tls, http, h2)",
+            );
+            return None;
+        }
+    };
+    let interval = duration(
+        errs,
+        &at.key("interval"),
+        raw.interval.as_deref(),
+        Duration::from_secs(5),
+    );
+    let timeout = duration(
+        errs,
+        &at.key("timeout"),
+        raw.timeout.as_deref(),
+        Duration::from_secs(2),
+    );
+    let jitter = duration(
+        errs,
+        &at.key("jitter"),
+        raw.jitter.as_deref(),
+        interval / 10,
+    );
+    for (key, d) in [("interval", interval), ("timeout", timeout)] {
+        if d.is_zero() {
+            errs.push(&at.key(key), "must be more than 0", "set e.g. \"5s\"");
+        }
+    }
+    let rise = int_in(errs, &at.key("rise"), raw.rise, 2, 1, 100) as u32;
+    let fall = int_in(errs, &at.key("fall"), raw.fall, 3, 1, 100) as u32;
+    let path = raw.path.clone().unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+        errs.push(
+            &at.key("path"),
+            format!("`{path}` is not a request path"),
+            "write e.g. \"/healthz\"",
+        );
+    }
+    let expect_status = match raw
+        .expect_status
+        .as_deref()
+        .unwrap_or("200-399")
+        .split_once('-')
+    {
+        Some((a, b)) => (a.trim().parse::<u16>(), b.trim().parse::<u16>()),
+        None => {
+            let one = raw
+                .expect_status
+                .as_deref()
+                .unwrap_or("")
+                .trim()
+                .parse::<u16>();
+            (one.clone(), one)
+        }
+    };
+    let expect_status = match expect_status {
+        (Ok(a), Ok(b)) if (100..=599).contains(&a) && (a..=599).contains(&b) => (a, b),
+        _ => {
+            errs.push(
+                &at.key("expect_status"),
+                "not a status code or range",
+                "write e.g. \"200\" or \"200-399\"",
+            );
+            (200, 399)
+        }
+    };
+    if let Some(alpn) = &raw.alpn {
+        if alpn.iter().any(|a| a.is_empty() || a.len() > 255) {
+            errs.push(
+                &at.key("alpn"),
+                "ALPN names are 1 to 255 bytes",
+                "fix the list",
+            );
+        }
+    }
+    let tls = raw.tls.unwrap_or(kind == CheckKind::Tls);
+    if kind == CheckKind::Tcp && (raw.tls.is_some() || raw.sni.is_some() || raw.alpn.is_some()) {
+        errs.push(
+            &at.key("kind"),
+            "a tcp check has no TLS settings",
+            "use kind = \"tls\", or remove tls/sni/alpn",
+        );
+    }
+    if kind == CheckKind::Tls && raw.tls == Some(false) {
+        errs.push(
+            &at.key("tls"),
+            "a tls check is always TLS",
+            "remove tls = false",
+        );
+    }
+    Some(HealthCheck {
+        kind,
+        interval,
+        timeout,
+        jitter,
+        rise,
+        fall,
+        tls,
+        sni: raw.sni.clone(),
+        alpn: raw.alpn.clone().unwrap_or_default(),
+        ca_file: raw.ca_file.as_ref().map(PathBuf::from),
+        path,
+        host: raw.host.clone(),
+        expect_status,
+    })
+}
+
 /// `host:port` → the first address it resolves to (as HAProxy does at start).
 fn resolve(text: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
@@ -1129,6 +1317,22 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 "e.g. eject_time = \"30s\", eject_max_time = \"5m\"",
             );
         }
+        let fail_open = match rp.all_unhealthy.as_deref() {
+            None | Some("fail_open") => true,
+            Some("fail_closed") => false,
+            Some(other) => {
+                errs.push(
+                    &at.key("all_unhealthy"),
+                    format!("unknown mode `{other}`"),
+                    "use fail_open (use unhealthy backends when none is healthy) or fail_closed",
+                );
+                true
+            }
+        };
+        let health = rp
+            .health
+            .as_ref()
+            .and_then(|h| health_check(errs, &at.key("health"), h));
         let ejection = (eject_after > 0).then_some(Ejection {
             after_failures: eject_after,
             time: eject_time,
@@ -1139,6 +1343,8 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
             name.clone(),
             PoolConfig {
                 ejection,
+                health,
+                fail_open,
                 name,
                 backends,
                 balance,

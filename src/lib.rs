@@ -13,6 +13,7 @@ pub mod config;
 pub mod connection;
 pub mod demo;
 pub mod handover;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod proxy_protocol;

@@ -34,6 +34,8 @@ pub const CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP: &str =
 pub const CONFIG_INFO: &str = "sluice_config_info";
 pub const PROXY_INBOUND: &str = "sluice_proxy_protocol_inbound_total";
 pub const BACKEND_EJECTIONS: &str = "sluice_backend_ejections_total";
+pub const BACKEND_HEALTHY: &str = "sluice_backend_healthy";
+pub const HEALTH_CHECKS: &str = "sluice_health_checks_total";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -78,6 +80,10 @@ pub struct Metrics {
     pub proxy_inbound: IntCounterVec,
     /// {pool, backend}: passive ejections after consecutive connect failures
     pub ejections: IntCounterVec,
+    /// {pool, backend}: 1 healthy, 0 unhealthy (absent until the first verdict)
+    pub backend_healthy: IntGaugeVec,
+    /// {pool, result}: ok, fail
+    pub health_checks: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -133,6 +139,18 @@ impl Metrics {
         r.register(Box::new(last_reload_success_timestamp.clone()))
             .expect("unique metric");
         Metrics {
+            backend_healthy: gauge(
+                &r,
+                BACKEND_HEALTHY,
+                "Active health check verdict: 1 healthy, 0 unhealthy.",
+                &["pool", "backend"],
+            ),
+            health_checks: counter(
+                &r,
+                HEALTH_CHECKS,
+                "Active health check probes, by result.",
+                &["pool", "result"],
+            ),
             ejections: counter(
                 &r,
                 BACKEND_EJECTIONS,

@@ -172,6 +172,8 @@ pub struct Runtime {
     pub backends: Backends,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
+    /// Active health checkers, one per (pool, backend).
+    checkers: crate::health::Checkers,
 }
 
 impl Runtime {
@@ -208,6 +210,7 @@ impl Runtime {
             inherited: Mutex::new(HashMap::new()),
             backends,
             reload_lock: tokio::sync::Mutex::new(()),
+            checkers: Default::default(),
         };
         rt.set_state(State::Starting);
         Arc::new(rt)
@@ -282,6 +285,11 @@ impl Runtime {
     }
 
     /// Stop every accept loop and close the listening sockets (drain, or after an upgrade).
+    /// Stop the active health checks (the end of a drain).
+    pub fn stop_checks(&self) {
+        self.checkers.stop_all();
+    }
+
     pub fn close_listeners(&self) {
         let mut listeners = self.lock_listeners();
         self.accepting.cancel();
@@ -294,6 +302,7 @@ impl Runtime {
         let cfgs = self.snapshot().config.listeners.clone();
         self.sync_listeners(&cfgs, &mut ReloadSummary::default(), || {})
             .map_err(|e| anyhow::anyhow!(e))?;
+        self.checkers.sync(&self.snapshot(), &self.metrics);
         // A handed-over socket no listener claims would queue clients nobody accepts.
         let mut inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner());
         for (name, sock) in inherited.drain() {
@@ -444,6 +453,7 @@ impl Runtime {
         let Some(new) = new else {
             return Err("internal: the new snapshot was not built".into());
         };
+        self.checkers.sync(&new, &self.metrics);
 
         let was = self.max_connections.swap(max, Ordering::Relaxed);
         if max > was {

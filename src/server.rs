@@ -192,6 +192,7 @@ impl Server {
             );
         }
         self.rt.hard_stop.cancel();
+        self.rt.stop_checks();
         // Give the closed connections a moment to log and count themselves.
         let _ = tokio::time::timeout(Duration::from_secs(2), self.rt.tracker.wait()).await;
         self.stop_admin.cancel();
@@ -204,6 +205,7 @@ impl Server {
         self.rt.set_state(State::Closing);
         self.rt.tracker.close();
         self.rt.hard_stop.cancel();
+        self.rt.stop_checks();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.rt.tracker.wait()).await;
         self.stop_admin.cancel();
     }

@@ -10,7 +10,7 @@ pub mod balancer;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendConfig, Ejection, Keepalive, PoolConfig, ProxyProtocol};
+use crate::config::{BackendConfig, Ejection, HealthCheck, Keepalive, PoolConfig, ProxyProtocol};
 use crate::metrics::Metrics;
 use balancer::{fnv1a, Balance, Candidate, HashKey, PickContext};
 
@@ -50,6 +50,18 @@ pub struct Backend {
     ejected_until_ms: AtomicU64,
     /// Ejections in a row (each doubles the next one's length); reset by a success.
     ejections: AtomicU32,
+    /// The active health checks' verdict (`Health` as u8).
+    health: AtomicU8,
+}
+
+/// An active health check's verdict on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// No verdict yet (or no checks): eligible.
+    Unknown = 0,
+    Healthy = 1,
+    Unhealthy = 2,
 }
 
 /// The process's reference instant for times kept in atomics.
@@ -78,6 +90,23 @@ impl Backend {
 
     pub fn in_service(&self) -> bool {
         self.in_service.load(Ordering::Acquire)
+    }
+
+    pub fn health(&self) -> Health {
+        match self.health.load(Ordering::Acquire) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// Record a verdict; returns the previous one.
+    pub fn set_health(&self, h: Health) -> Health {
+        match self.health.swap(h as u8, Ordering::AcqRel) {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
     }
 
     /// Time left of its passive ejection (zero when not ejected).
@@ -174,6 +203,7 @@ impl Backends {
             failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            health: AtomicU8::new(Health::Unknown as u8),
         });
         map.insert(key, Arc::downgrade(&backend));
         map.retain(|_, w| w.strong_count() > 0);
@@ -213,6 +243,8 @@ pub struct Pool {
     pub keepalive: Keepalive,
     pub removed_drain_timeout: Option<Duration>,
     pub ejection: Option<Ejection>,
+    pub health: Option<HealthCheck>,
+    pub fail_open: bool,
     rr: AtomicU64,
     ejections: prometheus::IntCounterVec,
     connect_seconds: Histogram,
@@ -236,7 +268,9 @@ pub struct BackendView<'a> {
     pub address: SocketAddr,
     pub weight: u32,
     pub active: u64,
-    /// "ready", or "warming" until the pool's `min_ready` has passed.
+    /// Active checks' verdict: unknown (no checks, or none yet), healthy, unhealthy.
+    pub health: Health,
+    /// "unhealthy", "ejected", "warming" until the pool's `min_ready` has passed, or "ready".
     pub state: &'static str,
     /// Seconds until it takes new connections (0 when ready).
     pub ready_in_seconds: f64,
@@ -274,6 +308,8 @@ impl Pool {
             keepalive: cfg.keepalive,
             removed_drain_timeout: cfg.removed_drain_timeout,
             ejection: cfg.ejection,
+            health: cfg.health.clone(),
+            fail_open: cfg.fail_open,
             rr: AtomicU64::new(0),
             ejections: metrics.ejections.clone(),
             connect_seconds: metrics
@@ -299,7 +335,10 @@ impl Pool {
                         address: b.address,
                         weight: b.weight(),
                         active: b.active(),
-                        state: if !ejected.is_zero() {
+                        health: b.health(),
+                        state: if b.health() == Health::Unhealthy {
+                            "unhealthy"
+                        } else if !ejected.is_zero() {
                             "ejected"
                         } else if wait.is_zero() {
                             "ready"
@@ -327,29 +366,34 @@ impl Pool {
         // Prefer backends in service, not ejected and past their min_ready; then warming
         // ones; then ejected ones (every backend failing: try anyway, as Envoy's panic mode
         // does); a removed backend only for a connection routed just before the reload.
+        // Unhealthy backends (active checks) rank with ejected ones under
+        // all_unhealthy = "fail_open", and are never chosen under "fail_closed".
         let now = Instant::now();
-        let tier = |b: &Backend| match (
-            b.in_service(),
-            b.ejected_for(now).is_zero(),
-            b.is_ready(now),
-        ) {
-            (true, true, true) => 3,
-            (true, true, false) => 2,
-            (true, false, _) => 1,
-            (false, _, _) => 0,
+        let tier = |b: &Backend| -> Option<u8> {
+            let healthy = b.health() != Health::Unhealthy;
+            if !healthy && !self.fail_open {
+                return None;
+            }
+            let usable = healthy && b.ejected_for(now).is_zero();
+            Some(match (b.in_service(), usable, b.is_ready(now)) {
+                (true, true, true) => 3,
+                (true, true, false) => 2,
+                (true, false, _) => 1,
+                (false, _, _) => 0,
+            })
         };
         let best = self
             .backends
             .iter()
             .enumerate()
             .filter(|(i, b)| !exclude.contains(i) && b.weight() > 0)
-            .map(|(_, b)| tier(b))
+            .filter_map(|(_, b)| tier(b))
             .max()?;
         let candidates: Vec<Candidate> = self
             .backends
             .iter()
             .map(|b| Candidate {
-                weight: if tier(b) == best { b.weight() } else { 0 },
+                weight: if tier(b) == Some(best) { b.weight() } else { 0 },
                 active: b.active(),
                 id: b.id,
             })

@@ -1,0 +1,276 @@
+//! Active health checks against real backends on 127.0.0.1: a backend killed and revived, TLS
+//! with ALPN, HTTP over TLS, HTTP/2 (h2c), and what happens when every backend is unhealthy.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sluice::tls::hello::build;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+fn conf(backends: &[SocketAddr], pool_extra: &str) -> String {
+    let list = backends
+        .iter()
+        .map(|b| format!("\"{b}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+
+[[route]]
+name = "all"
+pool = "p"
+idle_timeout = "0s"
+
+[pool.p]
+backends = [{list}]
+balance = "round_robin"
+retries = 0
+{pool_extra}
+"#
+    )
+}
+
+async fn open(addr: SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&build::hello(
+        Some("a.example.com"),
+        &["teleport-reversetunnel"],
+    ))
+    .await
+    .unwrap();
+    let name = read_line(&mut s).await;
+    (s, name)
+}
+
+/// A backend whose listening socket can be closed and opened again on the same port while
+/// the connections it accepted live on (a proxy restarting its listener, or dying and
+/// coming back).
+struct Flaky {
+    name: &'static str,
+    address: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Flaky {
+    async fn start(name: &'static str, at: &str) -> Flaky {
+        let l = TcpListener::bind(at).await.unwrap();
+        let address = l.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let s2 = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut c, _) = tokio::select! {
+                    _ = s2.cancelled() => return,
+                    r = l.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                tokio::spawn(async move {
+                    let _ = c.write_all(format!("{name}\n").as_bytes()).await;
+                    let mut total = 0;
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = c.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n;
+                    }
+                    let _ = c
+                        .write_all(format!("{name} got {total} bytes\n").as_bytes())
+                        .await;
+                });
+            }
+        });
+        Flaky {
+            name,
+            address,
+            stop,
+        }
+    }
+
+    fn kill_listener(&self) {
+        self.stop.cancel();
+    }
+
+    async fn revive(&mut self) {
+        *self = Flaky::start(self.name, &self.address.to_string()).await;
+    }
+}
+
+async fn healthy(server: &sluice::server::Server, backend: SocketAddr) -> Option<f64> {
+    let text = server.rt.metrics.render();
+    let key = format!("sluice_backend_healthy{{backend=\"{backend}\",pool=\"p\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_backend_gets_no_new_connections_and_keeps_its_tunnels_until_it_is_back() {
+    let mut a = Flaky::start("A", "127.0.0.1:0").await;
+    let b = Flaky::start("B", "127.0.0.1:0").await;
+    let server = start(
+        &conf(
+            &[a.address, b.address],
+            "[pool.p.health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"200ms\"\njitter = \"0s\"\nrise = 2\nfall = 2",
+        ),
+        &[],
+    )
+    .await;
+    let addr = edge(&server);
+    eventually("both healthy", || async {
+        healthy(&server, a.address).await == Some(1.0)
+            && healthy(&server, b.address).await == Some(1.0)
+    })
+    .await;
+    // A tunnel through A.
+    let mut tunnel = None;
+    for _ in 0..4 {
+        let (s, name) = open(addr).await;
+        if name == "A" {
+            tunnel = Some(s);
+            break;
+        }
+    }
+    let mut tunnel = tunnel.expect("round robin reaches A");
+
+    a.kill_listener();
+    eventually("A unhealthy", || async {
+        healthy(&server, a.address).await == Some(0.0)
+    })
+    .await;
+    for _ in 0..8 {
+        assert_eq!(
+            open(addr).await.1,
+            "B",
+            "an unhealthy backend takes no new connection"
+        );
+    }
+    let (_, pools) = http_get(server.admin_addr().unwrap(), "/debug/pools").await;
+    assert!(pools.contains("\"state\": \"unhealthy\""), "{pools}");
+    // The check did not cut the tunnel.
+    tunnel.write_all(b"still here").await.unwrap();
+    tunnel.shutdown().await.unwrap();
+    let mut rest = String::new();
+    tunnel.read_to_string(&mut rest).await.unwrap();
+    assert!(rest.starts_with("A got "), "{rest}");
+
+    a.revive().await;
+    eventually("A healthy again", || async {
+        healthy(&server, a.address).await == Some(1.0)
+    })
+    .await;
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(open(addr).await.1);
+    }
+    assert!(names.iter().any(|n| n == "A"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_check_with_alpn_and_http_check_over_tls() {
+    let any = "127.0.0.1:0".parse().unwrap();
+    let tunnel_ok = TaggedBackend::start("tunnel", any, &["teleport-reversetunnel"])
+        .await
+        .unwrap();
+    let wrong_alpn = TaggedBackend::start("web", any, &["h2"]).await.unwrap();
+    let server = start(
+        &conf(
+            &[tunnel_ok.address, wrong_alpn.address],
+            "[pool.p.health]\nkind = \"tls\"\nsni = \"proxy.example.com\"\nalpn = [\"teleport-reversetunnel\"]\ninterval = \"100ms\"\nrise = 1\nfall = 1",
+        ),
+        &[],
+    )
+    .await;
+    eventually("verdicts", || async {
+        healthy(&server, tunnel_ok.address).await == Some(1.0)
+            && healthy(&server, wrong_alpn.address).await == Some(0.0)
+    })
+    .await;
+
+    // HTTP/1.1 over TLS: the demo backend answers 200 on ALPN http/1.1.
+    let web = TaggedBackend::start("web", any, &["http/1.1"])
+        .await
+        .unwrap();
+    let check = |expect: &str| {
+        format!("[pool.p.health]\nkind = \"http\"\ntls = true\npath = \"/healthz\"\nexpect_status = \"{expect}\"\ninterval = \"100ms\"\nrise = 1\nfall = 1")
+    };
+    let ok = start(&conf(&[web.address], &check("200-299")), &[]).await;
+    let not_ok = start(&conf(&[web.address], &check("500")), &[]).await;
+    eventually("http verdicts", || async {
+        healthy(&ok, web.address).await == Some(1.0)
+            && healthy(&not_ok, web.address).await == Some(0.0)
+    })
+    .await;
+    assert!(metric(&not_ok, "sluice_health_checks_total", &[("result", "fail")]).await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_check_against_an_h2c_server() {
+    // sluice's own admin API speaks h2c: it is the backend under check here.
+    let target = start(&conf(&["127.0.0.1:9".parse().unwrap()], ""), &[]).await;
+    let admin = target.admin_addr().unwrap();
+    let check = |path: &str| {
+        format!("[pool.p.health]\nkind = \"h2\"\npath = \"{path}\"\ninterval = \"100ms\"\nrise = 1\nfall = 1")
+    };
+    let ok = start(&conf(&[admin], &check("/healthz")), &[]).await;
+    let missing = start(&conf(&[admin], &check("/no-such-page")), &[]).await;
+    eventually("h2 verdicts", || async {
+        healthy(&ok, admin).await == Some(1.0) && healthy(&missing, admin).await == Some(0.0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_backend_is_unhealthy_fail_open_routes_and_fail_closed_refuses() {
+    let a = Flaky::start("A", "127.0.0.1:0").await;
+    // An HTTP check against a backend that does not speak HTTP: always unhealthy.
+    let check =
+        "[pool.p.health]\nkind = \"http\"\npath = \"/\"\ninterval = \"100ms\"\nrise = 1\nfall = 1";
+    let open_pool = start(&conf(&[a.address], check), &[]).await;
+    let closed_pool = start(
+        &conf(
+            &[a.address],
+            &format!("all_unhealthy = \"fail_closed\"\n{check}"),
+        ),
+        &[],
+    )
+    .await;
+    eventually("unhealthy (A does not speak HTTP)", || async {
+        healthy(&open_pool, a.address).await == Some(0.0)
+            && healthy(&closed_pool, a.address).await == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        open(edge(&open_pool)).await.1,
+        "A",
+        "fail_open still routes"
+    );
+    let mut s = TcpStream::connect(edge(&closed_pool)).await.unwrap();
+    s.write_all(&build::hello(Some("a.example.com"), &["h2"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+    eventually("refused as backend_unavailable", || async {
+        metric(
+            &closed_pool,
+            "sluice_connections_closed_total",
+            &[("reason", "backend_unavailable")],
+        )
+        .await
+            == 1.0
+    })
+    .await;
+}
