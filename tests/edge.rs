@@ -1097,7 +1097,9 @@ async fn behind_real_haproxy_with_send_proxy_v2() {
         return;
     }
     let (server, b) = behind_lb("v2", "\"127.0.0.1\"").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+    // Its own loopback address: HAProxy sets SO_REUSEPORT, so a port number reused on
+    // 127.0.0.1 by a test running in parallel could share its connections.
+    let port = std::net::TcpListener::bind("127.0.0.4:0")
         .unwrap()
         .local_addr()
         .unwrap()
@@ -1108,7 +1110,7 @@ async fn behind_real_haproxy_with_send_proxy_v2() {
         &cfg,
         format!(
             "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
-             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n\
+             frontend f\n  bind 127.0.0.4:{port}\n  default_backend b\n\
              backend b\n  server s {} send-proxy-v2\n",
             edge(&server)
         ),
@@ -1124,7 +1126,7 @@ async fn behind_real_haproxy_with_send_proxy_v2() {
             .spawn()
             .unwrap(),
     );
-    let front: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let front: std::net::SocketAddr = format!("127.0.0.4:{port}").parse().unwrap();
     let connect = || async {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
@@ -1145,7 +1147,7 @@ async fn behind_real_haproxy_with_send_proxy_v2() {
     let line = backend_first_line(&b, 0).await;
     assert!(
         line.starts_with(&format!(
-            "PROXY TCP4 127.0.0.2 127.0.0.1 {} {port}",
+            "PROXY TCP4 127.0.0.2 127.0.0.4 {} {port}",
             client.port()
         )),
         "{line}"

@@ -225,7 +225,24 @@ fn reload_under_load_fails_nothing_and_cuts_nothing() {
         load.until_last("B").await;
 
         let (ok, failed) = load.finish().await;
-        assert!(failed.is_empty(), "failed connections: {failed:?}");
+        if !failed.is_empty() {
+            // Show sluice's side of it: every connection that did not end normally.
+            signal(child.id(), "TERM");
+            let _ = child.wait();
+            let log = log.join().unwrap();
+            let odd: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    (l.contains("sluice::access") && !l.contains("\"end\":\"closed\""))
+                        || l.contains("\"level\":\"WARN\"")
+                        || l.contains("\"level\":\"ERROR\"")
+                })
+                .collect();
+            panic!(
+                "failed connections: {failed:?}\nsluice said:\n{}",
+                odd.join("\n")
+            );
+        }
         assert!(ok > 100, "only {ok} connections were made");
         tunnels_alive(tunnels, "A").await;
 
@@ -433,7 +450,10 @@ fn socket_activation_and_systemd_notifications() {
     rt.block_on(async {
         let a = RawBackend::start("A", false).await;
         let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            // Its own loopback address: sluice's listeners (and HAProxy's) set SO_REUSEPORT, so
+            // a port number reused on 127.0.0.1 by a test running in parallel would share
+            // connections with it.
+            let l = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
             l.local_addr().unwrap().port()
         };
         let dir = tempfile::tempdir().unwrap();
@@ -444,7 +464,7 @@ fn socket_activation_and_systemd_notifications() {
         )
         .replace(
             "address = \"127.0.0.1:0\"\n\n[[route]]",
-            &format!("address = \"127.0.0.1:{port}\"\n\n[[route]]"),
+            &format!("address = \"127.0.0.3:{port}\"\n\n[[route]]"),
         );
         std::fs::write(&path, text).unwrap();
         let notify_path = dir.path().join("notify.sock");
@@ -455,7 +475,7 @@ fn socket_activation_and_systemd_notifications() {
 
         let mut child = Running(
             Command::new("systemd-socket-activate")
-                .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=edge"])
+                .args(["-l", &format!("127.0.0.3:{port}"), "--fdname=edge"])
                 .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
                 .arg(BIN)
                 .args(["--log-format", "json", "run", "--config"])
@@ -464,7 +484,7 @@ fn socket_activation_and_systemd_notifications() {
                 .spawn()
                 .unwrap(),
         );
-        let edge: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let edge: SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
         // systemd-socket-activate binds, then execs sluice with the socket as fd 3.
         let started = Instant::now();
         let name = loop {
@@ -505,7 +525,7 @@ fn socket_activation_and_systemd_notifications() {
         // A socket no listener claims is an error, not a port that queues clients forever.
         let mut wrong = Running(
             Command::new("systemd-socket-activate")
-                .args(["-l", &format!("127.0.0.1:{port}"), "--fdname=other", BIN])
+                .args(["-l", &format!("127.0.0.3:{port}"), "--fdname=other", BIN])
                 .args(["run", "--config"])
                 .arg(&path)
                 .stderr(Stdio::piped())
