@@ -263,6 +263,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     reload: RawReload,
+    #[serde(default)]
+    dns: RawDns,
     #[serde(default, rename = "listener")]
     listeners: Vec<RawListener>,
     #[serde(default, rename = "route")]
@@ -295,6 +297,13 @@ struct RawLimits {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawDns {
+    nameservers: Option<Vec<String>>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawReload {
     watch: Option<bool>,
     debounce: Option<String>,
@@ -321,6 +330,9 @@ impl RawConfig {
         }
         if self.reload.watch.is_some() || self.reload.debounce.is_some() {
             v.push("reload");
+        }
+        if self.dns.nameservers.is_some() || self.dns.timeout.is_some() {
+            v.push("dns");
         }
         v
     }
@@ -394,6 +406,10 @@ struct RawPool {
     min_ready: Option<String>,
     removed_drain_timeout: Option<String>,
     eject_after_failures: Option<i64>,
+    dns: Option<Vec<String>>,
+    srv: Option<Vec<String>>,
+    dns_min_refresh: Option<String>,
+    dns_max_refresh: Option<String>,
     all_unhealthy: Option<String>,
     health: Option<RawHealth>,
     eject_time: Option<String>,
@@ -445,6 +461,7 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     pub limits: LimitsConfig,
     pub reload: ReloadConfig,
+    pub dns: DnsConfig,
     pub listeners: Vec<ListenerConfig>,
     pub routes: Vec<RouteConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
@@ -574,6 +591,8 @@ pub struct PoolConfig {
     pub ejection: Option<Ejection>,
     /// Active health checks; `None`: off.
     pub health: Option<HealthCheck>,
+    /// DNS discovery of more backends; `None`: only the configured ones.
+    pub discovery: Option<Discovery>,
     /// When every backend is unhealthy: use them anyway (`true`, the default) or refuse.
     pub fail_open: bool,
 }
@@ -615,6 +634,30 @@ pub struct HealthCheck {
     pub host: Option<String>,
     /// Accepted status codes, inclusive.
     pub expect_status: (u16, u16),
+}
+
+/// Backends found in DNS, re-resolved as the records' TTLs run out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Discovery {
+    /// `name:port` looked up as A and AAAA.
+    pub names: Vec<(String, u16)>,
+    /// SRV names (`_service._proto.name`): each target's A/AAAA at the record's port.
+    pub srv: Vec<String>,
+    /// Re-resolve no sooner than this...
+    #[serde(with = "human")]
+    pub min_refresh: Duration,
+    /// ...and no later than this, whatever the TTL.
+    #[serde(with = "human")]
+    pub max_refresh: Duration,
+}
+
+/// The resolver DNS discovery uses.
+#[derive(Debug, Clone, Serialize)]
+pub struct DnsConfig {
+    /// `None`: the system's resolver configuration (/etc/resolv.conf).
+    pub nameservers: Option<Vec<SocketAddr>>,
+    #[serde(with = "human")]
+    pub timeout: Duration,
 }
 
 /// Passive ejection (Envoy's outlier detection, for connect failures only).
@@ -921,6 +964,62 @@ fn keepalive(errs: &mut Errors<'_>, at: &KeyPath, raw: &RawKeepalive) -> Keepali
     }
 }
 
+fn discovery(errs: &mut Errors<'_>, at: &KeyPath, rp: &RawPool) -> Option<Discovery> {
+    if rp.dns.is_none() && rp.srv.is_none() {
+        return None;
+    }
+    let mut names = Vec::new();
+    for (i, text) in rp.dns.iter().flatten().enumerate() {
+        let parsed = text
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+            .filter(|(h, p)| !h.is_empty() && *p > 0 && h.parse::<std::net::IpAddr>().is_err());
+        match parsed {
+            Some(n) => names.push(n),
+            None => errs.push(
+                &at.key("dns").index(i),
+                format!("`{text}` is not name:port"),
+                "write e.g. \"proxy.teleport.svc.cluster.local:3024\" (an IP belongs in backends)",
+            ),
+        }
+    }
+    let srv: Vec<String> = rp.srv.clone().unwrap_or_default();
+    for (i, name) in srv.iter().enumerate() {
+        if !name.starts_with('_') || name.contains(':') {
+            errs.push(
+                &at.key("srv").index(i),
+                format!("`{name}` is not an SRV name"),
+                "write e.g. \"_reversetunnel._tcp.proxy.example.com\" (the port comes from the record)",
+            );
+        }
+    }
+    let min_refresh = duration(
+        errs,
+        &at.key("dns_min_refresh"),
+        rp.dns_min_refresh.as_deref(),
+        Duration::from_secs(1),
+    );
+    let max_refresh = duration(
+        errs,
+        &at.key("dns_max_refresh"),
+        rp.dns_max_refresh.as_deref(),
+        Duration::from_secs(300),
+    );
+    if min_refresh.is_zero() || max_refresh < min_refresh {
+        errs.push(
+            &at.key("dns_max_refresh"),
+            "dns_min_refresh must be more than 0 and at most dns_max_refresh",
+            "e.g. dns_min_refresh = \"1s\", dns_max_refresh = \"5m\"",
+        );
+    }
+    Some(Discovery {
+        names,
+        srv,
+        min_refresh,
+        max_refresh,
+    })
+}
+
 fn health_check(errs: &mut Errors<'_>, at: &KeyPath, raw: &RawHealth) -> Option<HealthCheck> {
     let kind = match raw.kind.as_deref() {
         Some("tcp") => CheckKind::Tcp,
@@ -1124,6 +1223,40 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         },
     };
 
+    // [dns]
+    let dns_at = root.key("dns");
+    let nameservers = raw.dns.nameservers.as_ref().map(|list| {
+        list.iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                let parsed = text.parse::<SocketAddr>().or_else(|_| {
+                    text.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                });
+                match parsed {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        errs.push(
+                            &dns_at.key("nameservers").index(i),
+                            format!("`{text}` is not an IP or IP:port"),
+                            "write e.g. \"10.96.0.10\" or \"127.0.0.1:5353\"",
+                        );
+                        None
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let dns = DnsConfig {
+        nameservers,
+        timeout: duration(
+            errs,
+            &dns_at.key("timeout"),
+            raw.dns.timeout.as_deref(),
+            Duration::from_secs(2),
+        ),
+    };
+
     // [reload]
     let reload = ReloadConfig {
         watch: raw.reload.watch.unwrap_or(true),
@@ -1151,7 +1284,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
 
     // [pool.*] first: routes refer to them.
     let mut pools = BTreeMap::new();
-    for (name, rp) in raw.pools {
+    for (name, mut rp) in raw.pools {
         let at = root.key("pool").key(&name);
         if !name_ok(&name) {
             errs.push(
@@ -1162,7 +1295,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         }
         let mut backends = Vec::new();
         let mut seen = HashSet::new();
-        for (i, rb) in rp.backends.into_iter().enumerate() {
+        for (i, rb) in std::mem::take(&mut rp.backends).into_iter().enumerate() {
             let bat = at.key("backends").index(i);
             let (text, weight) = match rb {
                 RawBackend::Address(a) => (a, None),
@@ -1191,11 +1324,15 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 ),
             }
         }
-        if backends.is_empty() && !errs.list.iter().any(|e| e.key.starts_with(&at.to_string())) {
+        let discovery = discovery(errs, &at, &rp);
+        if backends.is_empty()
+            && discovery.is_none()
+            && !errs.list.iter().any(|e| e.key.starts_with(&at.to_string()))
+        {
             errs.push(
                 &at.key("backends"),
                 "the pool has no backends",
-                "add backends = [\"host:port\", ...]",
+                "add backends = [\"host:port\", ...], or dns = [\"name:port\"] / srv = [\"_service._tcp.name\"]",
             );
         }
         let hash_key = match rp.hash_key.as_deref() {
@@ -1342,6 +1479,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         pools.insert(
             name.clone(),
             PoolConfig {
+                discovery,
                 ejection,
                 health,
                 fail_open,
@@ -1660,6 +1798,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         lifecycle,
         limits,
         reload,
+        dns,
         listeners,
         routes,
         pools,

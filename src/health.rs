@@ -219,7 +219,7 @@ impl Checkers {
             let Some(check) = pool.health.clone() else {
                 continue;
             };
-            for b in &pool.backends {
+            for b in pool.backends().iter() {
                 let key = (pool.name.clone(), Arc::as_ptr(b) as usize);
                 if let Some((old, token)) = running.remove(&key) {
                     if old == check {

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod discovery;
 pub mod handover;
 pub mod health;
 pub mod listener;

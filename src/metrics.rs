@@ -36,6 +36,7 @@ pub const PROXY_INBOUND: &str = "sluice_proxy_protocol_inbound_total";
 pub const BACKEND_EJECTIONS: &str = "sluice_backend_ejections_total";
 pub const BACKEND_HEALTHY: &str = "sluice_backend_healthy";
 pub const HEALTH_CHECKS: &str = "sluice_health_checks_total";
+pub const DNS_RESOLUTIONS: &str = "sluice_dns_resolutions_total";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -84,6 +85,8 @@ pub struct Metrics {
     pub backend_healthy: IntGaugeVec,
     /// {pool, result}: ok, fail
     pub health_checks: IntCounterVec,
+    /// {pool, result}: ok, empty, error
+    pub dns_resolutions: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -139,6 +142,12 @@ impl Metrics {
         r.register(Box::new(last_reload_success_timestamp.clone()))
             .expect("unique metric");
         Metrics {
+            dns_resolutions: counter(
+                &r,
+                DNS_RESOLUTIONS,
+                "DNS discovery lookups, by result (empty and error keep the last good addresses).",
+                &["pool", "result"],
+            ),
             backend_healthy: gauge(
                 &r,
                 BACKEND_HEALTHY,

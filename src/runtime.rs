@@ -105,7 +105,7 @@ impl Snapshot {
     fn backend_set(&self) -> HashSet<*const Backend> {
         self.pools
             .values()
-            .flat_map(|p| p.backends.iter().map(Arc::as_ptr))
+            .flat_map(|p| p.backends().iter().map(Arc::as_ptr).collect::<Vec<_>>())
             .collect()
     }
 }
@@ -285,6 +285,29 @@ impl Runtime {
     }
 
     /// Stop every accept loop and close the listening sockets (drain, or after an upgrade).
+    /// Start DNS discovery for the pools of `snap` that have names to resolve.
+    fn start_discovery(self: &Arc<Self>, snap: &Snapshot, startup: bool) {
+        for (name, pool) in &snap.pools {
+            let Some(cfg) = snap.config.pools.get(name) else {
+                continue;
+            };
+            if cfg.discovery.is_some() {
+                tokio::spawn(crate::discovery::run(
+                    Arc::downgrade(self),
+                    Arc::downgrade(pool),
+                    cfg.clone(),
+                    pool.discovery_stop.clone(),
+                    startup,
+                ));
+            }
+        }
+    }
+
+    /// Match the health checkers to the backends now (after DNS changed a pool).
+    pub fn sync_checks(&self) {
+        self.checkers.sync(&self.snapshot(), &self.metrics);
+    }
+
     /// Stop the active health checks (the end of a drain).
     pub fn stop_checks(&self) {
         self.checkers.stop_all();
@@ -303,6 +326,7 @@ impl Runtime {
         self.sync_listeners(&cfgs, &mut ReloadSummary::default(), || {})
             .map_err(|e| anyhow::anyhow!(e))?;
         self.checkers.sync(&self.snapshot(), &self.metrics);
+        self.start_discovery(&self.snapshot(), true);
         // A handed-over socket no listener claims would queue clients nobody accepts.
         let mut inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner());
         for (name, sock) in inherited.drain() {
@@ -447,12 +471,25 @@ impl Runtime {
         let mut new = None;
         self.sync_listeners(&listeners, &mut summary, || {
             let snap = Arc::new(Snapshot::build(config, &self.metrics, &self.backends, true));
+            for (name, pool) in &snap.pools {
+                if let (Some(old_pool), Some(new_cfg), Some(old_cfg)) = (
+                    old.pools.get(name),
+                    snap.config.pools.get(name),
+                    old.config.pools.get(name),
+                ) {
+                    crate::discovery::seed(pool, new_cfg, old_pool, old_cfg);
+                }
+            }
             self.snapshot.store(snap.clone());
             new = Some(snap);
         })?;
         let Some(new) = new else {
             return Err("internal: the new snapshot was not built".into());
         };
+        for pool in old.pools.values() {
+            pool.discovery_stop.cancel();
+        }
+        self.start_discovery(&new, false);
         self.checkers.sync(&new, &self.metrics);
 
         let was = self.max_connections.swap(max, Ordering::Relaxed);
@@ -476,7 +513,7 @@ impl Runtime {
         let before = old.backend_set();
         summary.backends_added = kept.difference(&before).count();
         for pool in old.pools.values() {
-            for b in &pool.backends {
+            for b in pool.backends().iter() {
                 if !kept.contains(&Arc::as_ptr(b)) {
                     summary.backends_removed += 1;
                     b.remove(pool.removed_drain_timeout);

@@ -9,8 +9,7 @@ use std::time::Duration;
 use sluice::tls::hello::build;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 fn conf(backends: &[SocketAddr], pool_extra: &str) -> String {
     let list = backends
@@ -51,59 +50,6 @@ async fn open(addr: SocketAddr) -> (TcpStream, String) {
     .unwrap();
     let name = read_line(&mut s).await;
     (s, name)
-}
-
-/// A backend whose listening socket can be closed and opened again on the same port while
-/// the connections it accepted live on (a proxy restarting its listener, or dying and
-/// coming back).
-struct Flaky {
-    name: &'static str,
-    address: SocketAddr,
-    stop: CancellationToken,
-}
-
-impl Flaky {
-    async fn start(name: &'static str, at: &str) -> Flaky {
-        let l = TcpListener::bind(at).await.unwrap();
-        let address = l.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let s2 = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut c, _) = tokio::select! {
-                    _ = s2.cancelled() => return,
-                    r = l.accept() => match r { Ok(c) => c, Err(_) => continue },
-                };
-                tokio::spawn(async move {
-                    let _ = c.write_all(format!("{name}\n").as_bytes()).await;
-                    let mut total = 0;
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = c.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        total += n;
-                    }
-                    let _ = c
-                        .write_all(format!("{name} got {total} bytes\n").as_bytes())
-                        .await;
-                });
-            }
-        });
-        Flaky {
-            name,
-            address,
-            stop,
-        }
-    }
-
-    fn kill_listener(&self) {
-        self.stop.cancel();
-    }
-
-    async fn revive(&mut self) {
-        *self = Flaky::start(self.name, &self.address.to_string()).await;
-    }
 }
 
 async fn healthy(server: &sluice::server::Server, backend: SocketAddr) -> Option<f64> {

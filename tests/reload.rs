@@ -270,7 +270,7 @@ async fn a_kept_backend_keeps_its_state() {
     let s = Setup::new(&conf(&[&a], "balance = \"least_conn\"", "")).await;
     let addr = edge(&s.server);
     let (held, _) = open(addr).await;
-    let before = s.server.rt.snapshot().pools["p"].backends[0].clone();
+    let before = s.server.rt.snapshot().pools["p"].backends()[0].clone();
     assert_eq!(before.active(), 1);
 
     // Add B: A is the same object, still counting the held connection, so least_conn sends
@@ -278,11 +278,8 @@ async fn a_kept_backend_keeps_its_state() {
     s.write(&conf(&[&a, &b], "balance = \"least_conn\"", ""));
     assert!(matches!(s.reload().await, Outcome::Applied(_)));
     let snap = s.server.rt.snapshot();
-    let after = snap.pools["p"]
-        .backends
-        .iter()
-        .find(|x| x.address == a.address)
-        .unwrap();
+    let list = snap.pools["p"].backends();
+    let after = list.iter().find(|x| x.address == a.address).unwrap();
     assert!(std::sync::Arc::ptr_eq(&before, after));
     assert_eq!(after.active(), 1);
     let (c1, n1) = open(addr).await;

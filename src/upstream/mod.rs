@@ -12,6 +12,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
@@ -164,7 +166,7 @@ impl Backends {
     /// The backend object for `b` in `pool`: the live one if there is one (updated to the new
     /// weight, back in service), else a new one, ready at once or after the pool's
     /// `min_ready` (`warm`: it appears in a running process).
-    fn obtain(
+    pub fn obtain(
         &self,
         pool: &PoolConfig,
         b: &BackendConfig,
@@ -235,7 +237,8 @@ impl Drop for ActiveGuard {
 
 pub struct Pool {
     pub name: String,
-    pub backends: Vec<Arc<Backend>>,
+    /// The configured backends, plus those DNS discovery found (swapped as answers change).
+    backends: ArcSwap<Vec<Arc<Backend>>>,
     pub balance: Balance,
     pub connect_timeout: Duration,
     pub retries: u32,
@@ -245,6 +248,8 @@ pub struct Pool {
     pub ejection: Option<Ejection>,
     pub health: Option<HealthCheck>,
     pub fail_open: bool,
+    /// Stops this pool's DNS discovery (a reload replaced the pool).
+    pub discovery_stop: CancellationToken,
     rr: AtomicU64,
     ejections: prometheus::IntCounterVec,
     connect_seconds: Histogram,
@@ -263,8 +268,8 @@ pub enum ConnectError {
 }
 
 #[derive(Serialize)]
-pub struct BackendView<'a> {
-    pub name: &'a str,
+pub struct BackendView {
+    pub name: String,
     pub address: SocketAddr,
     pub weight: u32,
     pub active: u64,
@@ -282,7 +287,7 @@ pub struct BackendView<'a> {
 pub struct PoolView<'a> {
     pub name: &'a str,
     pub balance: Balance,
-    pub backends: Vec<BackendView<'a>>,
+    pub backends: Vec<BackendView>,
 }
 
 impl Pool {
@@ -300,7 +305,7 @@ impl Pool {
             .set(backends.len() as i64);
         Pool {
             name: cfg.name.clone(),
-            backends,
+            backends: ArcSwap::from_pointee(backends),
             balance: cfg.balance,
             connect_timeout: cfg.connect_timeout,
             retries: cfg.retries,
@@ -310,6 +315,7 @@ impl Pool {
             ejection: cfg.ejection,
             health: cfg.health.clone(),
             fail_open: cfg.fail_open,
+            discovery_stop: CancellationToken::new(),
             rr: AtomicU64::new(0),
             ejections: metrics.ejections.clone(),
             connect_seconds: metrics
@@ -319,19 +325,29 @@ impl Pool {
         }
     }
 
+    /// The backends now (a reference-counted list: DNS discovery may replace it).
+    pub fn backends(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.backends.load_full()
+    }
+
+    /// Replace the backend list (DNS discovery).
+    pub fn set_backends(&self, list: Vec<Arc<Backend>>) {
+        self.backends.store(Arc::new(list));
+    }
+
     pub fn view(&self) -> PoolView<'_> {
         let now = Instant::now();
         PoolView {
             name: &self.name,
             balance: self.balance,
             backends: self
-                .backends
+                .backends()
                 .iter()
                 .map(|b| {
                     let wait = b.ready_at.saturating_duration_since(now);
                     let ejected = b.ejected_for(now);
                     BackendView {
-                        name: &b.name,
+                        name: b.name.clone(),
                         address: b.address,
                         weight: b.weight(),
                         active: b.active(),
@@ -358,6 +374,7 @@ impl Pool {
     /// would be every connection's first try).
     pub fn pick(
         &self,
+        list: &[Arc<Backend>],
         exclude: &[usize],
         client: SocketAddr,
         sni: Option<&str>,
@@ -382,15 +399,13 @@ impl Pool {
                 (false, _, _) => 0,
             })
         };
-        let best = self
-            .backends
+        let best = list
             .iter()
             .enumerate()
             .filter(|(i, b)| !exclude.contains(i) && b.weight() > 0)
             .filter_map(|(_, b)| tier(b))
             .max()?;
-        let candidates: Vec<Candidate> = self
-            .backends
+        let candidates: Vec<Candidate> = list
             .iter()
             .map(|b| Candidate {
                 weight: if tier(b) == Some(best) { b.weight() } else { 0 },
@@ -425,12 +440,13 @@ impl Pool {
         let mut tried: Vec<usize> = Vec::new();
         let mut last = String::from("no backends");
         let ticket = self.rr.fetch_add(1, Ordering::Relaxed);
+        let list = self.backends();
         for attempt in 0..=self.retries {
-            let Some(i) = self.pick(&tried, client, sni, ticket + attempt as u64) else {
+            let Some(i) = self.pick(&list, &tried, client, sni, ticket + attempt as u64) else {
                 break;
             };
             tried.push(i);
-            let backend = &self.backends[i];
+            let backend = &list[i];
             let started = Instant::now();
             match connect_one(backend.address, self.connect_timeout, &self.keepalive).await {
                 Ok(stream) => {
@@ -475,12 +491,12 @@ impl Pool {
         if failures < ej.after_failures || !backend.ejected_for(now).is_zero() {
             return;
         }
-        let ejected = self
-            .backends
+        let list = self.backends();
+        let ejected = list
             .iter()
             .filter(|b| !b.ejected_for(now).is_zero())
             .count();
-        if ejected > 0 && (ejected + 1) * 100 > ej.max_percent as usize * self.backends.len() {
+        if ejected > 0 && (ejected + 1) * 100 > ej.max_percent as usize * list.len() {
             tracing::warn!(pool = %self.name, backend = %backend.name, ejected,
                 max_ejected_percent = ej.max_percent,
                 "backend keeps failing but max_ejected_percent is reached; not ejecting");

@@ -237,3 +237,56 @@ pub async fn tls_http_get(addr: SocketAddr, sni: &str) -> String {
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A backend whose listening socket can be closed and opened again on the same port while
+/// the connections it accepted live on (a proxy restarting its listener, or dying and
+/// coming back).
+pub struct Flaky {
+    pub name: &'static str,
+    pub address: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Flaky {
+    pub async fn start(name: &'static str, at: &str) -> Flaky {
+        let l = TcpListener::bind(at).await.unwrap();
+        let address = l.local_addr().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s2 = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut c, _) = tokio::select! {
+                    _ = s2.cancelled() => return,
+                    r = l.accept() => match r { Ok(c) => c, Err(_) => continue },
+                };
+                tokio::spawn(async move {
+                    let _ = c.write_all(format!("{name}\n").as_bytes()).await;
+                    let mut total = 0;
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = c.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n;
+                    }
+                    let _ = c
+                        .write_all(format!("{name} got {total} bytes\n").as_bytes())
+                        .await;
+                });
+            }
+        });
+        Flaky {
+            name,
+            address,
+            stop,
+        }
+    }
+
+    pub fn kill_listener(&self) {
+        self.stop.cancel();
+    }
+
+    pub async fn revive(&mut self) {
+        *self = Flaky::start(self.name, &self.address.to_string()).await;
+    }
+}

@@ -1,0 +1,247 @@
+//! DNS discovery: a pool's `dns` (A/AAAA) and `srv` names resolved with hickory-resolver,
+//! re-resolved as the answers' TTLs run out (bounded by `dns_min_refresh`/`dns_max_refresh`).
+//!
+//! Owns: one task per pool that has names to resolve, which turns answers into the pool's
+//! backend list. New addresses enter through the backend registry like a reload's new
+//! backends (so they warm up for the pool's `min_ready`); addresses that disappear take no new
+//! connections but keep their established ones (`Backend::remove`). A failed or empty answer
+//! keeps that name's last good addresses, so a DNS outage never empties a pool.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use hickory_resolver::config::{NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BackendConfig, DnsConfig, PoolConfig};
+use crate::runtime::Runtime;
+use crate::upstream::{Backend, Pool};
+
+/// A resolver per the `[dns]` table: explicit nameservers, or the system's configuration.
+pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
+    let mut builder = match &cfg.nameservers {
+        None => TokioResolver::builder_tokio()
+            .map_err(|e| format!("cannot read the system resolver configuration: {e}"))?,
+        Some(list) => {
+            let servers = list
+                .iter()
+                .map(|addr| {
+                    let mut ns = NameServerConfig::udp_and_tcp(addr.ip());
+                    for c in &mut ns.connections {
+                        c.port = addr.port();
+                    }
+                    ns
+                })
+                .collect();
+            TokioResolver::builder_with_config(
+                ResolverConfig::from_name_servers(servers),
+                TokioRuntimeProvider::default(),
+            )
+        }
+    };
+    let opts = builder.options_mut();
+    opts.timeout = cfg.timeout;
+    opts.attempts = 2;
+    builder
+        .build()
+        .map_err(|e| format!("cannot build the resolver: {e}"))
+}
+
+/// What one round of lookups found for one name.
+enum Answer {
+    Found(Vec<SocketAddr>, Instant),
+    Empty,
+    Failed(String),
+}
+
+async fn lookup_name(resolver: &TokioResolver, host: &str, port: u16) -> Answer {
+    match resolver.lookup_ip(host).await {
+        Ok(found) => {
+            let addrs: Vec<SocketAddr> = found.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+            if addrs.is_empty() {
+                Answer::Empty
+            } else {
+                Answer::Found(addrs, found.valid_until())
+            }
+        }
+        Err(e) if e.is_no_records_found() || e.is_nx_domain() => Answer::Empty,
+        Err(e) => Answer::Failed(e.to_string()),
+    }
+}
+
+async fn lookup_srv(resolver: &TokioResolver, name: &str) -> Answer {
+    let srv = match resolver.srv_lookup(name).await {
+        Ok(s) => s,
+        Err(e) if e.is_no_records_found() || e.is_nx_domain() => return Answer::Empty,
+        Err(e) => return Answer::Failed(e.to_string()),
+    };
+    let mut until = srv.valid_until();
+    let mut addrs = Vec::new();
+    for record in srv.answers() {
+        let hickory_resolver::proto::rr::RData::SRV(record) = &record.data else {
+            continue;
+        };
+        let target = record.target.to_string();
+        match lookup_name(resolver, &target, record.port).await {
+            Answer::Found(found, u) => {
+                addrs.extend(found);
+                until = until.min(u);
+            }
+            Answer::Empty => {}
+            Answer::Failed(e) => return Answer::Failed(format!("SRV target {target}: {e}")),
+        }
+    }
+    if addrs.is_empty() {
+        Answer::Empty
+    } else {
+        Answer::Found(addrs, until)
+    }
+}
+
+/// Resolve `pool`'s names until `stop` fires or the pool or the runtime is gone. `startup`:
+/// the first answers are ready at once (the process has its own `min_ready`).
+pub async fn run(
+    rt: Weak<Runtime>,
+    pool: Weak<Pool>,
+    cfg: PoolConfig,
+    stop: CancellationToken,
+    startup: bool,
+) {
+    let Some(d) = cfg.discovery.clone() else {
+        return;
+    };
+    let resolver = {
+        let Some(rt) = rt.upgrade() else { return };
+        let dns = rt.snapshot().config.dns.clone();
+        match resolver(&dns) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(pool = %cfg.name, error = %e, "DNS discovery cannot start");
+                return;
+            }
+        }
+    };
+    let queries: Vec<(String, Option<u16>)> = d
+        .names
+        .iter()
+        .map(|(h, p)| (h.clone(), Some(*p)))
+        .chain(d.srv.iter().map(|s| (s.clone(), None)))
+        .collect();
+    let mut last_good: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+    let mut first = true;
+    loop {
+        let mut next = d.max_refresh;
+        for (name, port) in &queries {
+            let answer = match port {
+                Some(p) => lookup_name(&resolver, name, *p).await,
+                None => lookup_srv(&resolver, name).await,
+            };
+            let Some(rt) = rt.upgrade() else { return };
+            let result = match answer {
+                Answer::Found(addrs, until) => {
+                    next = next.min(until.saturating_duration_since(Instant::now()));
+                    last_good.insert(name.clone(), addrs);
+                    "ok"
+                }
+                Answer::Empty => {
+                    tracing::warn!(pool = %cfg.name, name = %name, kept = last_good.get(name).map_or(0, Vec::len),
+                        "DNS answer is empty; keeping the last good addresses");
+                    next = d.min_refresh;
+                    "empty"
+                }
+                Answer::Failed(e) => {
+                    tracing::warn!(pool = %cfg.name, name = %name, error = %e, kept = last_good.get(name).map_or(0, Vec::len),
+                        "DNS lookup failed; keeping the last good addresses");
+                    next = d.min_refresh;
+                    "error"
+                }
+            };
+            rt.metrics
+                .dns_resolutions
+                .with_label_values(&[cfg.name.as_str(), result])
+                .inc();
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        let (Some(rt), Some(pool)) = (rt.upgrade(), pool.upgrade()) else {
+            return;
+        };
+        let found: BTreeSet<SocketAddr> = last_good.values().flatten().copied().collect();
+        update(&rt, &pool, &cfg, &found, startup && first);
+        first = false;
+        drop((rt, pool));
+        let wait = next.clamp(d.min_refresh, d.max_refresh);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// The configured backends plus `found`; swap the pool's list if it changed.
+fn update(
+    rt: &Arc<Runtime>,
+    pool: &Pool,
+    cfg: &PoolConfig,
+    found: &BTreeSet<SocketAddr>,
+    startup: bool,
+) {
+    let current = pool.backends();
+    let configured: BTreeSet<SocketAddr> = cfg.backends.iter().map(|b| b.address).collect();
+    let wanted: BTreeSet<SocketAddr> = configured.union(found).copied().collect();
+    let have: BTreeSet<SocketAddr> = current.iter().map(|b| b.address).collect();
+    if wanted == have {
+        return;
+    }
+    let list: Vec<Arc<Backend>> = wanted
+        .iter()
+        .map(|addr| {
+            let bc = cfg
+                .backends
+                .iter()
+                .find(|b| b.address == *addr)
+                .cloned()
+                .unwrap_or_else(|| BackendConfig {
+                    name: addr.to_string(),
+                    address: *addr,
+                    weight: 1,
+                });
+            rt.backends.obtain(cfg, &bc, &rt.metrics, !startup)
+        })
+        .collect();
+    let added: Vec<String> = wanted.difference(&have).map(|a| a.to_string()).collect();
+    let removed: Vec<String> = have.difference(&wanted).map(|a| a.to_string()).collect();
+    for b in current.iter() {
+        if !wanted.contains(&b.address) {
+            b.remove(cfg.removed_drain_timeout);
+        }
+    }
+    rt.metrics
+        .pool_backends
+        .with_label_values(&[cfg.name.as_str()])
+        .set(list.len() as i64);
+    pool.set_backends(list);
+    tracing::info!(pool = %cfg.name, added = ?added, removed = ?removed, "DNS: backends changed");
+    rt.sync_checks();
+}
+
+/// A reload keeps what discovery found so far for a pool that keeps its names: the new pool
+/// starts with the old one's discovered backends instead of none until its first answer.
+pub fn seed(new: &Pool, new_cfg: &PoolConfig, old: &Pool, old_cfg: &PoolConfig) {
+    if new_cfg.discovery.is_none() || new_cfg.discovery != old_cfg.discovery {
+        return;
+    }
+    let old_static: BTreeSet<SocketAddr> = old_cfg.backends.iter().map(|b| b.address).collect();
+    let mut list: Vec<Arc<Backend>> = new.backends().as_ref().clone();
+    for b in old.backends().iter() {
+        if !old_static.contains(&b.address) && !list.iter().any(|x| x.address == b.address) {
+            list.push(b.clone());
+        }
+    }
+    new.set_backends(list);
+}
