@@ -139,20 +139,38 @@ fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
     let port = edge.rsplit(':').next().unwrap().to_owned();
 
     if have("openssl") {
-        let out = Command::new("sh")
-            .args([
-                "-c",
-                &format!(
-                    "timeout 3 openssl s_client -connect {edge} -servername tunnel.example.com \
-                     -alpn teleport-reversetunnel -quiet -ign_eof </dev/null 2>/dev/null"
-                ),
-            ])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        // Read openssl's first line as soon as it comes (stdin stays open so it does not
+        // hang up first), then stop it: no fixed sleep, and room for a slow machine.
+        let mut openssl = Running(
+            Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &edge,
+                    "-servername",
+                    "tunnel.example.com",
+                ])
+                .args(["-alpn", "teleport-reversetunnel", "-quiet"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let stdout = openssl.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("openssl printed the backend's greeting");
+        drop(openssl);
         assert!(
-            stdout.starts_with("tunnel-proxy alpn=teleport-reversetunnel sni=tunnel.example.com"),
-            "openssl got: {stdout}"
+            line.starts_with("tunnel-proxy alpn=teleport-reversetunnel sni=tunnel.example.com"),
+            "openssl got: {line}"
         );
     }
     if have("curl") {
@@ -160,7 +178,7 @@ fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
             .args([
                 "-sk",
                 "--max-time",
-                "5",
+                "20",
                 &format!("https://localhost:{port}/"),
             ])
             .output()

@@ -1252,3 +1252,49 @@ async fn max_ejected_percent_caps_ejection() {
         "the other dead backend is still tried: {refused}"
     );
 }
+
+/// A black-holed backend (SYNs unanswered): connect timeouts count like refusals, and once
+/// ejected it no longer costs each new connection a connect_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_backend_is_ejected_after_timeouts() {
+    let live = RawBackend::start("live", false).await;
+    let (_hole, _fillers, hole) = black_hole().await;
+    let server = simple(Simple {
+        backends: vec![hole.to_string(), live.address.to_string()],
+        retries: 1,
+        pool_extra: "eject_after_failures = 1\nmax_ejected_percent = 50",
+        ..Simple::default()
+    })
+    .await;
+    let addr = edge(&server);
+    // Round robin: one of the first two connections tries the hole first (500 ms
+    // connect_timeout), then retries on the live one.
+    let started = std::time::Instant::now();
+    for _ in 0..2 {
+        assert_eq!(through(addr).await, "live");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(450));
+    eventually("ejected", || async {
+        metric(
+            &server,
+            "sluice_backend_ejections_total",
+            &[("backend", &hole.to_string())],
+        )
+        .await
+            == 1.0
+    })
+    .await;
+    // Now every connection goes straight to the live backend: no further timeout.
+    for _ in 0..4 {
+        assert_eq!(through(addr).await, "live");
+    }
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_upstream_connect_failures_total",
+            &[("reason", "timeout")]
+        )
+        .await,
+        1.0
+    );
+}
