@@ -11,10 +11,9 @@ use std::sync::{Arc, Mutex};
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use sluice::tls::hello::build;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 
 /// What the server answers: A records by name, SRV records by name, or SERVFAIL for all.
 #[derive(Default)]
@@ -112,22 +111,10 @@ dns_max_refresh = "1s"
     )
 }
 
-async fn open(addr: SocketAddr) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&build::hello(
-        Some("a.example.com"),
-        &["teleport-reversetunnel"],
-    ))
-    .await
-    .unwrap();
-    let name = read_line(&mut s).await;
-    (s, name)
-}
-
 async fn names(addr: SocketAddr, n: usize) -> Vec<String> {
     let mut out = Vec::new();
     for _ in 0..n {
-        out.push(open(addr).await.1);
+        out.push(open_tunnel(addr).await.1);
     }
     out
 }
@@ -150,7 +137,7 @@ async fn a_records_added_removed_failing_and_empty() {
     })
     .await;
     assert!(names(addr, 4).await.iter().all(|n| n == "A"));
-    let (mut tunnel, _) = open(addr).await;
+    let (mut tunnel, _) = open_tunnel(addr).await;
 
     // A second address appears.
     zone.lock().unwrap().a.insert(
@@ -269,5 +256,5 @@ async fn a_reload_keeps_discovered_backends() {
         1,
         "the new pool starts with the discovered backend"
     );
-    assert_eq!(open(edge(&server)).await.1, "A");
+    assert_eq!(open_tunnel(edge(&server)).await.1, "A");
 }

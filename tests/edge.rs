@@ -329,10 +329,6 @@ async fn simple(s: Simple<'_>) -> sluice::server::Server {
     .await
 }
 
-fn tunnel_hello() -> Vec<u8> {
-    build::hello(Some("agent.example.com"), &["teleport-reversetunnel"])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_hello_times_out_and_is_counted() {
     let b = RawBackend::start("b", false).await;
@@ -1158,9 +1154,7 @@ async fn behind_real_haproxy_with_send_proxy_v2() {
 // Passive ejection.
 
 async fn through(addr: std::net::SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&tunnel_hello()).await.unwrap();
-    read_line(&mut s).await
+    open_tunnel(addr).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

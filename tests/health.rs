@@ -40,18 +40,6 @@ retries = 0
     )
 }
 
-async fn open(addr: SocketAddr) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(&build::hello(
-        Some("a.example.com"),
-        &["teleport-reversetunnel"],
-    ))
-    .await
-    .unwrap();
-    let name = read_line(&mut s).await;
-    (s, name)
-}
-
 async fn healthy(server: &sluice::server::Server, backend: SocketAddr) -> Option<f64> {
     let text = server.rt.metrics.render();
     let key = format!("sluice_backend_healthy{{backend=\"{backend}\",pool=\"p\"}} ");
@@ -81,7 +69,7 @@ async fn a_killed_backend_gets_no_new_connections_and_keeps_its_tunnels_until_it
     // A tunnel through A.
     let mut tunnel = None;
     for _ in 0..4 {
-        let (s, name) = open(addr).await;
+        let (s, name) = open_tunnel(addr).await;
         if name == "A" {
             tunnel = Some(s);
             break;
@@ -96,7 +84,7 @@ async fn a_killed_backend_gets_no_new_connections_and_keeps_its_tunnels_until_it
     .await;
     for _ in 0..8 {
         assert_eq!(
-            open(addr).await.1,
+            open_tunnel(addr).await.1,
             "B",
             "an unhealthy backend takes no new connection"
         );
@@ -117,7 +105,7 @@ async fn a_killed_backend_gets_no_new_connections_and_keeps_its_tunnels_until_it
     .await;
     let mut names = Vec::new();
     for _ in 0..4 {
-        names.push(open(addr).await.1);
+        names.push(open_tunnel(addr).await.1);
     }
     assert!(names.iter().any(|n| n == "A"), "{names:?}");
 }
@@ -197,7 +185,7 @@ async fn when_every_backend_is_unhealthy_fail_open_routes_and_fail_closed_refuse
     })
     .await;
     assert_eq!(
-        open(edge(&open_pool)).await.1,
+        open_tunnel(edge(&open_pool)).await.1,
         "A",
         "fail_open still routes"
     );

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice::tls::hello::build;
 use support::process::{bound_addresses, have, Running};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,13 +67,9 @@ fn signal(pid: u32, sig: &str) {
         .success());
 }
 
-fn hello() -> Vec<u8> {
-    build::hello(Some("agent.example.com"), &["teleport-reversetunnel"])
-}
-
 async fn open(addr: SocketAddr) -> std::io::Result<(TcpStream, String)> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(&hello()).await?;
+    s.write_all(&tunnel_hello()).await?;
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
@@ -162,7 +157,7 @@ async fn tunnels_alive(tunnels: Vec<TcpStream>, backend: &str) {
             .await
             .expect("tunnel answers")
             .unwrap();
-        let sent = hello().len() + 10;
+        let sent = tunnel_hello().len() + 10;
         assert_eq!(
             rest,
             format!("{backend} got {sent} bytes\n"),
@@ -288,44 +283,19 @@ fn sighup_and_post_reload_when_the_watcher_is_off() {
         .await;
 
         std::fs::write(&path, conf(&a, top)).unwrap();
-        let (status, body) = post(admin, "/-/reload").await;
+        let (status, body) = http_request(admin, "POST", "/-/reload").await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("\"backends_added\": 1"), "{body}");
         assert_eq!(open(edge).await.unwrap().1, "A");
 
         std::fs::write(&path, "[[route]]\nname = 1\n").unwrap();
-        let (status, body) = post(admin, "/-/reload").await;
+        let (status, body) = http_request(admin, "POST", "/-/reload").await;
         assert_eq!(status, 400, "{body}");
         assert!(body.contains(&format!("{}:2: ", path.display())), "{body}");
         assert_eq!(open(edge).await.unwrap().1, "A");
         let (status, _) = http_get(admin, "/-/reload").await;
         assert_eq!(status, 405, "GET is not a reload");
     });
-}
-
-async fn post(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    )
 }
 
 /// A process that is not our child (started by a sluice on SIGUSR2): killed at the end.

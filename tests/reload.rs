@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use sluice::config::Config;
 use sluice::reload::{self, Outcome};
 use sluice::server::Server;
-use sluice::tls::hello::build;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -77,19 +76,6 @@ impl Setup {
     }
 }
 
-/// Connect through the edge with a tunnel hello; returns the stream and the backend's name.
-async fn open(addr: std::net::SocketAddr) -> (TcpStream, String) {
-    let mut s = TcpStream::connect(addr).await.expect("edge accepts");
-    s.write_all(&build::hello(
-        Some("agent.example.com"),
-        &["teleport-reversetunnel"],
-    ))
-    .await
-    .unwrap();
-    let name = read_line(&mut s).await;
-    (s, name)
-}
-
 /// The connection still relays: half-close it and read the backend's byte count.
 async fn still_relays(mut s: TcpStream, backend: &str) {
     s.write_all(b"ping").await.unwrap();
@@ -113,7 +99,7 @@ async fn reload_moves_new_connections_and_keeps_established_ones() {
     let addr = edge(&s.server);
     let hash_before = s.server.rt.snapshot().config.hash.clone();
 
-    let (old, name) = open(addr).await;
+    let (old, name) = open_tunnel(addr).await;
     assert_eq!(name, "A");
 
     s.write(&conf(&[&b], "", ""));
@@ -125,7 +111,7 @@ async fn reload_moves_new_connections_and_keeps_established_ones() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        open(addr).await.1,
+        open_tunnel(addr).await.1,
         "B",
         "new connections take the new backend"
     );
@@ -161,7 +147,7 @@ async fn an_invalid_config_changes_nothing() {
     let b = RawBackend::start("B", false).await;
     let s = Setup::new(&conf(&[&a], "", "")).await;
     let addr = edge(&s.server);
-    let (old, _) = open(addr).await;
+    let (old, _) = open_tunnel(addr).await;
 
     // A route naming a pool that does not exist, and a bad duration.
     let bad = conf(&[&b], "", "").replace("pool = \"p\"\nidle", "pool = \"nope\"\nidle");
@@ -181,7 +167,7 @@ async fn an_invalid_config_changes_nothing() {
         metric(&s.server, "sluice_config_last_reload_successful", &[]).await,
         0.0
     );
-    assert_eq!(open(addr).await.1, "A", "the running config stays");
+    assert_eq!(open_tunnel(addr).await.1, "A", "the running config stays");
 
     // A TOML syntax error is rejected the same way.
     s.write("[[listener]\nname = ");
@@ -202,7 +188,7 @@ async fn an_invalid_config_changes_nothing() {
         .await,
         2.0
     );
-    assert_eq!(open(addr).await.1, "B");
+    assert_eq!(open_tunnel(addr).await.1, "B");
     still_relays(old, "A").await;
 }
 
@@ -211,7 +197,7 @@ async fn listeners_come_and_go_without_touching_connections() {
     let a = RawBackend::start("A", false).await;
     let s = Setup::new(&conf(&[&a], "", "")).await;
     let first = edge(&s.server);
-    let (old, _) = open(first).await;
+    let (old, _) = open_tunnel(first).await;
 
     // Add a second listener.
     let two =
@@ -222,7 +208,7 @@ async fn listeners_come_and_go_without_touching_connections() {
     };
     assert_eq!(sum.listeners_added, vec!["second".to_owned()]);
     let second = s.server.listener_addr("second").expect("second listener");
-    assert_eq!(open(second).await.1, "A");
+    assert_eq!(open_tunnel(second).await.1, "A");
     assert_eq!(
         s.server.listener_addr("edge"),
         Some(first),
@@ -240,7 +226,7 @@ async fn listeners_come_and_go_without_touching_connections() {
     };
     assert_eq!(sum.listeners_updated, vec!["edge".to_owned()]);
     assert_eq!(s.server.listener_addr("edge"), Some(first));
-    assert_eq!(open(first).await.1, "A");
+    assert_eq!(open_tunnel(first).await.1, "A");
 
     // Remove the first listener: it stops accepting; its connection lives on.
     s.write(
@@ -259,7 +245,7 @@ async fn listeners_come_and_go_without_touching_connections() {
         TcpStream::connect(first).await.is_err()
     })
     .await;
-    assert_eq!(open(second).await.1, "A");
+    assert_eq!(open_tunnel(second).await.1, "A");
     still_relays(old, "A").await;
 }
 
@@ -269,7 +255,7 @@ async fn a_kept_backend_keeps_its_state() {
     let b = RawBackend::start("B", false).await;
     let s = Setup::new(&conf(&[&a], "balance = \"least_conn\"", "")).await;
     let addr = edge(&s.server);
-    let (held, _) = open(addr).await;
+    let (held, _) = open_tunnel(addr).await;
     let before = s.server.rt.snapshot().pools["p"].backends()[0].clone();
     assert_eq!(before.active(), 1);
 
@@ -282,7 +268,7 @@ async fn a_kept_backend_keeps_its_state() {
     let after = list.iter().find(|x| x.address == a.address).unwrap();
     assert!(std::sync::Arc::ptr_eq(&before, after));
     assert_eq!(after.active(), 1);
-    let (c1, n1) = open(addr).await;
+    let (c1, n1) = open_tunnel(addr).await;
     assert_eq!(n1, "B", "least_conn knows A already holds one");
     drop(c1);
     still_relays(held, "A").await;
@@ -296,7 +282,7 @@ async fn a_removed_backend_is_closed_after_removed_drain_timeout() {
     let top = "[lifecycle]\nclose_spread = \"0s\"";
     let s = Setup::new(&conf(&[&a], extra, top)).await;
     let addr = edge(&s.server);
-    let (mut held, _) = open(addr).await;
+    let (mut held, _) = open_tunnel(addr).await;
 
     s.write(&conf(&[&b], extra, top));
     let removed_at = Instant::now();
@@ -336,7 +322,7 @@ async fn a_backend_added_by_reload_waits_for_min_ready() {
     assert!(matches!(s.reload().await, Outcome::Applied(_)));
     let mut names = Vec::new();
     while added.elapsed() < Duration::from_millis(1000) {
-        names.push(open(addr).await.1);
+        names.push(open_tunnel(addr).await.1);
     }
     assert!(names.len() >= 2, "{names:?}");
     assert!(
@@ -355,7 +341,7 @@ async fn a_backend_added_by_reload_waits_for_min_ready() {
     tokio::time::sleep(Duration::from_millis(1600).saturating_sub(added.elapsed())).await;
     let mut later = Vec::new();
     for _ in 0..4 {
-        later.push(open(addr).await.1);
+        later.push(open_tunnel(addr).await.1);
     }
     assert!(later.iter().any(|n| n == "B"), "after min_ready: {later:?}");
 }
@@ -369,7 +355,7 @@ async fn drain_closes_the_leftovers_spread_over_close_spread() {
     let addr = edge(&s.server);
     let mut held = Vec::new();
     for _ in 0..12 {
-        held.push(open(addr).await.0);
+        held.push(open_tunnel(addr).await.0);
     }
     let started = Instant::now();
     let server = std::sync::Arc::new(s.server);
@@ -426,7 +412,11 @@ async fn conf_d_files_are_merged_and_their_errors_point_at_them() {
     // Not a .toml file: ignored.
     std::fs::write(conf_d.join("notes.txt"), "[[route]]").unwrap();
     assert!(matches!(s.reload().await, Outcome::Applied(_)));
-    assert_eq!(open(addr).await.1, "B", "the conf.d route serves the rest");
+    assert_eq!(
+        open_tunnel(addr).await.1,
+        "B",
+        "the conf.d route serves the rest"
+    );
     assert_eq!(
         s.server.rt.snapshot().config.files.len(),
         2,
@@ -460,7 +450,7 @@ async fn conf_d_files_are_merged_and_their_errors_point_at_them() {
         ),
         "{errors}"
     );
-    assert_eq!(open(addr).await.1, "B", "the running config stays");
+    assert_eq!(open_tunnel(addr).await.1, "B", "the running config stays");
 }
 
 /// The ways people and tools replace a config file, seen by the watcher.
@@ -494,7 +484,7 @@ async fn the_watcher_sees_every_way_of_replacing_a_file() {
         let server = &server;
         async move {
             eventually(&format!("new connections reach {name}"), || async {
-                open(addr).await.1 == name
+                open_tunnel(addr).await.1 == name
             })
             .await;
             let _ = server;
@@ -542,7 +532,7 @@ async fn unready_until_min_ready_has_passed() {
     let s = Setup::new(&conf(&[&a], "", "[lifecycle]\nmin_ready = \"700ms\"")).await;
     assert_eq!(s.server.rt.state(), sluice::runtime::State::Starting);
     // Serving (connections are routed) but not ready yet.
-    assert_eq!(open(edge(&s.server)).await.1, "A");
+    assert_eq!(open_tunnel(edge(&s.server)).await.1, "A");
     assert_eq!(s.server.rt.state(), sluice::runtime::State::Starting);
     s.server.ready().await;
     assert!(started.elapsed() >= Duration::from_millis(690));
@@ -570,7 +560,7 @@ async fn inherited_sockets_are_matched_by_name_and_strays_closed() {
         edge_addr,
         "the `edge` listener uses the inherited socket"
     );
-    assert_eq!(open(edge_addr).await.1, "A");
+    assert_eq!(open_tunnel(edge_addr).await.1, "A");
     assert!(
         TcpStream::connect(stray_addr).await.is_err(),
         "the unclaimed socket is closed"
@@ -596,10 +586,10 @@ async fn the_watcher_follows_a_symlinked_config_to_its_directory() {
     tokio::spawn(reload::watch(server.rt.clone(), stop.clone()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     let addr = edge(&server);
-    assert_eq!(open(addr).await.1, "A");
+    assert_eq!(open_tunnel(addr).await.1, "A");
     std::fs::write(&target, conf(&[&b], "", top)).unwrap();
     eventually("the edit of the symlink target is seen", || async {
-        open(addr).await.1 == "B"
+        open_tunnel(addr).await.1 == "B"
     })
     .await;
     stop.cancel();
@@ -614,7 +604,7 @@ async fn no_reload_while_draining() {
     let top = "[lifecycle]\ndrain_delay = \"0s\"\ndrain_timeout = \"2s\"";
     let s = Setup::new(&conf(&[&a], "", top)).await;
     let addr = edge(&s.server);
-    let (held, _) = open(addr).await;
+    let (held, _) = open_tunnel(addr).await;
     let server = std::sync::Arc::new(s.server);
     let srv = server.clone();
     let drain = tokio::spawn(async move { srv.drain(std::future::pending(), true).await });

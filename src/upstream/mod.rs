@@ -66,6 +66,16 @@ pub enum Health {
     Unhealthy = 2,
 }
 
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+}
+
 /// The process's reference instant for times kept in atomics.
 fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -95,20 +105,12 @@ impl Backend {
     }
 
     pub fn health(&self) -> Health {
-        match self.health.load(Ordering::Acquire) {
-            1 => Health::Healthy,
-            2 => Health::Unhealthy,
-            _ => Health::Unknown,
-        }
+        Health::from_u8(self.health.load(Ordering::Acquire))
     }
 
     /// Record a verdict; returns the previous one.
     pub fn set_health(&self, h: Health) -> Health {
-        match self.health.swap(h as u8, Ordering::AcqRel) {
-            1 => Health::Healthy,
-            2 => Health::Unhealthy,
-            _ => Health::Unknown,
-        }
+        Health::from_u8(self.health.swap(h as u8, Ordering::AcqRel))
     }
 
     /// Time left of its passive ejection (zero when not ejected).

@@ -151,12 +151,17 @@ pub async fn tls_greeting(addr: SocketAddr, sni: &str, alpn: &[&str]) -> String 
     read_line(&mut tls).await
 }
 
-/// GET a path on the admin API; returns (status, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+/// One HTTP/1.1 request without a body on the admin API; returns (status, body).
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     let status = out
@@ -169,6 +174,25 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// GET a path on the admin API; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path).await
+}
+
+/// A real-looking agent tunnel ClientHello (SNI agent.example.com, ALPN teleport-reversetunnel).
+pub fn tunnel_hello() -> Vec<u8> {
+    sluice::tls::hello::build::hello(Some("agent.example.com"), &["teleport-reversetunnel"])
+}
+
+/// Connect through the edge with a tunnel hello; returns the stream and the backend's first
+/// line (its name).
+pub async fn open_tunnel(addr: SocketAddr) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr).await.expect("edge accepts");
+    s.write_all(&tunnel_hello()).await.unwrap();
+    let name = read_line(&mut s).await;
+    (s, name)
 }
 
 /// The value of one sample of `/metrics`, e.g. `sluice_hello_total{listener="edge",result="ok"}`.
