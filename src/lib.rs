@@ -16,6 +16,7 @@ pub mod discovery;
 pub mod handover;
 pub mod health;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;

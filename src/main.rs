@@ -58,20 +58,8 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat, level: &str) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .or_else(|| tracing_subscriber::EnvFilter::try_new(level).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+fn init_logging(format: LogFormat, level: &str) -> sluice::logging::WorkerGuard {
+    sluice::logging::init(matches!(format, LogFormat::Json), level)
 }
 
 fn raise_nofile() {
@@ -103,7 +91,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, upgrade } => {
-            init_logging(cli.log_format, &cli.log_level);
+            let _log = init_logging(cli.log_format, &cli.log_level);
             raise_nofile();
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
@@ -191,7 +179,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Demo { port, admin } => {
-            init_logging(cli.log_format, &cli.log_level);
+            let _log = init_logging(cli.log_format, &cli.log_level);
             raise_nofile();
             run(sluice::demo::run(port, &admin))
         }

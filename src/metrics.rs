@@ -6,8 +6,8 @@
 //! registry).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub const CONNECTIONS_ACCEPTED: &str = "sluice_connections_accepted_total";
@@ -37,9 +37,12 @@ pub const BACKEND_EJECTIONS: &str = "sluice_backend_ejections_total";
 pub const BACKEND_HEALTHY: &str = "sluice_backend_healthy";
 pub const HEALTH_CHECKS: &str = "sluice_health_checks_total";
 pub const DNS_RESOLUTIONS: &str = "sluice_dns_resolutions_total";
+pub const LOG_LINES_DROPPED: &str = "sluice_log_lines_dropped_total";
 
 pub struct Metrics {
     pub registry: Registry,
+    /// Mirrors `logging::dropped_lines()` at each scrape.
+    log_lines_dropped: IntCounter,
     /// {listener}
     pub accepted: IntCounterVec,
     /// {listener}
@@ -141,7 +144,15 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(last_reload_success_timestamp.clone()))
             .expect("unique metric");
+        let log_lines_dropped = IntCounter::new(
+            LOG_LINES_DROPPED,
+            "Log lines dropped because the log queue was full (a stalled stderr).",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(log_lines_dropped.clone()))
+            .expect("unique metric");
         Metrics {
+            log_lines_dropped,
             dns_resolutions: counter(
                 &r,
                 DNS_RESOLUTIONS,
@@ -263,6 +274,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
+        let dropped = crate::logging::dropped_lines();
+        let seen = self.log_lines_dropped.get();
+        if dropped > seen {
+            self.log_lines_dropped.inc_by(dropped - seen);
+        }
         let mut out = Vec::new();
         let families = self.registry.gather();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""Turn bench/run.sh's results into RESULTS.md (stdout), or check a smoke run.
+
+    report.py RESULTS.jsonl COMMANDS.txt [CRITERION_DIR]   -> markdown on stdout
+    report.py --check RESULTS.jsonl                         -> exit 1 if the run is broken
+"""
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS = ["haproxy", "nginx", "direct"]
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sh(cmd):
+    try:
+        out = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except Exception:
+        return "unknown"
+
+
+def check(rows):
+    """A smoke run is broken if a scenario produced no figures, or sluice routed wrong,
+    failed a connection, lost a tunnel or an idle connection."""
+    problems = []
+    seen = {(r["scenario"], r["system"]) for r in rows}
+    for scenario in ["connrate", "throughput", "idle", "reload"]:
+        for system in ["sluice", "haproxy", "nginx"]:
+            if (scenario, system) not in seen:
+                problems.append(f"no {scenario} result for {system}")
+    for r in rows:
+        where = f"{r['scenario']}/{r['system']}"
+        if "error" in r:
+            problems.append(f"{where}: {r['error']}")
+            continue
+        fails = r.get("failures", {})
+        for kind in ("wrong_backend", "corrupt"):
+            if fails.get(kind):
+                problems.append(f"{where}: {fails[kind]} {kind}")
+        if r["system"] != "sluice":
+            continue
+        if r.get("failed"):
+            problems.append(f"{where}: {r['failed']} failed connections {fails}")
+        if r.get("ok") == 0:
+            problems.append(f"{where}: no connection completed")
+        for key in ("tunnels_cut", "lost", "failed_streams"):
+            if r.get(key):
+                problems.append(f"{where}: {key} = {r[key]}")
+        if r.get("opened") is not None and r["opened"] != r["connections"]:
+            problems.append(f"{where}: opened {r['opened']} of {r['connections']}")
+    for p in problems:
+        print("bench check:", p, file=sys.stderr)
+    print(f"bench check: {len(rows)} results, {len(problems)} problems", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def mean(rows, key):
+    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return statistics.mean(vals) if vals else None
+
+
+def ratio(a, b):
+    return None if a is None or not b else a / b
+
+
+class Doc:
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, s=""):
+        self.lines.append(s)
+
+    def table(self, head, rows):
+        self("| " + " | ".join(head) + " |")
+        self("|" + "---|" * len(head))
+        for r in rows:
+            self("| " + " | ".join(r) + " |")
+        self()
+
+
+def by_system(rows, scenario):
+    out = {}
+    for r in rows:
+        if r["scenario"] == scenario and "error" not in r:
+            out.setdefault(r["system"], []).append(r)
+    return out
+
+
+def ratios_line(doc, label, groups, key, goal_text, lower_is_better=False):
+    s = mean(groups.get("sluice", []), key)
+    parts = []
+    for peer in PEERS:
+        m = mean(groups.get(peer, []), key)
+        rt = ratio(s, m)
+        if rt is not None:
+            parts.append(f"sluice/{peer} **{rt:.2f}**")
+    doc(f"- {label}: " + (", ".join(parts) or "no figures") + f" (goal: {goal_text})")
+
+
+def main(argv):
+    if argv[1] == "--check":
+        return check(load(argv[2]))
+    rows = load(argv[1])
+    commands = open(argv[2]).read().splitlines() if os.path.exists(argv[2]) else []
+    micro = argv[3] if len(argv) > 3 and argv[3] else None
+
+    d = Doc()
+    commit = sh("git rev-parse --short HEAD")
+    dirty = " (with uncommitted changes)" if sh("git status --porcelain --untracked-files=no") not in ("", "unknown") else ""
+    d("# Benchmark results")
+    d()
+    d("Written by `bench/run.sh`; every figure below comes from one invocation of it, on one "
+      "machine, with the systems alternating. Compare ratios within this file, not absolute "
+      "figures across machines.")
+    d()
+    d(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    d(f"- commit: {commit}{dirty}")
+    cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")
+    d(f"- nproc: {os.cpu_count()}; CPU: {cpu}")
+    d(f"- kernel: {platform.release()}")
+    d(f"- sluice: release build, {sh('rustc --version')}")
+    d(f"- HAProxy: {sh('haproxy -v')}")
+    d(f"- nginx: {sh('nginx -v')}")
+    d()
+
+    # connrate
+    g = by_system(rows, "connrate")
+    d("## connrate")
+    d()
+    d("Workers loop: connect, send a captured ClientHello (alternately OpenSSL's tunnel hello and "
+      "Chromium's 2008-byte post-quantum h2 hello), read the backend's tag line and the echoed "
+      "hello, echo 64 bytes, close. A wrong tag (wrong pool) is a failure. Latency is the whole "
+      "exchange, connect to last byte.")
+    d()
+    d.table(["system", "conns/s", "p50 µs", "p99 µs", "p99.9 µs", "failed", "failures"],
+            [[r["system"], fmt(r["conns_per_s"]), fmt(r["p50_us"]), fmt(r["p99_us"]),
+              fmt(r["p999_us"]), fmt(r["failed"]), json.dumps(r["failures"]) if r["failures"] else ""]
+             for rs in g.values() for r in rs])
+    ratios_line(d, "connections/s", g, "conns_per_s", "≥ 1.25 × HAProxy")
+    ratios_line(d, "p99 latency", g, "p99_us", "≤ 0.8 × HAProxy", lower_is_better=True)
+    d()
+
+    g = by_system(rows, "throughput")
+    d("## throughput")
+    d()
+    d("K streams, each sends N bytes through the edge to the tunnel backend and reads them back "
+      "(the echo runs both ways at once). Gbit/s is payload received back by the client.")
+    d()
+    d.table(["system", "streams", "MiB per stream", "Gbit/s", "failed streams"],
+            [[r["system"], fmt(r["streams"]), fmt(r["bytes_per_stream"] // (1 << 20)),
+              fmt(r["gbit_per_s"], 2), fmt(r["failed_streams"])] for rs in g.values() for r in rs])
+    ratios_line(d, "throughput", g, "gbit_per_s", "≥ 1.3 × HAProxy")
+    d()
+
+    g = by_system(rows, "idle")
+    d("## idle")
+    d()
+    d("N tunnel connections opened through the edge (client sources spread over 127.0.0.2–254), "
+      "each with a hello and the backend's answer, held idle, then each checked alive with a "
+      "one-byte echo. Memory is the RSS of all the edge's processes when all are open and idle "
+      "minus the RSS before, divided by N, in a freshly started edge.")
+    d()
+    d.table(["system", "connections", "opened", "held s", "lost", "processes", "RSS before KiB",
+             "RSS after KiB", "bytes/conn"],
+            [[r["system"], fmt(r["connections"]), fmt(r["opened"]), fmt(r["hold_s"], 0),
+              fmt(r["lost"]), fmt(r["processes"]), fmt(r["rss_before_kib"]), fmt(r["rss_after_kib"]),
+              fmt(r["bytes_per_conn"])] for rs in g.values() for r in rs])
+    ratios_line(d, "bytes per idle connection", g, "bytes_per_conn", "≤ 1.0 KiB")
+    d()
+
+    g = by_system(rows, "reload")
+    d("## reload under load")
+    d()
+    d("connrate runs while the config is rewritten every 100 ms (the client pool flips between "
+      "one and two backends; the new file is renamed into place), with idle tunnels opened "
+      "before and checked with an echo after. sluice reloads by itself (its file watcher); "
+      "HAProxy gets `kill -USR2` to its master (master-worker reload), nginx `kill -HUP` "
+      "(`nginx -s reload`). Processes counts the edge's processes before and after: a reload "
+      "that leaves old workers behind holding the tunnels shows here.")
+    d()
+    d.table(["system", "conns/s", "p99 µs", "failed", "failures", "reloads sent", "tunnels",
+             "tunnels cut", "processes before → after", "RSS before → after KiB"],
+            [[r["system"], fmt(r["conns_per_s"]), fmt(r["p99_us"]), fmt(r["failed"]),
+              json.dumps(r["failures"]) if r["failures"] else "", fmt(r["reloads"]),
+              fmt(r["tunnels"]), fmt(r["tunnels_cut"]),
+              f"{fmt(r['processes_before'])} → {fmt(r['processes_after'])}",
+              f"{fmt(r['rss_before_kib'])} → {fmt(r['rss_after_kib'])}"]
+             for rs in g.values() for r in rs])
+    d("- goal: 0 failed new connections, 0 cut tunnels, no extra processes, RSS flat.")
+    d()
+
+    if micro and os.path.isdir(micro):
+        d("## micro-benchmarks (criterion)")
+        d()
+        d("`cargo bench -p sluice-bench --bench core -- --warm-up-time 1 --measurement-time 2`; "
+          "median time per call.")
+        d()
+        found = []
+        for dirpath, _, files in os.walk(micro):
+            if "estimates.json" in files and dirpath.endswith(os.sep + "new"):
+                name = os.path.relpath(os.path.dirname(dirpath), micro)
+                if name.startswith("report"):
+                    continue
+                est = json.load(open(os.path.join(dirpath, "estimates.json")))
+                found.append((name, est["median"]["point_estimate"]))
+        d.table(["benchmark", "median"],
+                [[f"`{n}`", f"{ns:,.1f} ns" if ns < 10_000 else f"{ns / 1000:,.2f} µs"]
+                 for n, ns in sorted(found)])
+
+    d("## Commands")
+    d()
+    d("Each line is one measurement, as `bench/run.sh` ran it (`$RUN` is its scratch directory "
+      "holding the rendered configs).")
+    d()
+    d("```")
+    for c in commands:
+        d(c)
+    d("```")
+    d()
+    findings = os.path.join(HERE, "findings.md")
+    if os.path.exists(findings):
+        d(open(findings).read().rstrip())
+        d()
+    print("\n".join(d.lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

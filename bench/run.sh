@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# sluice side by side with HAProxy and nginx (and the backends directly), in one run.
+#
+#   bench/run.sh            the full run (about 10 minutes on 2 cores); writes bench/RESULTS.md
+#   bench/run.sh --smoke    a few seconds per scenario; proves the scripts work (CI runs this);
+#                           writes the report to $RUN/RESULTS.md, not bench/RESULTS.md
+#
+# Scenarios (see bench/README.md): connrate, throughput, idle, reload, each run for every
+# system in turn, the order alternating, ROUNDS times. Every edge process is started fresh for
+# each scenario run and stopped after it. Needs: haproxy, nginx with the stream module
+# (Debian: nginx-light + libnginx-mod-stream), curl, python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+SMOKE=0
+[ "${1:-}" = "--smoke" ] && SMOKE=1
+if [ "$SMOKE" = 1 ]; then
+  ROUNDS=1 CONNRATE_S=1 CONC=16 TP_STREAMS=2 TP_BYTES=$((4 << 20))
+  IDLE_N=200 IDLE_HOLD=1 RELOAD_S=2 TUNNELS=20
+else
+  ROUNDS=${ROUNDS:-2} CONNRATE_S=${CONNRATE_S:-10} CONC=${CONC:-64} TP_STREAMS=${TP_STREAMS:-8}
+  TP_BYTES=${TP_BYTES:-$((256 << 20))} IDLE_N=${IDLE_N:-9000} IDLE_HOLD=${IDLE_HOLD:-10}
+  RELOAD_S=${RELOAD_S:-30} TUNNELS=${TUNNELS:-200}
+fi
+SYSTEMS=(sluice haproxy nginx direct)
+
+ulimit -n 20000
+for tool in haproxy nginx curl python3; do
+  command -v "$tool" >/dev/null || { echo "bench/run.sh: $tool is needed" >&2; exit 1; }
+done
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] ||
+  { echo "bench/run.sh: nginx's stream module is needed (Debian: libnginx-mod-stream)" >&2; exit 1; }
+
+RUN=$(mktemp -d /tmp/sluice-bench.XXXXXX)
+RESULTS=$RUN/results.jsonl
+: >"$RESULTS"
+BACKEND_PID="" EDGE_PID=""
+
+stop_edge() {
+  if [ -n "$EDGE_PID" ]; then
+    # The peers' masters respawn a worker that dies, so stop the master first (TERM: every
+    # system closes at once), then whatever it left (old workers a reload left included).
+    local kids
+    kids=$(pgrep -P "$EDGE_PID" || true)
+    kill -TERM "$EDGE_PID" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 "$EDGE_PID" 2>/dev/null || break; sleep 0.1; done
+    # shellcheck disable=SC2086
+    kill -KILL "$EDGE_PID" $kids 2>/dev/null || true
+    wait "$EDGE_PID" 2>/dev/null || true
+    EDGE_PID=""
+  fi
+}
+cleanup() {
+  stop_edge
+  [ -n "$BACKEND_PID" ] && kill "$BACKEND_PID" 2>/dev/null && wait "$BACKEND_PID" 2>/dev/null
+  [ "$SMOKE" = 1 ] || rm -rf "$RUN"
+}
+trap cleanup EXIT
+
+echo "== build (release)"
+cargo build --release --locked -p sluice -p sluice-bench --bins 2>&1 | tail -n 2
+SLUICE=$ROOT/target/release/sluice
+LOADGEN=$ROOT/target/release/loadgen
+
+# --- configs: variant a (client pool: one backend) and b (two), flipped by the reload scenario
+render() { # render TEMPLATE OUT VARIANT
+  local clients servers nginx_servers
+  if [ "$3" = a ]; then
+    clients='"127.0.0.1:29002"'
+    servers='    server c1 127.0.0.1:29002'
+    nginx_servers='        server 127.0.0.1:29002;'
+  else
+    clients='"127.0.0.1:29002", "127.0.0.1:29003"'
+    servers=$'    server c1 127.0.0.1:29002\n    server c2 127.0.0.1:29003'
+    nginx_servers=$'        server 127.0.0.1:29002;\n        server 127.0.0.1:29003;'
+  fi
+  python3 - "$1" "$2" "$RUN" "$clients" "$servers" "$nginx_servers" <<'EOF'
+import sys
+src, out, run, clients, servers, nginx_servers = sys.argv[1:]
+text = open(src).read().replace("@RUN@", run).replace("@CLIENT_BACKENDS@", clients)
+text = text.replace("@CLIENT_SERVERS@", nginx_servers if src.endswith("nginx.conf") else servers)
+open(out, "w").write(text)
+EOF
+}
+for sys in sluice haproxy nginx; do
+  case $sys in sluice) f=sluice.toml ;; haproxy) f=haproxy.cfg ;; nginx) f=nginx.conf ;; esac
+  mkdir -p "$RUN/$sys"
+  render "bench/conf/$f" "$RUN/$sys/$f.a" a
+  render "bench/conf/$f" "$RUN/$sys/$f.b" b
+done
+# flip.sh FILE: replace FILE by its other variant with one rename (what a config tool does).
+# The variant in place is remembered outside the config's directory, which sluice watches.
+mkdir -p "$RUN/state"
+cat >"$RUN/flip.sh" <<EOF
+#!/bin/sh
+set -e
+f=\$1
+state=$RUN/state/\$(basename "\$f").is-b
+if [ -e "\$state" ]; then v=a; rm -f "\$state"; else v=b; : >"\$state"; fi
+cp "\$f.\$v" "\$f.tmp"
+mv "\$f.tmp" "\$f"
+EOF
+chmod +x "$RUN/flip.sh"
+
+port_free() { # port_free PORT: fail if something still listens on 127.0.0.1:PORT
+  for _ in $(seq 50); do
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "bench/run.sh: port $1 is still taken (a process left from an earlier run?)" >&2
+  return 1
+}
+
+wait_port() { # wait_port PORT: until something accepts on 127.0.0.1:PORT
+  for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "bench/run.sh: nothing listens on port $1" >&2
+  return 1
+}
+
+# start_edge SYSTEM: start it fresh with config variant a; sets EDGE_PID, PORT, PIDS_CMD,
+# RELOAD_CMD. The peers run in their master-worker modes, so a reload is theirs to do.
+start_edge() {
+  rm -f "$RUN"/state/*
+  case $1 in sluice) port_free 28441 ;; haproxy) port_free 28442 ;; nginx) port_free 28443 ;; esac
+  case $1 in
+    sluice)
+      cp "$RUN/sluice/sluice.toml.a" "$RUN/sluice/sluice.toml"
+      "$SLUICE" run --config "$RUN/sluice/sluice.toml" 2>>"$RUN/sluice.log" &
+      EDGE_PID=$!
+      PORT=28441
+      for _ in $(seq 100); do
+        curl -sf -o /dev/null http://127.0.0.1:28451/readyz && break
+        sleep 0.1
+      done
+      PIDS_CMD="echo $EDGE_PID"
+      RELOAD_CMD="$RUN/flip.sh $RUN/sluice/sluice.toml"
+      ;;
+    haproxy)
+      cp "$RUN/haproxy/haproxy.cfg.a" "$RUN/haproxy/haproxy.cfg"
+      haproxy -W -db -f "$RUN/haproxy/haproxy.cfg" >>"$RUN/haproxy.log" 2>&1 &
+      EDGE_PID=$!
+      PORT=28442
+      wait_port $PORT
+      PIDS_CMD="echo $EDGE_PID; pgrep -P $EDGE_PID"
+      RELOAD_CMD="$RUN/flip.sh $RUN/haproxy/haproxy.cfg && kill -USR2 $EDGE_PID"
+      ;;
+    nginx)
+      cp "$RUN/nginx/nginx.conf.a" "$RUN/nginx/nginx.conf"
+      nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -g 'daemon off;' >>"$RUN/nginx.log" 2>&1 &
+      EDGE_PID=$!
+      PORT=28443
+      wait_port $PORT
+      PIDS_CMD="echo $EDGE_PID; pgrep -P $EDGE_PID"
+      RELOAD_CMD="$RUN/flip.sh $RUN/nginx/nginx.conf && kill -HUP $EDGE_PID"
+      ;;
+  esac
+}
+
+target_args() { # target_args SYSTEM
+  if [ "$1" = direct ]; then
+    echo "--system direct --tunnel 127.0.0.1:29001 --client 127.0.0.1:29002"
+  else
+    echo "--system $1 --tunnel 127.0.0.1:$PORT --client 127.0.0.1:$PORT"
+  fi
+}
+
+COMMANDS=$RUN/commands.txt
+: >"$COMMANDS"
+measure() { # measure SYSTEM SCENARIO ARGS...: run loadgen once, append its JSON line
+  local sys=$1 scenario=$2
+  shift 2
+  local cmd=("$LOADGEN" "$scenario" $(target_args "$sys") "$@")
+  printf '%s\n' "${cmd[*]}" | sed "s#$ROOT/##g; s#$RUN#\$RUN#g" >>"$COMMANDS"
+  local out
+  if out=$("${cmd[@]}" 2>>"$RUN/loadgen.log"); then
+    printf '%s\n' "$out" >>"$RESULTS"
+    printf '   %-8s %-10s %s\n' "$sys" "$scenario" "$out" | cut -c1-160
+  else
+    echo "   $sys $scenario: loadgen failed (see $RUN/loadgen.log)" >&2
+    printf '{"scenario":"%s","system":"%s","error":"loadgen failed"}\n' "$scenario" "$sys" >>"$RESULTS"
+  fi
+}
+
+"$LOADGEN" backend --listen tunnel=127.0.0.1:29001 --listen client=127.0.0.1:29002 \
+  --listen client=127.0.0.1:29003 2>>"$RUN/backend.log" &
+BACKEND_PID=$!
+wait_port 29001
+wait_port 29003
+
+for round in $(seq "$ROUNDS"); do
+  order=("${SYSTEMS[@]}")
+  if [ $((round % 2)) = 0 ]; then order=(direct nginx haproxy sluice); fi
+  for scenario in connrate throughput idle reload; do
+    echo "== round $round: $scenario"
+    for sys in "${order[@]}"; do
+      # The backends alone have no edge memory to measure and nothing to reload.
+      if [ "$sys" = direct ] && { [ "$scenario" = idle ] || [ "$scenario" = reload ]; }; then continue; fi
+      [ "$sys" = direct ] || start_edge "$sys"
+      case $scenario in
+        connrate) measure "$sys" connrate --concurrency "$CONC" --seconds "$CONNRATE_S" ;;
+        throughput) measure "$sys" throughput --streams "$TP_STREAMS" --bytes "$TP_BYTES" ;;
+        idle) measure "$sys" idle --connections "$IDLE_N" --hold "$IDLE_HOLD" --pids-cmd "$PIDS_CMD" ;;
+        reload)
+          measure "$sys" reload --concurrency "$CONC" --seconds "$RELOAD_S" --tunnels "$TUNNELS" \
+            --every-ms 100 --pids-cmd "$PIDS_CMD" --reload-cmd "$RELOAD_CMD"
+          if [ "$sys" = sluice ]; then
+            curl -sf http://127.0.0.1:28451/metrics | grep '^sluice_config_reloads_total' \
+              | sed 's/^/   /' || true
+          fi
+          ;;
+      esac
+      stop_edge
+    done
+  done
+done
+
+MICRO=""
+if [ "$SMOKE" = 0 ]; then
+  echo "== micro-benchmarks (criterion)"
+  cargo bench --locked -p sluice-bench --bench core -- --warm-up-time 1 --measurement-time 2 \
+    --noplot >"$RUN/criterion.log" 2>&1
+  MICRO=$ROOT/target/criterion
+fi
+
+OUT=$ROOT/bench/RESULTS.md
+[ "$SMOKE" = 1 ] && OUT=$RUN/RESULTS.md
+python3 bench/report.py "$RESULTS" "$COMMANDS" "$MICRO" >"$OUT"
+echo "== wrote $OUT"
+if [ "$SMOKE" = 1 ]; then
+  python3 bench/report.py --check "$RESULTS"
+  rm -rf "$RUN"
+fi
