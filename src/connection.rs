@@ -210,10 +210,9 @@ async fn read_hello(
 }
 
 /// The access-log record, filled in as the connection progresses.
-struct Log<'a> {
+struct Log {
     id: u64,
     client: SocketAddr,
-    listener: &'a str,
     sni: Option<String>,
     alpn: Vec<String>,
     /// Names come from these at emit time: no per-connection string copies.
@@ -226,17 +225,17 @@ struct Log<'a> {
     detail: String,
 }
 
-impl Log<'_> {
+impl Log {
     fn route_name(&self) -> &str {
         self.route.as_ref().map_or("none", |r| r.name.as_str())
     }
 
-    fn emit(&self) {
+    fn emit(&self, listener: &str) {
         tracing::info!(
             target: "sluice::access",
             conn = self.id,
             client = %self.client,
-            listener = self.listener,
+            listener,
             sni = self.sni.as_deref().unwrap_or("-"),
             alpn = %if self.alpn.is_empty() { "-".to_owned() } else { self.alpn.join(",") },
             route = self.route_name(),
@@ -252,48 +251,89 @@ impl Log<'_> {
     }
 }
 
-pub async fn serve(
+/// Serve one accepted connection: the task `listener` spawns. Two phases with different
+/// shapes: establishing (reading the hello, routing, connecting; an async fn, boxed, freed
+/// when it ends) and relaying (a flat struct polled by hand). An idle tunnel's task is only
+/// the second, so it stays small (see `bench/findings.md`).
+pub fn serve(
     rt: Arc<Runtime>,
     state: Arc<ListenerState>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     client: SocketAddr,
+    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+) -> Serve {
+    Serve::Establishing(Box::pin(start(rt, state, stream, client, permits)))
+}
+
+/// The future of one connection.
+pub enum Serve {
+    Establishing(std::pin::Pin<Box<dyn std::future::Future<Output = Option<Relaying>> + Send>>),
+    Relaying(Relaying),
+    Done,
+}
+
+impl std::future::Future for Serve {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        loop {
+            match &mut *self {
+                Serve::Establishing(f) => match f.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(r)) => *self = Serve::Relaying(r),
+                    Poll::Ready(None) => {
+                        *self = Serve::Done;
+                        return Poll::Ready(());
+                    }
+                },
+                Serve::Relaying(r) => {
+                    let Poll::Ready(outcome) = r.relay.poll_relay(
+                        cx,
+                        &r.client,
+                        &r.backend,
+                        (&r.route.bytes_to_backend, &r.route.bytes_to_client),
+                    ) else {
+                        return Poll::Pending;
+                    };
+                    if let Serve::Relaying(r) = std::mem::replace(&mut *self, Serve::Done) {
+                        r.finish(outcome);
+                    }
+                    return Poll::Ready(());
+                }
+                Serve::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// An established connection: what its relay phase holds, and nothing else.
+pub struct Relaying {
+    client: TcpStream,
+    backend: TcpStream,
+    relay: relay::Relay,
+    route: Arc<Route>,
+    guard: ActiveGuard,
+    rt: Arc<Runtime>,
+    state: Arc<ListenerState>,
+    /// For the access-log line and the close metrics; boxed, read only at the end.
+    log: Box<Log>,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
-) {
-    let started = Instant::now();
-    let listener = state.config.name.as_str();
-    let active = rt.metrics.active.with_label_values(&[listener]);
-    active.inc();
-    let mut log = Log {
-        id: rt.next_conn_id(),
-        client,
-        listener,
-        sni: None,
-        alpn: Vec::new(),
-        route: None,
-        backend: None,
-        to_backend: 0,
-        to_client: 0,
-        started,
-        end: "closed",
-        detail: String::new(),
-    };
-    // The config this connection lives with, whatever reloads happen later.
-    let snapshot = rt.snapshot();
-    // The hello/connect phase is boxed: its state is freed before the (long) relay phase, so
-    // an idle tunnel's task holds only what the relay needs.
-    let established = Box::pin(establish(&rt, &state, &mut stream, &snapshot, &mut log)).await;
-    drop(snapshot);
-    if let Some((backend, route, guard)) = established {
-        route.active.inc();
-        let stop = Box::pin(stop_signal(rt.clone(), guard.backend().retire.clone()));
-        let outcome = relay::relay(
-            &stream,
-            &backend,
-            route.idle_timeout,
-            (&route.bytes_to_backend, &route.bytes_to_client),
-            stop,
-        )
-        .await;
+}
+
+impl Relaying {
+    fn finish(self, outcome: relay::Outcome) {
+        let Relaying {
+            route,
+            guard,
+            rt,
+            state,
+            mut log,
+            ..
+        } = self;
         route.active.dec();
         log.to_backend += outcome.to_backend;
         log.to_client = outcome.to_client;
@@ -302,13 +342,67 @@ pub async fn serve(
             log.detail = "idle_timeout reached".into();
         }
         drop(guard);
+        closed(&rt, &state, &log);
     }
+}
+
+/// Count a connection's end and write its access-log line.
+fn closed(rt: &Runtime, state: &ListenerState, log: &Log) {
+    let listener = state.config.name.as_str();
     rt.metrics
         .closed
         .with_label_values(&[listener, log.route_name(), log.end])
         .inc();
-    active.dec();
-    log.emit();
+    rt.metrics.active.with_label_values(&[listener]).dec();
+    log.emit(listener);
+}
+
+/// The establishing phase: `Some` once the hello is replayed to a backend.
+async fn start(
+    rt: Arc<Runtime>,
+    state: Arc<ListenerState>,
+    mut stream: TcpStream,
+    client: SocketAddr,
+    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+) -> Option<Relaying> {
+    rt.metrics
+        .active
+        .with_label_values(&[state.config.name.as_str()])
+        .inc();
+    let mut log = Box::new(Log {
+        id: rt.next_conn_id(),
+        client,
+        sni: None,
+        alpn: Vec::new(),
+        route: None,
+        backend: None,
+        to_backend: 0,
+        to_client: 0,
+        started: Instant::now(),
+        end: "closed",
+        detail: String::new(),
+    });
+    // The config this connection lives with, whatever reloads happen later.
+    let snapshot = rt.snapshot();
+    let established = establish(&rt, &state, &mut stream, &snapshot, &mut log).await;
+    drop(snapshot);
+    let Some((backend, route, guard)) = established else {
+        closed(&rt, &state, &log);
+        return None;
+    };
+    route.active.inc();
+    let stop = Box::pin(stop_signal(rt.clone(), guard.backend().retire.clone()));
+    Some(Relaying {
+        client: stream,
+        backend,
+        relay: relay::Relay::new(route.idle_timeout, stop),
+        route,
+        guard,
+        rt,
+        state,
+        log,
+        _permits: permits,
+    })
 }
 
 /// When an established connection must close: its backend's `retire` token fires (a removed
@@ -344,7 +438,7 @@ async fn establish(
     state: &ListenerState,
     stream: &mut TcpStream,
     snapshot: &Snapshot,
-    log: &mut Log<'_>,
+    log: &mut Log,
 ) -> Option<(TcpStream, Arc<Route>, ActiveGuard)> {
     let listener = state.config.name.as_str();
     let _ = stream.set_nodelay(true);

@@ -207,9 +207,8 @@ async fn accept_loop(
                 accepted.inc();
                 let rt2 = rt.clone();
                 let st = state.clone();
-                rt.tracker.spawn(async move {
-                    crate::connection::serve(rt2, st, stream, peer, permits).await;
-                });
+                rt.tracker
+                    .spawn(crate::connection::serve(rt2, st, stream, peer, permits));
             }
             Err(e) => {
                 drop(permits);

@@ -66,7 +66,7 @@ pub struct Outcome {
 struct Pump {
     /// Bytes read but not yet written are `buf[pos..]`. `None` while idle.
     buf: Option<Vec<u8>>,
-    pos: usize,
+    pos: u32,
     /// Size of the next buffer to allocate (0 = not yet chosen).
     chunk: u32,
     eof: bool,
@@ -96,15 +96,15 @@ impl Pump {
                 return Poll::Ready(Ok(()));
             }
             if let Some(buf) = &self.buf {
-                if self.pos < buf.len() {
+                if (self.pos as usize) < buf.len() {
                     match to.poll_write_ready(cx) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::To)),
                         Poll::Ready(Ok(())) => {}
                     }
-                    match to.try_write(&buf[self.pos..]) {
+                    match to.try_write(&buf[self.pos as usize..]) {
                         Ok(n) => {
-                            self.pos += n;
+                            self.pos += n as u32;
                             self.moved += n as u64;
                             counter.inc_by(n as u64);
                             *active = true;
@@ -164,44 +164,35 @@ impl Pump {
     }
 }
 
-/// The relay future. Small on purpose: an idle tunnel is this struct and two sockets.
-pub struct Relay<'a> {
-    client: &'a TcpStream,
-    backend: &'a TcpStream,
+/// The relay state of one connection: the two directions, the idle timer and the stop
+/// signal. It holds no socket: the caller owns the sockets (and the counters) next to it and
+/// lends them to each `poll_relay`, so the whole connection is one flat task with no
+/// self-references. Small on purpose: an idle tunnel is this struct and two sockets.
+pub struct Relay {
     up: Pump,
     down: Pump,
-    to_backend: &'a IntCounter,
-    to_client: &'a IntCounter,
     /// Idle limit, timer and time of the last byte; `None` for tunnels (no timer at all).
-    idle: Option<(Duration, Pin<Box<Sleep>>, Instant)>,
+    /// Boxed: tunnels, which have none, should not carry its space.
+    idle: Option<Box<(Duration, Pin<Box<Sleep>>, Instant)>>,
     stop: StopSignal,
 }
 
-/// Relay until both directions are done, one fails, the idle timeout passes, or `stop` fires.
-pub fn relay<'a>(
-    client: &'a TcpStream,
-    backend: &'a TcpStream,
-    idle_timeout: Option<Duration>,
-    counters: (&'a IntCounter, &'a IntCounter),
-    stop: StopSignal,
-) -> Relay<'a> {
-    let idle = idle_timeout.map(|limit| {
-        let now = Instant::now();
-        (limit, Box::pin(tokio::time::sleep_until(now + limit)), now)
-    });
-    Relay {
-        client,
-        backend,
-        up: Pump::default(),
-        down: Pump::default(),
-        to_backend: counters.0,
-        to_client: counters.1,
-        idle,
-        stop,
+impl Relay {
+    /// Relay until both directions are done, one fails, the idle timeout passes, or `stop`
+    /// fires.
+    pub fn new(idle_timeout: Option<Duration>, stop: StopSignal) -> Relay {
+        let idle = idle_timeout.map(|limit| {
+            let now = Instant::now();
+            Box::new((limit, Box::pin(tokio::time::sleep_until(now + limit)), now))
+        });
+        Relay {
+            up: Pump::default(),
+            down: Pump::default(),
+            idle,
+            stop,
+        }
     }
-}
 
-impl Relay<'_> {
     fn outcome(&self, end: End) -> Poll<Outcome> {
         Poll::Ready(Outcome {
             end,
@@ -209,41 +200,41 @@ impl Relay<'_> {
             to_client: self.down.moved,
         })
     }
-}
 
-impl Future for Relay<'_> {
-    type Output = Outcome;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
-        let this = &mut *self;
-        if let Poll::Ready(end) = this.stop.as_mut().poll(cx) {
-            return this.outcome(end);
+    /// Move what can be moved; `Ready` once the connection is over, with why.
+    /// `counters` are (to backend, to client).
+    pub fn poll_relay(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &TcpStream,
+        backend: &TcpStream,
+        counters: (&IntCounter, &IntCounter),
+    ) -> Poll<Outcome> {
+        if let Poll::Ready(end) = self.stop.as_mut().poll(cx) {
+            return self.outcome(end);
         }
         let mut active = false;
-        let up = this
-            .up
-            .poll(cx, this.client, this.backend, this.to_backend, &mut active);
+        let up = self.up.poll(cx, client, backend, counters.0, &mut active);
         if let Poll::Ready(Err(f)) = up {
             let end = match f {
                 Failed::From => End::ClientError,
                 Failed::To => End::BackendError,
             };
-            return this.outcome(end);
+            return self.outcome(end);
         }
-        let down = this
-            .down
-            .poll(cx, this.backend, this.client, this.to_client, &mut active);
+        let down = self.down.poll(cx, backend, client, counters.1, &mut active);
         if let Poll::Ready(Err(f)) = down {
             let end = match f {
                 Failed::From => End::BackendError,
                 Failed::To => End::ClientError,
             };
-            return this.outcome(end);
+            return self.outcome(end);
         }
         if up.is_ready() && down.is_ready() {
-            return this.outcome(End::Closed);
+            return self.outcome(End::Closed);
         }
-        if let Some((limit, sleep, last)) = &mut this.idle {
+        if let Some(idle) = &mut self.idle {
+            let (limit, sleep, last) = &mut **idle;
             if active {
                 *last = Instant::now();
             }
@@ -251,7 +242,7 @@ impl Future for Relay<'_> {
             while sleep.as_mut().poll(cx).is_ready() {
                 let deadline = *last + *limit;
                 if Instant::now() >= deadline {
-                    return this.outcome(End::IdleTimeout);
+                    return self.outcome(End::IdleTimeout);
                 }
                 sleep.as_mut().reset(deadline);
             }

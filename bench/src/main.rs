@@ -296,11 +296,30 @@ async fn dial(dest: SocketAddr, src: Option<SocketAddr>) -> Result<TcpStream, Fa
     }
     .map_err(|_| Fail::Connect)?;
     if let Some(src) = src {
+        // Choose the source port at connect time, from the full 4-tuple: a bind(port 0)
+        // would pick one that is unique per address and scan past every TIME_WAIT port.
+        bind_address_no_port(&sock);
         sock.bind(src).map_err(|_| Fail::Connect)?;
     }
     let stream = sock.connect(dest).await.map_err(|_| Fail::Connect)?;
     stream.set_nodelay(true).map_err(|_| Fail::Connect)?;
     Ok(stream)
+}
+
+#[allow(unsafe_code)]
+fn bind_address_no_port(sock: &TcpSocket) {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor, an int option, and its exact size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Fill `buf` exactly, or say why not.
@@ -495,18 +514,35 @@ async fn throughput(a: &ThroughputArgs) -> Result<Value> {
     for s in conns {
         let bytes = a.bytes;
         tasks.spawn(async move {
+            // The writer stays at most WINDOW bytes ahead of what has come back. Unbounded,
+            // every socket buffer on the path autotunes to tens of MiB, the kernel starts
+            // dropping on loopback, and streams stall for seconds in retransmission backoff
+            // (seen here): that would measure the kernel's worst case, not the edge.
+            const WINDOW: u64 = 2 << 20;
+            let echoed = Arc::new((AtomicU64::new(0), tokio::sync::Notify::new()));
             let (mut r, mut w) = s.into_split();
-            let writer = tokio::spawn(async move {
-                let chunk = vec![0x5au8; 64 * 1024];
-                let mut left = bytes;
-                while left > 0 {
-                    let n = left.min(chunk.len() as u64) as usize;
-                    w.write_all(&chunk[..n]).await?;
-                    left -= n as u64;
-                }
-                w.shutdown().await?;
-                Ok::<_, std::io::Error>(w)
-            });
+            let writer = {
+                let echoed = echoed.clone();
+                tokio::spawn(async move {
+                    let chunk = vec![0x5au8; 64 * 1024];
+                    let mut sent = 0u64;
+                    while sent < bytes {
+                        let room = WINDOW.saturating_sub(sent - echoed.0.load(Ordering::Acquire));
+                        if room == 0 {
+                            let wake = echoed.1.notified();
+                            if sent - echoed.0.load(Ordering::Acquire) >= WINDOW {
+                                wake.await;
+                            }
+                            continue;
+                        }
+                        let n = room.min(bytes - sent).min(chunk.len() as u64) as usize;
+                        w.write_all(&chunk[..n]).await?;
+                        sent += n as u64;
+                    }
+                    w.shutdown().await?;
+                    Ok::<_, std::io::Error>(w)
+                })
+            };
             let mut buf = vec![0u8; 64 * 1024];
             let mut got = 0u64;
             let mut corrupt = false;
@@ -516,6 +552,8 @@ async fn throughput(a: &ThroughputArgs) -> Result<Value> {
                     Ok(n) => {
                         corrupt |= buf[..n].iter().any(|&b| b != 0x5a);
                         got += n as u64;
+                        echoed.0.store(got, Ordering::Release);
+                        echoed.1.notify_one();
                     }
                     Err(_) => break,
                 }
