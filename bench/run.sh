@@ -2,7 +2,7 @@
 # sluice side by side with HAProxy and nginx (and the backends directly), in one run.
 #
 #   bench/run.sh            the full run (about 10 minutes on 2 cores); writes bench/RESULTS.md
-#   bench/run.sh --smoke    a few seconds per scenario; proves the scripts work (CI runs this);
+#   bench/run.sh --smoke    a few seconds per scenario, debug build; proves the scripts work (CI);
 #                           writes the report to $RUN/RESULTS.md, not bench/RESULTS.md
 #
 # Scenarios (see bench/README.md): connrate, throughput, idle, reload, each run for every
@@ -58,10 +58,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== build (release)"
-cargo build --release --locked -p sluice -p sluice-bench --bins 2>&1 | tail -n 2
-SLUICE=$ROOT/target/release/sluice
-LOADGEN=$ROOT/target/release/loadgen
+# The smoke run checks the scripts and sluice's routing, not speed: a debug build (which the
+# test suite has already compiled) saves CI a release build.
+if [ "$SMOKE" = 1 ]; then PROFILE=debug; else PROFILE=release; fi
+echo "== build ($PROFILE)"
+if [ "$PROFILE" = release ]; then
+  cargo build --release --locked -p sluice -p sluice-bench --bins 2>&1 | tail -n 2
+else
+  cargo build --locked -p sluice -p sluice-bench --bins 2>&1 | tail -n 2
+fi
+SLUICE=$ROOT/target/$PROFILE/sluice
+LOADGEN=$ROOT/target/$PROFILE/loadgen
 
 # --- configs: variant a (client pool: one backend) and b (two), flipped by the reload scenario
 render() { # render TEMPLATE OUT VARIANT
@@ -229,6 +236,9 @@ fi
 OUT=$ROOT/bench/RESULTS.md
 [ "$SMOKE" = 1 ] && OUT=$RUN/RESULTS.md
 python3 bench/report.py "$RESULTS" "$COMMANDS" "$MICRO" >"$OUT"
+# The raw figures beside the report: `python3 bench/report.py bench/results.jsonl
+# bench/commands.txt` writes it again (e.g. after editing findings.md).
+[ "$SMOKE" = 1 ] || cp "$RESULTS" "$COMMANDS" bench/
 echo "== wrote $OUT"
 if [ "$SMOKE" = 1 ]; then
   python3 bench/report.py --check "$RESULTS"

@@ -265,7 +265,9 @@ pub fn serve(
     Serve::Establishing(Box::pin(start(rt, state, stream, client, permits)))
 }
 
-/// The future of one connection.
+/// The future of one connection. The size difference between the variants is the point:
+/// the long-lived one is stored inline, the short-lived one boxed.
+#[allow(clippy::large_enum_variant)]
 pub enum Serve {
     Establishing(std::pin::Pin<Box<dyn std::future::Future<Output = Option<Relaying>> + Send>>),
     Relaying(Relaying),

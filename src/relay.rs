@@ -164,6 +164,9 @@ impl Pump {
     }
 }
 
+/// Idle limit, the timer, and the time of the last byte.
+type IdleTimer = (Duration, Pin<Box<Sleep>>, Instant);
+
 /// The relay state of one connection: the two directions, the idle timer and the stop
 /// signal. It holds no socket: the caller owns the sockets (and the counters) next to it and
 /// lends them to each `poll_relay`, so the whole connection is one flat task with no
@@ -173,7 +176,7 @@ pub struct Relay {
     down: Pump,
     /// Idle limit, timer and time of the last byte; `None` for tunnels (no timer at all).
     /// Boxed: tunnels, which have none, should not carry its space.
-    idle: Option<Box<(Duration, Pin<Box<Sleep>>, Instant)>>,
+    idle: Option<Box<IdleTimer>>,
     stop: StopSignal,
 }
 

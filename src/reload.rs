@@ -11,6 +11,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
@@ -138,11 +139,16 @@ pub async fn watch(rt: Arc<Runtime>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             ev = rx.recv() => if ev.is_none() { return },
         }
-        // Debounce: wait until the files have been quiet for `debounce`.
+        // Debounce: wait until the files have been quiet for `debounce`, but no longer than
+        // `max_wait` after the first change, so files rewritten more often than `debounce`
+        // (a busy config generator) still get reloaded.
+        let max_wait = tokio::time::sleep(max_debounce_wait(debounce));
+        tokio::pin!(max_wait);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(debounce) => break,
+                _ = &mut max_wait => break,
                 ev = rx.recv() => if ev.is_none() { return },
             }
         }
@@ -150,6 +156,11 @@ pub async fn watch(rt: Arc<Runtime>, stop: CancellationToken) {
         watch_target_dir(&mut watcher, &source, &dir);
         reload(&rt, "file change").await;
     }
+}
+
+/// The longest a reload waits for the files to be quiet: 10 × `debounce`, at least 1 s.
+fn max_debounce_wait(debounce: Duration) -> Duration {
+    (debounce * 10).max(Duration::from_secs(1))
 }
 
 /// Watch `conf.d/` whenever it exists (it may be created, or replaced, after start).

@@ -525,6 +525,41 @@ async fn the_watcher_sees_every_way_of_replacing_a_file() {
     server.shutdown().await;
 }
 
+/// A file rewritten more often than `debounce` (a busy config generator) is still reloaded,
+/// at most 10 × debounce (at least 1 s) after the first change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_nonstop_is_still_reloaded() {
+    let a = RawBackend::start("A", false).await;
+    let b = RawBackend::start("B", false).await;
+    let top = "[reload]\ndebounce = \"100ms\"";
+    let setup = Setup::new(&conf(&[&a], "", top)).await;
+    let stop = CancellationToken::new();
+    tokio::spawn(reload::watch(setup.server.rt.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let addr = edge(&setup.server);
+    // Every 40 ms, well inside the 100 ms debounce: a purely trailing debounce never fires.
+    let writer = {
+        let path = setup.path.clone();
+        let text = conf(&[&b], "", top);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                std::fs::write(&path, &text).unwrap();
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+    eventually(
+        "new connections reach B while the file is still being rewritten",
+        || async { open_tunnel(addr).await.1 == "B" },
+    )
+    .await;
+    assert!(!writer.is_finished(), "the writer was still rewriting");
+    stop.cancel();
+    writer.await.unwrap();
+    setup.server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unready_until_min_ready_has_passed() {
     let a = RawBackend::start("A", false).await;
