@@ -355,7 +355,7 @@ fn closed(rt: &Runtime, state: &ListenerState, log: &Log) {
         .closed
         .with_label_values(&[listener, log.route_name(), log.end])
         .inc();
-    rt.metrics.active.with_label_values(&[listener]).dec();
+    state.active.dec();
     log.emit(listener);
 }
 
@@ -367,10 +367,7 @@ async fn start(
     client: SocketAddr,
     permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 ) -> Option<Relaying> {
-    rt.metrics
-        .active
-        .with_label_values(&[state.config.name.as_str()])
-        .inc();
+    state.active.inc();
     let mut log = Box::new(Log {
         id: rt.next_conn_id(),
         client,

@@ -80,6 +80,8 @@ pub struct ListenerState {
     pub config: ListenerConfig,
     pub local_addr: SocketAddr,
     pub permits: Option<Arc<Semaphore>>,
+    /// `sluice_connections_active{listener}`, resolved once for all its connections.
+    pub active: prometheus::IntGauge,
 }
 
 /// A running listener: its socket and the accept loop's stop token. Connections never hold
@@ -102,6 +104,7 @@ impl ListenerHandle {
         let state = Arc::new(ListenerState {
             local_addr: socket.local_addr()?,
             permits: config.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            active: rt.metrics.active.with_label_values(&[config.name.as_str()]),
             config,
         });
         let stop = parent.child_token();
