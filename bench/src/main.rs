@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -428,12 +428,8 @@ impl Rate {
     }
 }
 
+/// Run connrate for `a.seconds`.
 async fn connrate(a: &ConnrateArgs) -> Result<Rate> {
-    connrate_until(a, Arc::new(AtomicBool::new(false))).await
-}
-
-/// Run connrate for `a.seconds` (or until `stop`).
-async fn connrate_until(a: &ConnrateArgs, stop: Arc<AtomicBool>) -> Result<Rate> {
     let sources = Arc::new(Sources::new(a.target.sources));
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(a.seconds);
@@ -441,13 +437,12 @@ async fn connrate_until(a: &ConnrateArgs, stop: Arc<AtomicBool>) -> Result<Rate>
     for w in 0..a.concurrency {
         let t = a.target.clone();
         let sources = sources.clone();
-        let stop = stop.clone();
         workers.spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let mut fails: BTreeMap<&'static str, u64> = BTreeMap::new();
             let mut ok = 0u64;
             let mut i = w;
-            while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+            while Instant::now() < end {
                 let kind = if i % 2 == 0 {
                     Kind::Tunnel
                 } else {
@@ -680,7 +675,6 @@ async fn reload(a: &ReloadArgs) -> Result<Value> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = edge_rss(&t.pids_cmd);
-    let stop = Arc::new(AtomicBool::new(false));
     let reloader = {
         let cmd = a.reload_cmd.clone();
         let every = Duration::from_millis(a.every_ms);
@@ -704,7 +698,7 @@ async fn reload(a: &ReloadArgs) -> Result<Value> {
             (ok, failed)
         })
     };
-    let rate = connrate_until(&a.rate, stop).await?;
+    let rate = connrate(&a.rate).await?;
     let (reloads, reload_failures) = reloader.await?;
     // Give the edge a moment to finish its last reload before checking the tunnels.
     tokio::time::sleep(Duration::from_secs(1)).await;
