@@ -83,31 +83,13 @@ async fn dns_server(zone: Arc<Mutex<Zone>>) -> SocketAddr {
 }
 
 fn conf(dns: SocketAddr, pool_keys: &str) -> String {
-    format!(
-        r#"
-[admin]
-address = "127.0.0.1:0"
-
-[dns]
-nameservers = ["{dns}"]
-timeout = "500ms"
-
-[[listener]]
-name = "edge"
-address = "127.0.0.1:0"
-
-[[route]]
-name = "all"
-pool = "p"
-idle_timeout = "0s"
-
-[pool.p]
-balance = "round_robin"
-retries = 0
-dns_min_refresh = "100ms"
-dns_max_refresh = "1s"
-{pool_keys}
-"#
+    one_pool_config(
+        "127.0.0.1:0",
+        &format!("[dns]\nnameservers = [\"{dns}\"]\ntimeout = \"500ms\""),
+        &format!(
+            "balance = \"round_robin\"\nretries = 0\ndns_min_refresh = \"100ms\"\n\
+             dns_max_refresh = \"1s\"\n{pool_keys}"
+        ),
     )
 }
 

@@ -12,31 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn conf(backends: &[SocketAddr], pool_extra: &str) -> String {
-    let list = backends
-        .iter()
-        .map(|b| format!("\"{b}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"
-[admin]
-address = "127.0.0.1:0"
-
-[[listener]]
-name = "edge"
-address = "127.0.0.1:0"
-
-[[route]]
-name = "all"
-pool = "p"
-idle_timeout = "0s"
-
-[pool.p]
-backends = [{list}]
-balance = "round_robin"
-retries = 0
-{pool_extra}
-"#
+    let list = quoted(backends);
+    one_pool_config(
+        "127.0.0.1:0",
+        "",
+        &format!("backends = [{list}]\nbalance = \"round_robin\"\nretries = 0\n{pool_extra}"),
     )
 }
 

@@ -19,26 +19,10 @@ use tokio::net::TcpStream;
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
 fn conf(backend: &RawBackend, top: &str) -> String {
-    format!(
-        r#"
-[admin]
-address = "127.0.0.1:0"
-
-{top}
-
-[[listener]]
-name = "edge"
-address = "127.0.0.1:0"
-
-[[route]]
-name = "all"
-pool = "p"
-idle_timeout = "0s"
-
-[pool.p]
-backends = ["{}"]
-"#,
-        backend.address
+    one_pool_config(
+        "127.0.0.1:0",
+        top,
+        &format!("backends = [\"{}\"]", backend.address),
     )
 }
 

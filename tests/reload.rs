@@ -16,31 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 /// A config with one listener, one catch-all route to pool `p`, and `pool_extra` keys.
 fn conf(backends: &[&RawBackend], pool_extra: &str, top: &str) -> String {
-    let list = backends
-        .iter()
-        .map(|b| format!("\"{}\"", b.address))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"
-[admin]
-address = ""
-{top}
-
-[[listener]]
-name = "edge"
-address = "127.0.0.1:0"
-
-[[route]]
-name = "all"
-pool = "p"
-idle_timeout = "0s"
-
-[pool.p]
-backends = [{list}]
-{pool_extra}
-"#
-    )
+    let list = quoted(backends.iter().map(|b| b.address));
+    one_pool_config("", top, &format!("backends = [{list}]\n{pool_extra}"))
 }
 
 struct Setup {

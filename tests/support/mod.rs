@@ -16,6 +16,41 @@ pub use sluice::demo::TaggedBackend;
 
 pub mod process;
 
+/// A config with one listener `edge` on 127.0.0.1:0 and one catch-all route `all`, without
+/// an idle timeout, to pool `p`. `admin` is the admin address ("" for none), `top` goes above
+/// the listener (global tables), `pool` is the body of `[pool.p]`. Line numbers are asserted
+/// on: the route's `pool` key is line 12 whatever `top` holds on its one line.
+pub fn one_pool_config(admin: &str, top: &str, pool: &str) -> String {
+    format!(
+        r#"
+[admin]
+address = "{admin}"
+{top}
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+
+[[route]]
+name = "all"
+pool = "p"
+idle_timeout = "0s"
+
+[pool.p]
+{pool}
+"#
+    )
+}
+
+/// Addresses as the items of a TOML array: `"a", "b"`.
+pub fn quoted<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    items
+        .into_iter()
+        .map(|i| format!("\"{i}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Start sluice from config text. `{name}` placeholders are replaced from `vars`.
 pub async fn start(config: &str, vars: &[(&str, String)]) -> Server {
     let mut text = config.to_owned();
