@@ -53,8 +53,13 @@ stop_edge() {
 }
 cleanup() {
   stop_edge
-  [ -n "$BACKEND_PID" ] && kill "$BACKEND_PID" 2>/dev/null && wait "$BACKEND_PID" 2>/dev/null
-  [ "$SMOKE" = 1 ] || rm -rf "$RUN"
+  # The backend dies of the TERM (status 143); that is not the run's status, and under set -e
+  # a failing last command here would become the script's exit status.
+  if [ -n "$BACKEND_PID" ]; then
+    kill "$BACKEND_PID" 2>/dev/null || true
+    wait "$BACKEND_PID" 2>/dev/null || true
+  fi
+  if [ "$SMOKE" != 1 ]; then rm -rf "$RUN"; fi
 }
 trap cleanup EXIT
 
