@@ -946,10 +946,13 @@ async fn behind_lb(mode: &str, trusted: &str) -> (sluice::server::Server, RawBac
     (server, b)
 }
 
-/// The first line the backend received (sluice's own PROXY v1 header).
+/// The first line the backend received (sluice's own PROXY v1 header). The backend records a
+/// connection when it accepts it and its bytes as they arrive, so wait for a whole line.
 async fn backend_first_line(b: &RawBackend, conn: usize) -> String {
     eventually("the backend got the header", || async {
-        b.connections().len() > conn
+        b.connections()
+            .get(conn)
+            .is_some_and(|c| c.contains(&b'\n'))
     })
     .await;
     let got = b.connections()[conn].clone();
@@ -973,8 +976,10 @@ async fn inbound_proxy_v2_gives_the_real_client_address() {
         "PROXY TCP4 192.0.2.7 203.0.113.1 51000 443"
     );
     // ...and gets the hello intact after it.
-    let got = b.connections()[0].clone();
-    assert!(got.ends_with(&tunnel_hello()));
+    eventually("the hello follows the header", || async {
+        b.connections()[0].ends_with(&tunnel_hello())
+    })
+    .await;
     assert_eq!(
         metric(
             &server,
