@@ -56,6 +56,7 @@ struct RouteView<'a> {
     #[serde(rename = "match")]
     matcher: &'a crate::route::Match,
     pool: &'a str,
+    target: Option<&'a crate::config::RouteTarget>,
     idle_timeout: String,
     active: i64,
 }
@@ -69,11 +70,16 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         );
     }
     match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            rt.metrics.render(),
-        ),
+        "/metrics" => {
+            rt.agents.export(&rt.snapshot().config, &rt.metrics);
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                rt.metrics.render(),
+            )
+        }
+        "/debug/agents" => json(&rt.agents.agents_view(&rt.snapshot().config)),
+        "/debug/resources" => json(&rt.agents.resources_view(&rt.snapshot().config)),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => match rt.state() {
             State::Ready => reply(StatusCode::OK, "text/plain", "ready\n"),
@@ -92,7 +98,13 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
                 .map(|(m, r)| RouteView {
                     name: &r.name,
                     matcher: m,
-                    pool: &r.pool.name,
+                    pool: r.pool_name(),
+                    target: snap
+                        .config
+                        .routes
+                        .iter()
+                        .find(|c| c.name == r.name)
+                        .map(|c| &c.target),
                     idle_timeout: r
                         .idle_timeout
                         .map(|d| humantime::format_duration(d).to_string())
@@ -136,7 +148,7 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners /debug/process, POST /-/reload\n",
+            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners /debug/process /debug/agents /debug/resources, POST /-/reload\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

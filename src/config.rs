@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -197,6 +198,7 @@ impl<'d> Node<'d> {
 struct Origins {
     listeners: Vec<(usize, usize)>,
     routes: Vec<(usize, usize)>,
+    agents: Vec<(usize, usize)>,
     pools: BTreeMap<String, usize>,
 }
 
@@ -205,11 +207,11 @@ impl Origins {
     fn locate(&self, at: &KeyPath) -> (usize, KeyPath) {
         let mut local = at.clone();
         let file = match at.0.as_slice() {
-            [Seg::Key(k), Seg::Index(i), ..] if k == "listener" || k == "route" => {
-                let table = if k == "listener" {
-                    &self.listeners
-                } else {
-                    &self.routes
+            [Seg::Key(k), Seg::Index(i), ..] if k == "listener" || k == "route" || k == "agent" => {
+                let table = match k.as_str() {
+                    "listener" => &self.listeners,
+                    "route" => &self.routes,
+                    _ => &self.agents,
                 };
                 match table.get(*i) {
                     Some(&(file, j)) => {
@@ -271,6 +273,63 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     #[serde(default, rename = "pool")]
     pools: BTreeMap<String, RawPool>,
+    #[serde(default)]
+    cluster: RawCluster,
+    #[serde(default)]
+    heartbeat: RawHeartbeat,
+    #[serde(default, rename = "agent")]
+    agents: Vec<RawAgent>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    version: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHeartbeat {
+    address: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    tokens_file: Option<String>,
+    client_ca_file: Option<String>,
+    max_ttl: Option<String>,
+    default_ttl: Option<String>,
+    min_ready: Option<String>,
+    keep_expired: Option<String>,
+    max_body_bytes: Option<i64>,
+    max_resources: Option<i64>,
+    max_agents: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    id: Option<String>,
+    address: Option<String>,
+    version: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    resources: Vec<RawResource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    kind: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResourceTarget {
+    kind: Option<String>,
+    sni: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -334,6 +393,25 @@ impl RawConfig {
         if self.dns.nameservers.is_some() || self.dns.timeout.is_some() {
             v.push("dns");
         }
+        if self.cluster.version.is_some() {
+            v.push("cluster");
+        }
+        let hb = &self.heartbeat;
+        if hb.address.is_some()
+            || hb.cert_file.is_some()
+            || hb.key_file.is_some()
+            || hb.tokens_file.is_some()
+            || hb.client_ca_file.is_some()
+            || hb.max_ttl.is_some()
+            || hb.default_ttl.is_some()
+            || hb.min_ready.is_some()
+            || hb.keep_expired.is_some()
+            || hb.max_body_bytes.is_some()
+            || hb.max_resources.is_some()
+            || hb.max_agents.is_some()
+        {
+            v.push("heartbeat");
+        }
         v
     }
 }
@@ -388,6 +466,16 @@ struct RawRoute {
     tls: Option<bool>,
     pool: Option<String>,
     idle_timeout: Option<String>,
+    resource: Option<RawResourceTarget>,
+    serve: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    affinity: Option<String>,
+    pick: Option<String>,
+    session_idle_ttl: Option<String>,
+    max_sessions: Option<i64>,
+    fallback_pool: Option<String>,
+    connect_timeout: Option<String>,
+    proxy_protocol: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -465,6 +553,115 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub routes: Vec<RouteConfig>,
     pub pools: BTreeMap<String, PoolConfig>,
+    pub cluster: ClusterConfig,
+    pub heartbeat: HeartbeatConfig,
+    /// `[[agent]]`: agents and resources known without heartbeats.
+    pub agents: Vec<StaticAgent>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ClusterConfig {
+    /// Agents newer than this, or more than one major version older, get no sessions.
+    pub version: Option<crate::agents::table::Version>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HeartbeatConfig {
+    /// Its own TLS listener (besides routes with `serve = "heartbeat"` on the main port).
+    pub address: Option<SocketAddr>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub tokens_file: Option<PathBuf>,
+    pub client_ca_file: Option<PathBuf>,
+    #[serde(with = "human")]
+    pub max_ttl: Duration,
+    #[serde(with = "human")]
+    pub default_ttl: Duration,
+    #[serde(with = "human")]
+    pub min_ready: Duration,
+    #[serde(with = "human")]
+    pub keep_expired: Duration,
+    pub max_body_bytes: usize,
+    pub max_resources: usize,
+    pub max_agents: usize,
+    /// The bearer tokens (digests only), read from `tokens_file`.
+    pub tokens: Vec<crate::agents::auth::Token>,
+    /// The TLS server config of the API (certificate, client CA); `None` when no
+    /// certificate is configured, and then nothing may serve the API.
+    #[serde(skip)]
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl HeartbeatConfig {
+    pub fn enabled(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StaticAgent {
+    pub id: String,
+    pub address: SocketAddr,
+    pub version: Option<crate::agents::table::Version>,
+    pub labels: BTreeMap<String, String>,
+    pub resources: Vec<StaticResource>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StaticResource {
+    pub kind: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where a route sends its connections.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteTarget {
+    /// `pool = "NAME"`
+    Pool(String),
+    /// `resource = { kind, sni }`: an agent from the heartbeat table.
+    Resource(ResourceRoute),
+    /// `serve = "heartbeat"`: sluice terminates TLS and serves the heartbeat API itself.
+    Heartbeat,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResourceRoute {
+    pub kind: String,
+    /// The pattern as written (`*.apps.example.com`).
+    pub sni: String,
+    /// What follows the resource name in the SNI (`.apps.example.com`).
+    #[serde(skip)]
+    pub suffix: String,
+    /// Agents (or their resources) must carry these labels.
+    pub labels: BTreeMap<String, String>,
+    pub affinity: Affinity,
+    pub pick: Pick,
+    #[serde(with = "human")]
+    pub session_idle_ttl: Duration,
+    pub max_sessions: u64,
+    pub fallback_pool: Option<String>,
+    #[serde(with = "human")]
+    pub connect_timeout: Duration,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// What keeps a client on its agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Affinity {
+    ClientIp,
+    ClientIpSni,
+    None,
+}
+
+/// How a new session picks among eligible agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pick {
+    Random,
+    P2c,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -545,9 +742,9 @@ pub enum AcceptProxy {
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteConfig {
     pub name: String,
+    pub target: RouteTarget,
     #[serde(rename = "match")]
     pub matcher: Match,
-    pub pool: String,
     /// `None`: never time out (tunnels).
     #[serde(with = "human_opt")]
     pub idle_timeout: Option<Duration>,
@@ -751,6 +948,7 @@ impl Config {
         let origins = &mut errs.origins;
         origins.listeners = (0..merged.listeners.len()).map(|i| (0, i)).collect();
         origins.routes = (0..merged.routes.len()).map(|i| (0, i)).collect();
+        origins.agents = (0..merged.agents.len()).map(|i| (0, i)).collect();
         origins.pools = merged.pools.keys().map(|k| (k.clone(), 0)).collect();
         let mut merge_errors = Vec::new();
         for (fi, raw) in raws {
@@ -772,6 +970,10 @@ impl Config {
             for (i, r) in raw.routes.into_iter().enumerate() {
                 origins.routes.push((fi, i));
                 merged.routes.push(r);
+            }
+            for (i, a) in raw.agents.into_iter().enumerate() {
+                origins.agents.push((fi, i));
+                merged.agents.push(a);
             }
             for (name, pool) in raw.pools {
                 if let Some(&first) = origins.pools.get(&name) {
@@ -1645,9 +1847,9 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
             "add a [[route]] with a pool (a route without match keys takes everything TLS)",
         );
     }
-    for (i, rr) in raw.routes.into_iter().enumerate() {
+    for (i, mut rr) in raw.routes.into_iter().enumerate() {
         let at = root.key("route").index(i);
-        let name = rr.name.unwrap_or_else(|| format!("route{i}"));
+        let name = rr.name.take().unwrap_or_else(|| format!("route{i}"));
         if !name_ok(&name) {
             errs.push(
                 &at.key("name"),
@@ -1661,7 +1863,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 "give each route its own name (names label metrics and logs)",
             );
         }
-        let listeners_key = rr.listener.map(OneOrMany::into_vec);
+        let listeners_key = rr.listener.take().map(OneOrMany::into_vec);
         if let Some(ls) = &listeners_key {
             for (j, l) in ls.iter().enumerate() {
                 if !listeners.iter().any(|x| &x.name == l) {
@@ -1675,7 +1877,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
             }
         }
         let tls = rr.tls.unwrap_or(true);
-        let alpn = rr.alpn.map(|list| {
+        let alpn = rr.alpn.take().map(|list| {
             if list.is_empty() {
                 errs.push(
                     &at.key("alpn"),
@@ -1696,7 +1898,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 .map(|a| AlpnPattern::parse(a))
                 .collect::<Vec<_>>()
         });
-        let sni = rr.sni.map(|list| {
+        let sni = rr.sni.take().map(|list| {
             if list.is_empty() {
                 errs.push(
                     &at.key("sni"),
@@ -1726,36 +1928,18 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 "remove alpn/sni from this route, or remove tls = false",
             );
         }
-        let pool = match rr.pool {
-            Some(p) if pools.contains_key(&p) => p,
-            Some(p) => {
-                let known: Vec<_> = pools.keys().map(String::as_str).collect();
-                errs.push(
-                    &at.key("pool"),
-                    format!("no pool is named `{p}`"),
-                    if known.is_empty() {
-                        "define it as [pool.NAME] with backends".to_owned()
-                    } else {
-                        format!("use one of: {} — or define [pool.{p}]", known.join(", "))
-                    },
-                );
-                p
-            }
-            None => {
-                errs.push(
-                    &at.key("pool"),
-                    "missing",
-                    "set pool = \"NAME\" naming a [pool.NAME] table",
-                );
-                String::new()
-            }
-        };
+        let target = route_target(errs, &at, &mut rr, &pools, &name);
         let idle = duration(
             errs,
             &at.key("idle_timeout"),
             rr.idle_timeout.as_deref(),
             Duration::from_secs(3600),
         );
+        // A resource route without its own `sni` matches the names its resource pattern covers.
+        let sni = match (&sni, &target) {
+            (None, RouteTarget::Resource(r)) => SniPattern::parse(&r.sni).ok().map(|p| vec![p]),
+            _ => sni,
+        };
         let matcher = Match {
             listeners: listeners_key,
             alpn,
@@ -1782,12 +1966,18 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         }
         routes.push(RouteConfig {
             name,
+            target,
             matcher,
-            pool,
             idle_timeout: (!idle.is_zero()).then_some(idle),
         });
     }
 
+    let cluster = cluster_config(errs, &raw.cluster);
+    let served = routes
+        .iter()
+        .any(|r| matches!(r.target, RouteTarget::Heartbeat));
+    let heartbeat = heartbeat_config(errs, &raw.heartbeat, served);
+    let agents = static_agents(errs, &raw.agents);
     Config {
         source: path.to_path_buf(),
         files: vec![path.to_path_buf()],
@@ -1802,7 +1992,441 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         listeners,
         routes,
         pools,
+        cluster,
+        heartbeat,
+        agents,
     }
+}
+
+/// What a route sends to: exactly one of `pool`, `resource`, `serve`; the resource keys only
+/// with `resource`.
+fn route_target(
+    errs: &mut Errors<'_>,
+    at: &KeyPath,
+    rr: &mut RawRoute,
+    pools: &BTreeMap<String, PoolConfig>,
+    name: &str,
+) -> RouteTarget {
+    let pool_ref = |errs: &mut Errors<'_>, key: &str, p: &str| {
+        if !pools.contains_key(p) {
+            let known: Vec<_> = pools.keys().map(String::as_str).collect();
+            errs.push(
+                &at.key(key),
+                format!("no pool is named `{p}`"),
+                if known.is_empty() {
+                    "define it as [pool.NAME] with backends".to_owned()
+                } else {
+                    format!("use one of: {} — or define [pool.{p}]", known.join(", "))
+                },
+            );
+        }
+    };
+    let given = [rr.pool.is_some(), rr.resource.is_some(), rr.serve.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if given > 1 {
+        errs.push(
+            at,
+            format!("route `{name}` has more than one of pool, resource and serve"),
+            "give each route one target: pool = \"NAME\", resource = { ... } or serve = \"heartbeat\"",
+        );
+    }
+    let resource_keys: Vec<&str> = [
+        ("labels", rr.labels.is_some()),
+        ("affinity", rr.affinity.is_some()),
+        ("pick", rr.pick.is_some()),
+        ("session_idle_ttl", rr.session_idle_ttl.is_some()),
+        ("max_sessions", rr.max_sessions.is_some()),
+        ("fallback_pool", rr.fallback_pool.is_some()),
+        ("connect_timeout", rr.connect_timeout.is_some()),
+        ("proxy_protocol", rr.proxy_protocol.is_some()),
+    ]
+    .iter()
+    .filter(|(_, set)| *set)
+    .map(|(k, _)| *k)
+    .collect();
+    if rr.resource.is_none() {
+        for k in &resource_keys {
+            errs.push(
+                &at.key(k),
+                format!("`{k}` only applies to a route with resource = {{ ... }}"),
+                "remove it (a pool route takes these settings from its [pool.NAME])",
+            );
+        }
+    }
+    if let Some(serve) = rr.serve.take() {
+        if serve != "heartbeat" {
+            errs.push(
+                &at.key("serve"),
+                format!("sluice cannot serve `{serve}`"),
+                "use serve = \"heartbeat\" (the agent heartbeat API)",
+            );
+        }
+        return RouteTarget::Heartbeat;
+    }
+    if let Some(res) = rr.resource.take() {
+        let rat = at.key("resource");
+        let kind = res.kind.unwrap_or_default();
+        if !name_ok(&kind) {
+            errs.push(
+                &rat.key("kind"),
+                "missing or invalid resource kind",
+                "set kind = \"app\" (or db, kube, desktop, ... as agents announce it)",
+            );
+        }
+        let sni = res.sni.unwrap_or_default();
+        let suffix = match SniPattern::parse(&sni) {
+            Ok(SniPattern::Suffix(suffix)) => suffix,
+            _ => {
+                errs.push(
+                    &rat.key("sni"),
+                    format!("`{sni}` is not a `*.domain` pattern"),
+                    "write sni = \"*.apps.example.com\": the part the * matches names the resource",
+                );
+                String::new()
+            }
+        };
+        let affinity = match rr.affinity.as_deref() {
+            None | Some("client_ip") => Affinity::ClientIp,
+            Some("client_ip_sni") => Affinity::ClientIpSni,
+            Some("none") => Affinity::None,
+            Some(other) => {
+                errs.push(
+                    &at.key("affinity"),
+                    format!("unknown affinity `{other}`"),
+                    "use client_ip, client_ip_sni or none",
+                );
+                Affinity::ClientIp
+            }
+        };
+        let pick = match rr.pick.as_deref() {
+            None | Some("random") => Pick::Random,
+            Some("p2c") => Pick::P2c,
+            Some(other) => {
+                errs.push(
+                    &at.key("pick"),
+                    format!("unknown pick `{other}`"),
+                    "use random (uniform, as Teleport) or p2c (fewer active connections of two)",
+                );
+                Pick::Random
+            }
+        };
+        if let Some(p) = &rr.fallback_pool {
+            pool_ref(errs, "fallback_pool", p);
+        }
+        let proxy_protocol = match rr.proxy_protocol.as_deref() {
+            None | Some("none") => ProxyProtocol::None,
+            Some("v1") => ProxyProtocol::V1,
+            Some("v2") => ProxyProtocol::V2,
+            Some(other) => {
+                errs.push(
+                    &at.key("proxy_protocol"),
+                    format!("unknown PROXY protocol version `{other}`"),
+                    "use \"none\", \"v1\" or \"v2\"",
+                );
+                ProxyProtocol::None
+            }
+        };
+        let connect_timeout = duration(
+            errs,
+            &at.key("connect_timeout"),
+            rr.connect_timeout.as_deref(),
+            Duration::from_secs(3),
+        );
+        if connect_timeout.is_zero() {
+            errs.push(
+                &at.key("connect_timeout"),
+                "must be more than 0",
+                "set e.g. \"3s\"",
+            );
+        }
+        return RouteTarget::Resource(ResourceRoute {
+            kind,
+            sni,
+            suffix,
+            labels: rr.labels.take().unwrap_or_default(),
+            affinity,
+            pick,
+            session_idle_ttl: duration(
+                errs,
+                &at.key("session_idle_ttl"),
+                rr.session_idle_ttl.as_deref(),
+                Duration::from_secs(3600),
+            ),
+            max_sessions: int_in(
+                errs,
+                &at.key("max_sessions"),
+                rr.max_sessions,
+                1_000_000,
+                1,
+                100_000_000,
+            ) as u64,
+            fallback_pool: rr.fallback_pool.take(),
+            connect_timeout,
+            proxy_protocol,
+        });
+    }
+    match rr.pool.take() {
+        Some(p) => {
+            pool_ref(errs, "pool", &p);
+            RouteTarget::Pool(p)
+        }
+        None => {
+            errs.push(
+                &at.key("pool"),
+                "missing",
+                "set pool = \"NAME\" naming a [pool.NAME] table (or resource = { kind, sni }, or serve = \"heartbeat\")",
+            );
+            RouteTarget::Pool(String::new())
+        }
+    }
+}
+
+fn cluster_config(errs: &mut Errors<'_>, raw: &RawCluster) -> ClusterConfig {
+    let version = raw.version.as_deref().and_then(|v| {
+        let parsed = crate::agents::table::Version::parse(v);
+        if parsed.is_none() {
+            errs.push(
+                &KeyPath::default().key("cluster").key("version"),
+                format!("`{v}` is not a version"),
+                "write major.minor.patch, e.g. \"17.2.1\"",
+            );
+        }
+        parsed
+    });
+    ClusterConfig { version }
+}
+
+/// `[heartbeat]`: limits, the tokens file and the TLS config, read now so that `sluice
+/// check` and a reload report a bad file instead of the first agent.
+fn heartbeat_config(errs: &mut Errors<'_>, raw: &RawHeartbeat, served: bool) -> HeartbeatConfig {
+    let at = KeyPath::default().key("heartbeat");
+    let path = |p: &Option<String>| p.as_deref().filter(|s| !s.is_empty()).map(PathBuf::from);
+    let (cert_file, key_file) = (path(&raw.cert_file), path(&raw.key_file));
+    let (tokens_file, client_ca_file) = (path(&raw.tokens_file), path(&raw.client_ca_file));
+    let address = raw.address.as_deref().and_then(|text| match resolve(text) {
+        Ok(a) => Some(a),
+        Err(problem) => {
+            errs.push(
+                &at.key("address"),
+                problem,
+                "write an address like \"0.0.0.0:3025\", or remove it to serve heartbeats only through a serve = \"heartbeat\" route",
+            );
+            None
+        }
+    });
+    let max_ttl = duration(
+        errs,
+        &at.key("max_ttl"),
+        raw.max_ttl.as_deref(),
+        Duration::from_secs(900),
+    );
+    let default_ttl = duration(
+        errs,
+        &at.key("default_ttl"),
+        raw.default_ttl.as_deref(),
+        Duration::from_secs(90).min(max_ttl),
+    );
+    if max_ttl.is_zero() || default_ttl.is_zero() || default_ttl > max_ttl {
+        errs.push(
+            &at.key("default_ttl"),
+            "default_ttl and max_ttl must be more than 0, and default_ttl at most max_ttl",
+            "e.g. default_ttl = \"90s\", max_ttl = \"15m\"",
+        );
+    }
+    let mut tokens = Vec::new();
+    if let Some(file) = &tokens_file {
+        match std::fs::read_to_string(file) {
+            Ok(text) => match crate::agents::auth::parse_tokens(&text) {
+                Ok(t) => tokens = t,
+                Err(list) => {
+                    for (line, problem) in list {
+                        errs.list.push(ConfigError {
+                            path: file.clone(),
+                            line: Some(line),
+                            key: "(token)".into(),
+                            problem,
+                            fix: "write one token of 16+ characters per line, then optional name=, kinds=a,b, labels=k=v".into(),
+                        });
+                    }
+                }
+            },
+            Err(e) => errs.push(
+                &at.key("tokens_file"),
+                format!("cannot read {}: {e}", file.display()),
+                "check the path and its permissions",
+            ),
+        }
+    }
+    let wanted = served || address.is_some();
+    let tls = match (&cert_file, &key_file) {
+        (Some(cert), Some(key)) => {
+            match crate::agents::auth::server_tls(
+                cert,
+                key,
+                client_ca_file.as_deref(),
+                tokens_file.is_some(),
+            ) {
+                Ok(cfg) => Some(cfg),
+                Err(problem) => {
+                    errs.push(
+                        &at.key("cert_file"),
+                        problem,
+                        "give a PEM certificate chain and its PEM private key",
+                    );
+                    None
+                }
+            }
+        }
+        (None, None) => {
+            if wanted {
+                errs.push(
+                    &at.key("cert_file"),
+                    "the heartbeat API is served but has no certificate",
+                    "set cert_file and key_file under [heartbeat] (agents connect with TLS)",
+                );
+            }
+            None
+        }
+        _ => {
+            errs.push(
+                &at.key("key_file"),
+                "cert_file and key_file go together",
+                "set both, or neither",
+            );
+            None
+        }
+    };
+    if wanted && tokens_file.is_none() && client_ca_file.is_none() {
+        errs.push(
+            &at.key("tokens_file"),
+            "the heartbeat API would accept anyone's heartbeats",
+            "set tokens_file (bearer tokens) and/or client_ca_file (client certificates)",
+        );
+    }
+    HeartbeatConfig {
+        address,
+        cert_file,
+        key_file,
+        tokens_file,
+        client_ca_file,
+        max_ttl,
+        default_ttl,
+        min_ready: duration(
+            errs,
+            &at.key("min_ready"),
+            raw.min_ready.as_deref(),
+            Duration::ZERO,
+        ),
+        keep_expired: duration(
+            errs,
+            &at.key("keep_expired"),
+            raw.keep_expired.as_deref(),
+            Duration::from_secs(60),
+        ),
+        max_body_bytes: int_in(
+            errs,
+            &at.key("max_body_bytes"),
+            raw.max_body_bytes,
+            1 << 20,
+            1024,
+            64 << 20,
+        ) as usize,
+        max_resources: int_in(
+            errs,
+            &at.key("max_resources"),
+            raw.max_resources,
+            1000,
+            1,
+            1_000_000,
+        ) as usize,
+        max_agents: int_in(
+            errs,
+            &at.key("max_agents"),
+            raw.max_agents,
+            1_000_000,
+            1,
+            100_000_000,
+        ) as usize,
+        tokens,
+        tls,
+    }
+}
+
+fn static_agents(errs: &mut Errors<'_>, raw: &[RawAgent]) -> Vec<StaticAgent> {
+    let mut out: Vec<StaticAgent> = Vec::new();
+    for (i, ra) in raw.iter().enumerate() {
+        let at = KeyPath::default().key("agent").index(i);
+        let id = ra.id.clone().unwrap_or_default();
+        if id.is_empty() || id.len() > 256 {
+            errs.push(&at.key("id"), "missing or too long", "set id = \"agent-1\"");
+        } else if out.iter().any(|a| a.id == id) {
+            errs.push(
+                &at.key("id"),
+                format!("agent `{id}` is listed twice"),
+                "give each agent its own id",
+            );
+        }
+        let address = match ra.address.as_deref().map(resolve) {
+            Some(Ok(a)) => a,
+            Some(Err(problem)) => {
+                errs.push(
+                    &at.key("address"),
+                    problem,
+                    "write \"host:port\" where the agent listens",
+                );
+                continue;
+            }
+            None => {
+                errs.push(
+                    &at.key("address"),
+                    "missing",
+                    "write \"host:port\" where the agent listens",
+                );
+                continue;
+            }
+        };
+        let version = ra.version.as_deref().and_then(|v| {
+            let parsed = crate::agents::table::Version::parse(v);
+            if parsed.is_none() {
+                errs.push(
+                    &at.key("version"),
+                    format!("`{v}` is not a version"),
+                    "write e.g. \"17.2.1\"",
+                );
+            }
+            parsed
+        });
+        let mut resources = Vec::new();
+        for (j, r) in ra.resources.iter().enumerate() {
+            let (kind, name) = (
+                r.kind.clone().unwrap_or_default(),
+                r.name.clone().unwrap_or_default(),
+            );
+            if !name_ok(&kind) || name.is_empty() || name.len() > 253 {
+                errs.push(
+                    &at.key("resources").index(j),
+                    "a resource needs a kind ([A-Za-z0-9._-]) and a name",
+                    "write { kind = \"app\", name = \"myapp\" }",
+                );
+                continue;
+            }
+            resources.push(StaticResource {
+                kind,
+                name,
+                labels: r.labels.clone(),
+            });
+        }
+        out.push(StaticAgent {
+            id,
+            address,
+            version,
+            labels: ra.labels.clone(),
+            resources,
+        });
+    }
+    out
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use crate::listener::{apply_keepalive, ListenerState};
 use crate::proxy_protocol::{self, HeaderInfo};
 use crate::relay::{self, End};
 use crate::route::{Facts, TlsFacts};
-use crate::runtime::{Route, Runtime, Snapshot};
+use crate::runtime::{Route, Runtime, Snapshot, Target};
 use crate::tls::hello::{self, ClientHello, Parse};
 use crate::upstream::{ActiveGuard, Backend};
 
@@ -239,7 +239,7 @@ impl Log {
             sni = self.sni.as_deref().unwrap_or("-"),
             alpn = %if self.alpn.is_empty() { "-".to_owned() } else { self.alpn.join(",") },
             route = self.route_name(),
-            pool = self.route.as_ref().map_or("-", |r| r.pool.name.as_str()),
+            pool = self.route.as_ref().map_or("-", |r| r.pool_name()),
             backend = self.backend.as_ref().map_or("-", |b| b.name.as_str()),
             bytes_to_backend = self.to_backend,
             bytes_to_client = self.to_client,
@@ -385,9 +385,28 @@ async fn start(
     let snapshot = rt.snapshot();
     let established = establish(&rt, &state, &mut stream, &snapshot, &mut log).await;
     drop(snapshot);
-    let Some((backend, route, guard)) = established else {
-        closed(&rt, &state, &log);
-        return None;
+    let (backend, route, guard) = match established {
+        Some(Established::Relay(backend, route, guard)) => (backend, route, guard),
+        Some(Established::Api(hello)) => {
+            // The heartbeat API, on the main port: held by this task until the agent leaves.
+            let api = crate::agents::api::serve_tls(
+                rt.clone(),
+                crate::agents::api::Rewind::new(hello, stream),
+            );
+            match api.await {
+                Ok(()) => log.end = "heartbeat_api",
+                Err(e) => {
+                    log.end = "heartbeat_api_error";
+                    log.detail = e;
+                }
+            }
+            closed(&rt, &state, &log);
+            return None;
+        }
+        None => {
+            closed(&rt, &state, &log);
+            return None;
+        }
     };
     route.active.inc();
     let stop = Box::pin(stop_signal(rt.clone(), guard.backend().retire.clone()));
@@ -438,7 +457,7 @@ async fn establish(
     stream: &mut TcpStream,
     snapshot: &Snapshot,
     log: &mut Log,
-) -> Option<(TcpStream, Arc<Route>, ActiveGuard)> {
+) -> Option<Established> {
     let listener = state.config.name.as_str();
     let _ = stream.set_nodelay(true);
     if let Err(e) = apply_keepalive(&socket2::SockRef::from(&*stream), &state.config.keepalive) {
@@ -529,7 +548,12 @@ async fn establish(
     log.route = Some(route.clone());
 
     let sni = tls.as_ref().and_then(|h| h.sni.as_deref());
-    let (backend, guard) = match route.pool.connect(log.client, sni, &rt.metrics).await {
+    let connected = match &route.target {
+        Target::Pool(pool) => pool.connect(log.client, sni, &rt.metrics).await,
+        Target::Resource(res) => res.connect(log.client, sni, &rt.metrics).await,
+        Target::Heartbeat => return Some(Established::Api(buf)),
+    };
+    let (backend, guard) = match connected {
         Ok(ok) => ok,
         Err(e) => {
             log.end = "backend_unavailable";
@@ -547,7 +571,7 @@ async fn establish(
         alpn: tls.as_ref().and_then(|h| route.reported_alpn(&h.alpn)),
         sni,
     };
-    let first = match proxy_protocol::encode(route.pool.proxy_protocol, &info) {
+    let first = match proxy_protocol::encode(route.proxy_protocol(), &info) {
         Ok(Some(mut header)) => {
             header.extend_from_slice(&buf);
             header
@@ -567,5 +591,13 @@ async fn establish(
     }
     route.bytes_to_backend.inc_by(first.len() as u64);
     log.to_backend = first.len() as u64;
-    Some((backend, route.clone(), guard))
+    Some(Established::Relay(backend, route.clone(), guard))
+}
+
+/// How the establishing phase ended, when the connection goes on.
+enum Established {
+    /// Connected to a backend, the hello replayed: relay.
+    Relay(TcpStream, Arc<Route>, ActiveGuard),
+    /// A `serve = "heartbeat"` route: sluice terminates TLS itself; these bytes were read.
+    Api(Vec<u8>),
 }

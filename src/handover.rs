@@ -32,6 +32,8 @@ use serde::{Deserialize, Serialize};
 
 /// The name the admin API's socket travels under (listener names cannot start with `@`).
 pub const ADMIN: &str = "@admin";
+/// The name the heartbeat API's own socket (`[heartbeat] address`) travels under.
+pub const HEARTBEAT: &str = "@heartbeat";
 
 /// At most this many descriptors in one handover (the kernel's SCM_MAX_FD is 253).
 const MAX_FDS: usize = 253;

@@ -9,6 +9,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod agents;
 pub mod config;
 pub mod connection;
 pub mod demo;

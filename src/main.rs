@@ -49,6 +49,16 @@ enum Command {
         #[arg(long, short, default_value = "conf/sluice.toml")]
         config: PathBuf,
     },
+    /// Announce an agent's resources to sluice's heartbeat API (runs beside the service).
+    Heartbeat {
+        #[arg(long, short, default_value = "agent.toml")]
+        config: PathBuf,
+    },
+    /// Print the heartbeat table of a running sluice: each resource with its agents.
+    Resources {
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
     /// Everything in one process: the edge on 127.0.0.1:8443 and two demo TLS backends.
     Demo {
         #[arg(long, default_value_t = 8443)]
@@ -140,6 +150,8 @@ fn main() -> ExitCode {
                             // keeps the old socket until it has drained).
                             let wanted = if name == handover::ADMIN {
                                 cfg.admin.address
+                            } else if name == handover::HEARTBEAT {
+                                cfg.heartbeat.address
                             } else {
                                 cfg.listener(&name).map(|l| l.address)
                             };
@@ -178,6 +190,14 @@ fn main() -> ExitCode {
                     .await
             })
         }
+        Command::Heartbeat { config } => {
+            let _log = init_logging(cli.log_format, &cli.log_level);
+            run(async move { sluice::agents::client::run(&config).await })
+        }
+        Command::Resources { admin } => run(async move {
+            print!("{}", sluice::agents::client::print_resources(&admin).await?);
+            Ok(())
+        }),
         Command::Demo { port, admin } => {
             let _log = init_logging(cli.log_format, &cli.log_level);
             raise_nofile();

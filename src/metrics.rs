@@ -38,6 +38,13 @@ pub const BACKEND_HEALTHY: &str = "sluice_backend_healthy";
 pub const HEALTH_CHECKS: &str = "sluice_health_checks_total";
 pub const DNS_RESOLUTIONS: &str = "sluice_dns_resolutions_total";
 pub const LOG_LINES_DROPPED: &str = "sluice_log_lines_dropped_total";
+pub const AGENTS: &str = "sluice_agents";
+pub const RESOURCES: &str = "sluice_resources";
+pub const HEARTBEATS: &str = "sluice_heartbeats_total";
+pub const SESSIONS_ACTIVE: &str = "sluice_sessions_active";
+pub const SESSION_REPINS: &str = "sluice_session_repins_total";
+pub const RESOURCE_MISSES: &str = "sluice_resource_misses_total";
+pub const AGENT_CONNECT_FAILURES: &str = "sluice_agent_connect_failures_total";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -90,6 +97,21 @@ pub struct Metrics {
     pub health_checks: IntCounterVec,
     /// {pool, result}: ok, empty, error
     pub dns_resolutions: IntCounterVec,
+    /// {state}: ready, warming, expired, version_skew (counted at each scrape)
+    pub agents: IntGaugeVec,
+    /// Distinct (kind, name) resources in the agent table.
+    pub resources: IntGauge,
+    /// {result}: ok, goodbye, stream_ended, unauthorized, forbidden, malformed, too_large,
+    /// too_many_resources, table_full, tls_error
+    pub heartbeats: IntCounterVec,
+    /// {route}
+    pub sessions_active: IntGaugeVec,
+    /// {route}: a session's agent was no longer eligible; the client got a new one.
+    pub session_repins: IntCounterVec,
+    /// {route, reason}: no_name, unknown_resource, no_eligible_agent, all_agents_failed
+    pub resource_misses: IntCounterVec,
+    /// {route, reason}: refused, timeout, unreachable, reset, other
+    pub agent_connect_failures: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -151,8 +173,49 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(log_lines_dropped.clone()))
             .expect("unique metric");
+        let resources = IntGauge::new(RESOURCES, "Distinct resources in the agent table.")
+            .expect("valid metric definition");
+        r.register(Box::new(resources.clone()))
+            .expect("unique metric");
         Metrics {
             log_lines_dropped,
+            resources,
+            agents: gauge(
+                &r,
+                AGENTS,
+                "Agents in the heartbeat table, by state (ready, warming, expired, version_skew).",
+                &["state"],
+            ),
+            heartbeats: counter(
+                &r,
+                HEARTBEATS,
+                "Heartbeat API requests and stream events, by result.",
+                &["result"],
+            ),
+            sessions_active: gauge(
+                &r,
+                SESSIONS_ACTIVE,
+                "Client sessions pinned to an agent, by route.",
+                &["route"],
+            ),
+            session_repins: counter(
+                &r,
+                SESSION_REPINS,
+                "Sessions moved to another agent because theirs was no longer eligible.",
+                &["route"],
+            ),
+            resource_misses: counter(
+                &r,
+                RESOURCE_MISSES,
+                "Connections of resource routes that found no agent, by reason.",
+                &["route", "reason"],
+            ),
+            agent_connect_failures: counter(
+                &r,
+                AGENT_CONNECT_FAILURES,
+                "Failed dials to agents (another eligible agent is tried next).",
+                &["route", "reason"],
+            ),
             dns_resolutions: counter(
                 &r,
                 DNS_RESOLUTIONS,

@@ -19,16 +19,27 @@ use tokio_util::task::TaskTracker;
 
 use tokio::net::TcpListener;
 
-use crate::config::{Config, ListenerConfig};
+use crate::agents::router::ResourceTarget;
+use crate::agents::Agents;
+use crate::config::{Config, ListenerConfig, RouteTarget};
 use crate::listener::{self, ListenerHandle, ListenerState};
 use crate::metrics::Metrics;
 use crate::route::{AlpnPattern, RouteTable};
 use crate::upstream::{Backend, Backends, Pool};
 
-/// A route compiled for use: its pool and its metric handles resolved once.
+/// Where a compiled route sends connections.
+pub enum Target {
+    Pool(Arc<Pool>),
+    /// An agent from the heartbeat table, with session affinity.
+    Resource(Arc<ResourceTarget>),
+    /// Sluice itself terminates TLS and serves the heartbeat API.
+    Heartbeat,
+}
+
+/// A route compiled for use: its target and its metric handles resolved once.
 pub struct Route {
     pub name: String,
-    pub pool: Arc<Pool>,
+    pub target: Target,
     pub idle_timeout: Option<std::time::Duration>,
     pub alpn: Option<Vec<AlpnPattern>>,
     pub bytes_to_backend: IntCounter,
@@ -37,6 +48,23 @@ pub struct Route {
 }
 
 impl Route {
+    /// The pool name for logs and views (`-` for agents and the API).
+    pub fn pool_name(&self) -> &str {
+        match &self.target {
+            Target::Pool(p) => &p.name,
+            Target::Resource(_) => "-",
+            Target::Heartbeat => "-",
+        }
+    }
+
+    pub fn proxy_protocol(&self) -> crate::config::ProxyProtocol {
+        match &self.target {
+            Target::Pool(p) => p.proxy_protocol,
+            Target::Resource(r) => r.proxy_protocol,
+            Target::Heartbeat => crate::config::ProxyProtocol::None,
+        }
+    }
+
     /// The ALPN name reported upstream in a PROXY v2 header: the first offered protocol this
     /// route matched on, else the client's first choice. (Sluice does not terminate TLS, so the
     /// protocol actually negotiated is not known to it.)
@@ -61,7 +89,13 @@ pub struct Snapshot {
 impl Snapshot {
     /// `warm`: this snapshot replaces a running one, so backends new to the process wait for
     /// their pool's `min_ready`.
-    pub fn build(config: Config, metrics: &Metrics, backends: &Backends, warm: bool) -> Snapshot {
+    pub fn build(
+        config: Config,
+        metrics: &Metrics,
+        backends: &Backends,
+        agents: &Agents,
+        warm: bool,
+    ) -> Snapshot {
         let pools: BTreeMap<String, Arc<Pool>> = config
             .pools
             .iter()
@@ -76,12 +110,24 @@ impl Snapshot {
             .routes
             .iter()
             .filter_map(|r| {
-                // Validation guarantees the pool exists; a missing one drops the route rather
+                // Validation guarantees the pools exist; a missing one drops the route rather
                 // than panicking.
-                let pool = pools.get(&r.pool)?.clone();
+                let target = match &r.target {
+                    RouteTarget::Pool(p) => Target::Pool(pools.get(p)?.clone()),
+                    RouteTarget::Resource(res) => {
+                        let fallback = match &res.fallback_pool {
+                            Some(p) => Some(pools.get(p)?.clone()),
+                            None => None,
+                        };
+                        Target::Resource(Arc::new(
+                            agents.target(&r.name, res, &config, fallback, metrics),
+                        ))
+                    }
+                    RouteTarget::Heartbeat => Target::Heartbeat,
+                };
                 let route = Route {
                     name: r.name.clone(),
-                    pool,
+                    target,
                     idle_timeout: r.idle_timeout,
                     alpn: r.matcher.alpn.clone(),
                     bytes_to_backend: metrics
@@ -170,6 +216,8 @@ pub struct Runtime {
     /// Listening sockets handed to this process (systemd, an upgrade), by listener name.
     inherited: Mutex<HashMap<String, std::net::TcpListener>>,
     pub backends: Backends,
+    /// The heartbeat table and the resource routes' sessions.
+    pub agents: Agents,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     /// Active health checkers, one per (pool, backend).
@@ -192,7 +240,9 @@ impl Runtime {
         let close_all = hard_stop.child_token();
         let backends = Backends::new(close_all.clone());
         let close_spread_ms = config.lifecycle.close_spread.as_millis() as u64;
-        let snapshot = Snapshot::build(config, &metrics, &backends, false);
+        let agents = Agents::new(close_all.clone());
+        agents.configure(&config);
+        let snapshot = Snapshot::build(config, &metrics, &backends, &agents, false);
         let rt = Runtime {
             metrics,
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -209,6 +259,7 @@ impl Runtime {
             listeners: Mutex::new(Vec::new()),
             inherited: Mutex::new(HashMap::new()),
             backends,
+            agents,
             reload_lock: tokio::sync::Mutex::new(()),
             checkers: Default::default(),
         };
@@ -451,6 +502,11 @@ impl Runtime {
                 format!("{:?}", config.admin.address),
             ),
             (
+                "heartbeat.address",
+                format!("{:?}", old.config.heartbeat.address),
+                format!("{:?}", config.heartbeat.address),
+            ),
+            (
                 "lifecycle.upgrade_socket",
                 format!("{:?}", old.config.lifecycle.upgrade_socket),
                 format!("{:?}", config.lifecycle.upgrade_socket),
@@ -470,7 +526,14 @@ impl Runtime {
         let old_hash = old.config.hash.clone();
         let mut new = None;
         self.sync_listeners(&listeners, &mut summary, || {
-            let snap = Arc::new(Snapshot::build(config, &self.metrics, &self.backends, true));
+            self.agents.configure(&config);
+            let snap = Arc::new(Snapshot::build(
+                config,
+                &self.metrics,
+                &self.backends,
+                &self.agents,
+                true,
+            ));
             for (name, pool) in &snap.pools {
                 if let (Some(old_pool), Some(new_cfg), Some(old_cfg)) = (
                     old.pools.get(name),

@@ -25,6 +25,26 @@ use crate::handover::{self, ControlSocket, Takeover};
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, State};
 
+/// The admin or heartbeat API's listener: the inherited socket if there is one, else a new
+/// one on `addr`; none without an address.
+async fn side_listener(
+    what: &str,
+    addr: Option<SocketAddr>,
+    inherited: Option<std::net::TcpListener>,
+) -> anyhow::Result<Option<Arc<TcpListener>>> {
+    let l = match (addr, inherited) {
+        (None, _) => return Ok(None),
+        (Some(_), Some(sock)) => {
+            sock.set_nonblocking(true)?;
+            TcpListener::from_std(sock)?
+        }
+        (Some(addr), None) => TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("{what}: cannot bind {addr}"))?,
+    };
+    Ok(Some(Arc::new(l)))
+}
+
 /// Tell systemd (when run under it with `Type=notify`) about a state change. A no-op
 /// elsewhere.
 pub fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
@@ -36,6 +56,8 @@ pub fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
 pub struct Server {
     pub rt: Arc<Runtime>,
     admin: Option<Arc<TcpListener>>,
+    /// `[heartbeat] address`: the heartbeat API's own listener (stops with the admin API).
+    heartbeat: Option<Arc<TcpListener>>,
     stop_admin: CancellationToken,
 }
 
@@ -62,24 +84,15 @@ impl Server {
         mut inherited: HashMap<String, std::net::TcpListener>,
     ) -> anyhow::Result<Server> {
         let admin_addr = config.admin.address;
+        let heartbeat_addr = config.heartbeat.address;
         let min_ready = config.lifecycle.min_ready;
         let rt = Runtime::new(config, Metrics::new());
         let admin_inherited = inherited.remove(handover::ADMIN);
+        let heartbeat_inherited = inherited.remove(handover::HEARTBEAT);
         rt.inherit(inherited);
         rt.open_listeners()?;
-        let admin = match (admin_addr, admin_inherited) {
-            (None, _) => None,
-            (Some(_), Some(sock)) => {
-                sock.set_nonblocking(true)?;
-                Some(TcpListener::from_std(sock)?)
-            }
-            (Some(addr), None) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("admin: cannot bind {addr}"))?,
-            ),
-        }
-        .map(Arc::new);
+        let admin = side_listener("admin", admin_addr, admin_inherited).await?;
+        let heartbeat = side_listener("heartbeat", heartbeat_addr, heartbeat_inherited).await?;
         let stop_admin = CancellationToken::new();
         if let Some(l) = &admin {
             tracing::info!(address = %l.local_addr()?, "admin API listening");
@@ -89,6 +102,18 @@ impl Server {
                 stop_admin.clone(),
             ));
         }
+        if let Some(l) = &heartbeat {
+            tracing::info!(address = %l.local_addr()?, "heartbeat API listening");
+            tokio::spawn(crate::agents::api::listen(
+                rt.clone(),
+                l.clone(),
+                stop_admin.clone(),
+            ));
+        }
+        tokio::spawn(crate::agents::Agents::sweep(
+            Arc::downgrade(&rt),
+            rt.hard_stop.clone(),
+        ));
 
         // Ready once everything is bound and min_ready has passed.
         let rt2 = rt.clone();
@@ -107,8 +132,14 @@ impl Server {
         Ok(Server {
             rt,
             admin,
+            heartbeat,
             stop_admin,
         })
+    }
+
+    /// The bound address of the heartbeat API's own listener.
+    pub fn heartbeat_addr(&self) -> Option<SocketAddr> {
+        self.heartbeat.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound address of a listener (useful with port 0).
@@ -214,14 +245,14 @@ impl Server {
     fn offer(
         rt: &Runtime,
         admin: &Option<Arc<TcpListener>>,
+        heartbeat: &Option<Arc<TcpListener>>,
     ) -> Vec<(String, std::os::fd::OwnedFd)> {
         use std::os::fd::AsFd;
         let mut v = rt.listener_fds();
-        if let Some(fd) = admin
-            .as_ref()
-            .and_then(|a| a.as_fd().try_clone_to_owned().ok())
-        {
-            v.push((handover::ADMIN.to_owned(), fd));
+        for (name, l) in [(handover::ADMIN, admin), (handover::HEARTBEAT, heartbeat)] {
+            if let Some(fd) = l.as_ref().and_then(|a| a.as_fd().try_clone_to_owned().ok()) {
+                v.push((name.to_owned(), fd));
+            }
         }
         v
     }
@@ -267,12 +298,13 @@ impl Server {
                 Ok(control) => {
                     let rt = self.rt.clone();
                     let admin = self.admin.clone();
+                    let heartbeat = self.heartbeat.clone();
                     let stop_admin = self.stop_admin.clone();
                     let rt_stop = self.rt.clone();
                     let done = handed_over.clone();
                     let shutdown = stop_control.clone();
                     tokio::spawn(async move {
-                        let offer = move || Self::offer(&rt, &admin);
+                        let offer = move || Self::offer(&rt, &admin, &heartbeat);
                         let stop = move || {
                             rt_stop.set_state(State::Draining);
                             rt_stop.close_listeners();

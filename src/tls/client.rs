@@ -47,7 +47,7 @@ pub fn verified(ca_file: &Path, alpn: &[&str]) -> Result<Arc<ClientConfig>, Stri
 }
 
 #[derive(Debug)]
-struct AcceptAnything;
+pub(crate) struct AcceptAnything;
 
 impl ServerCertVerifier for AcceptAnything {
     fn verify_server_cert(

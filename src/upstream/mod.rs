@@ -35,7 +35,9 @@ pub struct Backend {
     weight: AtomicU32,
     id: u64,
     active: AtomicU64,
-    active_gauge: IntGauge,
+    /// `sluice_backend_connections_active{pool, backend}`; none for agents (their number is
+    /// unbounded, so they are not metric labels).
+    active_gauge: Option<IntGauge>,
     /// It takes new connections from this moment on (the pool's `min_ready` after it appeared).
     ready_at: Instant,
     /// False once a reload removed it: it takes no new connections.
@@ -86,7 +88,38 @@ fn ms_since_epoch(t: Instant) -> u64 {
     t.saturating_duration_since(epoch()).as_millis() as u64
 }
 
+/// Milliseconds on the process clock (the agent table keeps its times this way).
+pub fn clock_ms(t: Instant) -> u64 {
+    ms_since_epoch(t)
+}
+
 impl Backend {
+    /// The dial target of a heartbeat agent: named by the agent id, ready at once (the agent
+    /// table applies its own `min_ready`), closed with the process (`retire`).
+    pub fn for_agent(id: &str, address: SocketAddr, retire: CancellationToken) -> Arc<Backend> {
+        Arc::new(Backend {
+            name: id.to_owned(),
+            address,
+            weight: AtomicU32::new(1),
+            id: fnv1a(id.as_bytes()),
+            active: AtomicU64::new(0),
+            active_gauge: None,
+            ready_at: epoch(),
+            in_service: AtomicBool::new(true),
+            generation: Mutex::new(0),
+            retire,
+            failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            health: AtomicU8::new(Health::Unknown as u8),
+        })
+    }
+
+    /// One more connection on it until the guard drops (agents are dialled outside a pool).
+    pub fn guard(self: &Arc<Self>) -> ActiveGuard {
+        ActiveGuard::new(self.clone())
+    }
+
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
     }
@@ -197,9 +230,11 @@ impl Backends {
             weight: AtomicU32::new(b.weight),
             id: fnv1a(b.address.to_string().as_bytes()),
             active: AtomicU64::new(0),
-            active_gauge: metrics
-                .backend_active
-                .with_label_values(&[pool.name.as_str(), b.name.as_str()]),
+            active_gauge: Some(
+                metrics
+                    .backend_active
+                    .with_label_values(&[pool.name.as_str(), b.name.as_str()]),
+            ),
             ready_at: Instant::now() + if warm { pool.min_ready } else { Duration::ZERO },
             in_service: AtomicBool::new(true),
             generation: Mutex::new(0),
@@ -222,7 +257,9 @@ pub struct ActiveGuard(Arc<Backend>);
 impl ActiveGuard {
     fn new(b: Arc<Backend>) -> Self {
         b.active.fetch_add(1, Ordering::Relaxed);
-        b.active_gauge.inc();
+        if let Some(g) = &b.active_gauge {
+            g.inc();
+        }
         ActiveGuard(b)
     }
     pub fn backend(&self) -> &Arc<Backend> {
@@ -233,7 +270,9 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
-        self.0.active_gauge.dec();
+        if let Some(g) = &self.0.active_gauge {
+            g.dec();
+        }
     }
 }
 
@@ -266,6 +305,12 @@ pub enum ConnectError {
         pool: String,
         attempts: u32,
         last: String,
+    },
+    /// A resource route found no agent (the reason is the miss metric's label).
+    #[error("{reason}: {detail}")]
+    NoAgent {
+        reason: &'static str,
+        detail: String,
     },
 }
 
@@ -525,7 +570,7 @@ fn ip_bytes(addr: SocketAddr) -> Vec<u8> {
     }
 }
 
-async fn connect_one(
+pub(crate) async fn connect_one(
     addr: SocketAddr,
     timeout: Duration,
     keepalive: &Keepalive,
@@ -543,7 +588,7 @@ async fn connect_one(
     }
 }
 
-fn failure_reason(e: &io::Error) -> &'static str {
+pub(crate) fn failure_reason(e: &io::Error) -> &'static str {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "refused",
         io::ErrorKind::TimedOut => "timeout",

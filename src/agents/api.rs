@@ -1,0 +1,539 @@
+//! The heartbeat API: HTTP/1.1 and HTTP/2 over TLS (rustls), on `[heartbeat] address` or
+//! through the main port by a route with `serve = "heartbeat"` (ALPN `sluice-heartbeat`).
+//!
+//! Owns: authentication (bearer token or client certificate), request limits, the JSON shape
+//! of a heartbeat, the streaming form (one heartbeat per line on one long request; when it
+//! ends or breaks, the agent's records go at once), and goodbyes. Every refusal has a status,
+//! a reason in the body and a count in `sluice_heartbeats_total{result}`. Never logs a token.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::{find_token, in_scope, Token};
+use super::table::{labels_from, Announced, Applied, Heartbeat, Refused, ResourceKey, Version};
+use super::Agents;
+use crate::config::HeartbeatConfig;
+use crate::runtime::Runtime;
+
+/// One heartbeat as agents send it (and `sluice heartbeat` writes it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatBody {
+    pub agent: String,
+    /// Where sluice dials the agent: `IP:port`.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// How long the records live without another heartbeat (`"90s"`); capped at `max_ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub resources: Vec<ResourceBody>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceBody {
+    pub kind: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A refused request: status, metric result, reason.
+type Refusal = (StatusCode, &'static str, String);
+
+/// Who is speaking.
+struct Credential {
+    owner: String,
+    token: Option<Token>,
+}
+
+impl Credential {
+    fn scoped(&self) -> bool {
+        self.token.as_ref().is_some_and(Token::scoped)
+    }
+}
+
+fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(body.into()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+fn authenticate(
+    cfg: &HeartbeatConfig,
+    req: &Request<Incoming>,
+    cert: bool,
+) -> Result<Credential, Refusal> {
+    if let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) {
+        let secret = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        return match find_token(&cfg.tokens, secret.as_bytes()) {
+            Some(t) => Ok(Credential {
+                owner: t.name.clone(),
+                token: Some(t.clone()),
+            }),
+            None => Err((
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unknown bearer token\n".into(),
+            )),
+        };
+    }
+    if cert {
+        // rustls verified it against client_ca_file during the handshake.
+        return Ok(Credential {
+            owner: "cert".into(),
+            token: None,
+        });
+    }
+    Err((
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "send Authorization: Bearer <token>, or a client certificate\n".into(),
+    ))
+}
+
+/// Check a heartbeat against the limits and the credential's scope.
+fn validate(
+    body: HeartbeatBody,
+    cfg: &HeartbeatConfig,
+    cred: &Credential,
+) -> Result<Heartbeat, Refusal> {
+    let bad = |m: String| (StatusCode::BAD_REQUEST, "malformed", m + "\n");
+    if body.agent.is_empty() || body.agent.len() > 256 || body.agent.chars().any(char::is_control) {
+        return Err(bad("`agent` must be 1 to 256 printable characters".into()));
+    }
+    let address: SocketAddr = body
+        .address
+        .parse()
+        .map_err(|_| bad(format!("`address` {:?} is not IP:port", body.address)))?;
+    let version = match body.version.as_deref() {
+        None | Some("") => None,
+        Some(v) => Some(
+            Version::parse(v).ok_or_else(|| bad(format!("`version` {v:?} is not a version")))?,
+        ),
+    };
+    let ttl = match body.ttl.as_deref() {
+        None => cfg.default_ttl,
+        Some(t) => humantime::parse_duration(t)
+            .map_err(|e| bad(format!("`ttl` {t:?} is not a duration: {e}")))?,
+    };
+    if ttl.is_zero() {
+        return Err(bad("`ttl` must be more than 0".into()));
+    }
+    let ttl = ttl.min(cfg.max_ttl);
+    if body.resources.len() > cfg.max_resources {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_many_resources",
+            format!(
+                "{} resources; at most {} per agent (heartbeat.max_resources)\n",
+                body.resources.len(),
+                cfg.max_resources
+            ),
+        ));
+    }
+    let mut resources = Vec::with_capacity(body.resources.len());
+    for r in &body.resources {
+        let kind_ok = !r.kind.is_empty()
+            && r.kind.len() <= 64
+            && r.kind
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !kind_ok || r.name.is_empty() || r.name.len() > 253 || r.name.contains('\0') {
+            return Err(bad(format!(
+                "resource {:?}/{:?}: kind is [A-Za-z0-9._-]{{1,64}}, name 1 to 253 characters",
+                r.kind, r.name
+            )));
+        }
+        // The scope applies to what the router will see: resource labels over agent labels.
+        let mut merged = body.labels.clone();
+        merged.extend(r.labels.clone());
+        in_scope(cred.token.as_ref(), &r.kind, &merged)
+            .map_err(|m| (StatusCode::FORBIDDEN, "forbidden", m + "\n"))?;
+        resources.push(Announced {
+            key: ResourceKey::new(&r.kind, &r.name),
+            labels: labels_from(&r.labels),
+        });
+    }
+    Ok(Heartbeat {
+        agent: body.agent,
+        address,
+        version,
+        labels: labels_from(&body.labels),
+        ttl: ttl.as_millis() as u64,
+        resources,
+    })
+}
+
+/// Parse, validate and apply one heartbeat.
+fn apply(
+    rt: &Runtime,
+    cfg: &HeartbeatConfig,
+    cred: &Credential,
+    text: &[u8],
+    stream: u64,
+) -> Result<(String, Applied), Refusal> {
+    let body: HeartbeatBody = serde_json::from_slice(text).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("not a heartbeat: {e}\n"),
+        )
+    })?;
+    let hb = validate(body, cfg, cred)?;
+    let id = hb.agent.clone();
+    let agents = &rt.agents;
+    let applied = agents
+        .table
+        .apply(
+            hb,
+            &cred.owner,
+            cred.scoped(),
+            stream,
+            Agents::now(),
+            &|id, a| agents.new_backend(id, a),
+        )
+        .map_err(|e| match e {
+            Refused::Owned(_) | Refused::Static(_) => {
+                (StatusCode::FORBIDDEN, "forbidden", format!("{e}\n"))
+            }
+            Refused::Full(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "table_full",
+                format!("{e} (heartbeat.max_agents)\n"),
+            ),
+        })?;
+    if applied == Applied::Joined {
+        tracing::info!(agent = %id, owner = %cred.owner, "agent joined");
+    }
+    Ok((id, applied))
+}
+
+fn count(rt: &Runtime, result: &str) {
+    rt.metrics.heartbeats.with_label_values(&[result]).inc();
+}
+
+fn refuse(rt: &Runtime, (status, result, message): Refusal) -> Response<Full<Bytes>> {
+    count(rt, result);
+    tracing::debug!(result, %status, reason = message.trim_end(), "heartbeat refused");
+    reply(status, message)
+}
+
+/// Route one request.
+async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, cert: bool) -> Response<Full<Bytes>> {
+    let snap = rt.snapshot();
+    let cfg = &snap.config.heartbeat;
+    let path = req.uri().path().to_owned();
+    let known = matches!(
+        (req.method(), path.as_str()),
+        (&Method::POST, "/v1/heartbeats") | (&Method::POST, "/v1/heartbeats/stream")
+    ) || (req.method() == Method::DELETE && path.starts_with("/v1/agents/"));
+    if !known {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "POST /v1/heartbeats, POST /v1/heartbeats/stream, DELETE /v1/agents/{id}\n",
+        );
+    }
+    let cred = match authenticate(cfg, &req, cert) {
+        Ok(c) => c,
+        Err(r) => return refuse(&rt, r),
+    };
+    if req.method() == Method::DELETE {
+        let id = path.trim_start_matches("/v1/agents/");
+        return match rt
+            .agents
+            .table
+            .remove(id, None, Some((&cred.owner, cred.scoped())))
+        {
+            Ok(true) => {
+                count(&rt, "goodbye");
+                tracing::info!(agent = %id, owner = %cred.owner, "agent said goodbye");
+                reply(StatusCode::OK, "removed\n")
+            }
+            Ok(false) => reply(StatusCode::NOT_FOUND, format!("no agent `{id}`\n")),
+            Err(e) => refuse(&rt, (StatusCode::FORBIDDEN, "forbidden", format!("{e}\n"))),
+        };
+    }
+    if path == "/v1/heartbeats" {
+        let body = match Limited::new(req.into_body(), cfg.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return refuse(
+                    &rt,
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        format!(
+                            "body over {} bytes (heartbeat.max_body_bytes)\n",
+                            cfg.max_body_bytes
+                        ),
+                    ),
+                )
+            }
+            Err(e) => {
+                return refuse(
+                    &rt,
+                    (
+                        StatusCode::BAD_REQUEST,
+                        "malformed",
+                        format!("reading the body: {e}\n"),
+                    ),
+                )
+            }
+        };
+        return match apply(&rt, cfg, &cred, &body, 0) {
+            Ok((_, applied)) => {
+                count(&rt, "ok");
+                reply(StatusCode::OK, format!("{applied:?}\n").to_lowercase())
+            }
+            Err(r) => refuse(&rt, r),
+        };
+    }
+    stream(rt.clone(), cfg, &cred, req.into_body()).await
+}
+
+/// Removes the stream's agent when the stream ends, however it ends (the handler returning,
+/// or hyper dropping it because the connection broke).
+struct StreamOwner {
+    rt: Arc<Runtime>,
+    agent: Option<String>,
+    stream: u64,
+}
+
+impl Drop for StreamOwner {
+    fn drop(&mut self) {
+        let Some(id) = self.agent.take() else { return };
+        if let Ok(true) = self.rt.agents.table.remove(&id, Some(self.stream), None) {
+            count(&self.rt, "stream_ended");
+            tracing::info!(agent = %id, "heartbeat stream ended: the agent's records are gone");
+        }
+    }
+}
+
+/// `POST /v1/heartbeats/stream`: newline-delimited heartbeats of one agent.
+async fn stream(
+    rt: Arc<Runtime>,
+    cfg: &HeartbeatConfig,
+    cred: &Credential,
+    mut body: Incoming,
+) -> Response<Full<Bytes>> {
+    let mut owner = StreamOwner {
+        rt: rt.clone(),
+        agent: None,
+        stream: rt.agents.next_stream(),
+    };
+    let mut pending: Vec<u8> = Vec::new();
+    let mut applied = 0u64;
+    loop {
+        let frame = match body.frame().await {
+            None => break,
+            Some(Ok(f)) => f,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "heartbeat stream broke");
+                break;
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let line = line.trim_ascii();
+            if line.is_empty() {
+                continue;
+            }
+            match apply(&rt, cfg, cred, line, owner.stream) {
+                Ok((id, _)) => {
+                    if owner.agent.as_deref().is_some_and(|a| a != id) {
+                        // Undo: this stream belongs to its first agent only.
+                        let _ = rt.agents.table.remove(&id, Some(owner.stream), None);
+                        return refuse(
+                            &rt,
+                            (
+                                StatusCode::BAD_REQUEST,
+                                "malformed",
+                                "one stream carries one agent's heartbeats\n".into(),
+                            ),
+                        );
+                    }
+                    owner.agent = Some(id);
+                    applied += 1;
+                    count(&rt, "ok");
+                }
+                Err(r) => return refuse(&rt, r),
+            }
+        }
+        if pending.len() > cfg.max_body_bytes {
+            return refuse(
+                &rt,
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!(
+                        "a line over {} bytes (heartbeat.max_body_bytes)\n",
+                        cfg.max_body_bytes
+                    ),
+                ),
+            );
+        }
+    }
+    drop(owner);
+    reply(
+        StatusCode::OK,
+        format!("stream ended after {applied} heartbeats\n"),
+    )
+}
+
+/// Bytes already read from a socket (the ClientHello sluice peeked at), then the socket.
+pub struct Rewind<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Rewind {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            if self.pos == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Terminate TLS on `io` and serve the API until the client leaves or sluice closes its
+/// connections. `Err` says why the connection ended early (for the access log).
+pub async fn serve_tls<IO>(rt: Arc<Runtime>, io: IO) -> Result<(), String>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(tls) = rt.snapshot().config.heartbeat.tls.clone() else {
+        return Err("the heartbeat API has no certificate configured".into());
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(tls).accept(io);
+    let stream = match tokio::time::timeout(Duration::from_secs(10), accept).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            count(&rt, "tls_error");
+            return Err(format!("TLS handshake failed: {e}"));
+        }
+        Err(_) => {
+            count(&rt, "tls_error");
+            return Err("TLS handshake took over 10s".into());
+        }
+    };
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|c| !c.is_empty());
+    let stop = rt.close_all.clone();
+    let rt2 = rt.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let rt = rt2.clone();
+        async move { Ok::<_, Infallible>(handle(rt, req, cert).await) }
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    result.map_err(|e| format!("heartbeat API connection: {e}"))
+}
+
+/// Serve the API on its own listener (`[heartbeat] address`) until `stop`.
+pub async fn listen(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let rt = rt.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_tls(rt, stream).await {
+                tracing::debug!(%peer, error = %e, "heartbeat connection ended");
+            }
+        });
+    }
+}

@@ -1,0 +1,407 @@
+//! The agent side: `sluice heartbeat --config agent.toml` announces the resources of one
+//! agent to sluice's heartbeat API, so that any backend can be found through the table.
+//!
+//! Owns: the agent config, the streaming form over HTTP/2 (one long request, one line per
+//! `interval`; sluice drops the records the moment it breaks), reconnecting with jittered
+//! exponential backoff, falling back to one POST per interval over HTTP/1.1 when streaming
+//! keeps failing, and the goodbye (`DELETE /v1/agents/{id}`) on SIGTERM/SIGINT.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::api::{HeartbeatBody, ResourceBody};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// sluice's heartbeat address: its main port (a `serve = "heartbeat"` route) or
+    /// `[heartbeat] address`.
+    pub server: String,
+    /// The TLS server name to send and verify (default: the host part of `server`).
+    pub server_name: Option<String>,
+    /// CA certificates that sign sluice's heartbeat certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Skip certificate verification (tests only).
+    #[serde(default)]
+    pub insecure: bool,
+    /// A file holding the bearer token.
+    pub token_file: Option<PathBuf>,
+    /// A client certificate and key (when sluice has `client_ca_file`).
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// This agent: its id, where sluice dials it, its version and labels.
+    pub agent: String,
+    pub address: String,
+    pub version: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Records live this long without a heartbeat.
+    #[serde(default = "default_ttl")]
+    pub ttl: String,
+    /// One heartbeat per interval (keep it well under the ttl).
+    #[serde(default = "default_interval")]
+    pub interval: String,
+    /// `stream` (HTTP/2, falling back to POST) or `post`.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    #[serde(default, rename = "resource")]
+    pub resources: Vec<ResourceBody>,
+}
+
+fn default_ttl() -> String {
+    "30s".into()
+}
+fn default_interval() -> String {
+    "10s".into()
+}
+fn default_mode() -> String {
+    "stream".into()
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let cfg: AgentConfig =
+            toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        humantime::parse_duration(&cfg.ttl).context("ttl")?;
+        humantime::parse_duration(&cfg.interval).context("interval")?;
+        if !matches!(cfg.mode.as_str(), "stream" | "post") {
+            bail!("mode must be \"stream\" or \"post\"");
+        }
+        if cfg.ca_file.is_none() && !cfg.insecure {
+            bail!("set ca_file (the CA of sluice's heartbeat certificate), or insecure = true for tests");
+        }
+        if cfg.token_file.is_none() && cfg.cert_file.is_none() {
+            bail!("set token_file or cert_file/key_file: sluice refuses anonymous heartbeats");
+        }
+        Ok(cfg)
+    }
+
+    fn body(&self) -> HeartbeatBody {
+        HeartbeatBody {
+            agent: self.agent.clone(),
+            address: self.address.clone(),
+            version: self.version.clone(),
+            labels: self.labels.clone(),
+            ttl: Some(self.ttl.clone()),
+            resources: self.resources.clone(),
+        }
+    }
+}
+
+/// A request body fed line by line from a channel (the streaming form).
+struct Lines(mpsc::Receiver<Bytes>);
+
+impl Body for Lines {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+struct Client {
+    cfg: AgentConfig,
+    tls: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    token: Option<String>,
+    interval: Duration,
+}
+
+impl Client {
+    fn new(cfg: AgentConfig) -> anyhow::Result<Client> {
+        let host = cfg.server_name.clone().unwrap_or_else(|| {
+            cfg.server
+                .rsplit_once(':')
+                .map_or(cfg.server.clone(), |(h, _)| {
+                    h.trim_matches(['[', ']']).to_owned()
+                })
+        });
+        let name = ServerName::try_from(host).map_err(|e| anyhow!("server_name: {e}"))?;
+        let mut tls = if cfg.insecure {
+            (*crate::tls::client::unverified(&[super::ALPN])).clone()
+        } else {
+            let ca = cfg.ca_file.as_deref().unwrap_or(Path::new(""));
+            (*crate::tls::client::verified(ca, &[super::ALPN]).map_err(|e| anyhow!(e))?).clone()
+        };
+        if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .with_context(|| cert.display().to_string())?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| cert.display().to_string())?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).with_context(|| key.display().to_string())?;
+            let builder = rustls::ClientConfig::builder();
+            tls = if cfg.insecure {
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(crate::tls::client::AcceptAnything))
+                    .with_client_auth_cert(chain, key)?
+            } else {
+                let ca = cfg.ca_file.as_deref().unwrap_or(Path::new(""));
+                let mut store = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca)? {
+                    store.add(c?)?;
+                }
+                builder
+                    .with_root_certificates(store)
+                    .with_client_auth_cert(chain, key)?
+            };
+            tls.alpn_protocols = vec![super::ALPN.as_bytes().to_vec()];
+        }
+        let token = match &cfg.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read {}", p.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let interval = humantime::parse_duration(&cfg.interval)?;
+        Ok(Client {
+            cfg,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            name,
+            token,
+            interval,
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+        let tcp =
+            tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&self.cfg.server))
+                .await
+                .map_err(|_| anyhow!("connect to {} timed out", self.cfg.server))??;
+        tcp.set_nodelay(true)?;
+        let tls = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.tls.connect(self.name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| anyhow!("TLS handshake timed out"))??;
+        Ok(TokioIo::new(tls))
+    }
+
+    fn request<B>(&self, method: &str, path: &str, body: B) -> anyhow::Result<Request<B>> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("https://{}{path}", self.cfg.server))
+            .header("content-type", "application/x-ndjson");
+        if let Some(t) = &self.token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        Ok(b.body(body)?)
+    }
+
+    fn line(&self) -> anyhow::Result<Bytes> {
+        let mut v = serde_json::to_vec(&self.cfg.body())?;
+        v.push(b'\n');
+        Ok(v.into())
+    }
+
+    /// One streaming session: returns when it ends (an error or sluice's answer).
+    async fn stream_once(&self, healthy: &mut bool) -> anyhow::Result<()> {
+        let io = self.connect().await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(self.line()?).await.ok();
+        let response =
+            sender.send_request(self.request("POST", "/v1/heartbeats/stream", Lines(rx))?);
+        tokio::pin!(response);
+        let mut tick = tokio::time::interval(self.interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut response => {
+                    let r = r?;
+                    let status = r.status();
+                    let body = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    bail!("sluice ended the stream: {status} {}", String::from_utf8_lossy(&body).trim());
+                }
+                _ = tick.tick() => {
+                    if tx.send(self.line()?).await.is_err() {
+                        bail!("the stream closed");
+                    }
+                    if !*healthy {
+                        tracing::info!(server = %self.cfg.server, "heartbeat stream up");
+                        *healthy = true;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn post_once(&self) -> anyhow::Result<()> {
+        let io = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        let r = sender
+            .send_request(self.request("POST", "/v1/heartbeats", Full::new(self.line()?))?)
+            .await?;
+        let status = r.status();
+        let body = r.into_body().collect().await?.to_bytes();
+        if status != StatusCode::OK {
+            bail!("{status} {}", String::from_utf8_lossy(&body).trim());
+        }
+        Ok(())
+    }
+
+    async fn goodbye(&self) -> anyhow::Result<()> {
+        let io = self.connect().await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        let path = format!("/v1/agents/{}", self.cfg.agent);
+        let r = sender
+            .send_request(self.request("DELETE", &path, Full::new(Bytes::new()))?)
+            .await?;
+        tracing::info!(status = %r.status(), "said goodbye");
+        Ok(())
+    }
+
+    async fn run(&self) {
+        let mut backoff = Duration::from_millis(100);
+        let mut stream_failures = 0u32;
+        let mut post_mode = self.cfg.mode == "post";
+        loop {
+            let mut healthy = false;
+            let result = if post_mode {
+                let r = self.post_once().await;
+                if r.is_ok() {
+                    backoff = Duration::from_millis(100);
+                    // Try streaming again now and then.
+                    stream_failures = stream_failures.saturating_sub(1);
+                    if self.cfg.mode == "stream" && stream_failures == 0 {
+                        post_mode = false;
+                    }
+                    tokio::time::sleep(self.interval).await;
+                    continue;
+                }
+                r
+            } else {
+                let r = self.stream_once(&mut healthy).await;
+                if healthy {
+                    stream_failures = 0;
+                    backoff = Duration::from_millis(100);
+                } else {
+                    stream_failures += 1;
+                    if stream_failures >= 3 {
+                        tracing::warn!("streaming keeps failing: falling back to POST");
+                        post_mode = true;
+                        stream_failures = 10;
+                    }
+                }
+                r
+            };
+            if let Err(e) = result {
+                tracing::warn!(server = %self.cfg.server, error = %format!("{e:#}"), retry_in = ?backoff, "heartbeat failed");
+            }
+            let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
+            tokio::time::sleep(backoff + jitter).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+/// `sluice heartbeat`: announce until SIGTERM/SIGINT, then say goodbye.
+pub async fn run(config: &Path) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(config)?;
+    tracing::info!(agent = %cfg.agent, server = %cfg.server, resources = cfg.resources.len(),
+        mode = %cfg.mode, "announcing");
+    let client = Client::new(cfg)?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = client.run() => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(3), client.goodbye())
+        .await
+        .unwrap_or_else(|_| Err(anyhow!("timed out")))
+    {
+        tracing::warn!(error = %e, "goodbye failed; the records expire with their ttl");
+    }
+    Ok(())
+}
+
+/// `sluice resources --admin ADDR`: the table as text, one line per (resource, agent).
+pub async fn print_resources(admin: &str) -> anyhow::Result<String> {
+    let tcp = TcpStream::connect(admin)
+        .await
+        .with_context(|| format!("cannot reach the admin API at {admin}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{admin}/debug/resources"))
+        .header("host", admin)
+        .body(Full::new(Bytes::new()))?;
+    let r = sender.send_request(req).await?;
+    if r.status() != StatusCode::OK {
+        bail!("admin API answered {}", r.status());
+    }
+    let body = r.into_body().collect().await?.to_bytes();
+    let list: Vec<super::ResourceView> = serde_json::from_slice(&body)?;
+    let mut rows = vec![[
+        "KIND".to_owned(),
+        "NAME".to_owned(),
+        "AGENT".to_owned(),
+        "ADDRESS".to_owned(),
+        "VERSION".to_owned(),
+        "STATE".to_owned(),
+        "EXPIRES IN".to_owned(),
+        "CONNS".to_owned(),
+    ]];
+    for r in &list {
+        for a in &r.agents {
+            rows.push([
+                r.kind.clone(),
+                r.name.clone(),
+                a.id.clone(),
+                a.address.clone(),
+                a.version.clone().unwrap_or_else(|| "-".into()),
+                a.state.clone(),
+                a.expires_in_seconds
+                    .map_or("never".into(), |s| format!("{s:.0}s")),
+                a.active_connections.to_string(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.push_str(&format!("{} resources\n", list.len()));
+    Ok(out)
+}

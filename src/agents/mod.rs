@@ -1,0 +1,282 @@
+//! Agents: the heartbeat table, the heartbeat API that feeds it, and the session-affine
+//! router that reads it (`seeds/agent-high-availability.txt` at the edge).
+//!
+//! Owns: the process-wide `Agents` (the table, the session tables that outlive reloads, the
+//! stream ids), building a route's `ResourceTarget`, the sweeper, and the agent metrics. The
+//! pure parts are `table` (records, eligibility), `router` (names, sessions, the plan) and
+//! `auth` (tokens, scope); `api` is the HTTP shell.
+
+pub mod api;
+pub mod auth;
+pub mod client;
+pub mod router;
+pub mod table;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ResourceRoute};
+use crate::metrics::Metrics;
+use crate::upstream::{clock_ms, Backend, Pool};
+use router::{ResourceTarget, Sessions};
+use table::{AgentState, AgentTable, Announced, Heartbeat, ResourceKey, Rules};
+
+/// The ALPN protocol agents offer to reach the heartbeat API through the main port.
+pub const ALPN: &str = "sluice-heartbeat";
+
+pub struct Agents {
+    pub table: Arc<AgentTable>,
+    /// Session tables by route name: a reload keeps a route's sessions (same limits).
+    sessions: Mutex<HashMap<String, Arc<Sessions>>>,
+    next_stream: AtomicU64,
+    /// Parent of every agent backend's `retire` (the runtime's close-all token).
+    close_all: CancellationToken,
+}
+
+impl Agents {
+    pub fn new(close_all: CancellationToken) -> Agents {
+        Agents {
+            table: Arc::new(AgentTable::default()),
+            sessions: Mutex::new(HashMap::new()),
+            next_stream: AtomicU64::new(1),
+            close_all,
+        }
+    }
+
+    pub fn now() -> u64 {
+        clock_ms(Instant::now())
+    }
+
+    pub fn next_stream(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn new_backend(&self, id: &str, address: std::net::SocketAddr) -> Arc<Backend> {
+        Backend::for_agent(id, address, self.close_all.child_token())
+    }
+
+    /// Take a config's limits and static agents (startup and every reload).
+    pub fn configure(&self, config: &Config) {
+        let hb = &config.heartbeat;
+        self.table
+            .set_limits(hb.max_agents, hb.min_ready.as_millis() as u64);
+        let statics = config
+            .agents
+            .iter()
+            .map(|a| Heartbeat {
+                agent: a.id.clone(),
+                address: a.address,
+                version: a.version,
+                labels: table::labels_from(&a.labels),
+                ttl: u64::MAX,
+                resources: a
+                    .resources
+                    .iter()
+                    .map(|r| Announced {
+                        key: ResourceKey::new(&r.kind, &r.name),
+                        labels: table::labels_from(&r.labels),
+                    })
+                    .collect(),
+            })
+            .collect();
+        self.table
+            .set_static(statics, Self::now(), &|id, a| self.new_backend(id, a));
+        // Session tables of routes that are gone.
+        let names: std::collections::HashSet<&str> =
+            config.routes.iter().map(|r| r.name.as_str()).collect();
+        self.lock_sessions()
+            .retain(|k, _| names.contains(k.as_str()));
+    }
+
+    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Sessions>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The compiled target of a resource route (its session table kept across reloads when
+    /// its limits are unchanged).
+    pub fn target(
+        &self,
+        route: &str,
+        r: &ResourceRoute,
+        config: &Config,
+        fallback: Option<Arc<Pool>>,
+        metrics: &Metrics,
+    ) -> ResourceTarget {
+        let sessions = {
+            let mut map = self.lock_sessions();
+            match map.get(route) {
+                Some(s) if s.max == r.max_sessions && s.idle_ttl == r.session_idle_ttl => s.clone(),
+                _ => {
+                    let s = Arc::new(Sessions::new(r.max_sessions, r.session_idle_ttl));
+                    map.insert(route.to_owned(), s.clone());
+                    s
+                }
+            }
+        };
+        ResourceTarget {
+            route: route.to_owned(),
+            kind: r.kind.clone(),
+            suffix: r.suffix.clone(),
+            selector: table::labels_from(&r.labels),
+            affinity: r.affinity,
+            pick: r.pick,
+            connect_timeout: r.connect_timeout,
+            // The pools' defaults: agents hold tunnels for days.
+            keepalive: crate::config::Keepalive {
+                idle: Some(Duration::from_secs(60)),
+                interval: Duration::from_secs(15),
+                count: 4,
+            },
+            proxy_protocol: r.proxy_protocol,
+            fallback,
+            sessions,
+            table: self.table.clone(),
+            rules: Rules {
+                cluster_version: config.cluster.version,
+            },
+            misses: metrics.resource_misses.clone(),
+            repins: metrics.session_repins.with_label_values(&[route]),
+            connect_failures: metrics.agent_connect_failures.clone(),
+        }
+    }
+
+    /// Refresh the gauges that are counted rather than tracked: agents by state, resources,
+    /// sessions by route (at each scrape).
+    pub fn export(&self, config: &Config, metrics: &Metrics) {
+        let rules = Rules {
+            cluster_version: config.cluster.version,
+        };
+        let now = Self::now();
+        let mut counts: HashMap<AgentState, i64> = HashMap::new();
+        for a in self.table.agents() {
+            *counts.entry(rules.state(&a, now)).or_default() += 1;
+        }
+        for s in AgentState::ALL {
+            metrics
+                .agents
+                .with_label_values(&[s.label()])
+                .set(counts.get(&s).copied().unwrap_or(0));
+        }
+        metrics.resources.set(self.table.resource_count() as i64);
+        metrics.sessions_active.reset();
+        for (route, s) in self.lock_sessions().iter() {
+            metrics
+                .sessions_active
+                .with_label_values(&[route.as_str()])
+                .set(s.len() as i64);
+        }
+    }
+
+    /// Drop records expired for longer than `keep_expired`, every second, until `stop`.
+    pub async fn sweep(rt: std::sync::Weak<crate::runtime::Runtime>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(rt) = rt.upgrade() else { return };
+            let keep = rt.snapshot().config.heartbeat.keep_expired.as_millis() as u64;
+            let gone = rt.agents.table.sweep(Self::now(), keep);
+            if gone > 0 {
+                tracing::info!(agents = gone, "swept expired agents");
+            }
+        }
+    }
+
+    /// `/debug/agents`
+    pub fn agents_view(&self, config: &Config) -> Vec<AgentView> {
+        let rules = Rules {
+            cluster_version: config.cluster.version,
+        };
+        let now = Self::now();
+        let mut v: Vec<AgentView> = self
+            .table
+            .agents()
+            .iter()
+            .map(|a| AgentView::of(a, rules.state(a, now), now))
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// `/debug/resources`: each resource once, with its agents.
+    pub fn resources_view(&self, config: &Config) -> Vec<ResourceView> {
+        let rules = Rules {
+            cluster_version: config.cluster.version,
+        };
+        let now = Self::now();
+        self.table
+            .resources()
+            .into_iter()
+            .map(|(key, records)| ResourceView {
+                kind: key.kind().to_owned(),
+                name: key.name().to_owned(),
+                agents: records
+                    .iter()
+                    .map(|r| {
+                        let mut view = AgentView::of(&r.agent, rules.state(&r.agent, now), now);
+                        view.labels = r
+                            .labels
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect();
+                        view.resources = None;
+                        view
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct AgentView {
+    pub id: String,
+    pub address: String,
+    pub version: Option<String>,
+    pub state: String,
+    pub source: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Seconds until it expires (negative: expired; absent: never, a static agent).
+    pub expires_in_seconds: Option<f64>,
+    pub ready_for_seconds: f64,
+    pub active_connections: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Vec<String>>,
+}
+
+impl AgentView {
+    fn of(a: &table::Agent, state: AgentState, now: u64) -> AgentView {
+        AgentView {
+            id: a.id.to_string(),
+            address: a.backend.address.to_string(),
+            version: a.version.map(|v| v.to_string()),
+            state: state.label().to_owned(),
+            source: format!("{:?}", a.source).to_lowercase(),
+            labels: a
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            expires_in_seconds: (a.expires() != u64::MAX)
+                .then(|| (a.expires() as f64 - now as f64) / 1000.0),
+            ready_for_seconds: now.saturating_sub(a.ready_at) as f64 / 1000.0,
+            active_connections: a.backend.active(),
+            resources: Some(a.resources.iter().map(|r| format!("{:?}", r.key)).collect()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ResourceView {
+    pub kind: String,
+    pub name: String,
+    pub agents: Vec<AgentView>,
+}

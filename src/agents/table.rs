@@ -1,0 +1,924 @@
+//! The agent heartbeat table: resource (kind, name) → the agents that announced it.
+//!
+//! Owns: applying heartbeats (announce, keep-alive, goodbye), expiry and sweeping, and the
+//! eligibility rules (expiry, warm-up, version skew, label selectors). Pure: time comes in as
+//! milliseconds from the caller's clock, and nothing here touches a socket.
+//!
+//! Built for 100,000 agents × 10 resources with heartbeats arriving while the router looks up
+//! at connection rate. Lookups never take a lock: both maps are `papaya` (lock-free reads), and
+//! a resource's agents are an immutable `Arc<[Record]>` replaced as a whole. A keep-alive that
+//! changes nothing but the expiry is one atomic store. Writers for the same agent are
+//! serialised by a small sharded mutex that readers never touch.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::upstream::Backend;
+
+/// `kind` and `name` in one string (`kind` NUL `name`): one allocation, cheap to hash.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceKey(Box<str>);
+
+impl ResourceKey {
+    pub fn new(kind: &str, name: &str) -> ResourceKey {
+        let mut s = String::with_capacity(kind.len() + 1 + name.len());
+        s.push_str(kind);
+        s.push('\0');
+        s.push_str(name);
+        ResourceKey(s.into_boxed_str())
+    }
+
+    pub fn kind(&self) -> &str {
+        self.0.split('\0').next().unwrap_or("")
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.split_once('\0').map_or("", |(_, n)| n)
+    }
+}
+
+impl fmt::Debug for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind(), self.name())
+    }
+}
+
+/// Labels, sorted by key; small and immutable.
+pub type Labels = Box<[(Box<str>, Box<str>)]>;
+
+pub fn labels_from(map: &BTreeMap<String, String>) -> Labels {
+    map.iter()
+        .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_str())))
+        .collect()
+}
+
+fn label<'a>(labels: &'a [(Box<str>, Box<str>)], key: &str) -> Option<&'a str> {
+    labels
+        .binary_search_by(|(k, _)| (**k).cmp(key))
+        .ok()
+        .map(|i| &*labels[i].1)
+}
+
+/// A `major.minor.patch` version (a pre-release or build suffix is ignored for ordering).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Version(pub u32, pub u32, pub u32);
+
+impl Version {
+    pub fn parse(text: &str) -> Option<Version> {
+        let core = text.trim().trim_start_matches('v');
+        let core = core.split(['-', '+']).next()?;
+        let mut parts = core.split('.');
+        let mut next = || -> Option<u32> {
+            match parts.next() {
+                None => Some(0),
+                Some(p) => p.parse().ok(),
+            }
+        };
+        let v = Version(next()?, next()?, next()?);
+        parts.next().is_none().then_some(v)
+    }
+
+    /// Teleport's rule (seeds/agent-update-management): an agent is never newer than the
+    /// cluster and at most one major version older.
+    pub fn compatible_with(self, cluster: Version) -> bool {
+        self <= cluster && self.0 + 1 >= cluster.0
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+/// Where an agent's records came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Heartbeat,
+    /// An `[[agent]]` entry of the config: never expires, replaced by reloads.
+    Static,
+}
+
+/// One resource as an agent announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announced {
+    pub key: ResourceKey,
+    pub labels: Labels,
+}
+
+/// An agent as of its last heartbeat. Immutable but for its expiry and owning stream: a
+/// heartbeat that changes anything else builds a new `Agent` (keeping the `backend`, hence
+/// the active-connection count, when the address is the same).
+pub struct Agent {
+    pub id: Box<str>,
+    /// Its dial address and active connections; `name` is the agent id.
+    pub backend: Arc<Backend>,
+    pub version: Option<Version>,
+    pub labels: Labels,
+    pub source: Source,
+    /// The credential that announced it (a token's name, `cert`, or `config`): another
+    /// scoped credential may not overwrite or delete it.
+    pub owner: Box<str>,
+    /// Ready for sessions from this moment (first seen + `min_ready`), ms on the table clock.
+    pub ready_at: u64,
+    /// First seen, ms on the table clock.
+    pub since: u64,
+    expires: AtomicU64,
+    /// The streaming request that keeps it alive (0: none): when that stream ends, the agent
+    /// goes — unless another heartbeat took it over meanwhile.
+    stream: AtomicU64,
+    /// What it announced, sorted.
+    pub resources: Box<[Announced]>,
+}
+
+impl fmt::Debug for Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.id)
+            .field("address", &self.backend.address)
+            .field("version", &self.version)
+            .field("resources", &self.resources.len())
+            .finish()
+    }
+}
+
+impl Agent {
+    pub fn expires(&self) -> u64 {
+        self.expires.load(Ordering::Relaxed)
+    }
+
+    /// A label of the agent.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        label(&self.labels, key)
+    }
+}
+
+/// Why an agent can or cannot take a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    Ready,
+    /// Seen for less than `min_ready`.
+    Warming,
+    Expired,
+    /// Newer than the cluster, or more than one major version older.
+    VersionSkew,
+}
+
+impl AgentState {
+    pub const ALL: [AgentState; 4] = [
+        AgentState::Ready,
+        AgentState::Warming,
+        AgentState::Expired,
+        AgentState::VersionSkew,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AgentState::Ready => "ready",
+            AgentState::Warming => "warming",
+            AgentState::Expired => "expired",
+            AgentState::VersionSkew => "version_skew",
+        }
+    }
+}
+
+/// One (resource, agent) pair: the unit the router chooses from.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub agent: Arc<Agent>,
+    /// The resource's own labels (as this agent announced them).
+    pub labels: Labels,
+}
+
+impl Record {
+    /// A label of the resource, else of the agent.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        label(&self.labels, key).or_else(|| self.agent.label(key))
+    }
+
+    /// Every `selector` label matches (resource labels first, then the agent's).
+    pub fn selected_by(&self, selector: &[(Box<str>, Box<str>)]) -> bool {
+        selector.iter().all(|(k, v)| self.label(k) == Some(&**v))
+    }
+}
+
+/// The rules that decide eligibility, from `[cluster]` and `[heartbeat]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules {
+    pub cluster_version: Option<Version>,
+}
+
+impl Rules {
+    pub fn state(&self, agent: &Agent, now: u64) -> AgentState {
+        if agent.expires() <= now {
+            return AgentState::Expired;
+        }
+        if let Some(cluster) = self.cluster_version {
+            match agent.version {
+                Some(v) if v.compatible_with(cluster) => {}
+                _ => return AgentState::VersionSkew,
+            }
+        }
+        if now < agent.ready_at {
+            return AgentState::Warming;
+        }
+        AgentState::Ready
+    }
+}
+
+/// One heartbeat, validated (the API layer parses and checks bounds).
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub agent: String,
+    pub address: std::net::SocketAddr,
+    pub version: Option<Version>,
+    pub labels: Labels,
+    /// Time to live, ms.
+    pub ttl: u64,
+    pub resources: Vec<Announced>,
+}
+
+/// What applying a heartbeat did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// A new agent.
+    Joined,
+    /// Its resources, address, version or labels changed.
+    Changed,
+    /// Only its expiry moved.
+    KeptAlive,
+}
+
+/// Why a heartbeat was refused by the table.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("agent `{0}` was announced by another credential")]
+    Owned(String),
+    #[error("the table is full ({0} agents)")]
+    Full(usize),
+    #[error("agent `{0}` is configured statically")]
+    Static(String),
+}
+
+/// Makes the `Backend` of a new agent (the caller knows metrics and stop tokens).
+pub type NewBackend<'a> = &'a dyn Fn(&str, std::net::SocketAddr) -> Arc<Backend>;
+
+const WRITE_SHARDS: usize = 64;
+
+pub struct AgentTable {
+    agents: papaya::HashMap<Box<str>, Arc<Agent>>,
+    resources: papaya::HashMap<ResourceKey, Arc<[Record]>>,
+    /// Serialises writers of the same agent (by hash of its id).
+    writers: [Mutex<()>; WRITE_SHARDS],
+    max_agents: AtomicU64,
+    min_ready: AtomicU64,
+}
+
+impl Default for AgentTable {
+    fn default() -> Self {
+        AgentTable::new(1_000_000, 0)
+    }
+}
+
+impl AgentTable {
+    pub fn new(max_agents: usize, min_ready_ms: u64) -> AgentTable {
+        AgentTable {
+            agents: papaya::HashMap::new(),
+            resources: papaya::HashMap::new(),
+            writers: std::array::from_fn(|_| Mutex::new(())),
+            max_agents: AtomicU64::new(max_agents as u64),
+            min_ready: AtomicU64::new(min_ready_ms),
+        }
+    }
+
+    /// New limits (a reload).
+    pub fn set_limits(&self, max_agents: usize, min_ready_ms: u64) {
+        self.max_agents.store(max_agents as u64, Ordering::Relaxed);
+        self.min_ready.store(min_ready_ms, Ordering::Relaxed);
+    }
+
+    fn writer(&self, id: &str) -> std::sync::MutexGuard<'_, ()> {
+        let shard = crate::upstream::balancer::fnv1a(id.as_bytes()) as usize % WRITE_SHARDS;
+        self.writers[shard]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn agent(&self, id: &str) -> Option<Arc<Agent>> {
+        self.agents.pin().get(id).cloned()
+    }
+
+    /// The records of one resource; lock-free.
+    pub fn lookup(&self, key: &ResourceKey) -> Option<Arc<[Record]>> {
+        self.resources.pin().get(key).cloned()
+    }
+
+    pub fn agent_count(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn resource_count(&self) -> usize {
+        self.resources.len()
+    }
+
+    /// Every agent (for views and metrics; a copy of the `Arc`s).
+    pub fn agents(&self) -> Vec<Arc<Agent>> {
+        self.agents.pin().values().cloned().collect()
+    }
+
+    /// Every resource with its records, sorted by key.
+    pub fn resources(&self) -> Vec<(ResourceKey, Arc<[Record]>)> {
+        let mut v: Vec<_> = self
+            .resources
+            .pin()
+            .iter()
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Apply one heartbeat at `now` from credential `owner` (`scoped`: it may not take over
+    /// an agent another credential announced), on streaming request `stream` (0: a POST).
+    pub fn apply(
+        &self,
+        mut hb: Heartbeat,
+        owner: &str,
+        scoped: bool,
+        stream: u64,
+        now: u64,
+        new_backend: NewBackend<'_>,
+    ) -> Result<Applied, Refused> {
+        let _w = self.writer(&hb.agent);
+        let old = self.agent(&hb.agent);
+        if let Some(old) = &old {
+            if old.source == Source::Static {
+                return Err(Refused::Static(hb.agent));
+            }
+            if scoped && *old.owner != *owner && old.expires() > now {
+                return Err(Refused::Owned(hb.agent));
+            }
+        } else if self.agents.len() as u64 >= self.max_agents.load(Ordering::Relaxed) {
+            return Err(Refused::Full(self.agents.len()));
+        }
+        hb.resources.sort_by(|a, b| a.key.cmp(&b.key));
+        hb.resources.dedup_by(|a, b| a.key == b.key);
+        let expires = now.saturating_add(hb.ttl);
+        if let Some(old) = &old {
+            let same = old.backend.address == hb.address
+                && old.version == hb.version
+                && old.labels == hb.labels
+                && *old.owner == *owner
+                && *old.resources == *hb.resources;
+            if same {
+                old.expires.store(expires, Ordering::Relaxed);
+                old.stream.store(stream, Ordering::Relaxed);
+                return Ok(Applied::KeptAlive);
+            }
+        }
+        let (backend, since) = match &old {
+            Some(o) if o.backend.address == hb.address => (o.backend.clone(), o.since),
+            _ => (new_backend(&hb.agent, hb.address), now),
+        };
+        let agent = Arc::new(Agent {
+            id: hb.agent.into_boxed_str(),
+            backend,
+            version: hb.version,
+            labels: hb.labels,
+            source: Source::Heartbeat,
+            owner: owner.into(),
+            ready_at: since.saturating_add(self.min_ready.load(Ordering::Relaxed)),
+            since,
+            expires: AtomicU64::new(expires),
+            stream: AtomicU64::new(stream),
+            resources: hb.resources.into_boxed_slice(),
+        });
+        let applied = if old.is_some() {
+            Applied::Changed
+        } else {
+            Applied::Joined
+        };
+        self.install(agent, old.as_deref());
+        Ok(applied)
+    }
+
+    /// Put `agent` in both maps, replacing `old` (same id) in every resource either lists.
+    fn install(&self, agent: Arc<Agent>, old: Option<&Agent>) {
+        let id = agent.id.clone();
+        for a in agent.resources.iter() {
+            let record = Record {
+                agent: agent.clone(),
+                labels: a.labels.clone(),
+            };
+            self.resources.pin().compute(a.key.clone(), |entry| {
+                let mut list: Vec<Record> = match entry {
+                    Some((_, records)) => records
+                        .iter()
+                        .filter(|r| r.agent.id != id)
+                        .cloned()
+                        .collect(),
+                    None => Vec::with_capacity(1),
+                };
+                list.push(record.clone());
+                papaya::Operation::Insert::<_, ()>(list.into())
+            });
+        }
+        if let Some(old) = old {
+            for a in old.resources.iter() {
+                if agent
+                    .resources
+                    .binary_search_by(|x| x.key.cmp(&a.key))
+                    .is_err()
+                {
+                    self.drop_record(&a.key, &id);
+                }
+            }
+        }
+        self.agents.pin().insert(id, agent);
+    }
+
+    fn drop_record(&self, key: &ResourceKey, id: &str) {
+        self.resources
+            .pin()
+            .compute(key.clone(), |entry| match entry {
+                Some((_, records)) => {
+                    let list: Vec<Record> = records
+                        .iter()
+                        .filter(|r| &*r.agent.id != id)
+                        .cloned()
+                        .collect();
+                    if list.is_empty() {
+                        papaya::Operation::Remove
+                    } else if list.len() == records.len() {
+                        papaya::Operation::Abort(())
+                    } else {
+                        papaya::Operation::Insert(list.into())
+                    }
+                }
+                None => papaya::Operation::Abort(()),
+            });
+    }
+
+    /// Remove an agent and all its records. `stream`: only if that stream still owns it (a
+    /// stream that ended after the agent reconnected must not remove the new session).
+    /// `owner`/`scoped` as for `apply`.
+    pub fn remove(
+        &self,
+        id: &str,
+        stream: Option<u64>,
+        owner: Option<(&str, bool)>,
+    ) -> Result<bool, Refused> {
+        let _w = self.writer(id);
+        let Some(agent) = self.agent(id) else {
+            return Ok(false);
+        };
+        if let Some(s) = stream {
+            if agent.stream.load(Ordering::Relaxed) != s {
+                return Ok(false);
+            }
+        }
+        if let Some((owner, scoped)) = owner {
+            if agent.source == Source::Static {
+                return Err(Refused::Static(id.into()));
+            }
+            if scoped && *agent.owner != *owner {
+                return Err(Refused::Owned(id.into()));
+            }
+        }
+        self.evict(&agent);
+        Ok(true)
+    }
+
+    fn evict(&self, agent: &Agent) {
+        for a in agent.resources.iter() {
+            self.drop_record(&a.key, &agent.id);
+        }
+        self.agents.pin().remove(&agent.id);
+    }
+
+    /// Drop agents expired for longer than `keep_expired` ms (they are listed as expired
+    /// until then). Returns how many went.
+    pub fn sweep(&self, now: u64, keep_expired: u64) -> usize {
+        let dead: Vec<Arc<Agent>> = self
+            .agents
+            .pin()
+            .values()
+            .filter(|a| {
+                a.source == Source::Heartbeat && a.expires().saturating_add(keep_expired) <= now
+            })
+            .cloned()
+            .collect();
+        let mut n = 0;
+        for a in dead {
+            let _w = self.writer(&a.id);
+            // Still the same, still expired (a heartbeat may have come in between).
+            let current = self.agent(&a.id);
+            if current.as_ref().is_some_and(|c| {
+                Arc::ptr_eq(c, &a) && c.expires().saturating_add(keep_expired) <= now
+            }) {
+                self.evict(&a);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Make the static agents exactly `agents` (a config load): new ones join, changed ones
+    /// are replaced, ones no longer configured leave. A heartbeat agent with the same id is
+    /// replaced by the static one.
+    pub fn set_static(&self, agents: Vec<Heartbeat>, now: u64, new_backend: NewBackend<'_>) {
+        let wanted: std::collections::HashSet<String> =
+            agents.iter().map(|a| a.agent.clone()).collect();
+        for old in self.agents() {
+            if old.source == Source::Static && !wanted.contains(&*old.id) {
+                let _w = self.writer(&old.id);
+                self.evict(&old);
+            }
+        }
+        for mut hb in agents {
+            let _w = self.writer(&hb.agent);
+            let old = self.agent(&hb.agent);
+            hb.resources.sort_by(|a, b| a.key.cmp(&b.key));
+            hb.resources.dedup_by(|a, b| a.key == b.key);
+            if let Some(o) = &old {
+                if o.source == Source::Static
+                    && o.backend.address == hb.address
+                    && o.version == hb.version
+                    && o.labels == hb.labels
+                    && *o.resources == *hb.resources
+                {
+                    continue;
+                }
+            }
+            let backend = match &old {
+                Some(o) if o.backend.address == hb.address => o.backend.clone(),
+                _ => new_backend(&hb.agent, hb.address),
+            };
+            let agent = Arc::new(Agent {
+                id: hb.agent.into_boxed_str(),
+                backend,
+                version: hb.version,
+                labels: hb.labels,
+                source: Source::Static,
+                owner: "config".into(),
+                ready_at: now,
+                since: now,
+                expires: AtomicU64::new(u64::MAX),
+                stream: AtomicU64::new(0),
+                resources: hb.resources.into_boxed_slice(),
+            });
+            self.install(agent, old.as_deref());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn backend(id: &str, addr: SocketAddr) -> Arc<Backend> {
+        Backend::for_agent(id, addr, tokio_util::sync::CancellationToken::new())
+    }
+
+    fn hb(agent: &str, port: u16, version: &str, ttl: u64, names: &[&str]) -> Heartbeat {
+        Heartbeat {
+            agent: agent.into(),
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            version: Version::parse(version),
+            labels: Box::new([]),
+            ttl,
+            resources: names
+                .iter()
+                .map(|n| Announced {
+                    key: ResourceKey::new("app", n),
+                    labels: Box::new([]),
+                })
+                .collect(),
+        }
+    }
+
+    fn ids(t: &AgentTable, name: &str) -> Vec<String> {
+        let mut v: Vec<String> = t
+            .lookup(&ResourceKey::new("app", name))
+            .map(|r| r.iter().map(|r| r.agent.id.to_string()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn versions_parse_and_follow_the_update_rules() {
+        assert_eq!(Version::parse("17.2.1"), Some(Version(17, 2, 1)));
+        assert_eq!(Version::parse("v16.4"), Some(Version(16, 4, 0)));
+        assert_eq!(Version::parse("18.0.0-beta.1"), Some(Version(18, 0, 0)));
+        assert_eq!(Version::parse("x.1"), None);
+        assert_eq!(Version::parse("1.2.3.4"), None);
+        let cluster = Version(17, 2, 0);
+        assert!(Version(17, 2, 0).compatible_with(cluster));
+        assert!(Version(16, 0, 0).compatible_with(cluster));
+        assert!(!Version(17, 2, 1).compatible_with(cluster), "newer patch");
+        assert!(
+            !Version(15, 9, 9).compatible_with(cluster),
+            "two majors older"
+        );
+    }
+
+    #[test]
+    fn two_agents_one_resource_two_records() {
+        let t = AgentTable::default();
+        t.apply(
+            hb("a1", 1, "17.0.0", 1000, &["myapp"]),
+            "t",
+            false,
+            0,
+            0,
+            &backend,
+        )
+        .unwrap();
+        t.apply(
+            hb("a2", 2, "17.0.0", 1000, &["myapp", "other"]),
+            "t",
+            false,
+            0,
+            0,
+            &backend,
+        )
+        .unwrap();
+        assert_eq!(ids(&t, "myapp"), ["a1", "a2"]);
+        assert_eq!(ids(&t, "other"), ["a2"]);
+        assert_eq!(t.resource_count(), 2);
+        assert_eq!(t.agent_count(), 2);
+        // a2 stops announcing myapp: its record goes, a1's stays.
+        let r = t.apply(
+            hb("a2", 2, "17.0.0", 1000, &["other"]),
+            "t",
+            false,
+            0,
+            5,
+            &backend,
+        );
+        assert_eq!(r, Ok(Applied::Changed));
+        assert_eq!(ids(&t, "myapp"), ["a1"]);
+    }
+
+    #[test]
+    fn keepalive_moves_only_the_expiry_and_keeps_the_object() {
+        let t = AgentTable::default();
+        t.apply(
+            hb("a1", 1, "17.0.0", 100, &["x"]),
+            "t",
+            false,
+            0,
+            0,
+            &backend,
+        )
+        .unwrap();
+        let before = t.agent("a1").unwrap();
+        let r = t.apply(
+            hb("a1", 1, "17.0.0", 100, &["x"]),
+            "t",
+            false,
+            0,
+            50,
+            &backend,
+        );
+        assert_eq!(r, Ok(Applied::KeptAlive));
+        let after = t.agent("a1").unwrap();
+        assert!(Arc::ptr_eq(&before, &after));
+        assert_eq!(after.expires(), 150);
+        // A new address is a change; a new backend object.
+        t.apply(
+            hb("a1", 9, "17.0.0", 100, &["x"]),
+            "t",
+            false,
+            0,
+            60,
+            &backend,
+        )
+        .unwrap();
+        let moved = t.agent("a1").unwrap();
+        assert!(!Arc::ptr_eq(&before.backend, &moved.backend));
+        assert_eq!(moved.since, 60);
+    }
+
+    #[test]
+    fn states_expiry_warmup_and_version_skew() {
+        let t = AgentTable::new(10, 30);
+        let rules = Rules {
+            cluster_version: Version::parse("17.2.0"),
+        };
+        t.apply(
+            hb("ok", 1, "17.1.0", 100, &["x"]),
+            "t",
+            false,
+            0,
+            0,
+            &backend,
+        )
+        .unwrap();
+        t.apply(
+            hb("new", 2, "18.0.0", 100, &["x"]),
+            "t",
+            false,
+            0,
+            0,
+            &backend,
+        )
+        .unwrap();
+        t.apply(
+            hb("old", 3, "15.0.0", 100, &["x"]),
+            "t",
+            false,
+            0,
+            0,
+            &backend,
+        )
+        .unwrap();
+        t.apply(hb("nover", 4, "", 100, &["x"]), "t", false, 0, 0, &backend)
+            .unwrap();
+        let s = |id: &str, now| rules.state(&t.agent(id).unwrap(), now);
+        assert_eq!(s("ok", 10), AgentState::Warming);
+        assert_eq!(s("ok", 30), AgentState::Ready);
+        assert_eq!(s("new", 30), AgentState::VersionSkew);
+        assert_eq!(s("old", 30), AgentState::VersionSkew);
+        assert_eq!(s("nover", 30), AgentState::VersionSkew);
+        assert_eq!(s("ok", 100), AgentState::Expired);
+        let any = Rules {
+            cluster_version: None,
+        };
+        assert_eq!(any.state(&t.agent("new").unwrap(), 50), AgentState::Ready);
+    }
+
+    #[test]
+    fn sweep_keeps_expired_agents_listed_for_a_while_then_drops_them() {
+        let t = AgentTable::default();
+        t.apply(
+            hb("a1", 1, "1.0.0", 100, &["x"]),
+            "t",
+            false,
+            0,
+            0,
+            &backend,
+        )
+        .unwrap();
+        t.apply(
+            hb("a2", 2, "1.0.0", 1000, &["x"]),
+            "t",
+            false,
+            0,
+            0,
+            &backend,
+        )
+        .unwrap();
+        assert_eq!(t.sweep(150, 100), 0);
+        assert_eq!(t.sweep(200, 100), 1);
+        assert_eq!(ids(&t, "x"), ["a2"]);
+        assert_eq!(t.sweep(5000, 0), 1);
+        assert_eq!(t.resource_count(), 0);
+        assert_eq!(t.agent_count(), 0);
+    }
+
+    #[test]
+    fn a_stream_removes_only_what_it_still_owns() {
+        let t = AgentTable::default();
+        t.apply(
+            hb("a1", 1, "1.0.0", 1000, &["x"]),
+            "t",
+            false,
+            7,
+            0,
+            &backend,
+        )
+        .unwrap();
+        // The agent reconnected on stream 8 before stream 7's end was noticed.
+        t.apply(
+            hb("a1", 1, "1.0.0", 1000, &["x"]),
+            "t",
+            false,
+            8,
+            1,
+            &backend,
+        )
+        .unwrap();
+        assert_eq!(t.remove("a1", Some(7), None), Ok(false));
+        assert_eq!(ids(&t, "x"), ["a1"]);
+        assert_eq!(t.remove("a1", Some(8), None), Ok(true));
+        assert!(ids(&t, "x").is_empty());
+    }
+
+    #[test]
+    fn scoped_credentials_cannot_take_over_or_delete_others_agents() {
+        let t = AgentTable::default();
+        t.apply(
+            hb("a1", 1, "1.0.0", 1000, &["x"]),
+            "east",
+            true,
+            0,
+            0,
+            &backend,
+        )
+        .unwrap();
+        let r = t.apply(
+            hb("a1", 6, "1.0.0", 1000, &["x"]),
+            "west",
+            true,
+            0,
+            1,
+            &backend,
+        );
+        assert_eq!(r, Err(Refused::Owned("a1".into())));
+        assert_eq!(t.agent("a1").unwrap().backend.address.port(), 1);
+        assert_eq!(
+            t.remove("a1", None, Some(("west", true))),
+            Err(Refused::Owned("a1".into()))
+        );
+        // An unscoped credential may.
+        assert_eq!(t.remove("a1", None, Some(("admin", false))), Ok(true));
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let t = AgentTable::new(2, 0);
+        for (i, id) in ["a", "b"].iter().enumerate() {
+            t.apply(
+                hb(id, i as u16, "1.0.0", 10, &["x"]),
+                "t",
+                false,
+                0,
+                0,
+                &backend,
+            )
+            .unwrap();
+        }
+        let r = t.apply(hb("c", 3, "1.0.0", 10, &["x"]), "t", false, 0, 0, &backend);
+        assert_eq!(r, Err(Refused::Full(2)));
+        // Known agents still heartbeat.
+        assert!(t
+            .apply(hb("a", 0, "1.0.0", 10, &["x"]), "t", false, 0, 1, &backend)
+            .is_ok());
+    }
+
+    #[test]
+    fn static_agents_follow_the_config_and_never_expire() {
+        let t = AgentTable::default();
+        t.set_static(
+            vec![
+                hb("s1", 1, "1.0.0", 0, &["x"]),
+                hb("s2", 2, "1.0.0", 0, &["y"]),
+            ],
+            0,
+            &backend,
+        );
+        assert_eq!(ids(&t, "x"), ["s1"]);
+        let rules = Rules {
+            cluster_version: None,
+        };
+        assert_eq!(
+            rules.state(&t.agent("s1").unwrap(), u64::MAX - 1),
+            AgentState::Ready
+        );
+        let r = t.apply(hb("s1", 5, "1.0.0", 10, &["x"]), "t", false, 0, 0, &backend);
+        assert_eq!(r, Err(Refused::Static("s1".into())));
+        t.set_static(vec![hb("s2", 2, "1.0.0", 0, &["y", "z"])], 1, &backend);
+        assert!(ids(&t, "x").is_empty());
+        assert_eq!(ids(&t, "z"), ["s2"]);
+        assert_eq!(t.sweep(u64::MAX, 0), 0);
+    }
+
+    #[test]
+    fn selectors_match_resource_then_agent_labels() {
+        let agent_labels: Labels = Box::new([("region".into(), "east".into())]);
+        let mut h = hb("a1", 1, "1.0.0", 10, &[]);
+        h.labels = agent_labels;
+        h.resources.push(Announced {
+            key: ResourceKey::new("db", "pg"),
+            labels: Box::new([
+                ("env".into(), "prod".into()),
+                ("region".into(), "west".into()),
+            ]),
+        });
+        let t = AgentTable::default();
+        t.apply(h, "t", false, 0, 0, &backend).unwrap();
+        let recs = t.lookup(&ResourceKey::new("db", "pg")).unwrap();
+        let sel = |pairs: &[(&str, &str)]| -> Labels {
+            pairs
+                .iter()
+                .map(|(k, v)| (Box::from(*k), Box::from(*v)))
+                .collect()
+        };
+        assert!(recs[0].selected_by(&sel(&[("env", "prod")])));
+        assert!(
+            recs[0].selected_by(&sel(&[("region", "west")])),
+            "the resource's label wins"
+        );
+        assert!(!recs[0].selected_by(&sel(&[("region", "east")])));
+        assert!(!recs[0].selected_by(&sel(&[("team", "x")])));
+    }
+}
