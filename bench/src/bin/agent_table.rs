@@ -71,7 +71,9 @@ fn main() {
     };
     let ttl = 900_000;
     // Build the heartbeats first so that their memory is not counted as the table's.
-    let beats: Vec<Heartbeat> = (0..o.agents).map(|i| heartbeat(i, o.resources, ttl)).collect();
+    let beats: Vec<Heartbeat> = (0..o.agents)
+        .map(|i| heartbeat(i, o.resources, ttl))
+        .collect();
     let before = rss_kib();
     let t0 = Instant::now();
     for hb in &beats {
@@ -91,8 +93,13 @@ fn main() {
     let changed = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     for w in 0..o.writers {
-        let (table, beats, stop, applied, changed) =
-            (table.clone(), beats.clone(), stop.clone(), applied.clone(), changed.clone());
+        let (table, beats, stop, applied, changed) = (
+            table.clone(),
+            beats.clone(),
+            stop.clone(),
+            applied.clone(),
+            changed.clone(),
+        );
         handles.push(std::thread::spawn(move || {
             let mut rng = rand::rng();
             let mut now = 2;
