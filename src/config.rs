@@ -1005,6 +1005,23 @@ impl Config {
                 hash = crate::upstream::balancer::fnv1a_continue(hash, chunk);
             }
         }
+        // The files the config names and sluice reads at load (tokens, certificates): a
+        // reload after rotating one must not be skipped as "unchanged".
+        let hb = &config.heartbeat;
+        for p in [
+            &hb.tokens_file,
+            &hb.cert_file,
+            &hb.key_file,
+            &hb.client_ca_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let content = std::fs::read(p).unwrap_or_default();
+            for chunk in [p.as_os_str().as_encoded_bytes(), &content, b"\0"] {
+                hash = crate::upstream::balancer::fnv1a_continue(hash, chunk);
+            }
+        }
         config.hash = format!("{hash:016x}");
         Ok(config)
     }

@@ -426,6 +426,13 @@ id = "s0"
 address = "{dead}"
 version = "17.0.0"
 resources = [{{ kind = "app", name = "static-app" }}]
+
+[[agent]]
+id = "s2"
+address = "{dead}"
+version = "17.0.0"
+labels = {{ region = "east" }}
+resources = [{{ kind = "app", name = "static-app" }}]
 "#,
         s1.address
     );
@@ -437,18 +444,31 @@ resources = [{{ kind = "app", name = "static-app" }}]
     )
     .await;
     let edge = edge(&server);
-    // The label selector keeps s0 (unlabelled, and dead) out.
-    for i in 0..5 {
-        assert_eq!(
-            visit(
-                edge,
-                Ipv4Addr::new(127, 0, 0, 10 + i),
-                "static-app.apps.example.com"
-            )
-            .await,
-            "static1"
-        );
-    }
+    // The label selector keeps s0 out. s2 is eligible but dead: clients whose new session
+    // picks it are dialled on to s1 (20 clients: all missing s2 has probability 1e-6).
+    let visit_all = || async {
+        for i in 0..20 {
+            let source = Ipv4Addr::new(127, 0, 0, 10 + i);
+            assert_eq!(
+                visit(edge, source, "static-app.apps.example.com").await,
+                "static1"
+            );
+        }
+    };
+    visit_all().await;
+    let failures = |reason: Option<&'static str>| {
+        let server = &server;
+        async move {
+            let mut labels = vec![("route", "apps")];
+            labels.extend(reason.map(|r| ("reason", r)));
+            metric(server, "sluice_agent_connect_failures_total", &labels).await
+        }
+    };
+    let refused = failures(Some("refused")).await;
+    assert!(refused >= 1.0, "s2 was tried and refused");
+    // Those sessions were pinned to the agent that answered: no failed dials the second time.
+    visit_all().await;
+    assert_eq!(failures(Some("refused")).await, refused);
     // No agent for it: the fallback pool.
     assert_eq!(
         visit(edge, Ipv4Addr::LOCALHOST, "other.apps.example.com").await,
@@ -481,5 +501,49 @@ resources = [{{ kind = "app", name = "static-app" }}]
         assert!(row.contains(word), "{row}");
     }
     assert!(text.contains("1 resources"), "{text}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_after_rotating_the_tokens_file_applies_the_new_tokens() {
+    let dir = secrets();
+    let fb = RawBackend::start("fallback", false).await;
+    let path = dir.path().join("sluice.toml");
+    let text = config(dir.path(), "", "").replace("{fb}", &fb.address.to_string());
+    std::fs::write(&path, text).unwrap();
+    let server = Server::start(sluice::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let hb = server.heartbeat_addr().unwrap();
+    let body = heartbeat("a1", fb.address, "17.2.0", &["app1"]);
+    assert_eq!(
+        api(hb, "POST", "/v1/heartbeats", Some(TOKEN), &body)
+            .await
+            .0,
+        200
+    );
+    let rotated = "rotated-token-0123456789";
+    std::fs::write(
+        dir.path().join("tokens"),
+        format!("{rotated} name=agents\n"),
+    )
+    .unwrap();
+    // Only the tokens file changed: the reload is not skipped as "unchanged".
+    assert!(matches!(
+        sluice::reload::reload(&server.rt, "test").await,
+        sluice::reload::Outcome::Applied(_)
+    ));
+    assert_eq!(
+        api(hb, "POST", "/v1/heartbeats", Some(TOKEN), &body)
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        api(hb, "POST", "/v1/heartbeats", Some(rotated), &body)
+            .await
+            .0,
+        200
+    );
     server.shutdown().await;
 }
