@@ -239,8 +239,8 @@ if [ "$SMOKE" = 0 ]; then
 fi
 
 # The agent heartbeat table at scale (issue 5): in-process, no edge. Twice: with glibc's
-# default heap, and with its heap on transparent huge pages (lookups are TLB-bound at 1M
-# records).
+# default heap, and with its heap on transparent huge pages (at 1M records a lookup is mostly
+# cache and TLB misses).
 echo "== agent table"
 TABLE=$ROOT/target/$PROFILE/agent-table
 if [ "$SMOKE" = 1 ]; then TABLE_ARGS="--agents 2000 --seconds 1"; else TABLE_ARGS="--agents 100000 --resources 10 --seconds 5"; fi

@@ -284,12 +284,13 @@ async fn bad_and_forged_heartbeats_change_nothing_and_skewed_agents_get_nothing(
         api(hb, "POST", "/v1/heartbeats", token, &body).await
     };
 
-    let (status, _) = post(
-        Some(TOKEN),
-        heartbeat("good", good.address, "17.2.0", &["app1"]),
-    )
-    .await;
+    // A ttl over max_ttl (15m by default) is capped to it.
+    let long = heartbeat("good", good.address, "17.2.0", &["app1"]).replace("60s", "2h");
+    let (status, _) = post(Some(TOKEN), long).await;
     assert_eq!(status, 200);
+    let expires = server.rt.agents.table.agent("good").unwrap().expires();
+    let left = expires.saturating_sub(sluice::agents::Agents::now());
+    assert!((890_000..=900_000).contains(&left), "{left} ms left");
     // Forged: no token, a wrong token. Nothing changes.
     let forged = heartbeat("evil", fb.address, "17.2.0", &["app1"]);
     assert_eq!(post(None, forged.clone()).await.0, 401);
@@ -541,6 +542,117 @@ async fn a_reload_after_rotating_the_tokens_file_applies_the_new_tokens() {
     );
     assert_eq!(
         api(hb, "POST", "/v1/heartbeats", Some(rotated), &body)
+            .await
+            .0,
+        200
+    );
+    server.shutdown().await;
+}
+
+/// A CA, a client certificate it signed, and one it did not, as PEM files in `dir`.
+fn client_certs(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "agents CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    let client = |signed: bool| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["agent-c".to_owned()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "agent-c");
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = if signed {
+            p.signed_by(&key, &ca_cert, &ca_key).unwrap()
+        } else {
+            p.self_signed(&key).unwrap()
+        };
+        (cert.pem(), key.serialize_pem())
+    };
+    for (name, signed) in [("good", true), ("rogue", false)] {
+        let (cert, key) = client(signed);
+        std::fs::write(dir.join(format!("{name}-cert.pem")), cert).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), key).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_signed_by_the_ca_authenticate_and_others_do_not() {
+    let dir = secrets();
+    client_certs(dir.path());
+    let (good, fb) = (
+        RawBackend::start("good", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    let text = config(dir.path(), "", "").replace(
+        "tokens_file = ",
+        &format!(
+            "client_ca_file = \"{}/ca.pem\"\ntokens_file = ",
+            dir.path().display()
+        ),
+    );
+    let server = start(&text, &[("fb", fb.address.to_string())]).await;
+    let hb = server.heartbeat_addr().unwrap();
+    let agent = |id: &str, cert: &str, dial: SocketAddr| {
+        let cfg = dir.path().join(format!("{id}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "server = \"{hb}\"\nserver_name = \"sluice.test\"\ninsecure = true\n\
+                 cert_file = \"{d}/{cert}-cert.pem\"\nkey_file = \"{d}/{cert}-key.pem\"\n\
+                 agent = \"{id}\"\naddress = \"{dial}\"\nversion = \"17.2.0\"\ninterval = \"200ms\"\n\
+                 [[resource]]\nkind = \"app\"\nname = \"{id}-app\"\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        Running(
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(["heartbeat", "--config"])
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _rogue = agent("rogue", "rogue", fb.address);
+    let _good = agent("good", "good", good.address);
+    eventually(
+        "the agent with a CA-signed certificate is in the table",
+        || async { agents_for(&server, "good-app") == ["good"] },
+    )
+    .await;
+    assert_eq!(
+        visit(
+            edge(&server),
+            Ipv4Addr::LOCALHOST,
+            "good-app.apps.example.com"
+        )
+        .await,
+        "good"
+    );
+    eventually(
+        "the rogue certificate was refused in the handshake",
+        || async {
+            metric(
+                &server,
+                "sluice_heartbeats_total",
+                &[("result", "tls_error")],
+            )
+            .await
+                >= 1.0
+        },
+    )
+    .await;
+    assert!(agents_for(&server, "rogue-app").is_empty());
+    // Tokens still work beside certificates.
+    let body = heartbeat("tok", fb.address, "17.2.0", &["tok-app"]);
+    assert_eq!(
+        api(hb, "POST", "/v1/heartbeats", Some(TOKEN), &body)
             .await
             .0,
         200
