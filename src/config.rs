@@ -431,6 +431,10 @@ struct RawListener {
     keepalive_count: Option<i64>,
     accept_proxy: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    protocol: Option<String>,
+    flow_idle_timeout: Option<String>,
+    max_flows: Option<i64>,
+    max_pending_flows: Option<i64>,
 }
 
 /// The keepalive keys of a listener or pool (both spell them the same way).
@@ -724,8 +728,31 @@ pub struct ListenerConfig {
     pub keepalive: Keepalive,
     /// Inbound PROXY protocol (sluice behind an NLB or HAProxy).
     pub accept_proxy: AcceptProxy,
+    /// `tcp` (the default) or `quic` (UDP, QUIC passthrough).
+    pub protocol: ListenerProtocol,
+    /// QUIC listeners only.
+    pub quic: QuicSettings,
     /// Sources allowed to send a PROXY header.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    Tcp,
+    Quic,
+}
+
+/// Settings of a QUIC listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct QuicSettings {
+    /// A flow with no datagram either way for this long is forgotten.
+    #[serde(with = "human")]
+    pub flow_idle_timeout: Duration,
+    pub max_flows: usize,
+    /// Clients whose hello is incomplete (a flood of spoofed Initials stops here).
+    pub max_pending: usize,
 }
 
 /// Whether a listener expects a PROXY header before the client's bytes.
@@ -1758,7 +1785,75 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 SocketAddr::from(([0, 0, 0, 0], 0))
             }),
         };
-        if address.port() != 0 && listeners.iter().any(|l| l.address == address) {
+        let protocol = match rl.protocol.as_deref() {
+            None | Some("tcp") => ListenerProtocol::Tcp,
+            Some("quic") => ListenerProtocol::Quic,
+            Some(other) => {
+                errs.push(
+                    &at.key("protocol"),
+                    format!("unknown protocol `{other}`"),
+                    "use \"tcp\" (TLS over TCP) or \"quic\" (QUIC over UDP)",
+                );
+                ListenerProtocol::Tcp
+            }
+        };
+        let quic = QuicSettings {
+            flow_idle_timeout: duration(
+                errs,
+                &at.key("flow_idle_timeout"),
+                rl.flow_idle_timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
+            max_flows: int_in(
+                errs,
+                &at.key("max_flows"),
+                rl.max_flows,
+                100_000,
+                1,
+                10_000_000,
+            ) as usize,
+            max_pending: int_in(
+                errs,
+                &at.key("max_pending_flows"),
+                rl.max_pending_flows,
+                4096,
+                1,
+                1_000_000,
+            ) as usize,
+        };
+        if protocol == ListenerProtocol::Tcp {
+            for (key, set) in [
+                ("flow_idle_timeout", rl.flow_idle_timeout.is_some()),
+                ("max_flows", rl.max_flows.is_some()),
+                ("max_pending_flows", rl.max_pending_flows.is_some()),
+            ] {
+                if set {
+                    errs.push(
+                        &at.key(key),
+                        format!("`{key}` applies to QUIC listeners only"),
+                        "set protocol = \"quic\", or remove it",
+                    );
+                }
+            }
+        } else if quic.flow_idle_timeout.is_zero() {
+            errs.push(
+                &at.key("flow_idle_timeout"),
+                "must be more than 0 (flows would never be forgotten)",
+                "set e.g. \"60s\"",
+            );
+        }
+        if protocol == ListenerProtocol::Quic && rl.accept_proxy.is_some() {
+            errs.push(
+                &at.key("accept_proxy"),
+                "a QUIC listener cannot read PROXY headers (UDP has none)",
+                "remove accept_proxy from this listener",
+            );
+        }
+        if address.port() != 0
+            && listeners
+                .iter()
+                .any(|l| l.address == address && l.protocol == protocol)
+        {
             errs.push(
                 &at.key("address"),
                 format!("{address} is already used by another listener"),
@@ -1852,6 +1947,8 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
             keepalive,
             accept_proxy,
             trusted_proxies,
+            protocol,
+            quic,
         });
     }
 

@@ -20,6 +20,7 @@ pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
+pub mod quic;
 pub mod relay;
 pub mod reload;
 pub mod route;

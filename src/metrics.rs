@@ -45,6 +45,12 @@ pub const SESSIONS_ACTIVE: &str = "sluice_sessions_active";
 pub const SESSION_REPINS: &str = "sluice_session_repins_total";
 pub const RESOURCE_MISSES: &str = "sluice_resource_misses_total";
 pub const AGENT_CONNECT_FAILURES: &str = "sluice_agent_connect_failures_total";
+pub const QUIC_FLOWS_ACTIVE: &str = "sluice_quic_flows_active";
+pub const QUIC_FLOWS: &str = "sluice_quic_flows_total";
+pub const QUIC_INITIALS: &str = "sluice_quic_initials_total";
+pub const QUIC_PACKETS: &str = "sluice_quic_packets_total";
+pub const QUIC_BYTES: &str = "sluice_quic_bytes_total";
+pub const QUIC_MIGRATIONS: &str = "sluice_quic_migrations_total";
 
 pub struct Metrics {
     pub registry: Registry,
@@ -112,6 +118,18 @@ pub struct Metrics {
     pub resource_misses: IntCounterVec,
     /// {route, reason}: refused, timeout, unreachable, reset, other
     pub agent_connect_failures: IntCounterVec,
+    /// {listener}
+    pub quic_flows_active: IntGaugeVec,
+    /// {listener, route}
+    pub quic_flows: IntCounterVec,
+    /// {listener, result}
+    pub quic_initials: IntCounterVec,
+    /// {listener, direction}: from_client, to_client
+    pub quic_packets: IntCounterVec,
+    /// {listener, direction}
+    pub quic_bytes: IntCounterVec,
+    /// {listener}
+    pub quic_migrations: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -209,6 +227,37 @@ impl Metrics {
                 RESOURCE_MISSES,
                 "Connections of resource routes that found no agent, by reason.",
                 &["route", "reason"],
+            ),
+            quic_flows_active: gauge(
+                &r,
+                QUIC_FLOWS_ACTIVE,
+                "QUIC flows (client connections routed to a backend) open now.",
+                &["listener"],
+            ),
+            quic_flows: counter(&r, QUIC_FLOWS, "QUIC flows created, by route.", &["listener", "route"]),
+            quic_initials: counter(
+                &r,
+                QUIC_INITIALS,
+                "Client Initial packets from unknown addresses, by outcome (ok: a flow was created).",
+                &["listener", "result"],
+            ),
+            quic_packets: counter(
+                &r,
+                QUIC_PACKETS,
+                "QUIC datagrams forwarded, by direction.",
+                &["listener", "direction"],
+            ),
+            quic_bytes: counter(
+                &r,
+                QUIC_BYTES,
+                "QUIC bytes forwarded, by direction.",
+                &["listener", "direction"],
+            ),
+            quic_migrations: counter(
+                &r,
+                QUIC_MIGRATIONS,
+                "QUIC flows followed to a new client address by connection ID (migration, NAT rebinding).",
+                &["listener"],
             ),
             agent_connect_failures: counter(
                 &r,

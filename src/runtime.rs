@@ -213,6 +213,8 @@ pub struct Runtime {
     /// Parent of every listener's accept loop.
     pub accepting: CancellationToken,
     listeners: Mutex<Vec<ListenerHandle>>,
+    /// QUIC listeners (UDP): each holds its flow table.
+    quic: Mutex<Vec<Arc<crate::quic::QuicListener>>>,
     /// Listening sockets handed to this process (systemd, an upgrade), by listener name.
     inherited: Mutex<HashMap<String, std::net::TcpListener>>,
     pub backends: Backends,
@@ -257,6 +259,7 @@ impl Runtime {
             close_spread_ms: AtomicU64::new(close_spread_ms),
             accepting: CancellationToken::new(),
             listeners: Mutex::new(Vec::new()),
+            quic: Mutex::new(Vec::new()),
             inherited: Mutex::new(HashMap::new()),
             backends,
             agents,
@@ -292,6 +295,16 @@ impl Runtime {
                 .with_label_values(&[other.label()])
                 .set((other == s) as i64);
         }
+    }
+
+    /// Whether listeners take new connections (false once a drain closed them).
+    pub fn accepting_new(&self) -> bool {
+        !self.accepting.is_cancelled()
+    }
+
+    /// The running QUIC listeners.
+    pub fn quic_listeners(&self) -> Vec<Arc<crate::quic::QuicListener>> {
+        self.quic.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn max_connections(&self) -> usize {
@@ -368,6 +381,10 @@ impl Runtime {
         let mut listeners = self.lock_listeners();
         self.accepting.cancel();
         listeners.clear();
+        // QUIC flows share the listening socket: it stays open for them, taking no new ones.
+        for q in self.quic_listeners() {
+            q.close();
+        }
     }
 
     /// Open the listeners of the running config (at startup). Fails, serving nothing, if
@@ -400,6 +417,35 @@ impl Runtime {
         let mut current = self.lock_listeners();
         if self.accepting.is_cancelled() {
             return Err("sluice is draining: listeners are closed".into());
+        }
+        let (quic_cfgs, tcp_cfgs): (Vec<ListenerConfig>, Vec<ListenerConfig>) = cfgs
+            .iter()
+            .cloned()
+            .partition(|c| c.protocol == crate::config::ListenerProtocol::Quic);
+        let cfgs = &tcp_cfgs[..];
+        // QUIC sockets first too: a bind failure changes nothing.
+        let mut quic_fresh = Vec::new();
+        {
+            let running = self.quic_listeners();
+            for cfg in &quic_cfgs {
+                let same = running.iter().any(|q| {
+                    q.is_accepting()
+                        && q.name() == cfg.name
+                        && listener::addresses_agree(cfg.address, q.local_addr)
+                });
+                if same {
+                    continue;
+                }
+                match crate::quic::QuicListener::bind(cfg) {
+                    Ok(sock) => quic_fresh.push((cfg.clone(), sock)),
+                    Err(e) => {
+                        return Err(format!(
+                            "listener `{}`: cannot bind UDP {}: {e}",
+                            cfg.name, cfg.address
+                        ))
+                    }
+                }
+            }
         }
         let mut fresh: Vec<(ListenerConfig, Arc<TcpListener>)> = Vec::new();
         {
@@ -482,7 +528,69 @@ impl Runtime {
             h.stop();
         }
         *current = next;
+        drop(current);
+        self.sync_quic(&quic_cfgs, quic_fresh, added, removed, updated);
         Ok(())
+    }
+
+    /// Make the running QUIC listeners match `cfgs`, with the sockets bound for new ones.
+    /// A listener whose address is unchanged keeps its socket and its flows (its settings
+    /// are updated); one removed or moved stops taking new flows and ends when its flows
+    /// have gone idle.
+    fn sync_quic(
+        self: &Arc<Self>,
+        cfgs: &[ListenerConfig],
+        fresh: Vec<(ListenerConfig, tokio::net::UdpSocket)>,
+        added: &mut Vec<String>,
+        removed: &mut Vec<String>,
+        updated: &mut Vec<String>,
+    ) {
+        let mut quic = self.quic.lock().unwrap_or_else(|e| e.into_inner());
+        let was: Vec<String> = quic.iter().map(|q| q.name()).collect();
+        let mut next = Vec::new();
+        for q in quic.drain(..) {
+            let keep = q.is_accepting()
+                && cfgs.iter().any(|c| {
+                    c.name == q.name()
+                        && listener::addresses_agree(c.address, q.local_addr)
+                        && !fresh.iter().any(|(f, _)| f.name == c.name)
+                });
+            match cfgs.iter().find(|c| c.name == q.name()) {
+                Some(c) if keep => {
+                    let old = q.config.load();
+                    if !same_listener(&old, c) || old.quic != c.quic {
+                        q.config.store(Arc::new(c.clone()));
+                        updated.push(c.name.clone());
+                    }
+                    next.push(q);
+                }
+                found => {
+                    if found.is_none() {
+                        removed.push(q.name());
+                    }
+                    // Moved: the new socket serves new flows, this one its own until idle.
+                    q.close();
+                    // Still serving its flows until they are idle; not listed.
+                }
+            }
+        }
+        for (cfg, sock) in fresh {
+            let name = cfg.name.clone();
+            match crate::quic::QuicListener::start(self, cfg, sock) {
+                Ok(q) => {
+                    if was.contains(&name) {
+                        updated.push(name);
+                    } else {
+                        added.push(name);
+                    }
+                    next.push(q);
+                }
+                Err(e) => {
+                    tracing::error!(listener = %name, error = %e, "cannot start QUIC listener")
+                }
+            }
+        }
+        *quic = next;
     }
 
     /// Replace the running config with `config`. Established connections keep what they

@@ -137,6 +137,15 @@ impl Server {
         })
     }
 
+    /// The bound address of a QUIC listener.
+    pub fn quic_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.rt
+            .quic_listeners()
+            .iter()
+            .find(|q| q.name() == name)
+            .map(|q| q.local_addr)
+    }
+
     /// The bound address of the heartbeat API's own listener.
     pub fn heartbeat_addr(&self) -> Option<SocketAddr> {
         self.heartbeat.as_ref().and_then(|l| l.local_addr().ok())

@@ -1,0 +1,681 @@
+//! QUIC passthrough on UDP: route a QUIC connection by the SNI and ALPN of its ClientHello,
+//! read from the client's Initial packets, and forward its datagrams unchanged.
+//!
+//! Owns: the UDP socket of a `protocol = "quic"` listener, the flow table (client address →
+//! backend; server connection IDs → flow, for migration and NAT rebinding), pending flows
+//! (Initials waiting for the rest of the hello, bounded), one connected UDP socket per flow
+//! toward its backend (so replies find their way back), flow expiry, and the QUIC metrics.
+//! It never decrypts anything but the client's Initials, and never changes a byte: TLS stays
+//! end to end. The packet logic is in `packet` (pure).
+
+pub mod packet;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use prometheus::{IntCounter, IntGauge};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ListenerConfig;
+use crate::route::{Facts, TlsFacts};
+use crate::runtime::{Route, Runtime, Target};
+use crate::tls::hello::Parse;
+use crate::upstream::{clock_ms, ActiveGuard};
+use packet::{CryptoStream, Header, LongType};
+
+/// Datagrams and bytes a pending flow may hold while its hello is incomplete.
+const PENDING_DATAGRAMS: usize = 16;
+const PENDING_BYTES: usize = 64 * 1024;
+/// Connection IDs remembered per flow (the server may issue several).
+const CIDS_PER_FLOW: usize = 16;
+const MAX_DATAGRAM: usize = 65535;
+
+/// One client's QUIC connection, routed.
+struct Flow {
+    route: Arc<Route>,
+    /// Counts the flow on its backend (least_conn, p2c, the active gauge).
+    _guard: ActiveGuard,
+    upstream: Arc<UdpSocket>,
+    client: Mutex<SocketAddr>,
+    last_seen: AtomicU64,
+    cids: Mutex<Vec<Vec<u8>>>,
+    stop: CancellationToken,
+}
+
+impl Flow {
+    fn client(&self) -> SocketAddr {
+        *self.client.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A client whose hello is not complete yet.
+struct Pending {
+    version: u32,
+    dcid: Vec<u8>,
+    keys: rustls::quic::Keys,
+    crypto: CryptoStream,
+    datagrams: Vec<Vec<u8>>,
+    bytes: usize,
+    started: u64,
+}
+
+#[derive(Default)]
+struct Flows {
+    by_client: HashMap<SocketAddr, Arc<Flow>>,
+    by_cid: HashMap<Vec<u8>, Arc<Flow>>,
+    /// Lengths of the server connection IDs seen (a short header does not say its length).
+    cid_lens: BTreeSet<usize>,
+    pending: HashMap<SocketAddr, Pending>,
+}
+
+/// A running QUIC listener.
+pub struct QuicListener {
+    pub config: ArcSwap<ListenerConfig>,
+    pub socket: Arc<UdpSocket>,
+    pub local_addr: SocketAddr,
+    /// Stops everything (the process ends, or the listener is gone and idle).
+    stop: CancellationToken,
+    /// False once a drain or a reload closed it: established flows go on, new ones are refused.
+    accepting: AtomicBool,
+    flows: Mutex<Flows>,
+    m: QuicMetrics,
+}
+
+struct QuicMetrics {
+    active: IntGauge,
+    packets_in: IntCounter,
+    packets_out: IntCounter,
+    bytes_in: IntCounter,
+    bytes_out: IntCounter,
+    migrations: IntCounter,
+    /// `sluice_quic_initials_total{result="timeout"}`: hellos not complete within hello_timeout.
+    timeouts: IntCounter,
+}
+
+impl QuicListener {
+    /// Bind the UDP socket of `cfg` (before anything changes, so a failure changes nothing).
+    pub fn bind(cfg: &ListenerConfig) -> std::io::Result<UdpSocket> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(
+            Domain::for_address(cfg.address),
+            Type::DGRAM,
+            Some(Protocol::UDP),
+        )?;
+        if cfg.address.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        // Room for bursts of Initials and 1-RTT packets between two reads.
+        let _ = socket.set_recv_buffer_size(4 << 20);
+        let _ = socket.set_send_buffer_size(4 << 20);
+        socket.bind(&cfg.address.into())?;
+        UdpSocket::from_std(socket.into())
+    }
+
+    /// Start serving on `socket`.
+    pub fn start(
+        rt: &Arc<Runtime>,
+        cfg: ListenerConfig,
+        socket: UdpSocket,
+    ) -> std::io::Result<Arc<QuicListener>> {
+        let name = cfg.name.clone();
+        let m = &rt.metrics;
+        let l = Arc::new(QuicListener {
+            local_addr: socket.local_addr()?,
+            socket: Arc::new(socket),
+            stop: rt.hard_stop.child_token(),
+            accepting: AtomicBool::new(true),
+            flows: Mutex::new(Flows::default()),
+            m: QuicMetrics {
+                active: m.quic_flows_active.with_label_values(&[&name]),
+                packets_in: m.quic_packets.with_label_values(&[&name, "from_client"]),
+                packets_out: m.quic_packets.with_label_values(&[&name, "to_client"]),
+                bytes_in: m.quic_bytes.with_label_values(&[&name, "from_client"]),
+                bytes_out: m.quic_bytes.with_label_values(&[&name, "to_client"]),
+                migrations: m.quic_migrations.with_label_values(&[&name]),
+                timeouts: m.quic_initials.with_label_values(&[&name, "timeout"]),
+            },
+            config: ArcSwap::from_pointee(cfg),
+        });
+        tokio::spawn(receive(Arc::downgrade(rt), l.clone()));
+        tokio::spawn(sweep(l.clone()));
+        tracing::info!(listener = %name, address = %l.local_addr, "listening (QUIC)");
+        Ok(l)
+    }
+
+    pub fn name(&self) -> String {
+        self.config.load().name.clone()
+    }
+
+    /// No new flows from now on; established ones go on until they are idle, then the
+    /// listener stops (a reload removed it, or sluice drains).
+    pub fn close(&self) {
+        self.accepting.store(false, Ordering::Release);
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
+    /// Stop at once, dropping every flow.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.lock().by_client.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flows> {
+        self.flows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn initial(&self, rt: &Runtime, result: &str) {
+        rt.metrics
+            .quic_initials
+            .with_label_values(&[&self.config.load().name, result])
+            .inc();
+    }
+
+    fn remove_flow(&self, flows: &mut Flows, flow: &Arc<Flow>) {
+        let client = flow.client();
+        if flows
+            .by_client
+            .get(&client)
+            .is_some_and(|f| Arc::ptr_eq(f, flow))
+        {
+            flows.by_client.remove(&client);
+            self.m.active.dec();
+        }
+        for cid in flow.cids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if flows.by_cid.get(cid).is_some_and(|f| Arc::ptr_eq(f, flow)) {
+                flows.by_cid.remove(cid);
+            }
+        }
+        flow.route.active.dec();
+        flow.stop.cancel();
+    }
+}
+
+/// The flow a datagram from an unknown address belongs to, by its destination connection ID.
+fn flow_by_cid(flows: &Flows, data: &[u8]) -> Option<Arc<Flow>> {
+    match packet::parse_header(data).ok()? {
+        Header::Long(l) => flows.by_cid.get(l.dcid).cloned(),
+        Header::Short => flows
+            .cid_lens
+            .iter()
+            .find_map(|&n| flows.by_cid.get(data.get(1..1 + n)?).cloned()),
+        Header::VersionNegotiation { .. } => None,
+    }
+}
+
+fn forward(l: &QuicListener, flow: &Flow, data: &[u8]) {
+    flow.last_seen
+        .store(clock_ms(Instant::now()), Ordering::Relaxed);
+    l.m.packets_in.inc();
+    l.m.bytes_in.inc_by(data.len() as u64);
+    flow.route.bytes_to_backend.inc_by(data.len() as u64);
+    // UDP: a full send buffer drops the datagram, as the network would.
+    let _ = flow.upstream.try_send(data);
+}
+
+/// The receive loop: every datagram from clients.
+async fn receive(rt: std::sync::Weak<Runtime>, l: Arc<QuicListener>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = l.stop.cancelled() => break,
+            r = l.socket.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "QUIC receive failed");
+                    continue;
+                }
+            },
+        };
+        let data = &buf[..n];
+        let Some(rt) = rt.upgrade() else { break };
+        let known = {
+            let mut flows = l.lock();
+            match flows.by_client.get(&peer).cloned() {
+                Some(f) => {
+                    learn_client_cid(&mut flows, &f, data);
+                    Some(f)
+                }
+                None => match flow_by_cid(&flows, data) {
+                    // A known connection from a new address: migration or NAT rebinding.
+                    Some(f) => {
+                        let old = f.client();
+                        if flows
+                            .by_client
+                            .get(&old)
+                            .is_some_and(|x| Arc::ptr_eq(x, &f))
+                        {
+                            flows.by_client.remove(&old);
+                        }
+                        flows.by_client.insert(peer, f.clone());
+                        *f.client.lock().unwrap_or_else(|e| e.into_inner()) = peer;
+                        l.m.migrations.inc();
+                        tracing::debug!(from = %old, to = %peer, "QUIC flow followed to a new address");
+                        Some(f)
+                    }
+                    None => port_rebinding(&mut flows, peer, data).inspect(|_| {
+                        l.m.migrations.inc();
+                    }),
+                },
+            }
+        };
+        match known {
+            Some(flow) => forward(&l, &flow, data),
+            None => new_datagram(&rt, &l, peer, data).await,
+        }
+    }
+    // Stopped: every flow ends.
+    let mut flows = l.lock();
+    let all: Vec<Arc<Flow>> = flows.by_client.values().cloned().collect();
+    for f in all {
+        l.remove_flow(&mut flows, &f);
+    }
+    flows.pending.clear();
+}
+
+/// A short header from a new port of an address with exactly one flow, with a connection ID
+/// sluice has not seen: the same client after a NAT (or socket) rebinding that also switched
+/// to a fresh connection ID, as RFC 9000 §9.5 asks of a migrating endpoint. The IDs the
+/// server issued later travel encrypted, so this is the one way to follow such a move without
+/// the server's help. With two flows from that address it is ambiguous and not followed.
+fn port_rebinding(flows: &mut Flows, peer: SocketAddr, data: &[u8]) -> Option<Arc<Flow>> {
+    if data.first().is_none_or(|b| b & 0xc0 != 0x40) {
+        return None;
+    }
+    let mut same_ip = flows.by_client.iter().filter(|(a, _)| a.ip() == peer.ip());
+    let (&old, flow) = same_ip.next()?;
+    if same_ip.next().is_some() {
+        return None;
+    }
+    let flow = flow.clone();
+    flows.by_client.remove(&old);
+    flows.by_client.insert(peer, flow.clone());
+    *flow.client.lock().unwrap_or_else(|e| e.into_inner()) = peer;
+    tracing::debug!(from = %old, to = %peer, "QUIC flow followed to a new port");
+    Some(flow)
+}
+
+/// A client's short header on its known path may carry a connection ID the server issued
+/// later (NEW_CONNECTION_ID is encrypted): remember it, so a move to a new address that
+/// uses it is still followed.
+fn learn_client_cid(flows: &mut Flows, flow: &Arc<Flow>, data: &[u8]) {
+    if data.first().is_none_or(|b| b & 0x80 != 0) {
+        return;
+    }
+    let lens: Vec<usize> = flows.cid_lens.iter().copied().collect();
+    for n in lens {
+        let Some(cid) = data.get(1..1 + n) else {
+            continue;
+        };
+        if flows.by_cid.contains_key(cid) {
+            return;
+        }
+    }
+    // Only with one known length is the ID's extent certain.
+    if flows.cid_lens.len() == 1 {
+        let n = *flows.cid_lens.iter().next().unwrap_or(&0);
+        if let Some(cid) = data.get(1..1 + n) {
+            let mut cids = flow.cids.lock().unwrap_or_else(|e| e.into_inner());
+            if cids.len() < CIDS_PER_FLOW {
+                cids.push(cid.to_vec());
+                flows.by_cid.insert(cid.to_vec(), flow.clone());
+            }
+        }
+    }
+}
+
+/// A datagram from an address with no flow: an Initial starts (or continues) a pending flow;
+/// once its hello is complete, the flow is established.
+async fn new_datagram(rt: &Arc<Runtime>, l: &Arc<QuicListener>, peer: SocketAddr, data: &[u8]) {
+    if let Some((pending, hello)) = admit(rt, l, peer, data) {
+        establish(rt, l, peer, pending, hello).await;
+    }
+}
+
+/// The synchronous part of `new_datagram` (the flow table's lock is never held across an
+/// await): `Some` when a hello is complete.
+fn admit(
+    rt: &Arc<Runtime>,
+    l: &Arc<QuicListener>,
+    peer: SocketAddr,
+    data: &[u8],
+) -> Option<(Pending, crate::tls::hello::ClientHello)> {
+    let cfg = l.config.load();
+    let header = match packet::parse_header(data) {
+        Ok(h) => h,
+        Err(_) => {
+            l.initial(rt, "malformed");
+            return None;
+        }
+    };
+    let long = match header {
+        Header::Long(long) => long,
+        Header::Short => {
+            l.initial(rt, "unknown_flow");
+            return None;
+        }
+        Header::VersionNegotiation { .. } => {
+            l.initial(rt, "not_initial");
+            return None;
+        }
+    };
+    let mut flows = l.lock();
+    if long.kind != Some(LongType::Initial) {
+        // 0-RTT or Handshake packets of a client whose hello is still incomplete wait with it.
+        if let Some(p) = flows.pending.get_mut(&peer) {
+            if p.datagrams.len() < PENDING_DATAGRAMS && p.bytes + data.len() <= PENDING_BYTES {
+                p.bytes += data.len();
+                p.datagrams.push(data.to_vec());
+                return None;
+            }
+            flows.pending.remove(&peer);
+            drop(flows);
+            {
+                l.initial(rt, "pending_overflow");
+                return None;
+            };
+        }
+        drop(flows);
+        l.initial(
+            rt,
+            if long.kind.is_none() {
+                "unsupported_version"
+            } else {
+                "not_initial"
+            },
+        );
+        return None;
+    }
+    if !l.is_accepting() || !rt.accepting_new() {
+        drop(flows);
+        {
+            l.initial(rt, "draining");
+            return None;
+        };
+    }
+    if data.len() < 1200 {
+        // RFC 9000 §14.1: a client pads its Initial datagrams to 1200 bytes.
+        drop(flows);
+        {
+            l.initial(rt, "too_short");
+            return None;
+        };
+    }
+    if long.dcid.len() < 8 {
+        drop(flows);
+        {
+            l.initial(rt, "malformed");
+            return None;
+        };
+    }
+    let now = clock_ms(Instant::now());
+    let fresh = flows
+        .pending
+        .get(&peer)
+        .is_none_or(|p| p.dcid != long.dcid || p.version != long.version);
+    if fresh {
+        if !flows.pending.contains_key(&peer) && flows.pending.len() >= cfg.quic.max_pending {
+            drop(flows);
+            {
+                l.initial(rt, "pending_full");
+                return None;
+            };
+        }
+        let Some(keys) = packet::client_initial_keys(long.version, long.dcid) else {
+            drop(flows);
+            {
+                l.initial(rt, "unsupported_version");
+                return None;
+            };
+        };
+        flows.pending.insert(
+            peer,
+            Pending {
+                version: long.version,
+                dcid: long.dcid.to_vec(),
+                keys,
+                crypto: CryptoStream::default(),
+                datagrams: Vec::new(),
+                bytes: 0,
+                started: now,
+            },
+        );
+    }
+    let p = flows.pending.get_mut(&peer)?;
+    let plain = match packet::decrypt_initial(&data[..long.len], &long, &p.keys) {
+        Ok(plain) => plain,
+        Err(_) => {
+            if p.datagrams.is_empty() {
+                flows.pending.remove(&peer);
+            }
+            drop(flows);
+            {
+                l.initial(rt, "decrypt_failed");
+                return None;
+            };
+        }
+    };
+    let frames = match packet::crypto_frames(&plain) {
+        Ok(f) => f,
+        Err(_) => {
+            flows.pending.remove(&peer);
+            drop(flows);
+            {
+                l.initial(rt, "malformed");
+                return None;
+            };
+        }
+    };
+    for (offset, bytes) in frames {
+        if p.crypto.add(offset, bytes, cfg.max_hello_size).is_err() {
+            flows.pending.remove(&peer);
+            drop(flows);
+            {
+                l.initial(rt, "too_large");
+                return None;
+            };
+        }
+    }
+    if p.datagrams.len() >= PENDING_DATAGRAMS || p.bytes + data.len() > PENDING_BYTES {
+        flows.pending.remove(&peer);
+        drop(flows);
+        {
+            l.initial(rt, "pending_overflow");
+            return None;
+        };
+    }
+    p.bytes += data.len();
+    p.datagrams.push(data.to_vec());
+    let hello = match packet::parse_hello(&p.crypto.prefix()) {
+        Parse::Incomplete { .. } => return None,
+        Parse::Hello { hello, .. } => hello,
+        Parse::NotTls | Parse::Malformed(_) => {
+            flows.pending.remove(&peer);
+            drop(flows);
+            {
+                l.initial(rt, "malformed");
+                return None;
+            };
+        }
+    };
+    let pending = flows.pending.remove(&peer)?;
+    if flows.by_client.len() >= cfg.quic.max_flows {
+        drop(flows);
+        l.initial(rt, "table_full");
+        return None;
+    }
+    Some((pending, hello))
+}
+
+/// Route a complete hello, open the flow's socket toward its backend, replay what waited.
+async fn establish(
+    rt: &Arc<Runtime>,
+    l: &Arc<QuicListener>,
+    peer: SocketAddr,
+    pending: Pending,
+    hello: crate::tls::hello::ClientHello,
+) {
+    let name = l.name();
+    let snapshot = rt.snapshot();
+    let facts = Facts {
+        listener: &name,
+        tls: Some(TlsFacts {
+            sni: hello.sni.as_deref(),
+            alpn: &hello.alpn,
+        }),
+    };
+    let Some(route) = snapshot.routes.select(&facts).cloned() else {
+        rt.metrics
+            .route_decisions
+            .with_label_values(&[&name, "none"])
+            .inc();
+        return l.initial(rt, "no_route");
+    };
+    rt.metrics
+        .route_decisions
+        .with_label_values(&[&name, &route.name])
+        .inc();
+    let Target::Pool(pool) = &route.target else {
+        tracing::warn!(listener = %name, route = %route.name,
+            "a QUIC flow matched a route whose target is not a pool; QUIC goes to pools only");
+        return l.initial(rt, "unsupported_target");
+    };
+    let list = pool.backends();
+    let Some(i) = pool.pick(&list, &[], peer, hello.sni.as_deref(), rand::random()) else {
+        return l.initial(rt, "no_backend");
+    };
+    let backend = list[i].clone();
+    let bind: SocketAddr = if backend.address.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let upstream = match UdpSocket::bind(bind).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a UDP socket toward a QUIC backend");
+            return l.initial(rt, "backend_error");
+        }
+    };
+    if let Err(e) = upstream.connect(backend.address).await {
+        tracing::warn!(backend = %backend.name, error = %e, "cannot reach a QUIC backend");
+        return l.initial(rt, "backend_error");
+    }
+    let flow = Arc::new(Flow {
+        route: route.clone(),
+        _guard: backend.guard(),
+        upstream: Arc::new(upstream),
+        client: Mutex::new(peer),
+        last_seen: AtomicU64::new(clock_ms(Instant::now())),
+        cids: Mutex::new(Vec::new()),
+        stop: l.stop.child_token(),
+    });
+    {
+        let mut flows = l.lock();
+        // Two hellos raced from one address: the newer wins.
+        if let Some(old) = flows.by_client.get(&peer).cloned() {
+            l.remove_flow(&mut flows, &old);
+        }
+        flows.by_client.insert(peer, flow.clone());
+    }
+    l.m.active.inc();
+    route.active.inc();
+    l.initial(rt, "ok");
+    rt.metrics
+        .quic_flows
+        .with_label_values(&[&name, &route.name])
+        .inc();
+    tracing::debug!(listener = %name, client = %peer, route = %route.name,
+        backend = %backend.name, sni = ?hello.sni, alpn = ?hello.alpn, "QUIC flow");
+    for d in &pending.datagrams {
+        forward(l, &flow, d);
+    }
+    tokio::spawn(from_backend(l.clone(), flow));
+}
+
+/// Datagrams from a flow's backend, to its client (wherever it is now).
+async fn from_backend(l: Arc<QuicListener>, flow: Arc<Flow>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let n = tokio::select! {
+            _ = flow.stop.cancelled() => break,
+            r = flow.upstream.recv(&mut buf) => match r {
+                Ok(n) => n,
+                // An ICMP error from the backend (not listening yet): keep the flow; the
+                // client retransmits and the flow expires if nothing ever answers.
+                Err(_) => continue,
+            },
+        };
+        let data = &buf[..n];
+        // Server long headers carry the connection ID the client will address it by.
+        if let Ok(Header::Long(long)) = packet::parse_header(data) {
+            if !long.scid.is_empty() {
+                let mut flows = l.lock();
+                if !flows.by_cid.contains_key(long.scid) {
+                    let mut cids = flow.cids.lock().unwrap_or_else(|e| e.into_inner());
+                    if cids.len() < CIDS_PER_FLOW {
+                        cids.push(long.scid.to_vec());
+                        flows.by_cid.insert(long.scid.to_vec(), flow.clone());
+                        flows.cid_lens.insert(long.scid.len());
+                    }
+                }
+            }
+        }
+        flow.last_seen
+            .store(clock_ms(Instant::now()), Ordering::Relaxed);
+        l.m.packets_out.inc();
+        l.m.bytes_out.inc_by(n as u64);
+        flow.route.bytes_to_client.inc_by(n as u64);
+        let _ = l.socket.send_to(data, flow.client()).await;
+    }
+}
+
+/// Expire idle flows and stale pending ones; stop a closed listener once it has no flows.
+async fn sweep(l: Arc<QuicListener>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = l.stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cfg = l.config.load();
+        let now = clock_ms(Instant::now());
+        let idle = cfg.quic.flow_idle_timeout.as_millis() as u64;
+        let hello = cfg.hello_timeout.as_millis() as u64;
+        let mut flows = l.lock();
+        let expired: Vec<Arc<Flow>> = flows
+            .by_client
+            .values()
+            .filter(|f| now.saturating_sub(f.last_seen.load(Ordering::Relaxed)) >= idle)
+            .cloned()
+            .collect();
+        for f in &expired {
+            l.remove_flow(&mut flows, f);
+        }
+        let before = flows.pending.len();
+        flows
+            .pending
+            .retain(|_, p| now.saturating_sub(p.started) < hello);
+        let timed_out = before - flows.pending.len();
+        let empty = flows.by_client.is_empty();
+        drop(flows);
+        l.m.timeouts.inc_by(timed_out as u64);
+        if !expired.is_empty() {
+            tracing::debug!(listener = %cfg.name, flows = expired.len(), "QUIC flows expired");
+        }
+        if empty && !l.is_accepting() {
+            l.stop();
+        }
+    }
+}

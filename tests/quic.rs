@@ -1,0 +1,300 @@
+//! QUIC passthrough with real quinn clients and servers on 127.0.0.1: the handshake is end to
+//! end (the client sees the backend's own certificate), routing by SNI and by ALPN, a hello
+//! spanning several Initial packets, a client that rebinds its socket, flow expiry, and a
+//! malformed Initial dropped and counted.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use sluice::server::Server;
+use support::*;
+
+/// A quinn server that answers each bidirectional stream with `NAME:` and what it read.
+async fn quic_backend(name: &'static str, cert_name: &str, alpn: &[&str]) -> (SocketAddr, Vec<u8>) {
+    let ck = rcgen::generate_simple_self_signed(vec![cert_name.to_owned()]).unwrap();
+    let der = ck.cert.der().to_vec();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+    let mut tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    tls.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
+    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = ep.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let data = recv.read_to_end(1 << 20).await.unwrap_or_default();
+                        let mut out = format!("{name}:").into_bytes();
+                        out.extend_from_slice(&data);
+                        let _ = send.write_all(&out).await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+    (addr, der)
+}
+
+fn client_endpoint(alpn: &[&str]) -> quinn::Endpoint {
+    let tls = sluice::tls::testing::insecure_client_config(alpn);
+    let cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    ep
+}
+
+async fn ask(conn: &quinn::Connection, what: &str) -> String {
+    let (mut send, mut recv) = conn.open_bi().await.expect("a stream");
+    send.write_all(what.as_bytes()).await.unwrap();
+    send.finish().unwrap();
+    let data = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    String::from_utf8(data).unwrap()
+}
+
+async fn connect(ep: &quinn::Endpoint, to: SocketAddr, sni: &str) -> quinn::Connection {
+    tokio::time::timeout(Duration::from_secs(5), ep.connect(to, sni).unwrap())
+        .await
+        .expect("handshake in time")
+        .expect("handshake through sluice")
+}
+
+const CONFIG: &str = r#"
+[admin]
+address = ""
+
+[[listener]]
+name = "quic"
+address = "127.0.0.1:0"
+protocol = "quic"
+flow_idle_timeout = "1s"
+hello_timeout = "2s"
+
+[[route]]
+name = "by-sni"
+listener = "quic"
+sni = ["a.example.com"]
+pool = "a"
+
+[[route]]
+name = "by-alpn"
+listener = "quic"
+alpn = ["proto-b"]
+pool = "b"
+
+[pool.a]
+backends = ["{a}"]
+
+[pool.b]
+backends = ["{b}"]
+"#;
+
+async fn setup() -> (Server, SocketAddr, Vec<u8>, Vec<u8>) {
+    let (a, a_cert) = quic_backend("A", "a.example.com", &["h3", "proto-b"]).await;
+    let (b, b_cert) = quic_backend("B", "b.example.com", &["h3", "proto-b"]).await;
+    let server = start(CONFIG, &[("a", a.to_string()), ("b", b.to_string())]).await;
+    let edge = server
+        .quic_addr("quic")
+        .expect("the QUIC listener is bound");
+    (server, edge, a_cert, b_cert)
+}
+
+fn peer_cert(conn: &quinn::Connection) -> Vec<u8> {
+    let certs = conn
+        .peer_identity()
+        .unwrap()
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .unwrap();
+    certs[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_routes_by_sni_and_by_alpn_end_to_end() {
+    let (server, edge, a_cert, b_cert) = setup().await;
+    let ep = client_endpoint(&["h3"]);
+    let conn = connect(&ep, edge, "a.example.com").await;
+    assert_eq!(ask(&conn, "ping").await, "A:ping");
+    assert_eq!(
+        peer_cert(&conn),
+        a_cert,
+        "the client holds the backend's own certificate"
+    );
+    assert_eq!(
+        ask(&conn, "again").await,
+        "A:again",
+        "a second stream, same flow"
+    );
+
+    let ep_b = client_endpoint(&["proto-b"]);
+    let conn_b = connect(&ep_b, edge, "anything.example.net").await;
+    assert_eq!(ask(&conn_b, "ping").await, "B:ping");
+    assert_eq!(peer_cert(&conn_b), b_cert);
+
+    let q = [("listener", "quic")];
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_quic_initials_total",
+            &[q[0], ("result", "ok")]
+        )
+        .await,
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_quic_flows_total",
+            &[q[0], ("route", "by-sni")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_quic_flows_total",
+            &[q[0], ("route", "by-alpn")]
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(metric(&server, "sluice_quic_flows_active", &q).await, 2.0);
+    assert!(
+        metric(
+            &server,
+            "sluice_quic_packets_total",
+            &[q[0], ("direction", "to_client")]
+        )
+        .await
+            > 2.0
+    );
+
+    // Unknown SNI and ALPN: no route; the client's handshake times out.
+    let ep_c = client_endpoint(&["h3"]);
+    let lost = tokio::time::timeout(
+        Duration::from_secs(1),
+        ep_c.connect(edge, "c.example.com").unwrap(),
+    )
+    .await;
+    assert!(!matches!(lost, Ok(Ok(_))));
+    assert!(
+        metric(
+            &server,
+            "sluice_quic_initials_total",
+            &[q[0], ("result", "no_route")]
+        )
+        .await
+            >= 1.0
+    );
+
+    // Flows expire after flow_idle_timeout without datagrams.
+    conn.close(0u32.into(), b"done");
+    conn_b.close(0u32.into(), b"done");
+    eventually("idle flows expire", || async {
+        metric(&server, "sluice_quic_flows_active", &q).await == 0.0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_spanning_several_initials_is_routed() {
+    let (server, edge, _, _) = setup().await;
+    // 100 long ALPN names make a ClientHello of ~3 KB: three Initial packets.
+    let names: Vec<String> = (0..100)
+        .map(|i| format!("an-unusually-long-protocol-name-{i:03}"))
+        .collect();
+    let mut alpn: Vec<&str> = names.iter().map(String::as_str).collect();
+    alpn.push("h3");
+    let ep = client_endpoint(&alpn);
+    let conn = connect(&ep, edge, "a.example.com").await;
+    assert_eq!(ask(&conn, "big").await, "A:big");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_rebinds_its_socket_keeps_its_connection() {
+    let (server, edge, _, _) = setup().await;
+    let ep = client_endpoint(&["h3"]);
+    let conn = connect(&ep, edge, "a.example.com").await;
+    assert_eq!(ask(&conn, "before").await, "A:before");
+    // A new local port: to sluice, a packet from a new address with a known connection ID.
+    ep.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    assert_eq!(ask(&conn, "after").await, "A:after");
+    assert!(
+        metric(
+            &server,
+            "sluice_quic_migrations_total",
+            &[("listener", "quic")]
+        )
+        .await
+            >= 1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_short_initials_are_dropped_and_counted() {
+    let (server, edge, _, _) = setup().await;
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Long header, QUIC v1 Initial, 8-byte DCID, no token, a Length that fits, then garbage:
+    // it cannot be decrypted.
+    let initial = |len: usize| {
+        let rest = (len - 18) as u16;
+        let mut p = vec![0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0];
+        p.extend_from_slice(&(0x4000 | rest).to_be_bytes());
+        p.resize(len, 0x5a);
+        p
+    };
+    sock.send_to(&initial(1200), edge).await.unwrap();
+    // Unpadded (clients must pad Initials to 1200 bytes).
+    sock.send_to(&initial(300), edge).await.unwrap();
+    // A short header from nobody.
+    sock.send_to(&[0x40, 1, 2, 3, 4, 5, 6, 7, 8, 9], edge)
+        .await
+        .unwrap();
+    let q = ("listener", "quic");
+    eventually("all three counted", || async {
+        metric(
+            &server,
+            "sluice_quic_initials_total",
+            &[q, ("result", "decrypt_failed")],
+        )
+        .await
+            == 1.0
+            && metric(
+                &server,
+                "sluice_quic_initials_total",
+                &[q, ("result", "too_short")],
+            )
+            .await
+                == 1.0
+            && metric(
+                &server,
+                "sluice_quic_initials_total",
+                &[q, ("result", "unknown_flow")],
+            )
+            .await
+                == 1.0
+    })
+    .await;
+    assert_eq!(metric(&server, "sluice_quic_flows_active", &[q]).await, 0.0);
+    // A real client still gets through.
+    let ep = client_endpoint(&["h3"]);
+    let conn = connect(&ep, edge, "a.example.com").await;
+    assert_eq!(ask(&conn, "ok").await, "A:ok");
+    server.shutdown().await;
+}
