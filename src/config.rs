@@ -2473,8 +2473,12 @@ fn static_agents(errs: &mut Errors<'_>, raw: &[RawAgent]) -> Vec<StaticAgent> {
     for (i, ra) in raw.iter().enumerate() {
         let at = KeyPath::default().key("agent").index(i);
         let id = ra.id.clone().unwrap_or_default();
-        if id.is_empty() || id.len() > 256 {
-            errs.push(&at.key("id"), "missing or too long", "set id = \"agent-1\"");
+        if !crate::agents::api::agent_id_ok(&id) {
+            errs.push(
+                &at.key("id"),
+                "missing, or not 1 to 256 of [A-Za-z0-9._:-]",
+                "set id = \"agent-1\"",
+            );
         } else if out.iter().any(|a| a.id == id) {
             errs.push(
                 &at.key("id"),
@@ -2518,10 +2522,10 @@ fn static_agents(errs: &mut Errors<'_>, raw: &[RawAgent]) -> Vec<StaticAgent> {
                 r.kind.clone().unwrap_or_default(),
                 r.name.clone().unwrap_or_default(),
             );
-            if !name_ok(&kind) || name.is_empty() || name.len() > 253 {
+            if !name_ok(&kind) || !crate::agents::resource_name_ok(&name) {
                 errs.push(
                     &at.key("resources").index(j),
-                    "a resource needs a kind ([A-Za-z0-9._-]) and a name",
+                    "a resource needs a kind ([A-Za-z0-9._-]) and a name of [a-z0-9._-] (names are matched against the lowercased SNI)",
                     "write { kind = \"app\", name = \"myapp\" }",
                 );
                 continue;

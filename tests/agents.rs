@@ -310,6 +310,16 @@ async fn bad_and_forged_heartbeats_change_nothing_and_skewed_agents_get_nothing(
         "{text}"
     );
     assert_eq!(post(Some(TOKEN), "x".repeat(4096)).await.0, 413);
+    // Ids that would not survive a URL path, names no lowercased SNI can match, and sluice's
+    // own listener as a dial address (it would dial itself) are refused.
+    for bad in [
+        heartbeat("web?1", good.address, "17.2.0", &["a"]),
+        heartbeat("x", good.address, "17.2.0", &["MyApp"]),
+        heartbeat("x", edge, "17.2.0", &["a"]),
+    ] {
+        let (status, text) = post(Some(TOKEN), bad).await;
+        assert_eq!(status, 400, "{text}");
+    }
     let six = heartbeat("x", good.address, "17.2.0", &["a", "b", "c", "d", "e", "f"]);
     assert_eq!(post(Some(TOKEN), six).await.0, 422);
     let (status, text) = post(Some(SCOPED), heartbeat("x", good.address, "17.2.0", &["a"])).await;
@@ -322,7 +332,7 @@ async fn bad_and_forged_heartbeats_change_nothing_and_skewed_agents_get_nothing(
     for (result, n) in [
         ("ok", 1.0),
         ("unauthorized", 2.0),
-        ("malformed", 2.0),
+        ("malformed", 5.0),
         ("too_large", 1.0),
         ("too_many_resources", 1.0),
         ("forbidden", 2.0),
@@ -656,6 +666,51 @@ async fn client_certificates_signed_by_the_ca_authenticate_and_others_do_not() {
             .await
             .0,
         200
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_removed_by_a_reload_ends_the_streams_it_authenticated() {
+    let dir = secrets();
+    let (a1, fb) = (
+        RawBackend::start("a1", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    let path = dir.path().join("sluice.toml");
+    let text = config(dir.path(), "", "").replace("{fb}", &fb.address.to_string());
+    std::fs::write(&path, text).unwrap();
+    let server = Server::start(sluice::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let _agent = agent_process(dir.path(), edge(&server), "a1", a1.address);
+    eventually("the agent streams its heartbeats", || async {
+        agents_for(&server, "myapp") == ["a1"]
+    })
+    .await;
+    std::fs::write(
+        dir.path().join("tokens"),
+        "another-token-0123456789 name=other\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        sluice::reload::reload(&server.rt, "test").await,
+        sluice::reload::Outcome::Applied(_)
+    ));
+    // The stream's next line is checked against the new tokens: the stream ends, and with
+    // it the agent's records (its ttl is 60 s).
+    eventually("the revoked agent is gone", || async {
+        agents_for(&server, "myapp").is_empty()
+    })
+    .await;
+    assert!(
+        metric(
+            &server,
+            "sluice_heartbeats_total",
+            &[("result", "unauthorized")]
+        )
+        .await
+            >= 1.0
     );
     server.shutdown().await;
 }

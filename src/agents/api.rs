@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -119,20 +120,41 @@ fn authenticate(
     ))
 }
 
-/// Check a heartbeat against the limits and the credential's scope.
+/// Agent ids travel in URL paths (`DELETE /v1/agents/{id}`): no character needs escaping.
+pub fn agent_id_ok(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 256
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
+/// Check a heartbeat against the limits, the credential's scope, and sluice's own addresses.
 fn validate(
     body: HeartbeatBody,
     cfg: &HeartbeatConfig,
     cred: &Credential,
+    own: &[SocketAddr],
 ) -> Result<Heartbeat, Refusal> {
     let bad = |m: String| (StatusCode::BAD_REQUEST, "malformed", m + "\n");
-    if body.agent.is_empty() || body.agent.len() > 256 || body.agent.chars().any(char::is_control) {
-        return Err(bad("`agent` must be 1 to 256 printable characters".into()));
+    if !agent_id_ok(&body.agent) {
+        return Err(bad(format!(
+            "`agent` {:?} must be 1 to 256 of [A-Za-z0-9._:-] (it goes in URL paths)",
+            body.agent
+        )));
     }
     let address: SocketAddr = body
         .address
         .parse()
         .map_err(|_| bad(format!("`address` {:?} is not IP:port", body.address)))?;
+    if own.iter().any(|o| {
+        o.port() == address.port()
+            && (o.ip() == address.ip() || o.ip().is_unspecified() || address.ip().is_unspecified())
+    }) {
+        return Err(bad(format!(
+            "`address` {address} is one of sluice's own listeners (it would dial itself)"
+        )));
+    }
     let version = match body.version.as_deref() {
         None | Some("") => None,
         Some(v) => Some(
@@ -166,9 +188,9 @@ fn validate(
             && r.kind
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !kind_ok || r.name.is_empty() || r.name.len() > 253 || r.name.contains('\0') {
+        if !kind_ok || !crate::agents::resource_name_ok(&r.name) {
             return Err(bad(format!(
-                "resource {:?}/{:?}: kind is [A-Za-z0-9._-]{{1,64}}, name 1 to 253 characters",
+                "resource {:?}/{:?}: kind is [A-Za-z0-9._-]{{1,64}}; name is 1 to 253 of [a-z0-9._-] (it is matched against a lowercased SNI)",
                 r.kind, r.name
             )));
         }
@@ -192,22 +214,43 @@ fn validate(
     })
 }
 
-/// Parse, validate and apply one heartbeat.
-fn apply(
-    rt: &Runtime,
-    cfg: &HeartbeatConfig,
-    cred: &Credential,
-    text: &[u8],
-    stream: u64,
-) -> Result<(String, Applied), Refusal> {
-    let body: HeartbeatBody = serde_json::from_slice(text).map_err(|e| {
+/// Parse one heartbeat.
+fn parse(text: &[u8]) -> Result<HeartbeatBody, Refusal> {
+    serde_json::from_slice(text).map_err(|e| {
         (
             StatusCode::BAD_REQUEST,
             "malformed",
             format!("not a heartbeat: {e}\n"),
         )
-    })?;
-    let hb = validate(body, cfg, cred)?;
+    })
+}
+
+/// The addresses agents may not announce: sluice's own listeners and APIs.
+fn own_addresses(rt: &Runtime) -> Vec<SocketAddr> {
+    let snap = rt.snapshot();
+    let mut v: Vec<SocketAddr> = rt.listener_states().iter().map(|l| l.local_addr).collect();
+    v.extend(rt.quic_listeners().iter().map(|q| q.local_addr));
+    v.extend(snap.config.admin.address);
+    v.extend(snap.config.heartbeat.address);
+    v.extend(
+        snap.config
+            .listeners
+            .iter()
+            .map(|l| l.address)
+            .filter(|a| a.port() != 0),
+    );
+    v
+}
+
+/// Validate and apply one heartbeat.
+fn apply(
+    rt: &Runtime,
+    cfg: &HeartbeatConfig,
+    cred: &Credential,
+    body: HeartbeatBody,
+    stream: u64,
+) -> Result<(String, Applied), Refusal> {
+    let hb = validate(body, cfg, cred, &own_addresses(rt))?;
     let id = hb.agent.clone();
     let agents = &rt.agents;
     let applied = agents
@@ -311,7 +354,7 @@ async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, cert: bool) -> Respons
                 )
             }
         };
-        return match apply(&rt, cfg, &cred, &body, 0) {
+        return match parse(&body).and_then(|b| apply(&rt, cfg, &cred, b, 0)) {
             Ok((_, applied)) => {
                 count(&rt, "ok");
                 reply(StatusCode::OK, format!("{applied:?}\n").to_lowercase())
@@ -319,7 +362,8 @@ async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, cert: bool) -> Respons
             Err(r) => refuse(&rt, r),
         };
     }
-    stream(rt.clone(), cfg, &cred, req.into_body()).await
+    drop(snap);
+    stream(rt.clone(), cred, req.into_body()).await
 }
 
 /// Removes the stream's agent when the stream ends, however it ends (the handler returning,
@@ -341,24 +385,47 @@ impl Drop for StreamOwner {
 }
 
 /// `POST /v1/heartbeats/stream`: newline-delimited heartbeats of one agent.
-async fn stream(
-    rt: Arc<Runtime>,
-    cfg: &HeartbeatConfig,
-    cred: &Credential,
-    mut body: Incoming,
-) -> Response<Full<Bytes>> {
+///
+/// Each line is checked against the config running *now*: a token removed or narrowed by a
+/// reload ends the streams it authenticated. The stream also ends when sluice starts to
+/// drain (so agents reconnect to the process that stays), and when no line arrives within
+/// the agent's TTL (its records would have expired anyway).
+async fn stream(rt: Arc<Runtime>, cred: Credential, mut body: Incoming) -> Response<Full<Bytes>> {
     let mut owner = StreamOwner {
         rt: rt.clone(),
         agent: None,
         stream: rt.agents.next_stream(),
     };
+    let mut cred = cred;
     let mut pending: Vec<u8> = Vec::new();
+    let mut scanned = 0usize;
     let mut applied = 0u64;
+    let mut ttl = rt.snapshot().config.heartbeat.default_ttl;
+    let draining = rt.accepting.clone();
     loop {
-        let frame = match body.frame().await {
-            None => break,
-            Some(Ok(f)) => f,
-            Some(Err(e)) => {
+        let frame = tokio::select! {
+            f = tokio::time::timeout(ttl, body.frame()) => f,
+            _ = draining.cancelled() => {
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "sluice is draining: reconnect (to the process that takes over)\n",
+                );
+            }
+        };
+        let frame = match frame {
+            Err(_) => {
+                return refuse(
+                    &rt,
+                    (
+                        StatusCode::REQUEST_TIMEOUT,
+                        "stream_idle",
+                        format!("no heartbeat for {ttl:?} (the agent's ttl)\n"),
+                    ),
+                )
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(f))) => f,
+            Ok(Some(Err(e))) => {
                 tracing::debug!(error = %e, "heartbeat stream broke");
                 break;
             }
@@ -367,25 +434,40 @@ async fn stream(
             continue;
         };
         pending.extend_from_slice(&data);
-        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=nl).collect();
-            let line = line.trim_ascii();
+        let snap = rt.snapshot();
+        let cfg = &snap.config.heartbeat;
+        // Only the new bytes are searched; consumed lines are dropped once per frame.
+        let mut start = 0;
+        while let Some(nl) = pending[scanned..].iter().position(|&b| b == b'\n') {
+            let end = scanned + nl;
+            scanned = end + 1;
+            let line = pending[start..end].trim_ascii();
+            start = scanned;
             if line.is_empty() {
                 continue;
             }
-            match apply(&rt, cfg, cred, line, owner.stream) {
+            if let Err(r) = recheck(cfg, &mut cred) {
+                return refuse(&rt, r);
+            }
+            let parsed = match parse(line) {
+                Ok(b) => b,
+                Err(r) => return refuse(&rt, r),
+            };
+            if owner.agent.as_deref().is_some_and(|a| a != parsed.agent) {
+                return refuse(
+                    &rt,
+                    (
+                        StatusCode::BAD_REQUEST,
+                        "malformed",
+                        "one stream carries one agent's heartbeats\n".into(),
+                    ),
+                );
+            }
+            match apply(&rt, cfg, &cred, parsed, owner.stream) {
                 Ok((id, _)) => {
-                    if owner.agent.as_deref().is_some_and(|a| a != id) {
-                        // Undo: this stream belongs to its first agent only.
-                        let _ = rt.agents.table.remove(&id, Some(owner.stream), None);
-                        return refuse(
-                            &rt,
-                            (
-                                StatusCode::BAD_REQUEST,
-                                "malformed",
-                                "one stream carries one agent's heartbeats\n".into(),
-                            ),
-                        );
+                    if let Some(a) = rt.agents.table.agent(&id) {
+                        let left = a.expires().saturating_sub(Agents::now());
+                        ttl = Duration::from_millis(left.max(1000));
                     }
                     owner.agent = Some(id);
                     applied += 1;
@@ -394,6 +476,8 @@ async fn stream(
                 Err(r) => return refuse(&rt, r),
             }
         }
+        pending.drain(..start);
+        scanned -= start;
         if pending.len() > cfg.max_body_bytes {
             return refuse(
                 &rt,
@@ -413,6 +497,30 @@ async fn stream(
         StatusCode::OK,
         format!("stream ended after {applied} heartbeats\n"),
     )
+}
+
+/// A token credential against the running config: still there (its scope as configured
+/// now), or the stream it authenticated ends.
+fn recheck(cfg: &HeartbeatConfig, cred: &mut Credential) -> Result<(), Refusal> {
+    let Some(t) = &cred.token else {
+        return Ok(());
+    };
+    let now = cfg
+        .tokens
+        .iter()
+        .find(|x| bool::from(subtle::ConstantTimeEq::ct_eq(&x.digest[..], &t.digest[..])));
+    match now {
+        Some(t) => {
+            cred.owner = t.name.clone();
+            cred.token = Some(t.clone());
+            Ok(())
+        }
+        None => Err((
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the token of this stream was removed by a reload\n".into(),
+        )),
+    }
 }
 
 /// Bytes already read from a socket (the ClientHello sluice peeked at), then the socket.
@@ -495,28 +603,73 @@ where
         .1
         .peer_certificates()
         .is_some_and(|c| !c.is_empty());
-    let stop = rt.close_all.clone();
+    // Idle connections close: an agent keeps requests in flight (a stream) or reconnects;
+    // anyone else holding a TLS connection open without a request is let go.
+    let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let last = Arc::new(AtomicU64::new(Agents::now()));
     let rt2 = rt.clone();
+    let (inflight2, last2) = (inflight.clone(), last.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let rt = rt2.clone();
-        async move { Ok::<_, Infallible>(handle(rt, req, cert).await) }
+        let (rt, inflight, last) = (rt2.clone(), inflight2.clone(), last2.clone());
+        async move {
+            inflight.fetch_add(1, Ordering::Relaxed);
+            let resp = handle(rt, req, cert).await;
+            inflight.fetch_sub(1, Ordering::Relaxed);
+            last.store(Agents::now(), Ordering::Relaxed);
+            Ok::<_, Infallible>(resp)
+        }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stop.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut shutting = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r.map_err(|e| format!("heartbeat API connection: {e}")),
+            // Draining (or handing over to a new binary): streams end themselves with 503.
+            _ = rt.accepting.cancelled(), if !shutting => {
+                shutting = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = rt.close_all.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                let idle = Agents::now().saturating_sub(last.load(Ordering::Relaxed));
+                if inflight.load(Ordering::Relaxed) == 0 && idle >= IDLE_MS {
+                    return Ok(());
+                }
+            }
         }
-    };
-    result.map_err(|e| format!("heartbeat API connection: {e}"))
+    }
 }
+
+/// A heartbeat API connection with no request in flight for this long is closed.
+const IDLE_MS: u64 = 15_000;
+
+/// Connections the heartbeat API's own listener serves at once.
+const MAX_CONNECTIONS: usize = 10_000;
 
 /// Serve the API on its own listener (`[heartbeat] address`) until `stop`.
 pub async fn listen(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // At the cap, connections wait in the kernel's backlog.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
@@ -529,11 +682,18 @@ pub async fn listen(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancella
             },
         };
         let _ = stream.set_nodelay(true);
-        let rt = rt.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_tls(rt, stream).await {
+        let keepalive = crate::config::Keepalive {
+            idle: Some(Duration::from_secs(60)),
+            interval: Duration::from_secs(15),
+            count: 4,
+        };
+        let _ = crate::listener::apply_keepalive(&socket2::SockRef::from(&stream), &keepalive);
+        let rt2 = rt.clone();
+        rt.tracker.spawn(async move {
+            if let Err(e) = serve_tls(rt2, stream).await {
                 tracing::debug!(%peer, error = %e, "heartbeat connection ended");
             }
+            drop(permit);
         });
     }
 }

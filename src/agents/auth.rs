@@ -107,6 +107,20 @@ pub fn parse_tokens(text: &str) -> Result<Vec<Token>, Vec<(usize, String)>> {
         if tokens.iter().any(|t: &Token| t.digest == token.digest) {
             errors.push((line_no, "the same token is listed twice".to_owned()));
         }
+        // Agents belong to the name that announced them: two tokens with one name could
+        // overwrite each other's agents, and `cert`/`config` are the other owners' names.
+        if tokens.iter().any(|t: &Token| t.name == token.name)
+            || token.name == "cert"
+            || token.name == "config"
+        {
+            errors.push((
+                line_no,
+                format!(
+                    "token name `{}` is taken (names must be unique; `cert` and `config` are reserved)",
+                    token.name
+                ),
+            ));
+        }
         tokens.push(token);
     }
     if errors.is_empty() {

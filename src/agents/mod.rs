@@ -29,6 +29,15 @@ use table::{AgentState, AgentTable, Announced, Heartbeat, ResourceKey, Rules};
 /// The ALPN protocol agents offer to reach the heartbeat API through the main port.
 pub const ALPN: &str = "sluice-heartbeat";
 
+/// A resource name is matched against the lowercased SNI: lowercase host-name characters only.
+pub fn resource_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
 pub struct Agents {
     pub table: Arc<AgentTable>,
     /// Session tables by route name: a reload keeps a route's sessions (same limits).
