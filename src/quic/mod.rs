@@ -220,8 +220,10 @@ fn forward(l: &QuicListener, flow: &Flow, data: &[u8]) {
     l.m.packets_in.inc();
     l.m.bytes_in.inc_by(data.len() as u64);
     flow.route.bytes_to_backend.inc_by(data.len() as u64);
-    // UDP: a full send buffer drops the datagram, as the network would.
-    let _ = flow.upstream.try_send(data);
+    // UDP: a full send buffer drops the datagram, as the network would. The syscall is made
+    // directly: tokio's `try_send` answers WouldBlock until its reactor has seen the new
+    // socket writable, which dropped the first Initial of new flows.
+    let _ = socket2::SockRef::from(flow.upstream.as_ref()).send(data);
 }
 
 /// The receive loop: every datagram from clients.
