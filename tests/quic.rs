@@ -298,3 +298,38 @@ async fn malformed_and_short_initials_are_dropped_and_counted() {
     assert_eq!(ask(&conn, "ok").await, "A:ok");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_moves_new_flows_and_keeps_established_ones() {
+    let (a, _) = quic_backend("A", "a.example.com", &["h3"]).await;
+    let (b, _) = quic_backend("B", "b.example.com", &["h3"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    let write = |target: SocketAddr| {
+        let text = CONFIG
+            .replace("{a}", &target.to_string())
+            .replace("{b}", &b.to_string());
+        std::fs::write(&path, text).unwrap();
+    };
+    write(a);
+    let server = Server::start(sluice::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let edge = server.quic_addr("quic").unwrap();
+    let ep = client_endpoint(&["h3"]);
+    let old = connect(&ep, edge, "a.example.com").await;
+    assert_eq!(ask(&old, "1").await, "A:1");
+    // Pool `a` now points at B: new flows go there, the established one stays on A, on the
+    // same socket (the listener's settings did not change).
+    write(b);
+    assert!(matches!(
+        sluice::reload::reload(&server.rt, "test").await,
+        sluice::reload::Outcome::Applied(_)
+    ));
+    assert_eq!(server.quic_addr("quic"), Some(edge));
+    let ep2 = client_endpoint(&["h3"]);
+    let new = connect(&ep2, edge, "a.example.com").await;
+    assert_eq!(ask(&new, "2").await, "B:2");
+    assert_eq!(ask(&old, "3").await, "A:3");
+    server.shutdown().await;
+}
