@@ -251,6 +251,14 @@ for thp in 0 1; do
   echo "GLIBC_TUNABLES=glibc.malloc.hugetlb=$thp target/$PROFILE/agent-table $TABLE_ARGS" >>"$COMMANDS"
 done
 
+# QUIC passthrough (issue 7): bulk transfer through sluice vs straight to the server, and the
+# memory of an idle flow. In-process (quinn server, sluice, quinn clients).
+echo "== quic"
+if [ "$SMOKE" = 1 ]; then QUIC_ARGS="--bytes 4194304 --rounds 1 --flows 200"; else QUIC_ARGS="--bytes 67108864 --rounds 2 --flows 4000"; fi
+# shellcheck disable=SC2086
+"$ROOT/target/$PROFILE/quic-bench" $QUIC_ARGS | tee "$RUN/quic.jsonl" | cut -c1-150 | sed 's/^/   /'
+echo "target/$PROFILE/quic-bench $QUIC_ARGS" >>"$COMMANDS"
+
 OUT=$ROOT/bench/RESULTS.md
 [ "$SMOKE" = 1 ] && OUT=$RUN/RESULTS.md
 python3 bench/report.py "$RESULTS" "$COMMANDS" "$MICRO" >"$OUT"
@@ -268,6 +276,20 @@ for i, r in enumerate(rows):
     print(f"| {heap} | {r['agents']:,} x {r['resources_per_agent']} | {r['records']:,} | {r['bytes_per_record']:.0f} | "
           f"{r['fill_heartbeats_per_s']:,.0f} | {r['heartbeats_per_s_concurrent']:,.0f} | {r['lookups_per_s']:,.0f} | "
           f"{r['lookup_p50_ns']/1000:.1f} us | {r['lookup_p99_ns']/1000:.1f} us | {r['lookup_p999_ns']/1000:.1f} us |")
+EOF
+python3 - "$RUN/quic.jsonl" >>"$OUT" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+# UDP: an Initial may be dropped by a full receive buffer; 2 % is tolerated.
+if not rows or any(r["idle_flows_open"] < 0.98 * r["idle_flows_requested"] for r in rows):
+    sys.exit("quic: a run is missing, or idle flows did not open")
+print("\n## QUIC passthrough (issue 7)\n")
+print("| bytes per transfer | direct Gbit/s | through sluice Gbit/s | ratio | idle flows | bytes per idle flow |")
+print("| --- | --- | --- | --- | --- | --- |")
+for r in rows:
+    d = ", ".join(f"{x:.2f}" for x in r["direct_gbit_per_s"])
+    t = ", ".join(f"{x:.2f}" for x in r["sluice_gbit_per_s"])
+    print(f"| {r['bytes']:,} | {d} | {t} | {r['ratio_sluice_to_direct']:.2f} | {r['idle_flows_open']:,} | {r['bytes_per_idle_flow']:.0f} |")
 EOF
 # The raw figures beside the report: `python3 bench/report.py bench/results.jsonl
 # bench/commands.txt` writes it again (e.g. after editing findings.md).

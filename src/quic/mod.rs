@@ -606,41 +606,61 @@ async fn establish(
     tokio::spawn(from_backend(l.clone(), flow));
 }
 
+thread_local! {
+    /// The buffer backend datagrams are read into: one per worker thread, not one per flow,
+    /// so an idle flow holds none (as an idle TCP relay holds no buffer).
+    static DATAGRAM: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_DATAGRAM]);
+}
+
 /// Datagrams from a flow's backend, to its client (wherever it is now).
 async fn from_backend(l: Arc<QuicListener>, flow: Arc<Flow>) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        let n = tokio::select! {
+        tokio::select! {
             _ = flow.stop.cancelled() => break,
-            r = flow.upstream.recv(&mut buf) => match r {
-                Ok(n) => n,
+            r = flow.upstream.readable() => if r.is_err() { break },
+        }
+        // Drain what is there without awaiting, so the buffer is never held across a wait.
+        loop {
+            let got = DATAGRAM.with(|b| {
+                let mut b = b.borrow_mut();
+                let n = flow.upstream.try_recv(&mut b)?;
+                to_client(&l, &flow, &b[..n]);
+                Ok::<_, std::io::Error>(())
+            });
+            match got {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 // An ICMP error from the backend (not listening yet): keep the flow; the
                 // client retransmits and the flow expires if nothing ever answers.
-                Err(_) => continue,
-            },
-        };
-        let data = &buf[..n];
-        // Server long headers carry the connection ID the client will address it by.
-        if let Ok(Header::Long(long)) = packet::parse_header(data) {
-            if !long.scid.is_empty() {
-                let mut flows = l.lock();
-                if !flows.by_cid.contains_key(long.scid) {
-                    let mut cids = flow.cids.lock().unwrap_or_else(|e| e.into_inner());
-                    if cids.len() < CIDS_PER_FLOW {
-                        cids.push(long.scid.to_vec());
-                        flows.by_cid.insert(long.scid.to_vec(), flow.clone());
-                        flows.cid_lens.insert(long.scid.len());
-                    }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// One datagram from the backend: learn the server's connection ID, send it to the client.
+fn to_client(l: &QuicListener, flow: &Arc<Flow>, data: &[u8]) {
+    // Server long headers carry the connection ID the client will address it by.
+    if let Ok(Header::Long(long)) = packet::parse_header(data) {
+        if !long.scid.is_empty() {
+            let mut flows = l.lock();
+            if !flows.by_cid.contains_key(long.scid) {
+                let mut cids = flow.cids.lock().unwrap_or_else(|e| e.into_inner());
+                if cids.len() < CIDS_PER_FLOW {
+                    cids.push(long.scid.to_vec());
+                    flows.by_cid.insert(long.scid.to_vec(), flow.clone());
+                    flows.cid_lens.insert(long.scid.len());
                 }
             }
         }
-        flow.last_seen
-            .store(clock_ms(Instant::now()), Ordering::Relaxed);
-        l.m.packets_out.inc();
-        l.m.bytes_out.inc_by(n as u64);
-        flow.route.bytes_to_client.inc_by(n as u64);
-        let _ = l.socket.send_to(data, flow.client()).await;
     }
+    flow.last_seen
+        .store(clock_ms(Instant::now()), Ordering::Relaxed);
+    l.m.packets_out.inc();
+    l.m.bytes_out.inc_by(data.len() as u64);
+    flow.route.bytes_to_client.inc_by(data.len() as u64);
+    let to = socket2::SockAddr::from(flow.client());
+    let _ = socket2::SockRef::from(l.socket.as_ref()).send_to(data, &to);
 }
 
 /// Expire idle flows and stale pending ones; stop a closed listener once it has no flows.

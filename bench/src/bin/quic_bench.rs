@@ -1,0 +1,205 @@
+//! QUIC passthrough figures (issue 7): bulk transfer through sluice against the same transfer
+//! straight to the server (ratio in one run, alternating), and the memory of an idle flow.
+//! Everything runs in this process: a quinn server, sluice (the library, as `sluice run`
+//! builds it) and quinn clients. Prints one JSON line.
+//!
+//! Idle flows are opened with synthetic client Initials (a real ClientHello, encrypted with
+//! the Initial keys) from one UDP socket each, toward a sink that never answers: the resident
+//! memory they add, less the client sockets (opened before the first reading), is sluice's
+//! cost per flow.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+
+#[derive(Parser)]
+struct Opts {
+    /// Bytes per bulk transfer.
+    #[arg(long, default_value_t = 64 << 20)]
+    bytes: usize,
+    /// Rounds of (direct, sluice).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Idle flows to open.
+    #[arg(long, default_value_t = 4000)]
+    flows: usize,
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A quinn server that reads each stream to its end and answers with the byte count.
+fn server() -> anyhow::Result<SocketAddr> {
+    let tls = sluice::tls::testing::server_config(&["bulk.example.com"], &["h3"])?;
+    let cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse()?)?;
+    let addr = ep.local_addr()?;
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut total = 0u64;
+                        let mut buf = vec![0u8; 1 << 16];
+                        while let Ok(Some(n)) = recv.read(&mut buf).await {
+                            total += n as u64;
+                        }
+                        let _ = send.write_all(&total.to_be_bytes()).await;
+                        let _ = send.finish();
+                    });
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn bulk(to: SocketAddr, bytes: usize) -> anyhow::Result<f64> {
+    let tls = sluice::tls::testing::insecure_client_config(&["h3"]);
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(
+        QuicClientConfig::try_from(tls)?,
+    )));
+    let conn = ep.connect(to, "bulk.example.com")?.await?;
+    let chunk = vec![0x5au8; 1 << 16];
+    let t = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        send.write_all(&chunk[..n]).await?;
+        left -= n;
+    }
+    send.finish()?;
+    let answer = recv.read_to_end(8).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let got = u64::from_be_bytes(
+        answer
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("bad answer"))?,
+    );
+    anyhow::ensure!(got == bytes as u64, "the server got {got} of {bytes} bytes");
+    conn.close(0u32.into(), b"done");
+    ep.wait_idle().await;
+    Ok(bytes as f64 * 8.0 / secs / 1e9)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = Opts::parse();
+    let backend = server()?;
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let config = format!(
+        r#"
+[admin]
+address = ""
+
+[limits]
+max_connections = 100
+
+[[listener]]
+name = "quic"
+address = "127.0.0.1:0"
+protocol = "quic"
+flow_idle_timeout = "5m"
+max_pending_flows = 100000
+
+[[route]]
+name = "bulk"
+listener = "quic"
+sni = ["bulk.example.com"]
+pool = "bulk"
+
+[[route]]
+name = "idle"
+listener = "quic"
+sni = ["idle.example.com"]
+pool = "sink"
+
+[pool.bulk]
+backends = ["{backend}"]
+
+[pool.sink]
+backends = ["{}"]
+"#,
+        sink.local_addr()?
+    );
+    let cfg = sluice::config::Config::parse(std::path::Path::new("quic-bench.toml"), &config)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let server = sluice::server::Server::start(cfg).await?;
+    let edge = server.quic_addr("quic").context("QUIC listener")?;
+
+    let (mut direct, mut through) = (Vec::new(), Vec::new());
+    for _ in 0..o.rounds {
+        direct.push(bulk(backend, o.bytes).await?);
+        through.push(bulk(edge, o.bytes).await?);
+    }
+
+    // Idle flows.
+    let hello = sluice::tls::hello::build::hello(Some("idle.example.com"), &["h3"]);
+    let mut clients = Vec::with_capacity(o.flows);
+    for _ in 0..o.flows {
+        clients.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_kib();
+    let flows_before = server.rt.quic_listeners()[0].flow_count();
+    for (i, c) in clients.iter().enumerate() {
+        let dcid = (i as u64 + 1).to_be_bytes();
+        let initial = sluice::quic::packet::build_initial(
+            sluice::quic::packet::V1,
+            &dcid,
+            &[1, 2, 3, 4],
+            0,
+            0,
+            &hello[5..],
+        );
+        c.send_to(&initial, edge).await?;
+        // Paced: a burst larger than the listener's receive buffer would be dropped.
+        if i % 128 == 127 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut open = 0;
+    while Instant::now() < deadline {
+        open = server.rt.quic_listeners()[0].flow_count() - flows_before;
+        if open >= o.flows {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "quic",
+            "bytes": o.bytes,
+            "direct_gbit_per_s": direct,
+            "sluice_gbit_per_s": through,
+            "ratio_sluice_to_direct": mean(&through) / mean(&direct),
+            "idle_flows_requested": o.flows,
+            "idle_flows_open": open,
+            "rss_kib_before": before,
+            "rss_kib_after": after,
+            "bytes_per_idle_flow": (after.saturating_sub(before) * 1024) as f64 / open.max(1) as f64,
+        })
+    );
+    server.shutdown().await;
+    Ok(())
+}
