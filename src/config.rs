@@ -480,6 +480,9 @@ struct RawRoute {
     fallback_pool: Option<String>,
     connect_timeout: Option<String>,
     proxy_protocol: Option<String>,
+    quic: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -616,6 +619,15 @@ pub struct StaticResource {
     pub kind: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+}
+
+/// A route's QUIC termination: its certificate (read at load).
+#[derive(Debug, Clone, Serialize)]
+pub struct QuicTerminate {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    #[serde(skip)]
+    pub tls: Arc<rustls::ServerConfig>,
 }
 
 /// Where a route sends its connections.
@@ -770,6 +782,9 @@ pub enum AcceptProxy {
 pub struct RouteConfig {
     pub name: String,
     pub target: RouteTarget,
+    /// `quic = "terminate"`: QUIC flows of this route end in sluice (quinn); each stream
+    /// becomes a TCP connection to the pool.
+    pub quic_terminate: Option<QuicTerminate>,
     #[serde(rename = "match")]
     pub matcher: Match,
     /// `None`: never time out (tunnels).
@@ -2078,9 +2093,11 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 ),
             );
         }
+        let quic_terminate = quic_terminate(errs, &at, &rr, &target, matcher.alpn.as_deref());
         routes.push(RouteConfig {
             name,
             target,
+            quic_terminate,
             matcher,
             idle_timeout: (!idle.is_zero()).then_some(idle),
         });
@@ -2293,6 +2310,87 @@ fn route_target(
                 "set pool = \"NAME\" naming a [pool.NAME] table (or resource = { kind, sni }, or serve = \"heartbeat\")",
             );
             RouteTarget::Pool(String::new())
+        }
+    }
+}
+
+/// `quic = "terminate"` with `cert_file` and `key_file`, on a pool route.
+fn quic_terminate(
+    errs: &mut Errors<'_>,
+    at: &KeyPath,
+    rr: &RawRoute,
+    target: &RouteTarget,
+    alpn: Option<&[AlpnPattern]>,
+) -> Option<QuicTerminate> {
+    let mode = rr.quic.as_deref();
+    match mode {
+        None | Some("passthrough") => {
+            for (key, set) in [
+                ("cert_file", rr.cert_file.is_some()),
+                ("key_file", rr.key_file.is_some()),
+            ] {
+                if set {
+                    errs.push(
+                        &at.key(key),
+                        format!("`{key}` only applies with quic = \"terminate\""),
+                        "set quic = \"terminate\", or remove it (passthrough needs no certificate)",
+                    );
+                }
+            }
+            return None;
+        }
+        Some("terminate") => {}
+        Some(other) => {
+            errs.push(
+                &at.key("quic"),
+                format!("unknown QUIC mode `{other}`"),
+                "use \"passthrough\" (the default) or \"terminate\"",
+            );
+            return None;
+        }
+    }
+    if !matches!(target, RouteTarget::Pool(_)) {
+        errs.push(
+            &at.key("quic"),
+            "quic = \"terminate\" bridges streams to a pool's TCP backends",
+            "give this route a pool = \"NAME\"",
+        );
+        return None;
+    }
+    let (Some(cert), Some(key)) = (rr.cert_file.as_deref(), rr.key_file.as_deref()) else {
+        errs.push(
+            &at.key("cert_file"),
+            "quic = \"terminate\" needs the certificate sluice presents",
+            "set cert_file and key_file (PEM)",
+        );
+        return None;
+    };
+    match crate::agents::auth::server_tls(Path::new(cert), Path::new(key), None, false) {
+        Ok(tls) => {
+            let mut tls = (*tls).clone();
+            // Exact ALPN names of the route are what sluice can negotiate.
+            tls.alpn_protocols = alpn
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|p| match p {
+                    AlpnPattern::Exact(a) => Some(a.as_bytes().to_vec()),
+                    AlpnPattern::Prefix(_) => None,
+                })
+                .collect();
+            tls.max_early_data_size = u32::MAX;
+            Some(QuicTerminate {
+                cert_file: PathBuf::from(cert),
+                key_file: PathBuf::from(key),
+                tls: Arc::new(tls),
+            })
+        }
+        Err(problem) => {
+            errs.push(
+                &at.key("cert_file"),
+                problem,
+                "give a PEM certificate chain and its PEM private key",
+            );
+            None
         }
     }
 }

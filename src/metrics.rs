@@ -52,6 +52,7 @@ pub const QUIC_PACKETS: &str = "sluice_quic_packets_total";
 pub const QUIC_BYTES: &str = "sluice_quic_bytes_total";
 pub const QUIC_MIGRATIONS: &str = "sluice_quic_migrations_total";
 
+#[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
     /// Mirrors `logging::dropped_lines()` at each scrape.

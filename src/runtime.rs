@@ -45,9 +45,18 @@ pub struct Route {
     pub bytes_to_backend: IntCounter,
     pub bytes_to_client: IntCounter,
     pub active: IntGauge,
+    /// `quic = "terminate"`: the quinn endpoint this route's QUIC flows go to.
+    pub terminator: Option<Arc<crate::quic::terminate::Terminator>>,
+    terminate_configured: bool,
 }
 
 impl Route {
+    /// Whether QUIC flows of this route are meant to end in sluice (even if its endpoint
+    /// failed to start: then they are refused rather than passed through).
+    pub fn is_terminated(&self) -> bool {
+        self.terminator.is_some() || self.terminate_configured
+    }
+
     /// The pool name for logs and views (`-` for agents and the API).
     pub fn pool_name(&self) -> &str {
         match &self.target {
@@ -125,9 +134,32 @@ impl Snapshot {
                     }
                     RouteTarget::Heartbeat => Target::Heartbeat,
                 };
+                let terminator = match (&r.quic_terminate, &target) {
+                    (Some(q), Target::Pool(pool)) => {
+                        let m = Arc::new(crate::quic::terminate::TerminatorMetrics {
+                            metrics: Arc::new(metrics.clone()),
+                        });
+                        match crate::quic::terminate::Terminator::start(
+                            &r.name,
+                            q.tls.clone(),
+                            pool.clone(),
+                            m,
+                        ) {
+                            Ok(t) => Some(t),
+                            Err(e) => {
+                                tracing::error!(route = %r.name, error = %e,
+                                    "cannot start the QUIC termination endpoint");
+                                None
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 let route = Route {
                     name: r.name.clone(),
                     target,
+                    terminator,
+                    terminate_configured: r.quic_terminate.is_some(),
                     idle_timeout: r.idle_timeout,
                     alpn: r.matcher.alpn.clone(),
                     bytes_to_backend: metrics

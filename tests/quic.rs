@@ -333,3 +333,77 @@ async fn a_reload_moves_new_flows_and_keeps_established_ones() {
     assert_eq!(ask(&old, "3").await, "A:3");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_bridges_each_stream_to_a_tcp_backend_behind_proxy_v2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["t.example.com".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    let tcp = RawBackend::start("tcp", false).await;
+    let config = format!(
+        r#"
+[admin]
+address = ""
+
+[[listener]]
+name = "quic"
+address = "127.0.0.1:0"
+protocol = "quic"
+
+[[route]]
+name = "term"
+listener = "quic"
+sni = ["t.example.com"]
+alpn = ["agent-tunnel"]
+pool = "tcp"
+quic = "terminate"
+cert_file = "{d}/cert.pem"
+key_file = "{d}/key.pem"
+
+[pool.tcp]
+backends = ["{tcp}"]
+proxy_protocol = "v2"
+"#,
+        d = dir.path().display(),
+        tcp = tcp.address
+    );
+    let server = start(&config, &[]).await;
+    let edge = server.quic_addr("quic").unwrap();
+    let ep = client_endpoint(&["agent-tunnel"]);
+    let conn = connect(&ep, edge, "t.example.com").await;
+    assert_eq!(
+        peer_cert(&conn),
+        ck.cert.der().to_vec(),
+        "sluice's own certificate"
+    );
+    assert_eq!(
+        conn.handshake_data()
+            .unwrap()
+            .downcast::<quinn::crypto::rustls::HandshakeData>()
+            .unwrap()
+            .protocol
+            .as_deref(),
+        Some(&b"agent-tunnel"[..])
+    );
+    for round in 1..=2usize {
+        let answer = ask(&conn, "hello").await;
+        let got = tcp.connections();
+        assert_eq!(got.len(), round, "one TCP connection per stream");
+        let header = ppp::v2::Header::try_from(got[round - 1].as_slice()).expect("PROXY v2 first");
+        let ppp::v2::Addresses::IPv4(a) = header.addresses else {
+            panic!("{:?}", header.addresses)
+        };
+        let client = ep.local_addr().unwrap();
+        assert_eq!(
+            (a.source_address, a.source_port),
+            (std::net::Ipv4Addr::LOCALHOST, client.port())
+        );
+        assert!(got[round - 1].ends_with(b"hello"));
+        assert_eq!(
+            answer,
+            format!("tcp\ntcp got {} bytes\n", got[round - 1].len())
+        );
+    }
+    server.shutdown().await;
+}

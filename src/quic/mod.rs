@@ -9,6 +9,7 @@
 //! end to end. The packet logic is in `packet` (pure).
 
 pub mod packet;
+pub mod terminate;
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -38,8 +39,11 @@ const MAX_DATAGRAM: usize = 65535;
 /// One client's QUIC connection, routed.
 struct Flow {
     route: Arc<Route>,
-    /// Counts the flow on its backend (least_conn, p2c, the active gauge).
-    _guard: ActiveGuard,
+    /// Counts the flow on its backend (least_conn, p2c, the active gauge); none when sluice
+    /// terminates the flow (its streams count on the backends they reach).
+    _guard: Option<ActiveGuard>,
+    /// A terminated flow: its endpoint and this flow's socket port there (for PROXY headers).
+    terminator: Option<(Arc<terminate::Terminator>, u16)>,
     upstream: Arc<UdpSocket>,
     client: Mutex<SocketAddr>,
     last_seen: AtomicU64,
@@ -50,6 +54,14 @@ struct Flow {
 impl Flow {
     fn client(&self) -> SocketAddr {
         *self.client.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The client moved (migration, rebinding).
+    fn set_client(&self, peer: SocketAddr) {
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = peer;
+        if let Some((t, port)) = &self.terminator {
+            t.register(*port, peer);
+        }
     }
 }
 
@@ -198,6 +210,9 @@ impl QuicListener {
             }
         }
         flow.route.active.dec();
+        if let Some((t, port)) = &flow.terminator {
+            t.unregister(*port);
+        }
         flow.stop.cancel();
     }
 }
@@ -261,7 +276,7 @@ async fn receive(rt: std::sync::Weak<Runtime>, l: Arc<QuicListener>) {
                             flows.by_client.remove(&old);
                         }
                         flows.by_client.insert(peer, f.clone());
-                        *f.client.lock().unwrap_or_else(|e| e.into_inner()) = peer;
+                        f.set_client(peer);
                         l.m.migrations.inc();
                         tracing::debug!(from = %old, to = %peer, "QUIC flow followed to a new address");
                         Some(f)
@@ -303,7 +318,7 @@ fn port_rebinding(flows: &mut Flows, peer: SocketAddr, data: &[u8]) -> Option<Ar
     let flow = flow.clone();
     flows.by_client.remove(&old);
     flows.by_client.insert(peer, flow.clone());
-    *flow.client.lock().unwrap_or_else(|e| e.into_inner()) = peer;
+    flow.set_client(peer);
     tracing::debug!(from = %old, to = %peer, "QUIC flow followed to a new port");
     Some(flow)
 }
@@ -553,12 +568,20 @@ async fn establish(
             "a QUIC flow matched a route whose target is not a pool; QUIC goes to pools only");
         return l.initial(rt, "unsupported_target");
     };
-    let list = pool.backends();
-    let Some(i) = pool.pick(&list, &[], peer, hello.sni.as_deref(), rand::random()) else {
-        return l.initial(rt, "no_backend");
+    // Terminated: the flow goes to the route's quinn endpoint; else to a backend.
+    let (target, guard, label) = match &route.terminator {
+        Some(t) => (t.address, None, "sluice (terminated)".to_owned()),
+        None if route.is_terminated() => return l.initial(rt, "backend_error"),
+        None => {
+            let list = pool.backends();
+            let Some(i) = pool.pick(&list, &[], peer, hello.sni.as_deref(), rand::random()) else {
+                return l.initial(rt, "no_backend");
+            };
+            let b = &list[i];
+            (b.address, Some(b.guard()), b.name.clone())
+        }
     };
-    let backend = list[i].clone();
-    let bind: SocketAddr = if backend.address.is_ipv4() {
+    let bind: SocketAddr = if target.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -570,13 +593,21 @@ async fn establish(
             return l.initial(rt, "backend_error");
         }
     };
-    if let Err(e) = upstream.connect(backend.address).await {
-        tracing::warn!(backend = %backend.name, error = %e, "cannot reach a QUIC backend");
+    if let Err(e) = upstream.connect(target).await {
+        tracing::warn!(backend = %label, error = %e, "cannot reach a QUIC backend");
         return l.initial(rt, "backend_error");
     }
+    let terminator = match (&route.terminator, upstream.local_addr()) {
+        (Some(t), Ok(local)) => {
+            t.register(local.port(), peer);
+            Some((t.clone(), local.port()))
+        }
+        _ => None,
+    };
     let flow = Arc::new(Flow {
         route: route.clone(),
-        _guard: backend.guard(),
+        _guard: guard,
+        terminator,
         upstream: Arc::new(upstream),
         client: Mutex::new(peer),
         last_seen: AtomicU64::new(clock_ms(Instant::now())),
@@ -599,7 +630,7 @@ async fn establish(
         .with_label_values(&[&name, &route.name])
         .inc();
     tracing::debug!(listener = %name, client = %peer, route = %route.name,
-        backend = %backend.name, sni = ?hello.sni, alpn = ?hello.alpn, "QUIC flow");
+        backend = %label, sni = ?hello.sni, alpn = ?hello.alpn, "QUIC flow");
     for d in &pending.datagrams {
         forward(l, &flow, d);
     }
