@@ -23,6 +23,8 @@ async fn quic_backend(name: &'static str, cert_name: &str, alpn: &[&str]) -> (So
         .with_single_cert(vec![ck.cert.der().clone()], key)
         .unwrap();
     tls.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+    // 0-RTT: QUIC requires the maximum early data size to be 0xffffffff.
+    tls.max_early_data_size = u32::MAX;
     let cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
     let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = ep.local_addr().unwrap();
@@ -405,5 +407,56 @@ proxy_protocol = "v2"
             format!("tcp\ntcp got {} bytes\n", got[round - 1].len())
         );
     }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_rtt_on_resumption_passes_through() {
+    let (server, edge, _, _) = setup().await;
+    let mut tls = (*sluice::tls::testing::insecure_client_config(&["h3"])).clone();
+    tls.enable_early_data = true;
+    let cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    // A first connection leaves a session ticket with the client.
+    let first = connect(&ep, edge, "a.example.com").await;
+    assert_eq!(ask(&first, "1").await, "A:1");
+    first.close(0u32.into(), b"bye");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The second sends its request in 0-RTT packets, before the handshake completes: they
+    // reach the flow while its hello is pending, or just after, and pass through.
+    let connecting = ep.connect(edge, "a.example.com").unwrap();
+    let (conn, accepted) = connecting
+        .into_0rtt()
+        .expect("the client resumes with 0-RTT");
+    let answer = ask(&conn, "early").await;
+    assert_eq!(answer, "A:early");
+    assert!(accepted.await, "the server accepted the 0-RTT data");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_sharing_one_client_socket_are_routed_each_on_its_own() {
+    let (server, edge, _, _) = setup().await;
+    // One quinn endpoint (one UDP socket), two connections routed to different pools.
+    let ep = client_endpoint(&["h3"]);
+    let to_a = connect(&ep, edge, "a.example.com").await;
+    let tls_b = sluice::tls::testing::insecure_client_config(&["proto-b"]);
+    let cfg_b = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls_b).unwrap()));
+    let to_b = tokio::time::timeout(
+        Duration::from_secs(5),
+        ep.connect_with(cfg_b, edge, "b.example.com").unwrap(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    for i in 0..3 {
+        assert_eq!(ask(&to_a, &i.to_string()).await, format!("A:{i}"));
+        assert_eq!(ask(&to_b, &i.to_string()).await, format!("B:{i}"));
+    }
+    assert_eq!(
+        metric(&server, "sluice_quic_flows_active", &[("listener", "quic")]).await,
+        2.0
+    );
     server.shutdown().await;
 }

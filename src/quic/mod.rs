@@ -38,6 +38,7 @@ const MAX_DATAGRAM: usize = 65535;
 
 /// One client's QUIC connection, routed.
 struct Flow {
+    id: u64,
     route: Arc<Route>,
     /// Counts the flow on its backend (least_conn, p2c, the active gauge); none when sluice
     /// terminates the flow (its streams count on the backends they reach).
@@ -78,11 +79,17 @@ struct Pending {
 
 #[derive(Default)]
 struct Flows {
+    /// Every flow, by id.
+    all: HashMap<u64, Arc<Flow>>,
+    next_id: u64,
+    /// The newest flow of each client address.
     by_client: HashMap<SocketAddr, Arc<Flow>>,
     by_cid: HashMap<Vec<u8>, Arc<Flow>>,
     /// Lengths of the server connection IDs seen (a short header does not say its length).
     cid_lens: BTreeSet<usize>,
-    pending: HashMap<SocketAddr, Pending>,
+    /// By client address and the DCID of its first Initial: one address may open several
+    /// connections (one UDP socket, many connections, as quinn's endpoints do).
+    pending: HashMap<(SocketAddr, Vec<u8>), Pending>,
 }
 
 /// A running QUIC listener.
@@ -180,7 +187,7 @@ impl QuicListener {
     }
 
     pub fn flow_count(&self) -> usize {
-        self.lock().by_client.len()
+        self.lock().all.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Flows> {
@@ -195,6 +202,10 @@ impl QuicListener {
     }
 
     fn remove_flow(&self, flows: &mut Flows, flow: &Arc<Flow>) {
+        if flows.all.remove(&flow.id).is_none() {
+            return;
+        }
+        self.m.active.dec();
         let client = flow.client();
         if flows
             .by_client
@@ -202,7 +213,6 @@ impl QuicListener {
             .is_some_and(|f| Arc::ptr_eq(f, flow))
         {
             flows.by_client.remove(&client);
-            self.m.active.dec();
         }
         for cid in flow.cids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             if flows.by_cid.get(cid).is_some_and(|f| Arc::ptr_eq(f, flow)) {
@@ -217,7 +227,57 @@ impl QuicListener {
     }
 }
 
-/// The flow a datagram from an unknown address belongs to, by its destination connection ID.
+/// The flow a client datagram belongs to: by its destination connection ID first (a client
+/// may run several connections from one socket, and may move), then by its source address
+/// (a short header with an ID sluice has not learned), then as a port rebinding. A new
+/// Initial from a known address is a new connection: `None`.
+fn find_flow(
+    l: &QuicListener,
+    flows: &mut Flows,
+    peer: SocketAddr,
+    data: &[u8],
+) -> Option<Arc<Flow>> {
+    if let Some(f) = flow_by_cid(flows, data) {
+        let old = f.client();
+        if old != peer {
+            // A known connection from a new address: migration or NAT rebinding. (Only
+            // someone on the path can know a connection ID.)
+            if flows
+                .by_client
+                .get(&old)
+                .is_some_and(|x| Arc::ptr_eq(x, &f))
+            {
+                flows.by_client.remove(&old);
+            }
+            flows.by_client.insert(peer, f.clone());
+            f.set_client(peer);
+            l.m.migrations.inc();
+            tracing::debug!(from = %old, to = %peer, "QUIC flow followed to a new address");
+        }
+        return Some(f);
+    }
+    let long = match packet::parse_header(data) {
+        Ok(Header::Long(long)) => Some(long),
+        _ => None,
+    };
+    if let Some(long) = &long {
+        // A new connection's Initial, or its 0-RTT/Handshake packets while its hello waits.
+        if long.kind == Some(LongType::Initial)
+            || flows.pending.contains_key(&(peer, long.dcid.to_vec()))
+        {
+            return None;
+        }
+    }
+    match flows.by_client.get(&peer).cloned() {
+        Some(f) => {
+            learn_client_cid(flows, &f, data);
+            Some(f)
+        }
+        None => port_rebinding(flows, peer, data).inspect(|_| l.m.migrations.inc()),
+    }
+}
+
+/// The flow a datagram belongs to by its destination connection ID.
 fn flow_by_cid(flows: &Flows, data: &[u8]) -> Option<Arc<Flow>> {
     match packet::parse_header(data).ok()? {
         Header::Long(l) => flows.by_cid.get(l.dcid).cloned(),
@@ -259,33 +319,7 @@ async fn receive(rt: std::sync::Weak<Runtime>, l: Arc<QuicListener>) {
         let Some(rt) = rt.upgrade() else { break };
         let known = {
             let mut flows = l.lock();
-            match flows.by_client.get(&peer).cloned() {
-                Some(f) => {
-                    learn_client_cid(&mut flows, &f, data);
-                    Some(f)
-                }
-                None => match flow_by_cid(&flows, data) {
-                    // A known connection from a new address: migration or NAT rebinding.
-                    Some(f) => {
-                        let old = f.client();
-                        if flows
-                            .by_client
-                            .get(&old)
-                            .is_some_and(|x| Arc::ptr_eq(x, &f))
-                        {
-                            flows.by_client.remove(&old);
-                        }
-                        flows.by_client.insert(peer, f.clone());
-                        f.set_client(peer);
-                        l.m.migrations.inc();
-                        tracing::debug!(from = %old, to = %peer, "QUIC flow followed to a new address");
-                        Some(f)
-                    }
-                    None => port_rebinding(&mut flows, peer, data).inspect(|_| {
-                        l.m.migrations.inc();
-                    }),
-                },
-            }
+            find_flow(&l, &mut flows, peer, data)
         };
         match known {
             Some(flow) => forward(&l, &flow, data),
@@ -294,7 +328,7 @@ async fn receive(rt: std::sync::Weak<Runtime>, l: Arc<QuicListener>) {
     }
     // Stopped: every flow ends.
     let mut flows = l.lock();
-    let all: Vec<Arc<Flow>> = flows.by_client.values().cloned().collect();
+    let all: Vec<Arc<Flow>> = flows.all.values().cloned().collect();
     for f in all {
         l.remove_flow(&mut flows, &f);
     }
@@ -310,13 +344,19 @@ fn port_rebinding(flows: &mut Flows, peer: SocketAddr, data: &[u8]) -> Option<Ar
     if data.first().is_none_or(|b| b & 0xc0 != 0x40) {
         return None;
     }
-    let mut same_ip = flows.by_client.iter().filter(|(a, _)| a.ip() == peer.ip());
-    let (&old, flow) = same_ip.next()?;
+    let mut same_ip = flows.all.values().filter(|f| f.client().ip() == peer.ip());
+    let flow = same_ip.next()?.clone();
     if same_ip.next().is_some() {
         return None;
     }
-    let flow = flow.clone();
-    flows.by_client.remove(&old);
+    let old = flow.client();
+    if flows
+        .by_client
+        .get(&old)
+        .is_some_and(|f| Arc::ptr_eq(f, &flow))
+    {
+        flows.by_client.remove(&old);
+    }
     flows.by_client.insert(peer, flow.clone());
     flow.set_client(peer);
     tracing::debug!(from = %old, to = %peer, "QUIC flow followed to a new port");
@@ -361,103 +401,78 @@ async fn new_datagram(rt: &Arc<Runtime>, l: &Arc<QuicListener>, peer: SocketAddr
 }
 
 /// The synchronous part of `new_datagram` (the flow table's lock is never held across an
-/// await): `Some` when a hello is complete.
+/// await): `Some` when a hello is complete. A refusal is counted under its reason.
 fn admit(
     rt: &Arc<Runtime>,
     l: &Arc<QuicListener>,
     peer: SocketAddr,
     data: &[u8],
 ) -> Option<(Pending, crate::tls::hello::ClientHello)> {
+    match admit_inner(l, peer, data, rt.accepting_new()) {
+        Ok(done) => done,
+        Err(reason) => {
+            l.initial(rt, reason);
+            None
+        }
+    }
+}
+
+fn admit_inner(
+    l: &QuicListener,
+    peer: SocketAddr,
+    data: &[u8],
+    accepting: bool,
+) -> Result<Option<(Pending, crate::tls::hello::ClientHello)>, &'static str> {
     let cfg = l.config.load();
-    let header = match packet::parse_header(data) {
-        Ok(h) => h,
-        Err(_) => {
-            l.initial(rt, "malformed");
-            return None;
-        }
-    };
-    let long = match header {
+    let long = match packet::parse_header(data).map_err(|_| "malformed")? {
         Header::Long(long) => long,
-        Header::Short => {
-            l.initial(rt, "unknown_flow");
-            return None;
-        }
-        Header::VersionNegotiation { .. } => {
-            l.initial(rt, "not_initial");
-            return None;
-        }
+        Header::Short => return Err("unknown_flow"),
+        Header::VersionNegotiation { .. } => return Err("not_initial"),
     };
     let mut flows = l.lock();
+    let key = (peer, long.dcid.to_vec());
     if long.kind != Some(LongType::Initial) {
         // 0-RTT or Handshake packets of a client whose hello is still incomplete wait with it.
-        if let Some(p) = flows.pending.get_mut(&peer) {
-            if p.datagrams.len() < PENDING_DATAGRAMS && p.bytes + data.len() <= PENDING_BYTES {
-                p.bytes += data.len();
-                p.datagrams.push(data.to_vec());
-                return None;
-            }
-            flows.pending.remove(&peer);
-            drop(flows);
-            {
-                l.initial(rt, "pending_overflow");
-                return None;
-            };
-        }
-        drop(flows);
-        l.initial(
-            rt,
-            if long.kind.is_none() {
+        let Some(p) = flows.pending.get_mut(&key) else {
+            return Err(if long.kind.is_none() {
                 "unsupported_version"
             } else {
                 "not_initial"
-            },
-        );
-        return None;
-    }
-    if !l.is_accepting() || !rt.accepting_new() {
-        drop(flows);
-        {
-            l.initial(rt, "draining");
-            return None;
+            });
         };
+        if p.datagrams.len() < PENDING_DATAGRAMS && p.bytes + data.len() <= PENDING_BYTES {
+            p.bytes += data.len();
+            p.datagrams.push(data.to_vec());
+            return Ok(None);
+        }
+        flows.pending.remove(&key);
+        return Err("pending_overflow");
+    }
+    if !l.is_accepting() || !accepting {
+        return Err("draining");
     }
     if data.len() < 1200 {
         // RFC 9000 §14.1: a client pads its Initial datagrams to 1200 bytes.
-        drop(flows);
-        {
-            l.initial(rt, "too_short");
-            return None;
-        };
+        return Err("too_short");
     }
     if long.dcid.len() < 8 {
-        drop(flows);
-        {
-            l.initial(rt, "malformed");
-            return None;
-        };
+        return Err("malformed");
     }
-    let now = clock_ms(Instant::now());
-    let fresh = flows
+    if flows
         .pending
-        .get(&peer)
-        .is_none_or(|p| p.dcid != long.dcid || p.version != long.version);
-    if fresh {
-        if !flows.pending.contains_key(&peer) && flows.pending.len() >= cfg.quic.max_pending {
-            drop(flows);
-            {
-                l.initial(rt, "pending_full");
-                return None;
-            };
+        .get(&key)
+        .is_some_and(|p| p.version != long.version)
+    {
+        flows.pending.remove(&key);
+    }
+    if !flows.pending.contains_key(&key) {
+        if flows.pending.len() >= cfg.quic.max_pending {
+            return Err("pending_full");
         }
-        let Some(keys) = packet::client_initial_keys(long.version, long.dcid) else {
-            drop(flows);
-            {
-                l.initial(rt, "unsupported_version");
-                return None;
-            };
-        };
+        let keys =
+            packet::client_initial_keys(long.version, long.dcid).ok_or("unsupported_version")?;
         flows.pending.insert(
-            peer,
+            key.clone(),
             Pending {
                 version: long.version,
                 dcid: long.dcid.to_vec(),
@@ -465,74 +480,53 @@ fn admit(
                 crypto: CryptoStream::default(),
                 datagrams: Vec::new(),
                 bytes: 0,
-                started: now,
+                started: clock_ms(Instant::now()),
             },
         );
     }
-    let p = flows.pending.get_mut(&peer)?;
+    let Some(p) = flows.pending.get_mut(&key) else {
+        return Ok(None);
+    };
     let plain = match packet::decrypt_initial(&data[..long.len], &long, &p.keys) {
         Ok(plain) => plain,
         Err(_) => {
             if p.datagrams.is_empty() {
-                flows.pending.remove(&peer);
+                flows.pending.remove(&key);
             }
-            drop(flows);
-            {
-                l.initial(rt, "decrypt_failed");
-                return None;
-            };
+            return Err("decrypt_failed");
         }
     };
-    let frames = match packet::crypto_frames(&plain) {
-        Ok(f) => f,
-        Err(_) => {
-            flows.pending.remove(&peer);
-            drop(flows);
-            {
-                l.initial(rt, "malformed");
-                return None;
-            };
-        }
+    let Ok(frames) = packet::crypto_frames(&plain) else {
+        flows.pending.remove(&key);
+        return Err("malformed");
     };
     for (offset, bytes) in frames {
         if p.crypto.add(offset, bytes, cfg.max_hello_size).is_err() {
-            flows.pending.remove(&peer);
-            drop(flows);
-            {
-                l.initial(rt, "too_large");
-                return None;
-            };
+            flows.pending.remove(&key);
+            return Err("too_large");
         }
     }
     if p.datagrams.len() >= PENDING_DATAGRAMS || p.bytes + data.len() > PENDING_BYTES {
-        flows.pending.remove(&peer);
-        drop(flows);
-        {
-            l.initial(rt, "pending_overflow");
-            return None;
-        };
+        flows.pending.remove(&key);
+        return Err("pending_overflow");
     }
     p.bytes += data.len();
     p.datagrams.push(data.to_vec());
     let hello = match packet::parse_hello(&p.crypto.prefix()) {
-        Parse::Incomplete { .. } => return None,
+        Parse::Incomplete { .. } => return Ok(None),
         Parse::Hello { hello, .. } => hello,
         Parse::NotTls | Parse::Malformed(_) => {
-            flows.pending.remove(&peer);
-            drop(flows);
-            {
-                l.initial(rt, "malformed");
-                return None;
-            };
+            flows.pending.remove(&key);
+            return Err("malformed");
         }
     };
-    let pending = flows.pending.remove(&peer)?;
-    if flows.by_client.len() >= cfg.quic.max_flows {
-        drop(flows);
-        l.initial(rt, "table_full");
-        return None;
+    let Some(pending) = flows.pending.remove(&key) else {
+        return Ok(None);
+    };
+    if flows.all.len() >= cfg.quic.max_flows {
+        return Err("table_full");
     }
-    Some((pending, hello))
+    Ok(Some((pending, hello)))
 }
 
 /// Route a complete hello, open the flow's socket toward its backend, replay what waited.
@@ -604,23 +598,30 @@ async fn establish(
         }
         _ => None,
     };
+    let id = {
+        let mut flows = l.lock();
+        flows.next_id += 1;
+        flows.next_id
+    };
     let flow = Arc::new(Flow {
+        id,
         route: route.clone(),
         _guard: guard,
         terminator,
         upstream: Arc::new(upstream),
         client: Mutex::new(peer),
         last_seen: AtomicU64::new(clock_ms(Instant::now())),
-        cids: Mutex::new(Vec::new()),
+        // The client addresses its Initials to this ID until the server answers.
+        cids: Mutex::new(vec![pending.dcid.clone()]),
         stop: l.stop.child_token(),
     });
     {
         let mut flows = l.lock();
-        // Two hellos raced from one address: the newer wins.
-        if let Some(old) = flows.by_client.get(&peer).cloned() {
-            l.remove_flow(&mut flows, &old);
-        }
+        // The address's newest connection answers for it when a datagram carries no known ID;
+        // an older one from the same socket goes on by its connection IDs.
+        flows.all.insert(flow.id, flow.clone());
         flows.by_client.insert(peer, flow.clone());
+        flows.by_cid.insert(pending.dcid.clone(), flow.clone());
     }
     l.m.active.inc();
     route.active.inc();
@@ -708,7 +709,7 @@ async fn sweep(l: Arc<QuicListener>) {
         let hello = cfg.hello_timeout.as_millis() as u64;
         let mut flows = l.lock();
         let expired: Vec<Arc<Flow>> = flows
-            .by_client
+            .all
             .values()
             .filter(|f| now.saturating_sub(f.last_seen.load(Ordering::Relaxed)) >= idle)
             .cloned()
@@ -721,7 +722,7 @@ async fn sweep(l: Arc<QuicListener>) {
             .pending
             .retain(|_, p| now.saturating_sub(p.started) < hello);
         let timed_out = before - flows.pending.len();
-        let empty = flows.by_client.is_empty();
+        let empty = flows.all.is_empty();
         drop(flows);
         l.m.timeouts.inc_by(timed_out as u64);
         if !expired.is_empty() {
