@@ -334,6 +334,11 @@ impl Runtime {
         !self.accepting.is_cancelled()
     }
 
+    /// QUIC flows open on the running QUIC listeners.
+    pub fn quic_flow_count(&self) -> usize {
+        self.quic_listeners().iter().map(|q| q.flow_count()).sum()
+    }
+
     /// The running QUIC listeners.
     pub fn quic_listeners(&self) -> Vec<Arc<crate::quic::QuicListener>> {
         self.quic.lock().unwrap_or_else(|e| e.into_inner()).clone()

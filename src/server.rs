@@ -177,7 +177,15 @@ impl Server {
     pub async fn drain(&self, interrupt: impl std::future::Future<Output = ()>, delay: bool) {
         let cfg = self.rt.snapshot().config.lifecycle.clone();
         tokio::pin!(interrupt);
-        let open = || self.rt.tracker.len();
+        // Connections, and QUIC flows (they share the listening socket, so they outlive its
+        // closing; they end when idle).
+        let open = || self.rt.tracker.len() + self.rt.quic_flow_count();
+        let finished = || async {
+            self.rt.tracker.wait().await;
+            while self.rt.quic_flow_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
 
         self.rt.set_state(State::Draining);
         // After a handover the successor is the service's main process: STOPPING=1 from
@@ -205,7 +213,7 @@ impl Server {
             "drain 2/4: listeners closed; waiting for connections to finish");
         if !skipped {
             skipped = tokio::select! {
-                _ = self.rt.tracker.wait() => false,
+                _ = finished() => false,
                 _ = tokio::time::sleep(cfg.drain_timeout) => {
                     tracing::warn!(connections = open(), "drain_timeout passed");
                     false
@@ -219,6 +227,9 @@ impl Server {
             tracing::info!(connections = left, close_spread = ?spread,
                 "drain 3/4: closing the remaining connections spread over close_spread");
             self.rt.close_all.cancel();
+            for q in self.rt.quic_listeners() {
+                q.stop();
+            }
             skipped = tokio::select! {
                 _ = self.rt.tracker.wait() => false,
                 _ = tokio::time::sleep(spread + Duration::from_secs(1)) => false,

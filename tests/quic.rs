@@ -460,3 +460,41 @@ async fn connections_sharing_one_client_socket_are_routed_each_on_its_own() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_refuses_new_flows_and_waits_for_established_ones() {
+    let (server, edge, _, _) = setup().await;
+    let ep = client_endpoint(&["h3"]);
+    let conn = connect(&ep, edge, "a.example.com").await;
+    assert_eq!(ask(&conn, "1").await, "A:1");
+    let server = Arc::new(server);
+    let s2 = server.clone();
+    let drained = tokio::spawn(async move { s2.drain(std::future::pending(), false).await });
+    eventually("the listener refuses new flows", || async {
+        let ep2 = client_endpoint(&["h3"]);
+        let c = tokio::time::timeout(
+            Duration::from_millis(300),
+            ep2.connect(edge, "a.example.com").unwrap(),
+        )
+        .await;
+        !matches!(c, Ok(Ok(_)))
+    })
+    .await;
+    assert!(
+        metric(
+            &server,
+            "sluice_quic_initials_total",
+            &[("listener", "quic"), ("result", "draining")]
+        )
+        .await
+            >= 1.0
+    );
+    // The established flow still works, and the drain waits for it.
+    assert_eq!(ask(&conn, "2").await, "A:2");
+    assert!(!drained.is_finished());
+    conn.close(0u32.into(), b"bye");
+    tokio::time::timeout(Duration::from_secs(10), drained)
+        .await
+        .expect("the drain ends once the flow is idle")
+        .unwrap();
+}
