@@ -498,3 +498,139 @@ async fn a_drain_refuses_new_flows_and_waits_for_established_ones() {
         .expect("the drain ends once the flow is idle")
         .unwrap();
 }
+
+/// A one-client UDP NAT: the client talks to `front`; datagrams go on to `to` from a back
+/// socket that `rebind` replaces (a new source port, as a NAT rebinding gives).
+struct Nat {
+    front: Arc<tokio::net::UdpSocket>,
+    back: Arc<std::sync::Mutex<Arc<tokio::net::UdpSocket>>>,
+    client: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+}
+
+impl Nat {
+    async fn start(to: SocketAddr) -> Nat {
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let nat = Nat {
+            front: front.clone(),
+            back: Arc::new(std::sync::Mutex::new(Arc::new(
+                tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            ))),
+            client: Arc::new(std::sync::Mutex::new(None)),
+        };
+        nat.spawn_back_reader();
+        let (back, client) = (nat.back.clone(), nat.client.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65535];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client.lock().unwrap() = Some(from);
+                let b = back.lock().unwrap().clone();
+                let _ = b.send_to(&buf[..n], to).await;
+            }
+        });
+        nat
+    }
+
+    fn spawn_back_reader(&self) {
+        let back = self.back.lock().unwrap().clone();
+        let (front, client) = (self.front.clone(), self.client.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65535];
+            while let Ok(n) = back.recv(&mut buf).await {
+                let to = *client.lock().unwrap();
+                if let Some(to) = to {
+                    let _ = front.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+    }
+
+    async fn rebind(&self) {
+        let fresh = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        *self.back.lock().unwrap() = fresh;
+        self.spawn_back_reader();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nat_rebinding_is_followed_by_connection_id() {
+    let (server, edge, _, _) = setup().await;
+    // Another flow from 127.0.0.1, so that only the connection ID can tell who moved.
+    let other = client_endpoint(&["proto-b"]);
+    let other_conn = connect(&other, edge, "b.example.com").await;
+    let nat = Nat::start(edge).await;
+    let ep = client_endpoint(&["h3"]);
+    let conn = connect(&ep, nat.front.local_addr().unwrap(), "a.example.com").await;
+    assert_eq!(ask(&conn, "before").await, "A:before");
+    nat.rebind().await;
+    // The client does not know it moved: same connection ID, new source port.
+    assert_eq!(ask(&conn, "after").await, "A:after");
+    assert_eq!(ask(&other_conn, "still").await, "B:still");
+    assert!(
+        metric(
+            &server,
+            "sluice_quic_migrations_total",
+            &[("listener", "quic")]
+        )
+        .await
+            >= 1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_incomplete_hellos_is_capped() {
+    let (a, _) = quic_backend("A", "a.example.com", &["h3"]).await;
+    let (b, _) = quic_backend("B", "b.example.com", &["h3"]).await;
+    let config = CONFIG.replace(
+        "hello_timeout = \"2s\"",
+        "hello_timeout = \"1s\"\nmax_pending_flows = 4",
+    );
+    let server = start(&config, &[("a", a.to_string()), ("b", b.to_string())]).await;
+    let edge = server.quic_addr("quic").unwrap();
+    // The first 1000 bytes of a 3 KB hello, from 10 addresses: 4 wait, 6 are refused.
+    let names: Vec<String> = (0..100)
+        .map(|i| format!("an-unusually-long-protocol-name-{i:03}"))
+        .collect();
+    let alpn: Vec<&str> = names.iter().map(String::as_str).collect();
+    let hello = sluice::tls::hello::build::hello(Some("a.example.com"), &alpn);
+    let mut socks = Vec::new();
+    for i in 0..10u8 {
+        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let pkt = sluice::quic::packet::build_initial(
+            sluice::quic::packet::V1,
+            &[i; 8],
+            &[],
+            0,
+            0,
+            &hello[5..1005],
+        );
+        s.send_to(&pkt, edge).await.unwrap();
+        socks.push(s);
+    }
+    let q = ("listener", "quic");
+    eventually("6 refused", || async {
+        metric(
+            &server,
+            "sluice_quic_initials_total",
+            &[q, ("result", "pending_full")],
+        )
+        .await
+            == 6.0
+    })
+    .await;
+    // They time out after hello_timeout; then a real client gets through.
+    eventually("the 4 pending time out", || async {
+        metric(
+            &server,
+            "sluice_quic_initials_total",
+            &[q, ("result", "timeout")],
+        )
+        .await
+            == 4.0
+    })
+    .await;
+    let ep = client_endpoint(&["h3"]);
+    let conn = connect(&ep, edge, "a.example.com").await;
+    assert_eq!(ask(&conn, "ok").await, "A:ok");
+    server.shutdown().await;
+}
