@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::listener::{apply_keepalive, ListenerState};
+use crate::listener::ListenerState;
 use crate::proxy_protocol::{self, HeaderInfo};
 use crate::relay::{self, End};
 use crate::route::{Facts, TlsFacts};
@@ -459,11 +459,7 @@ async fn establish(
     log: &mut Log,
 ) -> Option<Established> {
     let listener = state.config.name.as_str();
-    let _ = stream.set_nodelay(true);
-    if let Err(e) = apply_keepalive(&socket2::SockRef::from(&*stream), &state.config.keepalive) {
-        tracing::debug!(error = %e, "could not set keepalive on client socket");
-    }
-
+    // TCP_NODELAY and keepalive come from the listening socket (see `ListenerHandle::start`).
     let mut buf: Vec<u8> = Vec::with_capacity(1024);
     let deadline = tokio::time::Instant::now() + state.config.hello_timeout;
     let mut local = None;
@@ -564,7 +560,12 @@ async fn establish(
     log.backend = Some(guard.backend().clone());
 
     // Replay what the client sent, behind the PROXY header if the pool wants one, in one write.
-    let local = local.unwrap_or_else(|| stream.local_addr().unwrap_or(state.local_addr));
+    // getsockname only when a PROXY header needs the address.
+    let local = match (local, route.proxy_protocol()) {
+        (Some(l), _) => l,
+        (None, crate::config::ProxyProtocol::None) => state.local_addr,
+        (None, _) => stream.local_addr().unwrap_or(state.local_addr),
+    };
     let info = HeaderInfo {
         client: log.client,
         local,

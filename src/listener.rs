@@ -101,6 +101,13 @@ impl ListenerHandle {
         socket: Arc<TcpListener>,
         parent: &CancellationToken,
     ) -> io::Result<ListenerHandle> {
+        // Linux copies TCP_NODELAY and the keepalive options of a listening socket to the
+        // sockets it accepts: set once here instead of five setsockopt calls per connection.
+        // Set again whenever the listener (re)starts, so a reload's new values reach the
+        // connections accepted after it (an inherited socket gets them here too).
+        let sock = SockRef::from(&*socket);
+        sock.set_tcp_nodelay(true)?;
+        apply_keepalive(&sock, &config.keepalive)?;
         let state = Arc::new(ListenerState {
             local_addr: socket.local_addr()?,
             permits: config.max_connections.map(|n| Arc::new(Semaphore::new(n))),
