@@ -727,6 +727,16 @@ pub struct Keepalive {
     pub count: u32,
 }
 
+impl Keepalive {
+    /// The defaults of listeners and pools (and of legs with no config of their own: agents,
+    /// the heartbeat API's listener): probes after 60 s idle, every 15 s, 4 of them.
+    pub const DEFAULT: Keepalive = Keepalive {
+        idle: Some(Duration::from_secs(60)),
+        interval: Duration::from_secs(15),
+        count: 4,
+    };
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ListenerConfig {
     pub name: String,
@@ -1195,19 +1205,19 @@ fn keepalive(errs: &mut Errors<'_>, at: &KeyPath, raw: &RawKeepalive) -> Keepali
         errs,
         &at.key("keepalive_idle"),
         raw.keepalive_idle.as_deref(),
-        Duration::from_secs(60),
+        Keepalive::DEFAULT.idle.unwrap_or_default(),
     );
     let interval = duration(
         errs,
         &at.key("keepalive_interval"),
         raw.keepalive_interval.as_deref(),
-        Duration::from_secs(15),
+        Keepalive::DEFAULT.interval,
     );
     let count = int_in(
         errs,
         &at.key("keepalive_count"),
         raw.keepalive_count,
-        4,
+        i64::from(Keepalive::DEFAULT.count),
         1,
         127,
     ) as u32;
@@ -1630,32 +1640,8 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 "remove hash_key or set balance = \"hash\"",
             );
         }
-        let proxy_protocol = match rp.proxy_protocol.as_deref() {
-            None | Some("none") => ProxyProtocol::None,
-            Some("v1") => ProxyProtocol::V1,
-            Some("v2") => ProxyProtocol::V2,
-            Some(other) => {
-                errs.push(
-                    &at.key("proxy_protocol"),
-                    format!("unknown PROXY protocol version `{other}`"),
-                    "use \"none\", \"v1\" or \"v2\"",
-                );
-                ProxyProtocol::None
-            }
-        };
-        let connect_timeout = duration(
-            errs,
-            &at.key("connect_timeout"),
-            rp.connect_timeout.as_deref(),
-            Duration::from_secs(3),
-        );
-        if connect_timeout.is_zero() {
-            errs.push(
-                &at.key("connect_timeout"),
-                "must be more than 0",
-                "set e.g. \"3s\"",
-            );
-        }
+        let proxy_protocol = proxy_protocol(errs, &at, rp.proxy_protocol.as_deref());
+        let connect_timeout = connect_timeout(errs, &at, rp.connect_timeout.as_deref());
         let retries = int_in(errs, &at.key("retries"), rp.retries, 2, 0, 16) as u32;
         let keepalive = keepalive(
             errs,
@@ -2129,6 +2115,41 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
     }
 }
 
+/// `proxy_protocol` of a pool or a resource route.
+fn proxy_protocol(errs: &mut Errors<'_>, at: &KeyPath, raw: Option<&str>) -> ProxyProtocol {
+    match raw {
+        None | Some("none") => ProxyProtocol::None,
+        Some("v1") => ProxyProtocol::V1,
+        Some("v2") => ProxyProtocol::V2,
+        Some(other) => {
+            errs.push(
+                &at.key("proxy_protocol"),
+                format!("unknown PROXY protocol version `{other}`"),
+                "use \"none\", \"v1\" or \"v2\"",
+            );
+            ProxyProtocol::None
+        }
+    }
+}
+
+/// `connect_timeout` of a pool or a resource route: 3 s by default, never 0.
+fn connect_timeout(errs: &mut Errors<'_>, at: &KeyPath, raw: Option<&str>) -> Duration {
+    let t = duration(
+        errs,
+        &at.key("connect_timeout"),
+        raw,
+        Duration::from_secs(3),
+    );
+    if t.is_zero() {
+        errs.push(
+            &at.key("connect_timeout"),
+            "must be more than 0",
+            "set e.g. \"3s\"",
+        );
+    }
+    t
+}
+
 /// What a route sends to: exactly one of `pool`, `resource`, `serve`; the resource keys only
 /// with `resource`.
 fn route_target(
@@ -2246,32 +2267,8 @@ fn route_target(
         if let Some(p) = &rr.fallback_pool {
             pool_ref(errs, "fallback_pool", p);
         }
-        let proxy_protocol = match rr.proxy_protocol.as_deref() {
-            None | Some("none") => ProxyProtocol::None,
-            Some("v1") => ProxyProtocol::V1,
-            Some("v2") => ProxyProtocol::V2,
-            Some(other) => {
-                errs.push(
-                    &at.key("proxy_protocol"),
-                    format!("unknown PROXY protocol version `{other}`"),
-                    "use \"none\", \"v1\" or \"v2\"",
-                );
-                ProxyProtocol::None
-            }
-        };
-        let connect_timeout = duration(
-            errs,
-            &at.key("connect_timeout"),
-            rr.connect_timeout.as_deref(),
-            Duration::from_secs(3),
-        );
-        if connect_timeout.is_zero() {
-            errs.push(
-                &at.key("connect_timeout"),
-                "must be more than 0",
-                "set e.g. \"3s\"",
-            );
-        }
+        let proxy_protocol = proxy_protocol(errs, at, rr.proxy_protocol.as_deref());
+        let connect_timeout = connect_timeout(errs, at, rr.connect_timeout.as_deref());
         return RouteTarget::Resource(ResourceRoute {
             kind,
             sni,

@@ -682,12 +682,10 @@ pub async fn listen(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancella
             },
         };
         let _ = stream.set_nodelay(true);
-        let keepalive = crate::config::Keepalive {
-            idle: Some(Duration::from_secs(60)),
-            interval: Duration::from_secs(15),
-            count: 4,
-        };
-        let _ = crate::listener::apply_keepalive(&socket2::SockRef::from(&stream), &keepalive);
+        let _ = crate::listener::apply_keepalive(
+            &socket2::SockRef::from(&stream),
+            &crate::config::Keepalive::DEFAULT,
+        );
         let rt2 = rt.clone();
         rt.tracker.spawn(async move {
             if let Err(e) = serve_tls(rt2, stream).await {

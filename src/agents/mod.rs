@@ -136,11 +136,7 @@ impl Agents {
             pick: r.pick,
             connect_timeout: r.connect_timeout,
             // The pools' defaults: agents hold tunnels for days.
-            keepalive: crate::config::Keepalive {
-                idle: Some(Duration::from_secs(60)),
-                interval: Duration::from_secs(15),
-                count: 4,
-            },
+            keepalive: crate::config::Keepalive::DEFAULT,
             proxy_protocol: r.proxy_protocol,
             fallback,
             sessions,
