@@ -148,6 +148,27 @@ impl fmt::Debug for Agent {
 }
 
 impl Agent {
+    /// Whether `hb` (normalized) announces exactly what this agent does: same address,
+    /// version, labels and resources.
+    fn announces_same(&self, hb: &Heartbeat) -> bool {
+        self.backend.address == hb.address
+            && self.version == hb.version
+            && self.labels == hb.labels
+            && *self.resources == *hb.resources
+    }
+
+    /// The dial target for `hb`: this agent's (its active count) when the address is the same.
+    fn backend_for(
+        old: Option<&Agent>,
+        hb: &Heartbeat,
+        new_backend: NewBackend<'_>,
+    ) -> Arc<Backend> {
+        match old {
+            Some(o) if o.backend.address == hb.address => o.backend.clone(),
+            _ => new_backend(&hb.agent, hb.address),
+        }
+    }
+
     pub fn expires(&self) -> u64 {
         self.expires.load(Ordering::Relaxed)
     }
@@ -242,6 +263,14 @@ pub struct Heartbeat {
     /// Time to live, ms.
     pub ttl: u64,
     pub resources: Vec<Announced>,
+}
+
+impl Heartbeat {
+    /// Resources sorted by key, each once: the form an `Agent` keeps them in.
+    fn normalize(&mut self) {
+        self.resources.sort_by(|a, b| a.key.cmp(&b.key));
+        self.resources.dedup_by(|a, b| a.key == b.key);
+    }
 }
 
 /// What applying a heartbeat did.
@@ -375,24 +404,20 @@ impl AgentTable {
         } else if self.agents.len() as u64 >= self.max_agents.load(Ordering::Relaxed) {
             return Err(Refused::Full(self.agents.len()));
         }
-        hb.resources.sort_by(|a, b| a.key.cmp(&b.key));
-        hb.resources.dedup_by(|a, b| a.key == b.key);
+        hb.normalize();
         let expires = now.saturating_add(hb.ttl);
         if let Some(old) = &old {
-            let same = old.backend.address == hb.address
-                && old.version == hb.version
-                && old.labels == hb.labels
-                && *old.owner == *owner
-                && *old.resources == *hb.resources;
-            if same {
+            if *old.owner == *owner && old.announces_same(&hb) {
                 old.expires.store(expires, Ordering::Relaxed);
                 old.stream.store(stream, Ordering::Relaxed);
                 return Ok(Applied::KeptAlive);
             }
         }
-        let (backend, since) = match &old {
-            Some(o) if o.backend.address == hb.address => (o.backend.clone(), o.since),
-            _ => (new_backend(&hb.agent, hb.address), now),
+        let backend = Agent::backend_for(old.as_deref(), &hb, new_backend);
+        // First seen: kept while the address is (the agent keeps its warm-up).
+        let since = match &old {
+            Some(o) if Arc::ptr_eq(&o.backend, &backend) => o.since,
+            _ => now,
         };
         let agent = Arc::new(Agent {
             id: hb.agent.into_boxed_str(),
@@ -552,22 +577,14 @@ impl AgentTable {
         for mut hb in agents {
             let _w = self.writer(&hb.agent);
             let old = self.agent(&hb.agent);
-            hb.resources.sort_by(|a, b| a.key.cmp(&b.key));
-            hb.resources.dedup_by(|a, b| a.key == b.key);
-            if let Some(o) = &old {
-                if o.source == Source::Static
-                    && o.backend.address == hb.address
-                    && o.version == hb.version
-                    && o.labels == hb.labels
-                    && *o.resources == *hb.resources
-                {
-                    continue;
-                }
+            hb.normalize();
+            if old
+                .as_ref()
+                .is_some_and(|o| o.source == Source::Static && o.announces_same(&hb))
+            {
+                continue;
             }
-            let backend = match &old {
-                Some(o) if o.backend.address == hb.address => o.backend.clone(),
-                _ => new_backend(&hb.agent, hb.address),
-            };
+            let backend = Agent::backend_for(old.as_deref(), &hb, new_backend);
             let agent = Arc::new(Agent {
                 id: hb.agent.into_boxed_str(),
                 backend,
