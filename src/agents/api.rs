@@ -505,11 +505,7 @@ fn recheck(cfg: &HeartbeatConfig, cred: &mut Credential) -> Result<(), Refusal> 
     let Some(t) = &cred.token else {
         return Ok(());
     };
-    let now = cfg
-        .tokens
-        .iter()
-        .find(|x| bool::from(subtle::ConstantTimeEq::ct_eq(&x.digest[..], &t.digest[..])));
-    match now {
+    match super::auth::token_by_digest(&cfg.tokens, &t.digest) {
         Some(t) => {
             cred.owner = t.name.clone();
             cred.token = Some(t.clone());

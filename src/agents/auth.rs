@@ -44,10 +44,15 @@ fn digest(secret: &[u8]) -> [u8; 32] {
 /// The token a bearer secret belongs to. Every token is compared, whatever matches, so the
 /// time taken says nothing about which one (or how much of one) matched.
 pub fn find_token<'a>(tokens: &'a [Token], secret: &[u8]) -> Option<&'a Token> {
-    let d = digest(secret);
+    token_by_digest(tokens, &digest(secret))
+}
+
+/// The token with this digest (a credential checked again against reloaded tokens), compared
+/// the same way.
+pub fn token_by_digest<'a>(tokens: &'a [Token], d: &[u8; 32]) -> Option<&'a Token> {
     let mut found = None;
     for t in tokens {
-        if bool::from(t.digest.ct_eq(&d)) {
+        if bool::from(t.digest.ct_eq(d)) {
             found = Some(t);
         }
     }
