@@ -365,31 +365,34 @@ fn port_rebinding(flows: &mut Flows, peer: SocketAddr, data: &[u8]) -> Option<Ar
 
 /// A client's short header on its known path may carry a connection ID the server issued
 /// later (NEW_CONNECTION_ID is encrypted): remember it, so a move to a new address that
-/// uses it is still followed.
+/// uses it is still followed. Called when `flow_by_cid` found no known ID in the datagram.
 fn learn_client_cid(flows: &mut Flows, flow: &Arc<Flow>, data: &[u8]) {
     if data.first().is_none_or(|b| b & 0x80 != 0) {
         return;
     }
-    let lens: Vec<usize> = flows.cid_lens.iter().copied().collect();
-    for n in lens {
-        let Some(cid) = data.get(1..1 + n) else {
-            continue;
-        };
-        if flows.by_cid.contains_key(cid) {
-            return;
-        }
-    }
     // Only with one known length is the ID's extent certain.
-    if flows.cid_lens.len() == 1 {
-        let n = *flows.cid_lens.iter().next().unwrap_or(&0);
-        if let Some(cid) = data.get(1..1 + n) {
-            let mut cids = flow.cids.lock().unwrap_or_else(|e| e.into_inner());
-            if cids.len() < CIDS_PER_FLOW {
-                cids.push(cid.to_vec());
-                flows.by_cid.insert(cid.to_vec(), flow.clone());
-            }
-        }
+    if flows.cid_lens.len() != 1 {
+        return;
     }
+    let n = flows.cid_lens.first().copied().unwrap_or(0);
+    if let Some(cid) = data.get(1..1 + n) {
+        remember_cid(flows, flow, cid);
+    }
+}
+
+/// Map `cid` to `flow`, at most `CIDS_PER_FLOW` per flow; an ID already known stays with its
+/// flow. Returns whether it was added.
+fn remember_cid(flows: &mut Flows, flow: &Arc<Flow>, cid: &[u8]) -> bool {
+    if flows.by_cid.contains_key(cid) {
+        return false;
+    }
+    let mut cids = flow.cids.lock().unwrap_or_else(|e| e.into_inner());
+    if cids.len() >= CIDS_PER_FLOW {
+        return false;
+    }
+    cids.push(cid.to_vec());
+    flows.by_cid.insert(cid.to_vec(), flow.clone());
+    true
 }
 
 /// A datagram from an address with no flow: an Initial starts (or continues) a pending flow;
@@ -676,13 +679,8 @@ fn to_client(l: &QuicListener, flow: &Arc<Flow>, data: &[u8]) {
     if let Ok(Header::Long(long)) = packet::parse_header(data) {
         if !long.scid.is_empty() {
             let mut flows = l.lock();
-            if !flows.by_cid.contains_key(long.scid) {
-                let mut cids = flow.cids.lock().unwrap_or_else(|e| e.into_inner());
-                if cids.len() < CIDS_PER_FLOW {
-                    cids.push(long.scid.to_vec());
-                    flows.by_cid.insert(long.scid.to_vec(), flow.clone());
-                    flows.cid_lens.insert(long.scid.len());
-                }
+            if remember_cid(&mut flows, flow, long.scid) {
+                flows.cid_lens.insert(long.scid.len());
             }
         }
     }
