@@ -384,14 +384,7 @@ fn edge_rss(pids_cmd: &Option<String>) -> Option<(u64, usize)> {
     let mut total = 0;
     let mut n = 0;
     for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-            continue;
-        };
-        if let Some(kb) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        {
+        if let Some(kb) = sluice_bench::vm_rss_kib(pid) {
             total += kb;
             n += 1;
         }

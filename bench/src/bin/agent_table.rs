@@ -35,14 +35,7 @@ struct Opts {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    sluice_bench::vm_rss_kib("self").unwrap_or(0)
 }
 
 fn heartbeat(i: usize, per: usize, ttl: u64) -> Heartbeat {
