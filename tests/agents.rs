@@ -181,10 +181,15 @@ name = "myapp"
         ),
     )
     .unwrap();
+    heartbeat_process(&cfg)
+}
+
+/// `sluice heartbeat --config CFG`, a real second process (killed when the test ends).
+fn heartbeat_process(cfg: &Path) -> Running {
     Running(
         Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args(["heartbeat", "--config"])
-            .arg(&cfg)
+            .arg(cfg)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -619,15 +624,7 @@ async fn client_certificates_signed_by_the_ca_authenticate_and_others_do_not() {
             ),
         )
         .unwrap();
-        Running(
-            Command::new(env!("CARGO_BIN_EXE_sluice"))
-                .args(["heartbeat", "--config"])
-                .arg(&cfg)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
+        heartbeat_process(&cfg)
     };
     let _rogue = agent("rogue", "rogue", fb.address);
     let _good = agent("good", "good", good.address);
