@@ -295,8 +295,8 @@ impl std::future::Future for Serve {
                 Serve::Relaying(r) => {
                     let Poll::Ready(outcome) = r.relay.poll_relay(
                         cx,
-                        &r.client,
-                        &r.backend,
+                        &mut r.client,
+                        &mut r.backend,
                         (&r.route.bytes_to_backend, &r.route.bytes_to_client),
                     ) else {
                         return Poll::Pending;

@@ -68,7 +68,7 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat, level: &str) -> sluice::logging::WorkerGuard {
+fn init_logging(format: LogFormat, level: &str) -> sluice::logging::LogGuard {
     sluice::logging::init(matches!(format, LogFormat::Json), level)
 }
 

@@ -3,30 +3,34 @@
 //! Owns: exact half-close (a FIN from one side becomes a shutdown(SHUT_WR) toward the other,
 //! and the other direction keeps flowing), the idle timeout, and memory discipline. A relayed
 //! connection is mostly an idle tunnel, so the state here is a small hand-polled future (no
-//! nested async state machines), and a direction holds a buffer only while it has bytes to
-//! move: the buffer is allocated when the socket becomes readable and freed as soon as a read
-//! would block with nothing left to write. It never interprets the bytes.
+//! nested async state machines). Bytes are read into a per-thread scratch buffer and written
+//! on at once; a direction holds a buffer of its own only while its target is behind, and
+//! frees it when the direction goes idle. It never interprets the bytes.
 
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntCounter;
 use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 /// Resolves when the connection must close, with the reason.
 pub type StopSignal = Pin<Box<dyn Future<Output = End> + Send>>;
 
-/// Buffer sizes: a direction starts small (tunnels mostly carry small messages, and many
-/// connections opening at once should not each leave a large freed block in the heap) and
-/// doubles whenever a read fills its buffer, up to `MAX_CHUNK` for bulk transfers.
-const MIN_CHUNK: usize = 2 * 1024;
-const MAX_CHUNK: usize = 64 * 1024;
+/// Each worker thread reads into one scratch buffer of this size and writes from it at once;
+/// a connection holds bytes of its own only when its target would block.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; SCRATCH].into_boxed_slice());
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -64,11 +68,10 @@ pub struct Outcome {
 /// One direction's state.
 #[derive(Default)]
 struct Pump {
-    /// Bytes read but not yet written are `buf[pos..]`. `None` while idle.
-    buf: Option<Vec<u8>>,
+    /// Bytes read but not yet written, because the target would block: `stash[pos..]`.
+    /// Unallocated unless the target is behind.
+    stash: Vec<u8>,
     pos: u32,
-    /// Size of the next buffer to allocate (0 = not yet chosen).
-    chunk: u32,
     eof: bool,
     done: bool,
     moved: u64,
@@ -81,84 +84,102 @@ enum Failed {
     To,
 }
 
+/// Write to `to`; `Ok(0)` (a zero-length write) is a failure, `Pending` registers the waker.
+fn poll_write(cx: &mut Context<'_>, to: &mut TcpStream, buf: &[u8]) -> Poll<Result<usize, Failed>> {
+    match Pin::new(to).poll_write(cx, buf) {
+        Poll::Pending => Poll::Pending,
+        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Err(Failed::To)),
+        Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
+    }
+}
+
 impl Pump {
     /// Move bytes `from` → `to` until it would block (Pending) or this direction is finished.
+    /// `other_done`: the opposite direction has finished, so this one finishing ends the
+    /// connection, and closing the sockets passes the FIN on without a `shutdown`.
+    ///
+    /// Reads go through tokio's `poll_read`, which takes a short read as proof that the
+    /// socket is drained: the next poll waits for readiness without a `recv` that would
+    /// only answer EAGAIN (likewise for short writes).
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
+        from: &mut TcpStream,
+        to: &mut TcpStream,
         counter: &IntCounter,
+        other_done: bool,
         active: &mut bool,
     ) -> Poll<Result<(), Failed>> {
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
             }
-            if let Some(buf) = &self.buf {
-                if (self.pos as usize) < buf.len() {
-                    match to.poll_write_ready(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::To)),
-                        Poll::Ready(Ok(())) => {}
-                    }
-                    match to.try_write(&buf[self.pos as usize..]) {
-                        Ok(n) => {
-                            self.pos += n as u32;
-                            self.moved += n as u64;
-                            counter.inc_by(n as u64);
-                            *active = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(_) => return Poll::Ready(Err(Failed::To)),
-                    }
-                    continue;
-                }
+            if (self.pos as usize) < self.stash.len() {
+                let n = ready!(poll_write(cx, to, &self.stash[self.pos as usize..]))?;
+                self.pos += n as u32;
+                self.moved += n as u64;
+                counter.inc_by(n as u64);
+                *active = true;
+                continue;
             }
             if self.eof {
-                // Pass the FIN on; the other direction keeps flowing.
-                self.buf = None;
+                self.stash = Vec::new();
                 self.done = true;
-                if let Err(e) = SockRef::from(to).shutdown(Shutdown::Write) {
-                    if e.kind() != io::ErrorKind::NotConnected {
-                        return Poll::Ready(Err(Failed::To));
+                // Pass the FIN on; the other direction keeps flowing.
+                if !other_done {
+                    if let Err(e) = SockRef::from(&*to).shutdown(Shutdown::Write) {
+                        if e.kind() != io::ErrorKind::NotConnected {
+                            return Poll::Ready(Err(Failed::To));
+                        }
                     }
                 }
                 return Poll::Ready(Ok(()));
             }
-            match from.poll_read_ready(cx) {
-                Poll::Pending => {
-                    // Idle: hold no buffer.
-                    self.buf = None;
-                    return Poll::Pending;
+            let step = SCRATCH_BUF.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let mut read = ReadBuf::new(&mut scratch[..]);
+                match Pin::new(&mut *from).poll_read(cx, &mut read) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::From)),
+                    Poll::Ready(Ok(())) => {}
                 }
-                Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::From)),
-                Poll::Ready(Ok(())) => {}
-            }
-            if self.chunk == 0 {
-                self.chunk = MIN_CHUNK as u32;
-            }
-            let chunk = self.chunk as usize;
-            // Everything buffered was written: the buffer is empty and can be resized.
-            if self.buf.as_ref().is_some_and(|b| b.capacity() < chunk) {
-                self.buf = None;
-            }
-            let buf = self.buf.get_or_insert_with(|| Vec::with_capacity(chunk));
-            buf.clear();
-            self.pos = 0;
-            match from.try_read_buf(buf) {
-                Ok(0) => self.eof = true,
-                Ok(n) => {
-                    *active = true;
-                    if n == buf.capacity() && chunk < MAX_CHUNK {
-                        // A full read: more is probably waiting; read more at a time.
-                        self.chunk = (chunk * 2) as u32;
+                let n = read.filled().len();
+                if n == 0 {
+                    self.eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                *active = true;
+                let mut written = 0;
+                while written < n {
+                    match poll_write(cx, to, &scratch[written..n]) {
+                        Poll::Ready(Ok(w)) => written += w,
+                        Poll::Ready(Err(f)) => return Poll::Ready(Err(f)),
+                        Poll::Pending => break,
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Poll::Ready(Err(Failed::From)),
+                self.moved += written as u64;
+                counter.inc_by(written as u64);
+                if written < n {
+                    // The target is behind: keep the rest (and its waker is registered).
+                    self.stash.clear();
+                    self.stash.extend_from_slice(&scratch[written..n]);
+                    self.pos = 0;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(()))
+            });
+            match step {
+                Poll::Pending => {
+                    // Idle (or waiting for the target with the stash full): while idle,
+                    // hold no buffer.
+                    if (self.pos as usize) >= self.stash.len() {
+                        self.stash = Vec::new();
+                        self.pos = 0;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(f)) => return Poll::Ready(Err(f)),
+                Poll::Ready(Ok(())) => {}
             }
         }
     }
@@ -209,15 +230,17 @@ impl Relay {
     pub fn poll_relay(
         &mut self,
         cx: &mut Context<'_>,
-        client: &TcpStream,
-        backend: &TcpStream,
+        client: &mut TcpStream,
+        backend: &mut TcpStream,
         counters: (&IntCounter, &IntCounter),
     ) -> Poll<Outcome> {
         if let Poll::Ready(end) = self.stop.as_mut().poll(cx) {
             return self.outcome(end);
         }
         let mut active = false;
-        let up = self.up.poll(cx, client, backend, counters.0, &mut active);
+        let up = self
+            .up
+            .poll(cx, client, backend, counters.0, self.down.done, &mut active);
         if let Poll::Ready(Err(f)) = up {
             let end = match f {
                 Failed::From => End::ClientError,
@@ -225,7 +248,9 @@ impl Relay {
             };
             return self.outcome(end);
         }
-        let down = self.down.poll(cx, backend, client, counters.1, &mut active);
+        let down = self
+            .down
+            .poll(cx, backend, client, counters.1, self.up.done, &mut active);
         if let Poll::Ready(Err(f)) = down {
             let end = match f {
                 Failed::From => End::BackendError,
