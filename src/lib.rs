@@ -5,7 +5,8 @@
 //! cores (`tls::hello`, `route`, `upstream::balancer`, `proxy_protocol`, `config`) and thin I/O
 //! shells (`listener`, `connection`, `relay`, `admin`, `server`).
 
-// `unsafe` is allowed in one place only: `handover`, turning received descriptors into sockets.
+// `unsafe` is allowed in two places only: `handover`, turning received descriptors into
+// sockets, and `splice`, the pipe and splice(2) calls of zero-copy relaying.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -26,5 +27,6 @@ pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod splice;
 pub mod tls;
 pub mod upstream;

@@ -38,6 +38,8 @@ pub const BACKEND_HEALTHY: &str = "sluice_backend_healthy";
 pub const HEALTH_CHECKS: &str = "sluice_health_checks_total";
 pub const DNS_RESOLUTIONS: &str = "sluice_dns_resolutions_total";
 pub const LOG_LINES_DROPPED: &str = "sluice_log_lines_dropped_total";
+pub const RELAY_PIPES: &str = "sluice_relay_pipes";
+pub const RELAY_SPLICED_BYTES: &str = "sluice_relay_spliced_bytes_total";
 pub const AGENTS: &str = "sluice_agents";
 pub const RESOURCES: &str = "sluice_resources";
 pub const HEARTBEATS: &str = "sluice_heartbeats_total";
@@ -57,6 +59,9 @@ pub struct Metrics {
     pub registry: Registry,
     /// Mirrors `logging::dropped_lines()` at each scrape.
     log_lines_dropped: IntCounter,
+    /// Mirror `splice::open_pipes()` and `splice::spliced_bytes()` at each scrape.
+    relay_pipes: IntGauge,
+    relay_spliced_bytes: IntCounter,
     /// {listener}
     pub accepted: IntCounterVec,
     /// {listener}
@@ -192,12 +197,28 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(log_lines_dropped.clone()))
             .expect("unique metric");
+        let relay_pipes = IntGauge::new(
+            RELAY_PIPES,
+            "Pipes open for zero-copy relaying (in use by bulk transfers, or pooled).",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(relay_pipes.clone()))
+            .expect("unique metric");
+        let relay_spliced_bytes = IntCounter::new(
+            RELAY_SPLICED_BYTES,
+            "Relayed bytes moved with splice(2), without a copy through sluice's memory.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(relay_spliced_bytes.clone()))
+            .expect("unique metric");
         let resources = IntGauge::new(RESOURCES, "Distinct resources in the agent table.")
             .expect("valid metric definition");
         r.register(Box::new(resources.clone()))
             .expect("unique metric");
         Metrics {
             log_lines_dropped,
+            relay_pipes,
+            relay_spliced_bytes,
             resources,
             agents: gauge(
                 &r,
@@ -391,6 +412,12 @@ impl Metrics {
         let seen = self.log_lines_dropped.get();
         if dropped > seen {
             self.log_lines_dropped.inc_by(dropped - seen);
+        }
+        self.relay_pipes.set(crate::splice::open_pipes() as i64);
+        let spliced = crate::splice::spliced_bytes();
+        let seen = self.relay_spliced_bytes.get();
+        if spliced > seen {
+            self.relay_spliced_bytes.inc_by(spliced - seen);
         }
         let mut out = Vec::new();
         let families = self.registry.gather();

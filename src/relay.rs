@@ -10,15 +10,18 @@
 use std::future::Future;
 use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntCounter;
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+
+use crate::splice::Pipe;
 
 /// Resolves when the connection must close, with the reason.
 pub type StopSignal = Pin<Box<dyn Future<Output = End> + Send>>;
@@ -74,7 +77,11 @@ struct Pump {
     pos: u32,
     eof: bool,
     done: bool,
+    /// splice(2) failed as unsupported here: copy only.
+    no_splice: bool,
     moved: u64,
+    /// While moving bulk data: a pipe to splice through (see `splice`).
+    pipe: Option<Box<Pipe>>,
 }
 
 /// Which socket failed.
@@ -122,6 +129,51 @@ impl Pump {
                 *active = true;
                 continue;
             }
+            if let Some(pipe) = &mut self.pipe {
+                if pipe.len > 0 {
+                    ready!(to.poll_write_ready(cx)).map_err(|_| Failed::To)?;
+                    match to.try_io(Interest::WRITABLE, || pipe.drain_to(to.as_raw_fd())) {
+                        Ok(n) => {
+                            self.moved += n as u64;
+                            counter.inc_by(n as u64);
+                            *active = true;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Poll::Ready(Err(Failed::To)),
+                    }
+                    continue;
+                }
+                if !self.eof {
+                    match from.poll_read_ready(cx) {
+                        Poll::Pending => {
+                            // Idle: the (empty) pipe goes back to the pool.
+                            if let Some(pipe) = self.pipe.take() {
+                                pipe.give_back();
+                            }
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::From)),
+                        Poll::Ready(Ok(())) => {}
+                    }
+                    match from.try_io(Interest::READABLE, || pipe.fill_from(from.as_raw_fd())) {
+                        Ok(0) => self.eof = true,
+                        Ok(_) => *active = true,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            // Not spliceable after all: copy from now on.
+                            self.no_splice = true;
+                            if let Some(pipe) = self.pipe.take() {
+                                pipe.give_back();
+                            }
+                        }
+                        Err(_) => return Poll::Ready(Err(Failed::From)),
+                    }
+                    continue;
+                }
+                if let Some(pipe) = self.pipe.take() {
+                    pipe.give_back();
+                }
+            }
             if self.eof {
                 self.stash = Vec::new();
                 self.done = true;
@@ -159,6 +211,10 @@ impl Pump {
                 }
                 self.moved += written as u64;
                 counter.inc_by(written as u64);
+                if n == SCRATCH && written == n && !self.no_splice {
+                    // A full buffer: bulk data is flowing; move the rest without copying.
+                    self.pipe = Pipe::take().map(Box::new);
+                }
                 if written < n {
                     // The target is behind: keep the rest (and its waker is registered).
                     self.stash.clear();

@@ -1297,3 +1297,86 @@ async fn a_black_holed_backend_is_ejected_after_timeouts() {
         1.0
     );
 }
+
+/// A backend that says "echo" and then sends back everything it receives.
+async fn echo_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                s.write_all(b"echo\n").await.unwrap();
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    address
+}
+
+fn pattern(from: usize, len: usize) -> Vec<u8> {
+    (from..from + len)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 9)) as u8)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_transfer_goes_through_pipes_and_arrives_exact_both_ways() {
+    const TOTAL: usize = 24 << 20;
+    let backend = echo_backend().await;
+    let server = simple(Simple {
+        backends: vec![backend.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    let spliced_before = metric(&server, "sluice_relay_spliced_bytes_total", &[]).await;
+    let hello = tunnel_hello();
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "echo");
+    let mut echoed_hello = vec![0; hello.len()];
+    s.read_exact(&mut echoed_hello).await.unwrap();
+    assert_eq!(echoed_hello, hello);
+
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        for chunk in (0..TOTAL).step_by(1 << 20) {
+            w.write_all(&pattern(chunk, 1 << 20)).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = 0;
+    let mut buf = vec![0; 256 << 10];
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let n = r.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            assert!(buf[..n] == pattern(got, n)[..], "corrupt at byte {got}");
+            got += n;
+        }
+    })
+    .await
+    .expect("the echo ended within 60 s");
+    writer.await.unwrap();
+    assert_eq!(got, TOTAL, "every byte came back, then EOF");
+    let spliced = metric(&server, "sluice_relay_spliced_bytes_total", &[]).await - spliced_before;
+    assert!(
+        spliced >= (TOTAL / 2) as f64,
+        "only {spliced} bytes were spliced of {} relayed",
+        2 * TOTAL
+    );
+    eventually("closed cleanly", || async {
+        metric(
+            &server,
+            "sluice_connections_closed_total",
+            &[("route", "main"), ("reason", "closed")],
+        )
+        .await
+            == 1.0
+    })
+    .await;
+    server.shutdown().await;
+}
