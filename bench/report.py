@@ -150,12 +150,15 @@ def main(argv):
       "hello, echo 64 bytes, close. A wrong tag (wrong pool) is a failure. Latency is the whole "
       "exchange, connect to last byte.")
     d()
-    d.table(["system", "conns/s", "p50 µs", "p99 µs", "p99.9 µs", "failed", "failures"],
+    d.table(["system", "conns/s", "p50 µs", "p99 µs", "p99.9 µs", "edge CPU µs/conn", "failed", "failures"],
             [[r["system"], fmt(r["conns_per_s"]), fmt(r["p50_us"]), fmt(r["p99_us"]),
-              fmt(r["p999_us"]), fmt(r["failed"]), json.dumps(r["failures"]) if r["failures"] else ""]
+              fmt(r["p999_us"]), fmt(r.get("edge_cpu_us_per_conn"), 1), fmt(r["failed"]),
+              json.dumps(r["failures"]) if r["failures"] else ""]
              for rs in g.values() for r in rs])
     ratios_line(d, "connections/s", g, "conns_per_s", "≥ 1.25 × HAProxy")
     ratios_line(d, "p99 latency", g, "p99_us", "≤ 0.8 × HAProxy")
+    ratios_line(d, "edge CPU per connection (user + system; lower is better)", g,
+                "edge_cpu_us_per_conn", "none set; the steadiest figure here")
     d()
 
     g = by_system(rows, "throughput")
@@ -164,10 +167,13 @@ def main(argv):
     d("K streams, each sends N bytes through the edge to the tunnel backend and reads them back "
       "(the echo runs both ways at once). Gbit/s is payload received back by the client.")
     d()
-    d.table(["system", "streams", "MiB per stream", "Gbit/s", "failed streams"],
+    d.table(["system", "streams", "MiB per stream", "Gbit/s", "edge CPU s/GiB", "failed streams"],
             [[r["system"], fmt(r["streams"]), fmt(r["bytes_per_stream"] // (1 << 20)),
-              fmt(r["gbit_per_s"], 2), fmt(r["failed_streams"])] for rs in g.values() for r in rs])
+              fmt(r["gbit_per_s"], 2), fmt(r.get("edge_cpu_s_per_gib"), 3),
+              fmt(r["failed_streams"])] for rs in g.values() for r in rs])
     ratios_line(d, "throughput", g, "gbit_per_s", "≥ 1.3 × HAProxy")
+    ratios_line(d, "edge CPU per GiB relayed (lower is better)", g, "edge_cpu_s_per_gib",
+                "none set")
     d()
 
     g = by_system(rows, "idle")

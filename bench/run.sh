@@ -211,10 +211,11 @@ for round in $(seq "$ROUNDS"); do
     for sys in "${order[@]}"; do
       # The backends alone have no edge memory to measure and nothing to reload.
       if [ "$sys" = direct ] && { [ "$scenario" = idle ] || [ "$scenario" = reload ]; }; then continue; fi
-      [ "$sys" = direct ] || start_edge "$sys"
+      EDGE_PIDS=""
+      if [ "$sys" != direct ]; then start_edge "$sys"; EDGE_PIDS=$PIDS_CMD; fi
       case $scenario in
-        connrate) measure "$sys" connrate --concurrency "$CONC" --seconds "$CONNRATE_S" ;;
-        throughput) measure "$sys" throughput --streams "$TP_STREAMS" --bytes "$TP_BYTES" ;;
+        connrate) measure "$sys" connrate --concurrency "$CONC" --seconds "$CONNRATE_S" ${EDGE_PIDS:+--pids-cmd "$EDGE_PIDS"} ;;
+        throughput) measure "$sys" throughput --streams "$TP_STREAMS" --bytes "$TP_BYTES" ${EDGE_PIDS:+--pids-cmd "$EDGE_PIDS"} ;;
         idle) measure "$sys" idle --connections "$IDLE_N" --hold "$IDLE_HOLD" --pids-cmd "$PIDS_CMD" ;;
         reload)
           measure "$sys" reload --concurrency "$CONC" --seconds "$RELOAD_S" --tunnels "$TUNNELS" \

@@ -374,17 +374,39 @@ async fn with_timeout<T>(f: impl std::future::Future<Output = Result<T, Fail>>) 
         .unwrap_or(Err(Fail::Timeout))
 }
 
-/// Resident memory (KiB) and number of the processes `pids_cmd` prints.
-fn edge_rss(pids_cmd: &Option<String>) -> Option<(u64, usize)> {
-    let cmd = pids_cmd.as_ref()?;
-    let out = std::process::Command::new("sh")
+/// The process ids `pids_cmd` prints.
+fn edge_pids(pids_cmd: &Option<String>) -> Vec<String> {
+    let Some(cmd) = pids_cmd else { return vec![] };
+    std::process::Command::new("sh")
         .args(["-c", cmd])
         .output()
-        .ok()?;
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// CPU seconds the edge's processes have used so far (`None` without `--pids-cmd`).
+/// Taken before and after a run: CPU per connection or per byte is a steadier figure than a
+/// rate on a shared, noisy machine (it does not count the time the edge waited for a core).
+fn edge_cpu(pids_cmd: &Option<String>) -> Option<f64> {
+    let pids = edge_pids(pids_cmd);
+    (!pids.is_empty()).then(|| {
+        pids.iter()
+            .filter_map(|p| sluice_bench::cpu_seconds(p))
+            .sum()
+    })
+}
+
+/// Resident memory (KiB) and number of the processes `pids_cmd` prints.
+fn edge_rss(pids_cmd: &Option<String>) -> Option<(u64, usize)> {
     let mut total = 0;
     let mut n = 0;
-    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        if let Some(kb) = sluice_bench::vm_rss_kib(pid) {
+    for pid in edge_pids(pids_cmd) {
+        if let Some(kb) = sluice_bench::vm_rss_kib(&pid) {
             total += kb;
             n += 1;
         }
@@ -400,6 +422,8 @@ struct Rate {
     fails: BTreeMap<&'static str, u64>,
     hist: Histogram<u64>,
     elapsed: Duration,
+    /// The edge's CPU seconds during the run, with `--pids-cmd`.
+    edge_cpu_s: Option<f64>,
 }
 
 impl Rate {
@@ -417,6 +441,7 @@ impl Rate {
             "p50_us": q(0.50),
             "p99_us": q(0.99),
             "p999_us": q(0.999),
+            "edge_cpu_us_per_conn": self.edge_cpu_s.map(|c| c * 1e6 / self.ok.max(1) as f64),
         })
     }
 }
@@ -424,6 +449,7 @@ impl Rate {
 /// Run connrate for `a.seconds`.
 async fn connrate(a: &ConnrateArgs) -> Result<Rate> {
     let sources = Arc::new(Sources::new(a.target.sources));
+    let cpu_before = edge_cpu(&a.target.pids_cmd);
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(a.seconds);
     let mut workers = tokio::task::JoinSet::new();
@@ -471,6 +497,7 @@ async fn connrate(a: &ConnrateArgs) -> Result<Rate> {
         fails: BTreeMap::new(),
         hist: Histogram::new_with_bounds(1, 60_000_000, 3)?,
         elapsed: Duration::ZERO,
+        edge_cpu_s: None,
     };
     while let Some(r) = workers.join_next().await {
         let (ok, fails, hist) = r?;
@@ -481,6 +508,9 @@ async fn connrate(a: &ConnrateArgs) -> Result<Rate> {
         rate.hist.add(hist)?;
     }
     rate.elapsed = start.elapsed();
+    rate.edge_cpu_s = cpu_before
+        .zip(edge_cpu(&a.target.pids_cmd))
+        .map(|(b, a)| a - b);
     Ok(rate)
 }
 
@@ -497,6 +527,7 @@ async fn throughput(a: &ThroughputArgs) -> Result<Value> {
             .map_err(|f| anyhow::anyhow!("opening a stream: {}", f.label()))?;
         conns.push(s);
     }
+    let cpu_before = edge_cpu(&a.target.pids_cmd);
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for s in conns {
@@ -560,8 +591,12 @@ async fn throughput(a: &ThroughputArgs) -> Result<Value> {
         }
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_before
+        .zip(edge_cpu(&a.target.pids_cmd))
+        .map(|(b, a)| a - b);
     Ok(json!({
         "scenario": "throughput",
+        "edge_cpu_s_per_gib": cpu.map(|c| c / (total as f64 / (1u64 << 30) as f64)),
         "system": a.target.system,
         "streams": a.streams,
         "bytes_per_stream": a.bytes,
