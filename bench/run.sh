@@ -197,6 +197,8 @@ measure() { # measure SYSTEM SCENARIO ARGS...: run loadgen once, append its JSON
   fi
 }
 
+# A backend left from an earlier run would answer for ours: refuse to measure it.
+for p in 29001 29002 29003; do port_free $p; done
 "$LOADGEN" backend --listen tunnel=127.0.0.1:29001 --listen client=127.0.0.1:29002 \
   --listen client=127.0.0.1:29003 2>>"$RUN/backend.log" &
 BACKEND_PID=$!
