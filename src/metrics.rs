@@ -408,17 +408,16 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
-        let dropped = crate::logging::dropped_lines();
-        let seen = self.log_lines_dropped.get();
-        if dropped > seen {
-            self.log_lines_dropped.inc_by(dropped - seen);
-        }
+        // Counters kept outside the registry (process-wide atomics), mirrored here.
+        let mirror = |counter: &IntCounter, total: u64| {
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        };
+        mirror(&self.log_lines_dropped, crate::logging::dropped_lines());
+        mirror(&self.relay_spliced_bytes, crate::splice::spliced_bytes());
         self.relay_pipes.set(crate::splice::open_pipes() as i64);
-        let spliced = crate::splice::spliced_bytes();
-        let seen = self.relay_spliced_bytes.get();
-        if spliced > seen {
-            self.relay_spliced_bytes.inc_by(spliced - seen);
-        }
         let mut out = Vec::new();
         let families = self.registry.gather();
         // Encoding into a Vec cannot fail for well-formed families.

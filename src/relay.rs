@@ -101,6 +101,19 @@ fn poll_write(cx: &mut Context<'_>, to: &mut TcpStream, buf: &[u8]) -> Poll<Resu
 }
 
 impl Pump {
+    /// `n` bytes reached the target.
+    fn wrote(&mut self, n: usize, counter: &IntCounter) {
+        self.moved += n as u64;
+        counter.inc_by(n as u64);
+    }
+
+    /// Give the pipe (if any) back to the pool.
+    fn release_pipe(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            pipe.give_back();
+        }
+    }
+
     /// Move bytes `from` → `to` until it would block (Pending) or this direction is finished.
     /// `other_done`: the opposite direction has finished, so this one finishing ends the
     /// connection, and closing the sockets passes the FIN on without a `shutdown`.
@@ -124,8 +137,7 @@ impl Pump {
             if (self.pos as usize) < self.stash.len() {
                 let n = ready!(poll_write(cx, to, &self.stash[self.pos as usize..]))?;
                 self.pos += n as u32;
-                self.moved += n as u64;
-                counter.inc_by(n as u64);
+                self.wrote(n, counter);
                 *active = true;
                 continue;
             }
@@ -134,8 +146,7 @@ impl Pump {
                     ready!(to.poll_write_ready(cx)).map_err(|_| Failed::To)?;
                     match to.try_io(Interest::WRITABLE, || pipe.drain_to(to.as_raw_fd())) {
                         Ok(n) => {
-                            self.moved += n as u64;
-                            counter.inc_by(n as u64);
+                            self.wrote(n, counter);
                             *active = true;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -147,9 +158,7 @@ impl Pump {
                     match from.poll_read_ready(cx) {
                         Poll::Pending => {
                             // Idle: the (empty) pipe goes back to the pool.
-                            if let Some(pipe) = self.pipe.take() {
-                                pipe.give_back();
-                            }
+                            self.release_pipe();
                             return Poll::Pending;
                         }
                         Poll::Ready(Err(_)) => return Poll::Ready(Err(Failed::From)),
@@ -162,17 +171,13 @@ impl Pump {
                         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                             // Not spliceable after all: copy from now on.
                             self.no_splice = true;
-                            if let Some(pipe) = self.pipe.take() {
-                                pipe.give_back();
-                            }
+                            self.release_pipe();
                         }
                         Err(_) => return Poll::Ready(Err(Failed::From)),
                     }
                     continue;
                 }
-                if let Some(pipe) = self.pipe.take() {
-                    pipe.give_back();
-                }
+                self.release_pipe();
             }
             if self.eof {
                 self.stash = Vec::new();
@@ -209,8 +214,7 @@ impl Pump {
                         Poll::Pending => break,
                     }
                 }
-                self.moved += written as u64;
-                counter.inc_by(written as u64);
+                self.wrote(written, counter);
                 if n == SCRATCH && written == n && !self.no_splice {
                     // A full buffer: bulk data is flowing; move the rest without copying.
                     self.pipe = Pipe::take().map(Box::new);

@@ -513,6 +513,20 @@ async fn all_backends_dead_closes_the_client_and_counts() {
     server.shutdown().await;
 }
 
+/// The one connection of a test ended with both FINs passed on (`reason="closed"`).
+async fn closed_cleanly_once(server: &sluice::server::Server) {
+    eventually("closed cleanly", || async {
+        metric(
+            server,
+            "sluice_connections_closed_total",
+            &[("route", "main"), ("reason", "closed")],
+        )
+        .await
+            == 1.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_client_first() {
     let b = RawBackend::start("b", false).await;
@@ -536,16 +550,7 @@ async fn half_close_client_first() {
         read_to_end(&mut s, Duration::from_secs(3)).await,
         Some(vec![])
     );
-    eventually("closed cleanly", || async {
-        metric(
-            &server,
-            "sluice_connections_closed_total",
-            &[("route", "main"), ("reason", "closed")],
-        )
-        .await
-            == 1.0
-    })
-    .await;
+    closed_cleanly_once(&server).await;
     server.shutdown().await;
 }
 
@@ -1368,15 +1373,6 @@ async fn bulk_transfer_goes_through_pipes_and_arrives_exact_both_ways() {
         "only {spliced} bytes were spliced of {} relayed",
         2 * TOTAL
     );
-    eventually("closed cleanly", || async {
-        metric(
-            &server,
-            "sluice_connections_closed_total",
-            &[("route", "main"), ("reason", "closed")],
-        )
-        .await
-            == 1.0
-    })
-    .await;
+    closed_cleanly_once(&server).await;
     server.shutdown().await;
 }
