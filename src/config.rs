@@ -22,6 +22,10 @@ use crate::upstream::balancer::{Balance, HashKey};
 /// principle be larger, but no real ClientHello is, and the buffer is per connection.
 pub const MAX_HELLO_CAP: usize = 65536;
 
+/// `[limits] park_idle_after` by default: long enough that request/response traffic never
+/// parks, short enough that idle tunnels soon hold only their parked state.
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(5);
+
 /// The longest duration any setting accepts: far beyond any real timeout, and small enough
 /// that adding it to a clock reading can never overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -352,6 +356,7 @@ struct RawLifecycle {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_connections: Option<i64>,
+    park_idle_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -384,7 +389,7 @@ impl RawConfig {
         {
             v.push("lifecycle");
         }
-        if self.limits.max_connections.is_some() {
+        if self.limits.max_connections.is_some() || self.limits.park_idle_after.is_some() {
             v.push("limits");
         }
         if self.reload.watch.is_some() || self.reload.debounce.is_some() {
@@ -715,6 +720,10 @@ pub struct ReloadConfig {
 pub struct LimitsConfig {
     /// Global cap on connections being handled; `None` derives it from the open-file limit.
     pub max_connections: Option<usize>,
+    /// An established connection with no byte either way for this long leaves its task for
+    /// the parking lot (see `parking`); `None` never parks.
+    #[serde(with = "human_opt")]
+    pub park_idle_after: Option<Duration>,
 }
 
 /// TCP keepalive for one leg; `None` idle means keepalive is off.
@@ -1551,6 +1560,15 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
                 10_000_000,
             ) as usize
         }),
+        park_idle_after: {
+            let d = duration(
+                errs,
+                &root.key("limits").key("park_idle_after"),
+                raw.limits.park_idle_after.as_deref(),
+                DEFAULT_PARK_IDLE_AFTER,
+            );
+            (!d.is_zero()).then_some(d)
+        },
     };
 
     // [pool.*] first: routes refer to them.

@@ -15,10 +15,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::listener::ListenerState;
 use crate::proxy_protocol::{self, HeaderInfo};
-use crate::relay::{self, End};
+use crate::relay::{self, End, Relayed};
 use crate::route::{Facts, TlsFacts};
 use crate::runtime::{Route, Runtime, Snapshot, Target};
 use crate::tls::hello::{self, ClientHello, Parse};
@@ -209,13 +210,46 @@ async fn read_hello(
     }
 }
 
+/// The hello's SNI and ALPN list as the log prints them, `sni '\n' alpn,alpn` (`-` for
+/// none; empty before a hello is parsed). Inline when it fits, as nearly all do: a parked
+/// connection then holds no allocation of its own (see `parking`).
+enum Names {
+    Inline { len: u8, bytes: [u8; NAMES_INLINE] },
+    Boxed(Box<str>),
+}
+
+/// Room for a long SNI and Teleport's two tunnel ALPN names.
+const NAMES_INLINE: usize = 94;
+
+impl Names {
+    fn new(text: &str) -> Names {
+        if text.len() > NAMES_INLINE {
+            return Names::Boxed(text.into());
+        }
+        let mut bytes = [0; NAMES_INLINE];
+        bytes[..text.len()].copy_from_slice(text.as_bytes());
+        Names::Inline {
+            len: text.len() as u8,
+            bytes,
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Copied from a `str` whole: always valid UTF-8.
+            Names::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or("")
+            }
+            Names::Boxed(b) => b,
+        }
+    }
+}
+
 /// The access-log record, filled in as the connection progresses.
 struct Log {
     id: u64,
     client: SocketAddr,
-    /// The hello's SNI and ALPN list as the log prints them, in one allocation:
-    /// `sni '\n' alpn,alpn` (`-` for none); empty before a hello is parsed.
-    tls_names: Box<str>,
+    tls_names: Names,
     /// Names come from these at emit time: no per-connection string copies.
     route: Option<Arc<Route>>,
     backend: Option<Arc<Backend>>,
@@ -227,7 +261,7 @@ struct Log {
 }
 
 impl Log {
-    /// Record the hello's names (one allocation for both).
+    /// Record the hello's names.
     fn set_tls_names(&mut self, sni: Option<&str>, alpn: &[String]) {
         let mut names = String::with_capacity(
             sni.map_or(1, str::len) + 1 + alpn.iter().map(|a| a.len() + 1).sum::<usize>(),
@@ -243,12 +277,15 @@ impl Log {
             }
             names.push_str(a);
         }
-        self.tls_names = names.into_boxed_str();
+        self.tls_names = Names::new(&names);
     }
 
     /// (SNI, ALPN list) as logged.
     fn tls_names(&self) -> (&str, &str) {
-        self.tls_names.split_once('\n').unwrap_or(("-", "-"))
+        self.tls_names
+            .as_str()
+            .split_once('\n')
+            .unwrap_or(("-", "-"))
     }
 
     fn route_name(&self) -> &str {
@@ -319,18 +356,38 @@ impl std::future::Future for Serve {
                     }
                 },
                 Serve::Relaying(r) => {
-                    let Poll::Ready(outcome) = r.relay.poll_relay(
+                    let Poll::Ready(relayed) = r.relay.poll_relay(
                         cx,
                         &mut r.client,
                         &mut r.backend,
-                        (&r.route.bytes_to_backend, &r.route.bytes_to_client),
+                        (
+                            &r.conn.route.bytes_to_backend,
+                            &r.conn.route.bytes_to_client,
+                        ),
                     ) else {
                         return Poll::Pending;
                     };
-                    if let Serve::Relaying(r) = std::mem::replace(&mut *self, Serve::Done) {
-                        r.finish(outcome);
+                    let Serve::Relaying(r) = std::mem::replace(&mut *self, Serve::Done) else {
+                        return Poll::Ready(());
+                    };
+                    match relayed {
+                        Relayed::Ended(outcome) => {
+                            let mut log = r.log;
+                            r.conn.finish(&mut log, outcome);
+                            return Poll::Ready(());
+                        }
+                        // Idle: the connection leaves this task for the parking lot.
+                        Relayed::Idle => {
+                            let rt = r.conn.rt.clone();
+                            match rt.parking.park(r) {
+                                Ok(()) => return Poll::Ready(()),
+                                Err(mut r) => {
+                                    r.relay.never_park();
+                                    *self = Serve::Relaying(r);
+                                }
+                            }
+                        }
                     }
-                    return Poll::Ready(());
                 }
                 Serve::Done => return Poll::Ready(()),
             }
@@ -343,23 +400,28 @@ pub struct Relaying {
     client: TcpStream,
     backend: TcpStream,
     relay: relay::Relay,
+    conn: Conn,
+    /// For the access-log line and the close metrics; boxed, read only at the end.
+    log: Box<Log>,
+}
+
+/// What an established connection holds besides its sockets, relay and log, on a task or
+/// parked: shared references only, no allocation of its own.
+struct Conn {
     route: Arc<Route>,
     guard: ActiveGuard,
     rt: Arc<Runtime>,
     state: Arc<ListenerState>,
-    /// For the access-log line and the close metrics; boxed, read only at the end.
-    log: Box<Log>,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
 
-impl Relaying {
-    fn finish(self, outcome: relay::Outcome) {
-        let Relaying {
+impl Conn {
+    fn finish(self, log: &mut Log, outcome: relay::Outcome) {
+        let Conn {
             route,
             guard,
             rt,
             state,
-            mut log,
             ..
         } = self;
         route.active.dec();
@@ -370,7 +432,139 @@ impl Relaying {
             log.detail = "idle_timeout reached".into();
         }
         drop(guard);
-        closed(&rt, &state, &log);
+        closed(&rt, &state, log);
+    }
+
+    /// Close on an internal failure (the sockets are already gone or about to be dropped).
+    fn fail(self, log: &mut Log, outcome: relay::Outcome, detail: String) {
+        tracing::error!(conn = log.id, "{detail}");
+        log.detail = detail;
+        self.finish(log, outcome);
+    }
+
+    /// When the connection must close (see `stop_signal`).
+    fn stop(&self) -> relay::StopSignal {
+        Box::pin(stop_signal(
+            self.rt.clone(),
+            self.guard.backend().retire.clone(),
+        ))
+    }
+}
+
+/// The sockets to watch while parked: those whose direction still reads (a finished
+/// direction's socket stays readable at EOF). `reading` is `Relay::reading`.
+fn watched(
+    reading: (bool, bool),
+    client: &impl std::os::fd::AsRawFd,
+    backend: &impl std::os::fd::AsRawFd,
+) -> impl Iterator<Item = std::os::fd::RawFd> {
+    [
+        reading.0.then(|| client.as_raw_fd()),
+        reading.1.then(|| backend.as_raw_fd()),
+    ]
+    .into_iter()
+    .flatten()
+}
+
+impl Relaying {
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.conn.rt
+    }
+
+    /// The sockets the parking lot must watch.
+    pub(crate) fn watched(&self) -> impl Iterator<Item = std::os::fd::RawFd> {
+        watched(self.relay.reading(), &self.client, &self.backend)
+    }
+
+    /// Leave the task: both sockets are taken out of tokio's reactor, and the task, its
+    /// registrations, its timer and its boxes are freed. What is left is one flat value that
+    /// the lot stores inline. `Err`: a socket could not be deregistered and is lost; the
+    /// connection is closed.
+    pub(crate) fn pause(self, tracked: TaskTrackerToken) -> Result<Parked, ()> {
+        let Relaying {
+            client,
+            backend,
+            relay,
+            conn,
+            mut log,
+        } = self;
+        let relay = relay.pause();
+        let (client, backend) = match (client.into_std(), backend.into_std()) {
+            (Ok(c), Ok(b)) => (c, b),
+            (Err(e), _) | (_, Err(e)) => {
+                let outcome = relay.outcome(End::InternalError);
+                conn.fail(
+                    &mut log,
+                    outcome,
+                    format!("cannot park the connection: {e}"),
+                );
+                return Err(());
+            }
+        };
+        Ok(Parked {
+            client,
+            backend,
+            relay,
+            conn,
+            log: *log,
+            _tracked: tracked,
+        })
+    }
+}
+
+/// A connection in the parking lot: no task, no buffers and no allocation of its own, its
+/// sockets in the lot's epoll set (see `parking`). It counts as a connection task for the
+/// drain (`_tracked`).
+pub struct Parked {
+    client: std::net::TcpStream,
+    backend: std::net::TcpStream,
+    relay: relay::Paused,
+    conn: Conn,
+    log: Log,
+    _tracked: TaskTrackerToken,
+}
+
+impl Parked {
+    /// The sockets the lot watches.
+    pub(crate) fn watched(&self) -> impl Iterator<Item = std::os::fd::RawFd> {
+        watched(self.relay.reading(), &self.client, &self.backend)
+    }
+
+    /// The lot must hand the connection back now: its backend was retired, or its idle
+    /// timeout passed (the task then closes it with the reason).
+    pub(crate) fn due(&self, now: tokio::time::Instant) -> bool {
+        self.conn.guard.backend().retire.is_cancelled()
+            || self.relay.idle_deadline().is_some_and(|at| at <= now)
+    }
+
+    /// Back to a task of its own (inside the runtime), relaying where it left off.
+    pub(crate) fn resume(self) {
+        let Parked {
+            client,
+            backend,
+            relay,
+            conn,
+            mut log,
+            _tracked,
+        } = self;
+        match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
+            (Ok(client), Ok(backend)) => {
+                let relay = relay.resume(conn.stop());
+                let rt = conn.rt.clone();
+                rt.tracker.spawn(Serve::Relaying(Relaying {
+                    client,
+                    backend,
+                    relay,
+                    conn,
+                    log: Box::new(log),
+                }));
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                let outcome = relay.outcome(End::InternalError);
+                let detail = format!("cannot resume the parked connection: {e}");
+                conn.fail(&mut log, outcome, detail);
+            }
+        }
     }
 }
 
@@ -397,7 +591,7 @@ async fn start(
     let mut log = Box::new(Log {
         id: rt.next_conn_id(),
         client,
-        tls_names: Box::default(),
+        tls_names: Names::new(""),
         route: None,
         backend: None,
         to_backend: 0,
@@ -409,6 +603,7 @@ async fn start(
     // The config this connection lives with, whatever reloads happen later.
     let snapshot = rt.snapshot();
     let established = establish(&rt, &state, &mut stream, &snapshot, &mut log).await;
+    let park_after = snapshot.config.limits.park_idle_after;
     drop(snapshot);
     let (backend, route, guard) = match established {
         Some(Established::Relay(backend, route, guard)) => (backend, route, guard),
@@ -436,17 +631,19 @@ async fn start(
         }
     };
     route.active.inc();
-    let stop = Box::pin(stop_signal(rt.clone(), guard.backend().retire.clone()));
-    Some(Relaying {
-        client: stream,
-        backend,
-        relay: relay::Relay::new(route.idle_timeout, stop),
+    let conn = Conn {
         route,
         guard,
         rt,
         state,
-        log,
         _permits: permits,
+    };
+    Some(Relaying {
+        client: stream,
+        backend,
+        relay: relay::Relay::new(conn.route.idle_timeout, park_after, conn.stop()),
+        conn,
+        log,
     })
 }
 

@@ -5,8 +5,10 @@
 //! cores (`tls::hello`, `route`, `upstream::balancer`, `proxy_protocol`, `config`) and thin I/O
 //! shells (`listener`, `connection`, `relay`, `admin`, `server`).
 
-// `unsafe` is allowed in two places only: `handover`, turning received descriptors into
-// sockets, and `splice`, the pipe and splice(2) calls of zero-copy relaying.
+// `unsafe` is allowed in three places only: `handover`, turning received descriptors into
+// sockets; `splice`, the pipe and splice(2) calls of zero-copy relaying; and `parking`,
+// registering its epoll set with tokio's reactor (an API that is unsafe for descriptors the
+// caller does not own for the registration's whole life).
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -20,6 +22,7 @@ pub mod health;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
+pub mod parking;
 pub mod proxy_protocol;
 pub mod quic;
 pub mod relay;

@@ -40,6 +40,8 @@ pub const DNS_RESOLUTIONS: &str = "sluice_dns_resolutions_total";
 pub const LOG_LINES_DROPPED: &str = "sluice_log_lines_dropped_total";
 pub const RELAY_PIPES: &str = "sluice_relay_pipes";
 pub const RELAY_SPLICED_BYTES: &str = "sluice_relay_spliced_bytes_total";
+pub const RELAY_PARKED: &str = "sluice_relay_parked";
+pub const RELAY_PARKS: &str = "sluice_relay_parks_total";
 pub const AGENTS: &str = "sluice_agents";
 pub const RESOURCES: &str = "sluice_resources";
 pub const HEARTBEATS: &str = "sluice_heartbeats_total";
@@ -62,6 +64,9 @@ pub struct Metrics {
     /// Mirror `splice::open_pipes()` and `splice::spliced_bytes()` at each scrape.
     relay_pipes: IntGauge,
     relay_spliced_bytes: IntCounter,
+    /// Connections in the parking lot now, and parkings so far (see `parking`).
+    pub relay_parked: IntGauge,
+    pub relay_parks: IntCounter,
     /// {listener}
     pub accepted: IntCounterVec,
     /// {listener}
@@ -211,6 +216,20 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(relay_spliced_bytes.clone()))
             .expect("unique metric");
+        let relay_parked = IntGauge::new(
+            RELAY_PARKED,
+            "Established connections parked: idle for park_idle_after, held without a task.",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(relay_parked.clone()))
+            .expect("unique metric");
+        let relay_parks = IntCounter::new(
+            RELAY_PARKS,
+            "Times an idle established connection was parked (it wakes on its next byte).",
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(relay_parks.clone()))
+            .expect("unique metric");
         let resources = IntGauge::new(RESOURCES, "Distinct resources in the agent table.")
             .expect("valid metric definition");
         r.register(Box::new(resources.clone()))
@@ -219,6 +238,8 @@ impl Metrics {
             log_lines_dropped,
             relay_pipes,
             relay_spliced_bytes,
+            relay_parked,
+            relay_parks,
             resources,
             agents: gauge(
                 &r,

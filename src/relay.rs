@@ -46,6 +46,9 @@ pub enum End {
     Shutdown,
     /// A reload removed its backend and the pool's `removed_drain_timeout` passed.
     BackendRemoved,
+    /// A parked connection could not be put back on a task (the reactor refused its
+    /// sockets).
+    InternalError,
 }
 
 impl End {
@@ -57,6 +60,7 @@ impl End {
             End::IdleTimeout => "idle_timeout",
             End::Shutdown => "shutdown",
             End::BackendRemoved => "backend_removed",
+            End::InternalError => "internal_error",
         }
     }
 }
@@ -245,55 +249,197 @@ impl Pump {
     }
 }
 
-/// Idle limit, the timer, and the time of the last byte.
-type IdleTimer = (Duration, Pin<Box<Sleep>>, Instant);
+/// The relay's clock: the idle limit, when to park, and the time of the last byte.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    last: Instant,
+    /// Close after this long without a byte (the route's `idle_timeout`).
+    idle_limit: Option<Duration>,
+    /// Hand the connection to the parking lot after this long without a byte.
+    park_after: Option<Duration>,
+}
 
-/// The relay state of one connection: the two directions, the idle timer and the stop
-/// signal. It holds no socket: the caller owns the sockets (and the counters) next to it and
-/// lends them to each `poll_relay`, so the whole connection is one flat task with no
-/// self-references. Small on purpose: an idle tunnel is this struct and two sockets.
+impl Timer {
+    /// The next moment something is due, given that nothing can be parked before `now` if
+    /// `park_due` is false. `None`: nothing is ever due.
+    fn next(&self, now: Instant, park_due: bool) -> Option<Instant> {
+        let idle = self.idle_limit.map(|l| self.last + l);
+        let park = self.park_after.map(|p| {
+            let at = self.last + p;
+            if at <= now && !park_due {
+                now + p
+            } else {
+                at
+            }
+        });
+        match (idle, park) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What `poll_relay` came to.
+pub enum Relayed {
+    /// The connection is over.
+    Ended(Outcome),
+    /// Nothing moved for `park_after` and nothing is buffered: the caller may `pause` the
+    /// relay and park the connection (or call `never_park` and poll on).
+    Idle,
+}
+
+/// The relay state of one connection: the two directions, the timer and the stop signal. It
+/// holds no socket: the caller owns the sockets (and the counters) next to it and lends them
+/// to each `poll_relay`, so the whole connection is one flat task with no self-references.
+/// Small on purpose: an idle tunnel is this struct and two sockets.
 pub struct Relay {
     up: Pump,
     down: Pump,
-    /// Idle limit, timer and time of the last byte; `None` for tunnels (no timer at all).
-    /// Boxed: tunnels, which have none, should not carry its space.
-    idle: Option<Box<IdleTimer>>,
+    /// `None` when there is neither an idle limit nor parking.
+    timer: Option<Box<Timer>>,
     stop: StopSignal,
+}
+
+/// A relay taken off its task while its connection is parked: the byte counts and the
+/// directions' state, and the clock as numbers (no timer, no stop signal, no buffers).
+pub struct Paused {
+    up: Pump,
+    down: Pump,
+    last: Instant,
+    idle_limit: Option<Duration>,
+    park_after: Option<Duration>,
+}
+
+impl Paused {
+    /// Which directions still read: (client → backend, backend → client). A finished
+    /// direction's socket is not watched (it stays readable at EOF).
+    pub fn reading(&self) -> (bool, bool) {
+        (!self.up.done, !self.down.done)
+    }
+
+    /// The connection ends here, with what it moved.
+    pub fn outcome(&self, end: End) -> Outcome {
+        Outcome {
+            end,
+            to_backend: self.up.moved,
+            to_client: self.down.moved,
+        }
+    }
+
+    /// When the idle timeout closes the connection, if it has one.
+    pub fn idle_deadline(&self) -> Option<Instant> {
+        self.idle_limit.map(|l| self.last + l)
+    }
+
+    /// Back on a task: a new timer from the same clock, and a new stop signal.
+    pub fn resume(self, stop: StopSignal) -> Relay {
+        let mut relay = Relay {
+            up: self.up,
+            down: self.down,
+            timer: None,
+            stop,
+        };
+        relay.set_timer(self.idle_limit, self.park_after, self.last);
+        relay
+    }
 }
 
 impl Relay {
     /// Relay until both directions are done, one fails, the idle timeout passes, or `stop`
-    /// fires.
-    pub fn new(idle_timeout: Option<Duration>, stop: StopSignal) -> Relay {
-        let idle = idle_timeout.map(|limit| {
-            let now = Instant::now();
-            Box::new((limit, Box::pin(tokio::time::sleep_until(now + limit)), now))
-        });
-        Relay {
+    /// fires; report `Idle` after `park_after` without a byte.
+    pub fn new(
+        idle_timeout: Option<Duration>,
+        park_after: Option<Duration>,
+        stop: StopSignal,
+    ) -> Relay {
+        let mut relay = Relay {
             up: Pump::default(),
             down: Pump::default(),
-            idle,
+            timer: None,
             stop,
+        };
+        relay.set_timer(idle_timeout, park_after, Instant::now());
+        relay
+    }
+
+    fn set_timer(
+        &mut self,
+        idle_limit: Option<Duration>,
+        park_after: Option<Duration>,
+        last: Instant,
+    ) {
+        if idle_limit.is_none() && park_after.is_none() {
+            self.timer = None;
+            return;
+        }
+        let mut timer = Timer {
+            sleep: Box::pin(tokio::time::sleep_until(last)),
+            last,
+            idle_limit,
+            park_after,
+        };
+        if let Some(at) = timer.next(last, true) {
+            timer.sleep.as_mut().reset(at);
+        }
+        self.timer = Some(Box::new(timer));
+    }
+
+    /// Which directions still read: (client → backend, backend → client).
+    pub fn reading(&self) -> (bool, bool) {
+        (!self.up.done, !self.down.done)
+    }
+
+    /// Parking was refused (the lot is closed or full): relay on this task, as before.
+    pub fn never_park(&mut self) {
+        if let Some(t) = &self.timer {
+            let (idle, last) = (t.idle_limit, t.last);
+            self.set_timer(idle, None, last);
         }
     }
 
-    fn outcome(&self, end: End) -> Poll<Outcome> {
-        Poll::Ready(Outcome {
-            end,
-            to_backend: self.up.moved,
-            to_client: self.down.moved,
+    /// Take the relay off its task (after `Idle`): the timer and the stop signal are
+    /// dropped, and with them every waker that refers to the task.
+    pub fn pause(self) -> Paused {
+        let (last, idle_limit, park_after) = match self.timer {
+            Some(t) => (t.last, t.idle_limit, t.park_after),
+            None => (Instant::now(), None, None),
+        };
+        let (mut up, mut down) = (self.up, self.down);
+        up.release_pipe();
+        down.release_pipe();
+        Paused {
+            up,
+            down,
+            last,
+            idle_limit,
+            park_after,
+        }
+    }
+
+    /// Nothing is held for a target that is behind: the connection can be parked.
+    fn nothing_buffered(&self) -> bool {
+        [&self.up, &self.down].iter().all(|p| {
+            p.pos as usize >= p.stash.len() && p.pipe.as_ref().is_none_or(|pipe| pipe.len == 0)
         })
     }
 
-    /// Move what can be moved; `Ready` once the connection is over, with why.
-    /// `counters` are (to backend, to client).
+    fn outcome(&self, end: End) -> Poll<Relayed> {
+        Poll::Ready(Relayed::Ended(Outcome {
+            end,
+            to_backend: self.up.moved,
+            to_client: self.down.moved,
+        }))
+    }
+
+    /// Move what can be moved; `Ready(Ended)` once the connection is over, with why;
+    /// `Ready(Idle)` when it may be parked. `counters` are (to backend, to client).
     pub fn poll_relay(
         &mut self,
         cx: &mut Context<'_>,
         client: &mut TcpStream,
         backend: &mut TcpStream,
         counters: (&IntCounter, &IntCounter),
-    ) -> Poll<Outcome> {
+    ) -> Poll<Relayed> {
         if let Poll::Ready(end) = self.stop.as_mut().poll(cx) {
             return self.outcome(end);
         }
@@ -321,18 +467,25 @@ impl Relay {
         if up.is_ready() && down.is_ready() {
             return self.outcome(End::Closed);
         }
-        if let Some(idle) = &mut self.idle {
-            let (limit, sleep, last) = &mut **idle;
+        let parkable = self.nothing_buffered();
+        if let Some(t) = &mut self.timer {
             if active {
-                *last = Instant::now();
+                t.last = Instant::now();
             }
             // The timer is only re-armed when it fires, not on every byte.
-            while sleep.as_mut().poll(cx).is_ready() {
-                let deadline = *last + *limit;
-                if Instant::now() >= deadline {
-                    return self.outcome(End::IdleTimeout);
+            while t.sleep.as_mut().poll(cx).is_ready() {
+                let now = Instant::now();
+                if t.idle_limit.is_some_and(|l| now >= t.last + l) {
+                    let end = End::IdleTimeout;
+                    return self.outcome(end);
                 }
-                sleep.as_mut().reset(deadline);
+                if parkable && t.park_after.is_some_and(|p| now >= t.last + p) {
+                    return Poll::Ready(Relayed::Idle);
+                }
+                match t.next(now, parkable) {
+                    Some(at) => t.sleep.as_mut().reset(at),
+                    None => break,
+                }
             }
         }
         Poll::Pending

@@ -256,6 +256,8 @@ pub struct Runtime {
     reload_lock: tokio::sync::Mutex<()>,
     /// Active health checkers, one per (pool, backend).
     checkers: crate::health::Checkers,
+    /// Idle established connections held without a task.
+    pub parking: crate::parking::Parking,
 }
 
 impl Runtime {
@@ -297,6 +299,7 @@ impl Runtime {
             agents,
             reload_lock: tokio::sync::Mutex::new(()),
             checkers: Default::default(),
+            parking: crate::parking::Parking::new(),
         };
         rt.set_state(State::Starting);
         Arc::new(rt)

@@ -110,6 +110,10 @@ impl Server {
                 stop_admin.clone(),
             ));
         }
+        tokio::spawn(crate::parking::run(
+            Arc::downgrade(&rt),
+            rt.close_all.clone(),
+        ));
         tokio::spawn(crate::agents::Agents::sweep(
             Arc::downgrade(&rt),
             rt.hard_stop.clone(),

@@ -649,10 +649,13 @@ async fn idle(a: &IdleArgs) -> Result<Value> {
     let opened = conns.len();
     // Let the edge settle (freed buffers, finished handshakes) before reading its memory.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = edge_rss(&t.pids_cmd);
+    let after_open = edge_rss(&t.pids_cmd);
     tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
+    // Again at the end of the hold: what an idle connection costs once it has been idle
+    // (sluice parks idle connections after `park_idle_after`, 5 s by default).
+    let after = edge_rss(&t.pids_cmd);
     let lost = check_alive(conns).await;
-    let per_conn = match (before, after) {
+    let per_conn = |after: Option<(u64, usize)>| match (before, after) {
         (Some((b, _)), Some((a, _))) if opened > 0 => {
             json!((a as f64 - b as f64) * 1024.0 / opened as f64)
         }
@@ -667,9 +670,11 @@ async fn idle(a: &IdleArgs) -> Result<Value> {
         "hold_s": a.hold,
         "lost": lost,
         "rss_before_kib": before.map(|r| r.0),
+        "rss_after_open_kib": after_open.map(|r| r.0),
         "rss_after_kib": after.map(|r| r.0),
         "processes": after.map(|r| r.1),
-        "bytes_per_conn": per_conn,
+        "bytes_per_conn_open": per_conn(after_open),
+        "bytes_per_conn": per_conn(after),
     }))
 }
 
