@@ -825,3 +825,19 @@ enum Established {
     /// A `serve = "heartbeat"` route: sluice terminates TLS itself; these bytes were read.
     Api(Vec<u8>),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Names;
+
+    #[test]
+    fn names_are_inline_when_short_and_exact_either_way() {
+        let short = "tunnel.example.com\nteleport-reversetunnelv2,teleport-reversetunnel";
+        assert!(matches!(Names::new(short), Names::Inline { .. }));
+        assert_eq!(Names::new(short).as_str(), short);
+        let long = format!("{}.example.com\nh2", "a".repeat(200));
+        assert!(matches!(Names::new(&long), Names::Boxed(_)));
+        assert_eq!(Names::new(&long).as_str(), long);
+        assert_eq!(Names::new("").as_str(), "");
+    }
+}

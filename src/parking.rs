@@ -100,6 +100,9 @@ impl Parking {
 
     /// Take `r` off its task. `Err` gives it back when the lot is closed or its sockets cannot
     /// be watched; the caller relays on.
+    // The refused connection goes back into its task by value: boxing it would cost an
+    // allocation per parking for a path that is rare.
+    #[allow(clippy::result_large_err)]
     pub fn park(&self, r: Relaying) -> Result<(), Relaying> {
         let Some(registry) = &self.registry else {
             return Err(r);

@@ -253,6 +253,10 @@ impl Pump {
 struct Timer {
     sleep: Pin<Box<Sleep>>,
     last: Instant,
+    /// When the connection came onto this task: a resumed connection is not parked again
+    /// before it had `park_after` to read what woke it (tokio reports a socket's readiness
+    /// only once its reactor has turned, after the task's first poll).
+    awake: Instant,
     /// Close after this long without a byte (the route's `idle_timeout`).
     idle_limit: Option<Duration>,
     /// Hand the connection to the parking lot after this long without a byte.
@@ -265,7 +269,7 @@ impl Timer {
     fn next(&self, now: Instant, park_due: bool) -> Option<Instant> {
         let idle = self.idle_limit.map(|l| self.last + l);
         let park = self.park_after.map(|p| {
-            let at = self.last + p;
+            let at = self.last.max(self.awake) + p;
             if at <= now && !park_due {
                 now + p
             } else {
@@ -372,13 +376,15 @@ impl Relay {
             self.timer = None;
             return;
         }
+        let now = Instant::now();
         let mut timer = Timer {
-            sleep: Box::pin(tokio::time::sleep_until(last)),
+            sleep: Box::pin(tokio::time::sleep_until(now)),
             last,
+            awake: now,
             idle_limit,
             park_after,
         };
-        if let Some(at) = timer.next(last, true) {
+        if let Some(at) = timer.next(now, true) {
             timer.sleep.as_mut().reset(at);
         }
         self.timer = Some(Box::new(timer));
@@ -479,7 +485,7 @@ impl Relay {
                     let end = End::IdleTimeout;
                     return self.outcome(end);
                 }
-                if parkable && t.park_after.is_some_and(|p| now >= t.last + p) {
+                if parkable && t.park_after.is_some_and(|p| now >= t.last.max(t.awake) + p) {
                     return Poll::Ready(Relayed::Idle);
                 }
                 match t.next(now, parkable) {

@@ -1376,3 +1376,215 @@ async fn bulk_transfer_goes_through_pipes_and_arrives_exact_both_ways() {
     closed_cleanly_once(&server).await;
     server.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Parking: idle connections leave their task (see `src/parking.rs`).
+
+/// `[limits] park_idle_after` short enough for tests.
+const PARK_FAST: &str = "[limits]\npark_idle_after = \"100ms\"";
+
+/// Wait until `n` connections are parked.
+async fn parked(server: &sluice::server::Server, n: f64) {
+    eventually(&format!("{n} parked"), || async {
+        metric(server, "sluice_relay_parked", &[]).await == n
+    })
+    .await;
+}
+
+/// A backend that says "echo", echoes what it gets, and answers "later" 400 ms late: by then
+/// the connection is parked, so only the backend's side can wake it.
+async fn echo_later_backend() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                s.write_all(b"echo\n").await.unwrap();
+                let mut buf = vec![0; 64 << 10];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        let _ = s.shutdown().await;
+                        return;
+                    }
+                    if &buf[..n] == b"later" {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        s.write_all(b"late\n").await.unwrap();
+                    } else {
+                        s.write_all(&buf[..n]).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_wakes_from_either_side_and_loses_nothing() {
+    let backend = echo_later_backend().await;
+    let server = simple(Simple {
+        backends: vec![backend.to_string()],
+        top: PARK_FAST,
+        ..Simple::default()
+    })
+    .await;
+    let hello = tunnel_hello();
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "echo");
+    let mut echoed = vec![0; hello.len()];
+    s.read_exact(&mut echoed).await.unwrap();
+    parked(&server, 1.0).await;
+
+    // The client's side wakes it: 1 MiB echoed exactly (spliced or copied), then it parks
+    // again.
+    let data = pattern(0, 1 << 20);
+    let (mut r, mut w) = s.split();
+    let (_, got) = tokio::join!(async { w.write_all(&data).await.unwrap() }, async {
+        let mut got = vec![0; data.len()];
+        r.read_exact(&mut got).await.unwrap();
+        got
+    });
+    assert!(got == data, "the echo differs");
+    eventually("parked a second time", || async {
+        metric(&server, "sluice_relay_parks_total", &[]).await == 2.0
+    })
+    .await;
+
+    // The backend's side wakes it: "later" wakes it and is passed on, it parks again while
+    // the backend waits, and the backend's late answer wakes it once more.
+    s.write_all(b"later").await.unwrap();
+    eventually("parked while the backend waits", || async {
+        metric(&server, "sluice_relay_parks_total", &[]).await == 3.0
+    })
+    .await;
+    assert_eq!(read_line(&mut s).await, "late");
+    eventually("parked after the late answer", || async {
+        metric(&server, "sluice_relay_parks_total", &[]).await == 4.0
+    })
+    .await;
+
+    // A FIN while parked: passed on, and the backend's FIN comes back.
+    s.shutdown().await.unwrap();
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+    closed_cleanly_once(&server).await;
+    parked(&server, 0.0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_connection_parks_and_its_open_side_still_flows() {
+    // The backend says its line and closes its side at once.
+    let b = RawBackend::start("b", true).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        top: PARK_FAST,
+        ..Simple::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "b");
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+    // Parked with one direction finished: only the client's socket is watched (the
+    // backend's, at EOF, would wake it at once, forever).
+    parked(&server, 1.0).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(metric(&server, "sluice_relay_parks_total", &[]).await, 1.0);
+    s.write_all(b"still here").await.unwrap();
+    s.shutdown().await.unwrap();
+    eventually("backend received data after its own FIN", || async {
+        b.connections()
+            .first()
+            .is_some_and(|c| c.ends_with(b"still here"))
+    })
+    .await;
+    closed_cleanly_once(&server).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_still_times_out() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        idle: "1s",
+        top: PARK_FAST,
+        ..Simple::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "b");
+    parked(&server, 1.0).await;
+    // Closed by the lot's once-a-second sweep: between 1 s and 2 s of silence.
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(4)).await,
+        Some(vec![])
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_connections_closed_total",
+            &[("reason", "idle_timeout")]
+        )
+        .await,
+        1.0
+    );
+    parked(&server, 0.0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_parked_connections_then_closes_them() {
+    let backend = echo_backend().await;
+    let server = simple(Simple {
+        backends: vec![backend.to_string()],
+        idle: "0s",
+        top: &format!(
+            "{PARK_FAST}\n[lifecycle]\ndrain_delay = \"0s\"\ndrain_timeout = \"1500ms\"\nclose_spread = \"0s\""
+        ),
+        ..Simple::default()
+    })
+    .await;
+    let hello = tunnel_hello();
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "echo");
+    let mut echoed = vec![0; hello.len()];
+    s.read_exact(&mut echoed).await.unwrap();
+    parked(&server, 1.0).await;
+
+    let server = std::sync::Arc::new(server);
+    let s2 = server.clone();
+    let drain = tokio::spawn(async move { s2.drain(std::future::pending(), true).await });
+    // A parked connection has no task, yet the drain waits for it...
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!drain.is_finished(), "the drain ended with a tunnel open");
+    assert_eq!(metric(&server, "sluice_relay_parked", &[]).await, 1.0);
+    // ...and closes it when drain_timeout has passed.
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(4)).await,
+        Some(vec![])
+    );
+    tokio::time::timeout(Duration::from_secs(4), drain)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_connections_closed_total",
+            &[("reason", "shutdown")]
+        )
+        .await,
+        1.0
+    );
+}

@@ -253,13 +253,31 @@ async fn a_kept_backend_keeps_its_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_backend_is_closed_after_removed_drain_timeout() {
+    removed_backend_closes(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_backend_closes_its_parked_connections_too() {
+    removed_backend_closes(true).await;
+}
+
+/// `parked`: the held tunnel is in the parking lot (no task) when its backend is removed.
+async fn removed_backend_closes(parked: bool) {
     let a = RawBackend::start("A", false).await;
     let b = RawBackend::start("B", false).await;
     let extra = "removed_drain_timeout = \"400ms\"";
-    let top = "[lifecycle]\nclose_spread = \"0s\"";
+    let park = if parked { "100ms" } else { "0s" };
+    let top = format!("[lifecycle]\nclose_spread = \"0s\"\n[limits]\npark_idle_after = \"{park}\"");
+    let top = top.as_str();
     let s = Setup::new(&conf(&[&a], extra, top)).await;
     let addr = edge(&s.server);
     let (mut held, _) = open_tunnel(addr).await;
+    if parked {
+        eventually("parked", || async {
+            metric(&s.server, "sluice_relay_parked", &[]).await == 1.0
+        })
+        .await;
+    }
 
     s.write(&conf(&[&b], extra, top));
     let removed_at = Instant::now();
