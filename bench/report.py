@@ -181,14 +181,19 @@ def main(argv):
     d()
     d("N tunnel connections opened through the edge (client sources spread over 127.0.0.2–254), "
       "each with a hello and the backend's answer, held idle, then each checked alive with a "
-      "one-byte echo. Memory is the RSS of all the edge's processes when all are open and idle "
-      "minus the RSS before, divided by N, in a freshly started edge.")
+      "one-byte echo. Memory is the RSS of all the edge's processes minus the RSS before, "
+      "divided by N, in a freshly started edge, read twice: 2 s after all are open "
+      "(\"bytes/conn at open\") and at the end of the hold, when they have been idle for it "
+      "(\"bytes/conn idle\", the figure compared). sluice parks connections idle for 5 s "
+      "(`park_idle_after`), so only the second shows parked tunnels.")
     d()
     d.table(["system", "connections", "opened", "held s", "lost", "processes", "RSS before KiB",
-             "RSS after KiB", "bytes/conn"],
+             "RSS at open KiB", "RSS idle KiB", "bytes/conn at open", "bytes/conn idle"],
             [[r["system"], fmt(r["connections"]), fmt(r["opened"]), fmt(r["hold_s"], 0),
-              fmt(r["lost"]), fmt(r["processes"]), fmt(r["rss_before_kib"]), fmt(r["rss_after_kib"]),
-              fmt(r["bytes_per_conn"])] for rs in g.values() for r in rs])
+              fmt(r["lost"]), fmt(r["processes"]), fmt(r["rss_before_kib"]),
+              fmt(r.get("rss_after_open_kib")), fmt(r["rss_after_kib"]),
+              fmt(r.get("bytes_per_conn_open")), fmt(r["bytes_per_conn"])]
+             for rs in g.values() for r in rs])
     ratios_line(d, "bytes per idle connection", g, "bytes_per_conn", "≤ 1.0 KiB")
     d()
 
