@@ -316,8 +316,9 @@ impl Log {
 
 /// Serve one accepted connection: the task `listener` spawns. Two phases with different
 /// shapes: establishing (reading the hello, routing, connecting; an async fn, boxed, freed
-/// when it ends) and relaying (a flat struct polled by hand). An idle tunnel's task is only
-/// the second, so it stays small (see `bench/findings.md`).
+/// when it ends) and relaying (a flat struct polled by hand). A tunnel's task is only the
+/// second, so it stays small; once idle for `park_idle_after` it leaves its task altogether
+/// for the parking lot (`Parked`; see `parking` and `bench/findings.md`).
 pub fn serve(
     rt: Arc<Runtime>,
     state: Arc<ListenerState>,

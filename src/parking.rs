@@ -272,6 +272,9 @@ pub async fn run(rt: Weak<Runtime>, close_all: CancellationToken) {
                         break None;
                     }
                     rt.parking.woken(&rt, &events);
+                    // Thousands of tunnels waking at once: let this worker's other tasks
+                    // (the woken ones among them) run between batches.
+                    tokio::task::yield_now().await;
                 };
                 if let Some(e) = failed {
                     tracing::error!(error = %e, "the parking lot's epoll set failed; no more parking");

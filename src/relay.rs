@@ -5,7 +5,9 @@
 //! connection is mostly an idle tunnel, so the state here is a small hand-polled future (no
 //! nested async state machines). Bytes are read into a per-thread scratch buffer and written
 //! on at once; a direction holds a buffer of its own only while its target is behind, and
-//! frees it when the direction goes idle. It never interprets the bytes.
+//! frees it when the direction goes idle. After `park_after` without a byte it reports
+//! `Idle`, and the connection may leave its task for the parking lot (`Relay::pause`, see
+//! `parking`). It never interprets the bytes.
 
 use std::future::Future;
 use std::io;
@@ -295,7 +297,8 @@ pub enum Relayed {
 /// The relay state of one connection: the two directions, the timer and the stop signal. It
 /// holds no socket: the caller owns the sockets (and the counters) next to it and lends them
 /// to each `poll_relay`, so the whole connection is one flat task with no self-references.
-/// Small on purpose: an idle tunnel is this struct and two sockets.
+/// Small on purpose: a connection is this struct and two sockets until it parks (then only
+/// `Paused`).
 pub struct Relay {
     up: Pump,
     down: Pump,
