@@ -204,6 +204,11 @@ impl Parking {
             for key in due {
                 self.take(&mut lot, key, &mut taken);
             }
+            // After a crowd woke (a backend's broadcast, the end of a burst), give the
+            // slab's room back: up to its last occupied entry, the rest is freed.
+            if lot.parked.capacity() >= 1024 && lot.parked.len() * 4 < lot.parked.capacity() {
+                lot.parked.shrink_to_fit();
+            }
         }
         Self::resume(rt, taken);
     }

@@ -307,11 +307,42 @@ pub struct Relay {
     stop: StopSignal,
 }
 
+/// What a direction keeps while parked: nothing is buffered, and a finished direction has
+/// both seen its EOF and passed it on.
+struct Frozen {
+    moved: u64,
+    done: bool,
+    no_splice: bool,
+}
+
+impl Pump {
+    fn freeze(mut self) -> Frozen {
+        self.release_pipe();
+        Frozen {
+            moved: self.moved,
+            done: self.done,
+            no_splice: self.no_splice,
+        }
+    }
+}
+
+impl Frozen {
+    fn thaw(self) -> Pump {
+        Pump {
+            moved: self.moved,
+            eof: self.done,
+            done: self.done,
+            no_splice: self.no_splice,
+            ..Pump::default()
+        }
+    }
+}
+
 /// A relay taken off its task while its connection is parked: the byte counts and the
 /// directions' state, and the clock as numbers (no timer, no stop signal, no buffers).
 pub struct Paused {
-    up: Pump,
-    down: Pump,
+    up: Frozen,
+    down: Frozen,
     last: Instant,
     idle_limit: Option<Duration>,
     park_after: Option<Duration>,
@@ -341,8 +372,8 @@ impl Paused {
     /// Back on a task: a new timer from the same clock, and a new stop signal.
     pub fn resume(self, stop: StopSignal) -> Relay {
         let mut relay = Relay {
-            up: self.up,
-            down: self.down,
+            up: self.up.thaw(),
+            down: self.down.thaw(),
             timer: None,
             stop,
         };
@@ -413,12 +444,9 @@ impl Relay {
             Some(t) => (t.last, t.idle_limit, t.park_after),
             None => (Instant::now(), None, None),
         };
-        let (mut up, mut down) = (self.up, self.down);
-        up.release_pipe();
-        down.release_pipe();
         Paused {
-            up,
-            down,
+            up: self.up.freeze(),
+            down: self.down.freeze(),
             last,
             idle_limit,
             park_after,
