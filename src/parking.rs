@@ -89,15 +89,6 @@ impl Parking {
         self.lot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Connections parked now.
-    pub fn len(&self) -> usize {
-        self.lot().parked.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Take `r` off its task. `Err` gives it back when the lot is closed or its sockets cannot
     /// be watched; the caller relays on.
     // The refused connection goes back into its task by value: boxing it would cost an
@@ -132,12 +123,9 @@ impl Parking {
                 rt.metrics.relay_parked.inc();
                 rt.metrics.relay_parks.inc();
             }
-            Err(()) => {
-                // The sockets are closed already: their registrations went with them.
-                for fd in &fds {
-                    let _ = registry.deregister(&mut SourceFd(fd));
-                }
-            }
+            // The connection is closed and logged; closing its sockets removed them from
+            // the epoll set.
+            Err(()) => {}
         }
         Ok(())
     }
