@@ -116,16 +116,13 @@ impl Parking {
                 return Err(r);
             }
         }
-        match r.pause(rt.tracker.token()) {
-            Ok(parked) => {
-                lot.parked.insert(parked);
-                lot.parks_since_trim += 1;
-                rt.metrics.relay_parked.inc();
-                rt.metrics.relay_parks.inc();
-            }
-            // The connection is closed and logged; closing its sockets removed them from
-            // the epoll set.
-            Err(()) => {}
+        // On `Err` the connection is closed and logged; closing its sockets removed them
+        // from the epoll set.
+        if let Ok(parked) = r.pause(rt.tracker.token()) {
+            lot.parked.insert(parked);
+            lot.parks_since_trim += 1;
+            rt.metrics.relay_parked.inc();
+            rt.metrics.relay_parks.inc();
         }
         Ok(())
     }
