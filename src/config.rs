@@ -25,6 +25,8 @@ pub const MAX_HELLO_CAP: usize = 65536;
 /// `[limits] park_idle_after` by default: long enough that request/response traffic never
 /// parks, short enough that idle tunnels soon hold only their parked state.
 pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(5);
+/// Below this, parking would happen inside ordinary request/response exchanges.
+pub const MIN_PARK_IDLE_AFTER: Duration = Duration::from_millis(100);
 
 /// The longest duration any setting accepts: far beyond any real timeout, and small enough
 /// that adding it to a clock reading can never overflow.
@@ -1561,12 +1563,23 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
             ) as usize
         }),
         park_idle_after: {
+            let at = root.key("limits").key("park_idle_after");
             let d = duration(
                 errs,
-                &root.key("limits").key("park_idle_after"),
+                &at,
                 raw.limits.park_idle_after.as_deref(),
                 DEFAULT_PARK_IDLE_AFTER,
             );
+            if !d.is_zero() && d < MIN_PARK_IDLE_AFTER {
+                errs.push(
+                    &at,
+                    format!(
+                        "{d:?} would park connections between the packets of one exchange, \
+                         costing system calls each time"
+                    ),
+                    "use at least \"100ms\" (the default is \"5s\"), or \"0s\" to never park",
+                );
+            }
             (!d.is_zero()).then_some(d)
         },
     };
@@ -2772,6 +2785,22 @@ backends = ["localhost:3080"]
                 .any(|t| t.starts_with("t.toml:18: pool.tunnel.balance: unknown balancer")),
             "{text:?}"
         );
+    }
+
+    #[test]
+    fn park_idle_after_defaults_turns_off_and_has_a_floor() {
+        let with = |v: &str| format!("[limits]\npark_idle_after = \"{v}\"\n{GOOD}");
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.limits.park_idle_after, Some(DEFAULT_PARK_IDLE_AFTER));
+        assert_eq!(parse(&with("0s")).unwrap().limits.park_idle_after, None);
+        assert_eq!(
+            parse(&with("100ms")).unwrap().limits.park_idle_after,
+            Some(Duration::from_millis(100))
+        );
+        let errs = parse(&with("10ms")).unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].key, "limits.park_idle_after");
+        assert!(errs[0].to_string().contains("at least"), "{}", errs[0]);
     }
 
     #[test]
