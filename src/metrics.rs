@@ -5,6 +5,7 @@
 //! address or an SNI. One `Metrics` per process (tests create several, each with its own
 //! registry).
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -143,97 +144,101 @@ pub struct Metrics {
     pub quic_migrations: IntCounterVec,
 }
 
+/// Register a metric as its `new` built it, and return it. Definitions are constants, so
+/// an error here is a bug in this file.
+fn registered<M: Collector + Clone + 'static>(r: &Registry, metric: prometheus::Result<M>) -> M {
+    let m = metric.expect("valid metric definition");
+    r.register(Box::new(m.clone())).expect("unique metric");
+    m
+}
+
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+    registered(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+    registered(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
-        let connect_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                UPSTREAM_CONNECT_SECONDS,
-                "Time to establish the TCP connection to a backend.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ]),
-            &["pool"],
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(connect_seconds.clone()))
-            .expect("unique metric");
+        let connect_seconds = registered(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    UPSTREAM_CONNECT_SECONDS,
+                    "Time to establish the TCP connection to a backend.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+                &["pool"],
+            ),
+        );
         let build = gauge(&r, BUILD_INFO, "Build information; always 1.", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let max_connections = IntGauge::new(
-            MAX_CONNECTIONS,
-            "The global cap on connections being handled.",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(max_connections.clone()))
-            .expect("unique metric");
-        let last_reload_successful = IntGauge::new(
-            CONFIG_LAST_RELOAD_SUCCESSFUL,
-            "1 if the last reload attempt loaded its config, 0 if it was rejected.",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(last_reload_successful.clone()))
-            .expect("unique metric");
+        let max_connections = registered(
+            &r,
+            IntGauge::new(
+                MAX_CONNECTIONS,
+                "The global cap on connections being handled.",
+            ),
+        );
+        let last_reload_successful = registered(
+            &r,
+            IntGauge::new(
+                CONFIG_LAST_RELOAD_SUCCESSFUL,
+                "1 if the last reload attempt loaded its config, 0 if it was rejected.",
+            ),
+        );
         last_reload_successful.set(1);
-        let last_reload_success_timestamp = IntGauge::new(
-            CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP,
-            "Unix time of the last successful config load (startup counts).",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(last_reload_success_timestamp.clone()))
-            .expect("unique metric");
-        let log_lines_dropped = IntCounter::new(
-            LOG_LINES_DROPPED,
-            "Log lines dropped because the log queue was full (a stalled stderr).",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(log_lines_dropped.clone()))
-            .expect("unique metric");
-        let relay_pipes = IntGauge::new(
-            RELAY_PIPES,
-            "Pipes open for zero-copy relaying (in use by bulk transfers, or pooled).",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(relay_pipes.clone()))
-            .expect("unique metric");
-        let relay_spliced_bytes = IntCounter::new(
-            RELAY_SPLICED_BYTES,
-            "Relayed bytes moved with splice(2), without a copy through sluice's memory.",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(relay_spliced_bytes.clone()))
-            .expect("unique metric");
-        let relay_parked = IntGauge::new(
-            RELAY_PARKED,
-            "Established connections parked: idle for park_idle_after, held without a task.",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(relay_parked.clone()))
-            .expect("unique metric");
-        let relay_parks = IntCounter::new(
-            RELAY_PARKS,
-            "Times an idle established connection was parked (it wakes on its next byte).",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(relay_parks.clone()))
-            .expect("unique metric");
-        let resources = IntGauge::new(RESOURCES, "Distinct resources in the agent table.")
-            .expect("valid metric definition");
-        r.register(Box::new(resources.clone()))
-            .expect("unique metric");
+        let last_reload_success_timestamp = registered(
+            &r,
+            IntGauge::new(
+                CONFIG_LAST_RELOAD_SUCCESS_TIMESTAMP,
+                "Unix time of the last successful config load (startup counts).",
+            ),
+        );
+        let log_lines_dropped = registered(
+            &r,
+            IntCounter::new(
+                LOG_LINES_DROPPED,
+                "Log lines dropped because the log queue was full (a stalled stderr).",
+            ),
+        );
+        let relay_pipes = registered(
+            &r,
+            IntGauge::new(
+                RELAY_PIPES,
+                "Pipes open for zero-copy relaying (in use by bulk transfers, or pooled).",
+            ),
+        );
+        let relay_spliced_bytes = registered(
+            &r,
+            IntCounter::new(
+                RELAY_SPLICED_BYTES,
+                "Relayed bytes moved with splice(2), without a copy through sluice's memory.",
+            ),
+        );
+        let relay_parked = registered(
+            &r,
+            IntGauge::new(
+                RELAY_PARKED,
+                "Established connections parked: idle for park_idle_after, held without a task.",
+            ),
+        );
+        let relay_parks = registered(
+            &r,
+            IntCounter::new(
+                RELAY_PARKS,
+                "Times an idle established connection was parked (it wakes on its next byte).",
+            ),
+        );
+        let resources = registered(
+            &r,
+            IntGauge::new(RESOURCES, "Distinct resources in the agent table."),
+        );
         Metrics {
             log_lines_dropped,
             relay_pipes,
