@@ -380,7 +380,7 @@ impl std::future::Future for Serve {
                         // Idle: the connection leaves this task for the parking lot.
                         Relayed::Idle => {
                             let rt = r.conn.rt.clone();
-                            match rt.parking.park(r) {
+                            match crate::parking::Parking::park(&rt, r) {
                                 Ok(()) => return Poll::Ready(()),
                                 Err(mut r) => {
                                     r.relay.never_park();
@@ -436,11 +436,12 @@ impl Conn {
         closed(&rt, &state, log);
     }
 
-    /// Close on an internal failure (the sockets are already gone or about to be dropped).
-    fn fail(self, log: &mut Log, outcome: relay::Outcome, detail: String) {
+    /// Close on an internal failure while parking or resuming (the sockets are already
+    /// gone or about to be dropped).
+    fn fail(self, log: &mut Log, relay: &relay::Paused, detail: String) {
         tracing::error!(conn = log.id, "{detail}");
         log.detail = detail;
-        self.finish(log, outcome);
+        self.finish(log, relay.outcome(End::InternalError));
     }
 
     /// When the connection must close (see `stop_signal`).
@@ -458,22 +459,16 @@ fn watched(
     reading: (bool, bool),
     client: &impl std::os::fd::AsRawFd,
     backend: &impl std::os::fd::AsRawFd,
-) -> impl Iterator<Item = std::os::fd::RawFd> {
+) -> [Option<std::os::fd::RawFd>; 2] {
     [
         reading.0.then(|| client.as_raw_fd()),
         reading.1.then(|| backend.as_raw_fd()),
     ]
-    .into_iter()
-    .flatten()
 }
 
 impl Relaying {
-    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
-        &self.conn.rt
-    }
-
     /// The sockets the parking lot must watch.
-    pub(crate) fn watched(&self) -> impl Iterator<Item = std::os::fd::RawFd> {
+    pub(crate) fn watched(&self) -> [Option<std::os::fd::RawFd>; 2] {
         watched(self.relay.reading(), &self.client, &self.backend)
     }
 
@@ -493,12 +488,8 @@ impl Relaying {
         let (client, backend) = match (client.into_std(), backend.into_std()) {
             (Ok(c), Ok(b)) => (c, b),
             (Err(e), _) | (_, Err(e)) => {
-                let outcome = relay.outcome(End::InternalError);
-                conn.fail(
-                    &mut log,
-                    outcome,
-                    format!("cannot park the connection: {e}"),
-                );
+                let detail = format!("cannot park the connection: {e}");
+                conn.fail(&mut log, &relay, detail);
                 return Err(());
             }
         };
@@ -527,7 +518,7 @@ pub struct Parked {
 
 impl Parked {
     /// The sockets the lot watches.
-    pub(crate) fn watched(&self) -> impl Iterator<Item = std::os::fd::RawFd> {
+    pub(crate) fn watched(&self) -> [Option<std::os::fd::RawFd>; 2] {
         watched(self.relay.reading(), &self.client, &self.backend)
     }
 
@@ -561,9 +552,8 @@ impl Parked {
                 }));
             }
             (Err(e), _) | (_, Err(e)) => {
-                let outcome = relay.outcome(End::InternalError);
                 let detail = format!("cannot resume the parked connection: {e}");
-                conn.fail(&mut log, outcome, detail);
+                conn.fail(&mut log, &relay, detail);
             }
         }
     }

@@ -18,7 +18,6 @@
 //! task is never missed. Keys are reused only after both sockets left the epoll set, under
 //! the same lock, so a wake-up never reaches the wrong connection.
 
-use std::os::fd::RawFd;
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
@@ -94,23 +93,23 @@ impl Parking {
     // The refused connection goes back into its task by value: boxing it would cost an
     // allocation per parking for a path that is rare.
     #[allow(clippy::result_large_err)]
-    pub fn park(&self, r: Relaying) -> Result<(), Relaying> {
-        let Some(registry) = &self.registry else {
+    pub fn park(rt: &Runtime, r: Relaying) -> Result<(), Relaying> {
+        let Some(registry) = &rt.parking.registry else {
             return Err(r);
         };
-        let rt = r.runtime().clone();
-        let mut lot = self.lot();
+        let mut lot = rt.parking.lot();
         if !lot.open {
             return Err(r);
         }
         let key = lot.parked.vacant_key();
         // Registered before the sockets leave tokio: readiness that arrives in between is
         // reported here (the lot's wake-ups wait for this lock, so they find the entry).
-        let fds: Vec<RawFd> = r.watched().collect();
+        let fds = r.watched();
         for (i, fd) in fds.iter().enumerate() {
+            let Some(fd) = fd else { continue };
             if let Err(e) = registry.register(&mut SourceFd(fd), Token(key), Interest::READABLE) {
                 tracing::warn!(error = %e, "cannot park a connection; it stays on its task");
-                for fd in &fds[..i] {
+                for fd in fds[..i].iter().flatten() {
                     let _ = registry.deregister(&mut SourceFd(fd));
                 }
                 return Err(r);
@@ -127,22 +126,25 @@ impl Parking {
         Ok(())
     }
 
-    /// Take the connection at `key` (if still there) out of the lot and out of the epoll
-    /// set; the caller resumes it outside the lock.
-    fn take(&self, lot: &mut Lot, key: usize, out: &mut Vec<Parked>) {
-        let Some(p) = lot.parked.try_remove(key) else {
-            return;
-        };
-        if let Some(registry) = &self.registry {
-            for fd in p.watched() {
-                let _ = registry.deregister(&mut SourceFd(&fd));
+    /// Hand the connections at the keys `pick` returns (those still there) back to tasks of
+    /// their own: out of the lot and the epoll set under the lock (so a key is reused only
+    /// once its sockets left the set), resumed outside it.
+    fn hand_back(&self, rt: &Runtime, pick: impl FnOnce(&mut Lot) -> Vec<usize>) {
+        let mut taken = Vec::new();
+        {
+            let mut lot = self.lot();
+            for key in pick(&mut lot) {
+                let Some(p) = lot.parked.try_remove(key) else {
+                    continue;
+                };
+                if let Some(registry) = &self.registry {
+                    for fd in p.watched().iter().flatten() {
+                        let _ = registry.deregister(&mut SourceFd(fd));
+                    }
+                }
+                taken.push(p);
             }
         }
-        out.push(p);
-    }
-
-    /// Hand connections back to tasks of their own.
-    fn resume(rt: &Runtime, taken: Vec<Parked>) {
         rt.metrics.relay_parked.sub(taken.len() as i64);
         for p in taken {
             p.resume();
@@ -164,53 +166,33 @@ impl Parking {
 
     /// Connections whose sockets woke.
     fn woken(&self, rt: &Runtime, events: &Events) {
-        let mut taken = Vec::new();
-        {
-            let mut lot = self.lot();
-            for e in events.iter() {
-                self.take(&mut lot, e.token().0, &mut taken);
-            }
-        }
-        Self::resume(rt, taken);
+        self.hand_back(rt, |_| events.iter().map(|e| e.token().0).collect());
     }
 
     /// Connections that are due: a retired backend, a passed idle timeout.
     fn sweep(&self, rt: &Runtime) {
         let now = tokio::time::Instant::now();
-        let mut taken = Vec::new();
-        {
-            let mut lot = self.lot();
-            let due: Vec<usize> = lot
-                .parked
-                .iter()
-                .filter(|(_, p)| p.due(now))
-                .map(|(k, _)| k)
-                .collect();
-            for key in due {
-                self.take(&mut lot, key, &mut taken);
-            }
+        self.hand_back(rt, |lot| {
             // After a crowd woke (a backend's broadcast, the end of a burst), give the
             // slab's room back: up to its last occupied entry, the rest is freed.
             if lot.parked.capacity() >= 1024 && lot.parked.len() * 4 < lot.parked.capacity() {
                 lot.parked.shrink_to_fit();
             }
-        }
-        Self::resume(rt, taken);
+            lot.parked
+                .iter()
+                .filter(|(_, p)| p.due(now))
+                .map(|(k, _)| k)
+                .collect()
+        });
     }
 
     /// No more parking; every parked connection goes back to a task, where its stop signal
     /// (already fired) closes it.
     fn close(&self, rt: &Runtime) {
-        let mut taken = Vec::new();
-        {
-            let mut lot = self.lot();
+        self.hand_back(rt, |lot| {
             lot.open = false;
-            let keys: Vec<usize> = lot.parked.iter().map(|(k, _)| k).collect();
-            for key in keys {
-                self.take(&mut lot, key, &mut taken);
-            }
-        }
-        Self::resume(rt, taken);
+            lot.parked.iter().map(|(k, _)| k).collect()
+        });
     }
 }
 
