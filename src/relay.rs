@@ -251,11 +251,12 @@ impl Pump {
     }
 }
 
-/// The relay's clock: the idle limit, when to park, and the time of the last byte.
-struct Timer {
-    sleep: Pin<Box<Sleep>>,
+/// The relay's clock: the idle limit, when to park, and the time of the last byte. Plain
+/// values, so a parked connection keeps it as is.
+#[derive(Clone, Copy)]
+struct Clock {
     last: Instant,
-    /// When the connection came onto this task: a resumed connection is not parked again
+    /// When the connection came onto its task: a resumed connection is not parked again
     /// before it had `park_after` to read what woke it (tokio reports a socket's readiness
     /// only once its reactor has turned, after the task's first poll).
     awake: Instant,
@@ -265,24 +266,50 @@ struct Timer {
     park_after: Option<Duration>,
 }
 
-impl Timer {
+impl Clock {
+    /// `None` when there is neither an idle limit nor parking: no clock at all.
+    fn new(
+        idle_limit: Option<Duration>,
+        park_after: Option<Duration>,
+        last: Instant,
+    ) -> Option<Clock> {
+        (idle_limit.is_some() || park_after.is_some()).then_some(Clock {
+            last,
+            awake: last,
+            idle_limit,
+            park_after,
+        })
+    }
+
+    fn idle_at(&self) -> Option<Instant> {
+        self.idle_limit.map(|l| self.last + l)
+    }
+
+    fn park_at(&self) -> Option<Instant> {
+        self.park_after.map(|p| self.last.max(self.awake) + p)
+    }
+
     /// The next moment something is due, given that nothing can be parked before `now` if
-    /// `park_due` is false. `None`: nothing is ever due.
+    /// `park_due` is false.
     fn next(&self, now: Instant, park_due: bool) -> Option<Instant> {
-        let idle = self.idle_limit.map(|l| self.last + l);
-        let park = self.park_after.map(|p| {
-            let at = self.last.max(self.awake) + p;
+        let park = self.park_at().zip(self.park_after).map(|(at, p)| {
             if at <= now && !park_due {
                 now + p
             } else {
                 at
             }
         });
-        match (idle, park) {
+        match (self.idle_at(), park) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
     }
+}
+
+/// The clock and the one timer that fires when it says something is due.
+struct Timer {
+    clock: Clock,
+    sleep: Pin<Box<Sleep>>,
 }
 
 /// What `poll_relay` came to.
@@ -343,9 +370,7 @@ impl Frozen {
 pub struct Paused {
     up: Frozen,
     down: Frozen,
-    last: Instant,
-    idle_limit: Option<Duration>,
-    park_after: Option<Duration>,
+    clock: Option<Clock>,
 }
 
 impl Paused {
@@ -366,7 +391,7 @@ impl Paused {
 
     /// When the idle timeout closes the connection, if it has one.
     pub fn idle_deadline(&self) -> Option<Instant> {
-        self.idle_limit.map(|l| self.last + l)
+        self.clock.and_then(|c| c.idle_at())
     }
 
     /// Back on a task: a new timer from the same clock, and a new stop signal.
@@ -377,7 +402,10 @@ impl Paused {
             timer: None,
             stop,
         };
-        relay.set_timer(self.idle_limit, self.park_after, self.last);
+        relay.set_timer(self.clock.map(|c| Clock {
+            awake: Instant::now(),
+            ..c
+        }));
         relay
     }
 }
@@ -396,32 +424,19 @@ impl Relay {
             timer: None,
             stop,
         };
-        relay.set_timer(idle_timeout, park_after, Instant::now());
+        relay.set_timer(Clock::new(idle_timeout, park_after, Instant::now()));
         relay
     }
 
-    fn set_timer(
-        &mut self,
-        idle_limit: Option<Duration>,
-        park_after: Option<Duration>,
-        last: Instant,
-    ) {
-        if idle_limit.is_none() && park_after.is_none() {
-            self.timer = None;
-            return;
-        }
-        let now = Instant::now();
-        let mut timer = Timer {
-            sleep: Box::pin(tokio::time::sleep_until(now)),
-            last,
-            awake: now,
-            idle_limit,
-            park_after,
-        };
-        if let Some(at) = timer.next(now, true) {
-            timer.sleep.as_mut().reset(at);
-        }
-        self.timer = Some(Box::new(timer));
+    /// Arm one timer for what `clock` says is due next.
+    fn set_timer(&mut self, clock: Option<Clock>) {
+        self.timer = clock.and_then(|clock| {
+            let at = clock.next(clock.awake, true)?;
+            Some(Box::new(Timer {
+                clock,
+                sleep: Box::pin(tokio::time::sleep_until(at)),
+            }))
+        });
     }
 
     /// Which directions still read: (client → backend, backend → client).
@@ -432,24 +447,18 @@ impl Relay {
     /// Parking was refused (the lot is closed or full): relay on this task, as before.
     pub fn never_park(&mut self) {
         if let Some(t) = &self.timer {
-            let (idle, last) = (t.idle_limit, t.last);
-            self.set_timer(idle, None, last);
+            let clock = Clock::new(t.clock.idle_limit, None, t.clock.last);
+            self.set_timer(clock);
         }
     }
 
     /// Take the relay off its task (after `Idle`): the timer and the stop signal are
     /// dropped, and with them every waker that refers to the task.
     pub fn pause(self) -> Paused {
-        let (last, idle_limit, park_after) = match self.timer {
-            Some(t) => (t.last, t.idle_limit, t.park_after),
-            None => (Instant::now(), None, None),
-        };
         Paused {
             up: self.up.freeze(),
             down: self.down.freeze(),
-            last,
-            idle_limit,
-            park_after,
+            clock: self.timer.map(|t| t.clock),
         }
     }
 
@@ -507,19 +516,19 @@ impl Relay {
         let parkable = self.nothing_buffered();
         if let Some(t) = &mut self.timer {
             if active {
-                t.last = Instant::now();
+                t.clock.last = Instant::now();
             }
             // The timer is only re-armed when it fires, not on every byte.
             while t.sleep.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();
-                if t.idle_limit.is_some_and(|l| now >= t.last + l) {
+                if t.clock.idle_at().is_some_and(|at| now >= at) {
                     let end = End::IdleTimeout;
                     return self.outcome(end);
                 }
-                if parkable && t.park_after.is_some_and(|p| now >= t.last.max(t.awake) + p) {
+                if parkable && t.clock.park_at().is_some_and(|at| now >= at) {
                     return Poll::Ready(Relayed::Idle);
                 }
-                match t.next(now, parkable) {
+                match t.clock.next(now, parkable) {
                     Some(at) => t.sleep.as_mut().reset(at),
                     None => break,
                 }
