@@ -1320,6 +1320,19 @@ async fn echo_backend() -> std::net::SocketAddr {
     address
 }
 
+/// A tunnel through sluice to an echo backend (`echo_backend`, `echo_later_backend`): its
+/// greeting read and its hello echoed back whole.
+async fn open_echoed_tunnel(server: &sluice::server::Server) -> TcpStream {
+    let hello = tunnel_hello();
+    let mut s = TcpStream::connect(edge(server)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "echo");
+    let mut echoed = vec![0; hello.len()];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, hello);
+    s
+}
+
 fn pattern(from: usize, len: usize) -> Vec<u8> {
     (from..from + len)
         .map(|i| (i.wrapping_mul(31) ^ (i >> 9)) as u8)
@@ -1336,13 +1349,7 @@ async fn bulk_transfer_goes_through_pipes_and_arrives_exact_both_ways() {
     })
     .await;
     let spliced_before = metric(&server, "sluice_relay_spliced_bytes_total", &[]).await;
-    let hello = tunnel_hello();
-    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
-    s.write_all(&hello).await.unwrap();
-    assert_eq!(read_line(&mut s).await, "echo");
-    let mut echoed_hello = vec![0; hello.len()];
-    s.read_exact(&mut echoed_hello).await.unwrap();
-    assert_eq!(echoed_hello, hello);
+    let s = open_echoed_tunnel(&server).await;
 
     let (mut r, mut w) = s.into_split();
     let writer = tokio::spawn(async move {
@@ -1429,12 +1436,7 @@ async fn a_parked_connection_wakes_from_either_side_and_loses_nothing() {
         ..Simple::default()
     })
     .await;
-    let hello = tunnel_hello();
-    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
-    s.write_all(&hello).await.unwrap();
-    assert_eq!(read_line(&mut s).await, "echo");
-    let mut echoed = vec![0; hello.len()];
-    s.read_exact(&mut echoed).await.unwrap();
+    let mut s = open_echoed_tunnel(&server).await;
     parked(&server, 1.0).await;
 
     // The client's side wakes it: 1 MiB echoed exactly (spliced or copied), then it parks
@@ -1554,12 +1556,7 @@ async fn a_drain_waits_for_parked_connections_then_closes_them() {
         ..Simple::default()
     })
     .await;
-    let hello = tunnel_hello();
-    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
-    s.write_all(&hello).await.unwrap();
-    assert_eq!(read_line(&mut s).await, "echo");
-    let mut echoed = vec![0; hello.len()];
-    s.read_exact(&mut echoed).await.unwrap();
+    let mut s = open_echoed_tunnel(&server).await;
     parked(&server, 1.0).await;
 
     let server = std::sync::Arc::new(server);
