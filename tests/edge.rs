@@ -556,9 +556,16 @@ async fn half_close_client_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_backend_first() {
+    backend_closes_first(false).await;
+}
+
+/// The backend says its line and closes its side at once; the client sees EOF and can still
+/// send. `park`: the connection parks in between, with one direction finished.
+async fn backend_closes_first(park: bool) {
     let b = RawBackend::start("b", true).await;
     let server = simple(Simple {
         backends: vec![b.address.to_string()],
+        top: if park { PARK_FAST } else { "" },
         ..Simple::default()
     })
     .await;
@@ -566,12 +573,17 @@ async fn half_close_backend_first() {
     s.write_all(&tunnel_hello()).await.unwrap();
     // The backend said its line and closed its side: the client sees EOF...
     assert_eq!(read_line(&mut s).await, "b");
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(rest.is_empty());
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+    if park {
+        // Only the client's socket is watched (the backend's, at EOF, would wake it at
+        // once, forever).
+        parked(&server, 1.0).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metric(&server, "sluice_relay_parks_total", &[]).await, 1.0);
+    }
     // ...and can still send: the client-to-backend direction keeps flowing.
     s.write_all(b"still here").await.unwrap();
     s.shutdown().await.unwrap();
@@ -581,6 +593,7 @@ async fn half_close_backend_first() {
             .is_some_and(|c| c.ends_with(b"still here"))
     })
     .await;
+    closed_cleanly_once(&server).await;
     server.shutdown().await;
 }
 
@@ -1480,36 +1493,7 @@ async fn a_parked_connection_wakes_from_either_side_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_closed_connection_parks_and_its_open_side_still_flows() {
-    // The backend says its line and closes its side at once.
-    let b = RawBackend::start("b", true).await;
-    let server = simple(Simple {
-        backends: vec![b.address.to_string()],
-        top: PARK_FAST,
-        ..Simple::default()
-    })
-    .await;
-    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
-    s.write_all(&tunnel_hello()).await.unwrap();
-    assert_eq!(read_line(&mut s).await, "b");
-    assert_eq!(
-        read_to_end(&mut s, Duration::from_secs(3)).await,
-        Some(vec![])
-    );
-    // Parked with one direction finished: only the client's socket is watched (the
-    // backend's, at EOF, would wake it at once, forever).
-    parked(&server, 1.0).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(metric(&server, "sluice_relay_parks_total", &[]).await, 1.0);
-    s.write_all(b"still here").await.unwrap();
-    s.shutdown().await.unwrap();
-    eventually("backend received data after its own FIN", || async {
-        b.connections()
-            .first()
-            .is_some_and(|c| c.ends_with(b"still here"))
-    })
-    .await;
-    closed_cleanly_once(&server).await;
-    server.shutdown().await;
+    backend_closes_first(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
