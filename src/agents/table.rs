@@ -629,6 +629,11 @@ mod tests {
         }
     }
 
+    /// `apply` as most tests call it: one token ("t"), unscoped, outside any stream.
+    fn beat(t: &AgentTable, h: Heartbeat, now: u64) -> Result<Applied, Refused> {
+        t.apply(h, "t", false, 0, now, &backend)
+    }
+
     fn ids(t: &AgentTable, name: &str) -> Vec<String> {
         let mut v: Vec<String> = t
             .lookup(&ResourceKey::new("app", name))
@@ -658,37 +663,14 @@ mod tests {
     #[test]
     fn two_agents_one_resource_two_records() {
         let t = AgentTable::default();
-        t.apply(
-            hb("a1", 1, "17.0.0", 1000, &["myapp"]),
-            "t",
-            false,
-            0,
-            0,
-            &backend,
-        )
-        .unwrap();
-        t.apply(
-            hb("a2", 2, "17.0.0", 1000, &["myapp", "other"]),
-            "t",
-            false,
-            0,
-            0,
-            &backend,
-        )
-        .unwrap();
+        beat(&t, hb("a1", 1, "17.0.0", 1000, &["myapp"]), 0).unwrap();
+        beat(&t, hb("a2", 2, "17.0.0", 1000, &["myapp", "other"]), 0).unwrap();
         assert_eq!(ids(&t, "myapp"), ["a1", "a2"]);
         assert_eq!(ids(&t, "other"), ["a2"]);
         assert_eq!(t.resource_count(), 2);
         assert_eq!(t.agent_count(), 2);
         // a2 stops announcing myapp: its record goes, a1's stays.
-        let r = t.apply(
-            hb("a2", 2, "17.0.0", 1000, &["other"]),
-            "t",
-            false,
-            0,
-            5,
-            &backend,
-        );
+        let r = beat(&t, hb("a2", 2, "17.0.0", 1000, &["other"]), 5);
         assert_eq!(r, Ok(Applied::Changed));
         assert_eq!(ids(&t, "myapp"), ["a1"]);
     }
@@ -696,38 +678,15 @@ mod tests {
     #[test]
     fn keepalive_moves_only_the_expiry_and_keeps_the_object() {
         let t = AgentTable::default();
-        t.apply(
-            hb("a1", 1, "17.0.0", 100, &["x"]),
-            "t",
-            false,
-            0,
-            0,
-            &backend,
-        )
-        .unwrap();
+        beat(&t, hb("a1", 1, "17.0.0", 100, &["x"]), 0).unwrap();
         let before = t.agent("a1").unwrap();
-        let r = t.apply(
-            hb("a1", 1, "17.0.0", 100, &["x"]),
-            "t",
-            false,
-            0,
-            50,
-            &backend,
-        );
+        let r = beat(&t, hb("a1", 1, "17.0.0", 100, &["x"]), 50);
         assert_eq!(r, Ok(Applied::KeptAlive));
         let after = t.agent("a1").unwrap();
         assert!(Arc::ptr_eq(&before, &after));
         assert_eq!(after.expires(), 150);
         // A new address is a change; a new backend object.
-        t.apply(
-            hb("a1", 9, "17.0.0", 100, &["x"]),
-            "t",
-            false,
-            0,
-            60,
-            &backend,
-        )
-        .unwrap();
+        beat(&t, hb("a1", 9, "17.0.0", 100, &["x"]), 60).unwrap();
         let moved = t.agent("a1").unwrap();
         assert!(!Arc::ptr_eq(&before.backend, &moved.backend));
         assert_eq!(moved.since, 60);
@@ -739,35 +698,10 @@ mod tests {
         let rules = Rules {
             cluster_version: Version::parse("17.2.0"),
         };
-        t.apply(
-            hb("ok", 1, "17.1.0", 100, &["x"]),
-            "t",
-            false,
-            0,
-            0,
-            &backend,
-        )
-        .unwrap();
-        t.apply(
-            hb("new", 2, "18.0.0", 100, &["x"]),
-            "t",
-            false,
-            0,
-            0,
-            &backend,
-        )
-        .unwrap();
-        t.apply(
-            hb("old", 3, "15.0.0", 100, &["x"]),
-            "t",
-            false,
-            0,
-            0,
-            &backend,
-        )
-        .unwrap();
-        t.apply(hb("nover", 4, "", 100, &["x"]), "t", false, 0, 0, &backend)
-            .unwrap();
+        beat(&t, hb("ok", 1, "17.1.0", 100, &["x"]), 0).unwrap();
+        beat(&t, hb("new", 2, "18.0.0", 100, &["x"]), 0).unwrap();
+        beat(&t, hb("old", 3, "15.0.0", 100, &["x"]), 0).unwrap();
+        beat(&t, hb("nover", 4, "", 100, &["x"]), 0).unwrap();
         let s = |id: &str, now| rules.state(&t.agent(id).unwrap(), now);
         assert_eq!(s("ok", 10), AgentState::Warming);
         assert_eq!(s("ok", 30), AgentState::Ready);
@@ -784,24 +718,8 @@ mod tests {
     #[test]
     fn sweep_keeps_expired_agents_listed_for_a_while_then_drops_them() {
         let t = AgentTable::default();
-        t.apply(
-            hb("a1", 1, "1.0.0", 100, &["x"]),
-            "t",
-            false,
-            0,
-            0,
-            &backend,
-        )
-        .unwrap();
-        t.apply(
-            hb("a2", 2, "1.0.0", 1000, &["x"]),
-            "t",
-            false,
-            0,
-            0,
-            &backend,
-        )
-        .unwrap();
+        beat(&t, hb("a1", 1, "1.0.0", 100, &["x"]), 0).unwrap();
+        beat(&t, hb("a2", 2, "1.0.0", 1000, &["x"]), 0).unwrap();
         assert_eq!(t.sweep(150, 100), 0);
         assert_eq!(t.sweep(200, 100), 1);
         assert_eq!(ids(&t, "x"), ["a2"]);
@@ -872,22 +790,12 @@ mod tests {
     fn the_table_is_bounded() {
         let t = AgentTable::new(2, 0);
         for (i, id) in ["a", "b"].iter().enumerate() {
-            t.apply(
-                hb(id, i as u16, "1.0.0", 10, &["x"]),
-                "t",
-                false,
-                0,
-                0,
-                &backend,
-            )
-            .unwrap();
+            beat(&t, hb(id, i as u16, "1.0.0", 10, &["x"]), 0).unwrap();
         }
-        let r = t.apply(hb("c", 3, "1.0.0", 10, &["x"]), "t", false, 0, 0, &backend);
+        let r = beat(&t, hb("c", 3, "1.0.0", 10, &["x"]), 0);
         assert_eq!(r, Err(Refused::Full(2)));
         // Known agents still heartbeat.
-        assert!(t
-            .apply(hb("a", 0, "1.0.0", 10, &["x"]), "t", false, 0, 1, &backend)
-            .is_ok());
+        assert!(beat(&t, hb("a", 0, "1.0.0", 10, &["x"]), 1).is_ok());
     }
 
     #[test]
@@ -909,7 +817,7 @@ mod tests {
             rules.state(&t.agent("s1").unwrap(), u64::MAX - 1),
             AgentState::Ready
         );
-        let r = t.apply(hb("s1", 5, "1.0.0", 10, &["x"]), "t", false, 0, 0, &backend);
+        let r = beat(&t, hb("s1", 5, "1.0.0", 10, &["x"]), 0);
         assert_eq!(r, Err(Refused::Static("s1".into())));
         t.set_static(vec![hb("s2", 2, "1.0.0", 0, &["y", "z"])], 1, &backend);
         assert!(ids(&t, "x").is_empty());
@@ -930,7 +838,7 @@ mod tests {
             ]),
         });
         let t = AgentTable::default();
-        t.apply(h, "t", false, 0, 0, &backend).unwrap();
+        beat(&t, h, 0).unwrap();
         let recs = t.lookup(&ResourceKey::new("db", "pg")).unwrap();
         let sel = |pairs: &[(&str, &str)]| -> Labels {
             pairs
