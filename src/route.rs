@@ -5,6 +5,7 @@
 //! all match wins. A TLS connection never matches a `tls = false` route and vice versa, so a
 //! broken or non-TLS client can never fall into a TLS catch-all.
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 /// One ALPN pattern: an exact protocol name, or a prefix when written with a trailing `*`
@@ -213,22 +214,116 @@ impl Match {
 
 /// An ordered list of routes; `T` is whatever the caller attaches to a route (the runtime uses
 /// its compiled route with pool and metric handles).
+///
+/// Selection is first match in order, as a linear scan would give, but routes that require a
+/// server name are found through an index of their SNI patterns: a table of a thousand named
+/// routes costs a few hash lookups per connection (one per label of the offered name), not a
+/// thousand comparisons.
 #[derive(Debug)]
 pub struct RouteTable<T> {
     routes: Vec<(Match, T)>,
+    index: SniIndex,
+}
+
+/// Route positions by SNI pattern, each list in route order. A TLS route with SNI patterns is
+/// listed under each of them; every other route is in `always` (tried for every connection).
+///
+/// The maps hash with FxHash: their keys come from the config, and a lookup cannot change a
+/// table's layout, so a client choosing names cannot make lookups slower than the table is.
+#[derive(Debug, Default)]
+struct SniIndex {
+    always: Vec<usize>,
+    exact: FxHashMap<String, Vec<usize>>,
+    /// Keyed by the suffix with its leading dot (`.example.com` for `*.example.com`).
+    suffix: FxHashMap<String, Vec<usize>>,
+    /// Keyed by the prefix with its trailing dot (`kube.` for `kube.*`).
+    prefix: FxHashMap<String, Vec<usize>>,
+}
+
+impl SniIndex {
+    fn build<'a>(matches: impl Iterator<Item = &'a Match>) -> SniIndex {
+        let mut index = SniIndex::default();
+        for (i, m) in matches.enumerate() {
+            let pats = match (m.sni.as_ref(), m.tls) {
+                (Some(pats), true) => pats,
+                _ => {
+                    index.always.push(i);
+                    continue;
+                }
+            };
+            for p in pats {
+                let (map, key) = match p {
+                    SniPattern::Exact(k) => (&mut index.exact, k),
+                    SniPattern::Suffix(k) => (&mut index.suffix, k),
+                    SniPattern::Prefix(k) => (&mut index.prefix, k),
+                };
+                let list = map.entry(key.clone()).or_default();
+                // Two patterns of one route can both hold a key (`a.b` listed twice).
+                if list.last() != Some(&i) {
+                    list.push(i);
+                }
+            }
+        }
+        index
+    }
+
+    /// Every list of positions whose SNI pattern matches `name`: the exact entry, then one
+    /// per suffix and prefix of `name` cut at a dot (a pattern must leave at least one byte
+    /// of the name outside it, as `SniPattern::matches` requires).
+    fn lists<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [usize]> + 'a {
+        let dots = |map: &'a FxHashMap<String, Vec<usize>>| {
+            let used = !map.is_empty();
+            used.then(|| name.match_indices('.').map(|(at, _)| at))
+                .into_iter()
+                .flatten()
+        };
+        let suffixes = dots(&self.suffix)
+            .filter(|&at| at > 0)
+            .filter_map(|at| self.suffix.get(&name[at..]));
+        let prefixes = dots(&self.prefix)
+            .filter(|&at| at + 1 < name.len())
+            .filter_map(|at| self.prefix.get(&name[..=at]));
+        self.exact
+            .get(name)
+            .into_iter()
+            .chain(suffixes)
+            .chain(prefixes)
+            .map(Vec::as_slice)
+    }
 }
 
 impl<T> RouteTable<T> {
     pub fn new(routes: Vec<(Match, T)>) -> Self {
-        Self { routes }
+        let index = SniIndex::build(routes.iter().map(|(m, _)| m));
+        Self { routes, index }
     }
 
     /// The first route whose match keys all hold.
     pub fn select(&self, facts: &Facts<'_>) -> Option<&T> {
-        self.routes
-            .iter()
-            .find(|(m, _)| m.matches(facts))
-            .map(|(_, t)| t)
+        // The earliest matching position in each candidate list (each is in route order, so
+        // a list is read only up to the best position found so far).
+        let mut best: Option<usize> = None;
+        let mut first_in = |list: &[usize]| {
+            for &i in list {
+                if best.is_some_and(|b| i >= b) {
+                    return;
+                }
+                if self.routes[i].0.matches(facts) {
+                    best = Some(i);
+                    return;
+                }
+            }
+        };
+        if let Some(TlsFacts {
+            sni: Some(name), ..
+        }) = facts.tls
+        {
+            for list in self.index.lists(name) {
+                first_in(list);
+            }
+        }
+        first_in(&self.index.always);
+        best.map(|i| &self.routes[i].1)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &(Match, T)> {
@@ -330,6 +425,49 @@ mod tests {
         assert_eq!(table.select(&tls(None, &a)), Some(&"tunnels"));
         let b = vec!["h2".to_string()];
         assert_eq!(table.select(&tls(Some("x"), &b)), Some(&"clients"));
+    }
+
+    /// The index changes how candidates are found, never which route wins: for random tables
+    /// (exact, suffix and prefix names, ALPN, listener scopes, plain routes, catch-alls) and
+    /// random connections, `select` gives what a scan in order gives.
+    #[test]
+    fn the_sni_index_selects_what_a_scan_in_order_selects() {
+        use proptest::prelude::*;
+        let label = prop::sample::select(vec!["a", "b", "kube", "example", "com", "x-y"]);
+        let name = prop::collection::vec(label, 1..4).prop_map(|l| l.join("."));
+        let sni_pattern = (0..3u8, name.clone()).prop_map(|(form, n)| match form {
+            0 => n,
+            1 => format!("*.{n}"),
+            _ => format!("{n}.*"),
+        });
+        let route = (
+            prop::option::of(prop::collection::vec(sni_pattern, 1..3)),
+            prop::option::of(prop::sample::subsequence(vec!["h2", "teleport-*"], 1..=2)),
+            prop::option::of(prop::sample::subsequence(vec!["edge", "internal"], 1..=2)),
+            prop::bool::weighted(0.9),
+        )
+            .prop_map(|(sni, alpn, listeners, tls)| Match {
+                listeners: listeners.map(|l| l.into_iter().map(String::from).collect()),
+                alpn: alpn.map(|a| a.into_iter().map(AlpnPattern::parse).collect()),
+                sni: sni.map(|p| p.iter().map(|s| SniPattern::parse(s).unwrap()).collect()),
+                tls,
+            });
+        let facts = (
+            prop::option::of(name),
+            prop::sample::subsequence(vec!["h2", "http/1.1", "teleport-proxy-ssh"], 0..=3),
+            prop::sample::select(vec!["edge", "internal"]),
+            prop::bool::weighted(0.9),
+        );
+        proptest!(|(routes in prop::collection::vec(route, 0..24), (sni, alpn, listener, is_tls) in facts)| {
+            let alpn: Vec<String> = alpn.into_iter().map(String::from).collect();
+            let facts = Facts {
+                listener,
+                tls: is_tls.then_some(TlsFacts { sni: sni.as_deref(), alpn: &alpn }),
+            };
+            let scanned = routes.iter().position(|m| m.matches(&facts));
+            let table = RouteTable::new(routes.into_iter().enumerate().map(|(i, m)| (m, i)).collect());
+            prop_assert_eq!(table.select(&facts).copied(), scanned);
+        });
     }
 
     #[test]

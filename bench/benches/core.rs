@@ -25,9 +25,35 @@ fn parse(c: &mut Criterion) {
     g.finish();
 }
 
-/// 1000 routes, each for one SNI name and the h2 ALPN, then a catch-all; the connection
-/// matches route `hit` (0 = first, 999 = last) or none of the named ones (the catch-all).
+/// 1000 routes, each for one SNI name (`svc{i}.example.com`, or `*.t{i}.example.com` for the
+/// wildcard group) and the h2 ALPN, then a catch-all; the connection matches route `hit`
+/// (0 = first, 999 = last) or none of the named ones (the catch-all).
 fn routes(c: &mut Criterion) {
+    for (group, pattern, cases) in [
+        (
+            "route_select_1000",
+            "svc{}.example.com",
+            [
+                ("first", "svc0.example.com", 0),
+                ("last", "svc999.example.com", 999),
+                ("catch_all", "other.example.org", 1000),
+            ],
+        ),
+        (
+            "route_select_1000_wildcard",
+            "*.t{}.example.com",
+            [
+                ("first", "db.t0.example.com", 0),
+                ("last", "db.t999.example.com", 999),
+                ("catch_all", "db.other.example.org", 1000),
+            ],
+        ),
+    ] {
+        route_group(c, group, pattern, &cases);
+    }
+}
+
+fn route_group(c: &mut Criterion, group: &str, pattern: &str, cases: &[(&str, &str, usize)]) {
     let mut table = Vec::new();
     for i in 0..1000 {
         table.push((
@@ -37,9 +63,10 @@ fn routes(c: &mut Criterion) {
                     AlpnPattern::parse("h2"),
                     AlpnPattern::parse("http/1.1"),
                 ]),
-                sni: Some(vec![
-                    SniPattern::parse(&format!("svc{i}.example.com")).expect("pattern")
-                ]),
+                sni: Some(vec![SniPattern::parse(
+                    &pattern.replace("{}", &i.to_string()),
+                )
+                .expect("pattern")]),
                 tls: true,
             },
             i,
@@ -56,12 +83,8 @@ fn routes(c: &mut Criterion) {
     ));
     let table = RouteTable::new(table);
     let alpn = vec!["h2".to_string(), "http/1.1".to_string()];
-    let mut g = c.benchmark_group("route_select_1000");
-    for (label, sni, want) in [
-        ("first", "svc0.example.com", 0),
-        ("last", "svc999.example.com", 999),
-        ("catch_all", "other.example.org", 1000),
-    ] {
+    let mut g = c.benchmark_group(group);
+    for &(label, sni, want) in cases {
         let facts = Facts {
             listener: "edge",
             tls: Some(TlsFacts {
