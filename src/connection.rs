@@ -444,6 +444,11 @@ impl Conn {
         self.finish(log, relay.outcome(End::InternalError));
     }
 
+    /// Its backend was retired (removed, and `removed_drain_timeout` passed).
+    fn retired(&self) -> bool {
+        self.guard.backend().retire.is_cancelled()
+    }
+
     /// When the connection must close (see `stop_signal`).
     fn stop(&self) -> relay::StopSignal {
         Box::pin(stop_signal(
@@ -467,6 +472,11 @@ fn watched(
 }
 
 impl Relaying {
+    /// Its backend was retired: it must not park (its stop signal is about to close it).
+    pub(crate) fn retired(&self) -> bool {
+        self.conn.retired()
+    }
+
     /// The sockets the parking lot must watch.
     pub(crate) fn watched(&self) -> [Option<std::os::fd::RawFd>; 2] {
         watched(self.relay.reading(), &self.client, &self.backend)
@@ -522,11 +532,14 @@ impl Parked {
         watched(self.relay.reading(), &self.client, &self.backend)
     }
 
-    /// The lot must hand the connection back now: its backend was retired, or its idle
-    /// timeout passed (the task then closes it with the reason).
-    pub(crate) fn due(&self, now: tokio::time::Instant) -> bool {
-        self.conn.guard.backend().retire.is_cancelled()
-            || self.relay.idle_deadline().is_some_and(|at| at <= now)
+    /// Its backend was retired: the lot must hand it back (its task then closes it).
+    pub(crate) fn retired(&self) -> bool {
+        self.conn.retired()
+    }
+
+    /// When its idle timeout passes (the lot must hand it back then); `None`: never.
+    pub(crate) fn idle_deadline(&self) -> Option<tokio::time::Instant> {
+        self.relay.idle_deadline()
     }
 
     /// Back to a task of its own (inside the runtime), relaying where it left off.

@@ -32,6 +32,8 @@ use crate::runtime::Runtime;
 
 /// How often parked connections are checked for a retired backend or a passed idle timeout.
 const SWEEP: Duration = Duration::from_secs(1);
+/// Slab keys looked at per step of a scan (one hold of the lot's lock, about 50 µs).
+const SCAN_CHUNK: usize = 1024;
 
 /// Memory is given back to the OS (`trim`) after this many parkings, at most this often.
 const TRIM_AFTER_PARKS: usize = 256;
@@ -54,6 +56,11 @@ struct Lot {
     parked: Slab<Parked>,
     /// `run` is serving the lot; false before it starts and after the lot closed.
     open: bool,
+    /// The earliest idle deadline of a parked connection, or earlier (a connection that
+    /// left keeps it until the next scan); `None`: none has one.
+    next_idle_due: Option<tokio::time::Instant>,
+    /// `upstream::retirements()` when the lot last checked every backend.
+    retirements_seen: u64,
 }
 
 impl Default for Parking {
@@ -80,6 +87,8 @@ impl Parking {
                 last_trim: None,
                 parked: Slab::new(),
                 open: false,
+                next_idle_due: None,
+                retirements_seen: crate::upstream::retirements(),
             }),
         }
     }
@@ -98,7 +107,9 @@ impl Parking {
             return Err(r);
         };
         let mut lot = rt.parking.lot();
-        if !lot.open {
+        // A retired backend's connection stays on its task, whose stop signal closes it.
+        // Checked under the lock: a retirement after this is seen by the lot's next sweep.
+        if !lot.open || r.retired() {
             return Err(r);
         }
         let key = lot.parked.vacant_key();
@@ -118,6 +129,9 @@ impl Parking {
         // On `Err` the connection is closed and logged; closing its sockets removed them
         // from the epoll set.
         if let Ok(parked) = r.pause(rt.tracker.token()) {
+            if let Some(at) = parked.idle_deadline() {
+                lot.next_idle_due = Some(lot.next_idle_due.map_or(at, |due| due.min(at)));
+            }
             lot.parked.insert(parked);
             lot.parks_since_trim += 1;
             rt.metrics.relay_parked.inc();
@@ -169,21 +183,55 @@ impl Parking {
         self.hand_back(rt, |_| events.iter().map(|e| e.token().0).collect());
     }
 
-    /// Connections that are due: a retired backend, a passed idle timeout.
-    fn sweep(&self, rt: &Runtime) {
-        let now = tokio::time::Instant::now();
+    /// Whether a sweep has anything to look for: a backend retired since the last scan, or
+    /// an idle deadline passed. With neither (tunnels have no idle timeout; backends rarely
+    /// retire), a sweep costs nothing however many connections are parked.
+    fn sweep_due(&self, now: tokio::time::Instant) -> bool {
+        let lot = self.lot();
+        lot.retirements_seen != crate::upstream::retirements()
+            || lot.next_idle_due.is_some_and(|due| due <= now)
+    }
+
+    /// One step of a scan for connections that are due (a retired backend, a passed idle
+    /// timeout): `SCAN_CHUNK` slab keys from `from`, under the lock, handed back outside it.
+    /// Returns where the next step starts, `None` when the scan is over. The lock is held for
+    /// one step at a time, so parking and waking go on during a scan of a very large lot.
+    fn scan_step(&self, rt: &Runtime, now: tokio::time::Instant, from: usize) -> Option<usize> {
+        let mut next_step = None;
         self.hand_back(rt, |lot| {
-            // After a crowd woke (a backend's broadcast, the end of a burst), give the
-            // slab's room back: up to its last occupied entry, the rest is freed.
-            if lot.parked.capacity() >= 1024 && lot.parked.len() * 4 < lot.parked.capacity() {
+            if from == 0 {
+                // A new scan: it recomputes the earliest deadline from what it finds
+                // (connections parked meanwhile add theirs), and sees every retirement
+                // counted until now.
+                lot.retirements_seen = crate::upstream::retirements();
+                lot.next_idle_due = None;
+            }
+            let to = (from + SCAN_CHUNK).min(lot.parked.capacity());
+            let mut due = Vec::new();
+            let mut earliest = lot.next_idle_due;
+            for key in from..to {
+                let Some(p) = lot.parked.get(key) else {
+                    continue;
+                };
+                let deadline = p.idle_deadline();
+                if p.retired() || deadline.is_some_and(|at| at <= now) {
+                    due.push(key);
+                } else if let Some(at) = deadline {
+                    earliest = Some(earliest.map_or(at, |e| e.min(at)));
+                }
+            }
+            lot.next_idle_due = earliest;
+            let cap = lot.parked.capacity();
+            if to < cap {
+                next_step = Some(to);
+            } else if cap >= 1024 && lot.parked.len() * 4 < cap {
+                // After a crowd woke (a backend's broadcast, the end of a burst), give the
+                // slab's room back: up to its last occupied entry, the rest is freed.
                 lot.parked.shrink_to_fit();
             }
-            lot.parked
-                .iter()
-                .filter(|(_, p)| p.due(now))
-                .map(|(k, _)| k)
-                .collect()
+            due
         });
+        next_step
     }
 
     /// No more parking; every parked connection goes back to a task, where its stop signal
@@ -255,7 +303,15 @@ pub async fn run(rt: Weak<Runtime>, close_all: CancellationToken) {
             }
             _ = sweep.tick() => {
                 let Some(rt) = rt.upgrade() else { return };
-                rt.parking.sweep(&rt);
+                let now = tokio::time::Instant::now();
+                if rt.parking.sweep_due(now) {
+                    // In steps, letting this worker's other tasks run between them.
+                    let mut from = 0;
+                    while let Some(next) = rt.parking.scan_step(&rt, now, from) {
+                        from = next;
+                        tokio::task::yield_now().await;
+                    }
+                }
                 if let Some(parks) = rt.parking.trim_due(std::time::Instant::now()) {
                     tokio::task::spawn_blocking(move || trim(parks));
                 }

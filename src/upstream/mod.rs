@@ -177,9 +177,21 @@ impl Backend {
                 tracing::info!(backend = %b.name, connections = b.active(),
                     "removed_drain_timeout passed: closing the removed backend's connections");
                 b.retire.cancel();
+                RETIREMENTS.fetch_add(1, Ordering::Release);
             }
         });
     }
+}
+
+/// Bumped after a backend retires on its own (`remove`, once `removed_drain_timeout` passed;
+/// the end of a drain closes everything through the parent token instead). The parking lot
+/// checks its connections' backends only when this moved, not on every sweep. Process-wide:
+/// a bump from another runtime in the same process (tests) costs a lot one needless check.
+static RETIREMENTS: AtomicU64 = AtomicU64::new(0);
+
+/// How many backends have retired in this process so far (see `RETIREMENTS`).
+pub fn retirements() -> u64 {
+    RETIREMENTS.load(Ordering::Acquire)
 }
 
 /// Every live backend object, keyed by (pool, address), so a reload finds the ones it keeps.
