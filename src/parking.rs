@@ -35,7 +35,9 @@ const SWEEP: Duration = Duration::from_secs(1);
 /// Slab keys looked at per step of a scan (one hold of the lot's lock, about 50 µs).
 const SCAN_CHUNK: usize = 1024;
 
-/// Memory is given back to the OS (`trim`) after this many parkings, at most this often.
+/// Memory is given back to the OS (`trim`) once this many connections parked since the last
+/// trim, as soon as parking settles (a sweep interval with no new park), or after
+/// `TRIM_EVERY` if it never does.
 const TRIM_AFTER_PARKS: usize = 256;
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 
@@ -51,6 +53,8 @@ struct Lot {
     /// Connections parked since the last `trim`, and when that was.
     parks_since_trim: usize,
     last_trim: Option<std::time::Instant>,
+    /// `parks_since_trim` at the previous sweep: unchanged means parking has settled.
+    parks_at_last_sweep: usize,
     /// Inline, not boxed: parked connections live in the slab's few large blocks, not in
     /// small allocations scattered over the heap (which would pin its pages; see `trim`).
     parked: Slab<Parked>,
@@ -85,6 +89,7 @@ impl Parking {
             lot: Mutex::new(Lot {
                 parks_since_trim: 0,
                 last_trim: None,
+                parks_at_last_sweep: 0,
                 parked: Slab::new(),
                 open: false,
                 next_idle_due: None,
@@ -165,15 +170,22 @@ impl Parking {
         }
     }
 
-    /// `Some(parks)` when enough connections parked since the last trim, and long enough
-    /// ago, that the memory they freed should go back to the OS now.
+    /// `Some(parks)` when the memory freed by the connections parked since the last trim
+    /// should go back to the OS now (called once per sweep interval): enough of them, and
+    /// either the crowd has settled or the last trim is `TRIM_EVERY` old. Waiting for the
+    /// crowd matters: tunnels opened over several seconds park over several seconds, and a
+    /// trim after the first few hundred would leave the rest's memory for `TRIM_EVERY`.
     fn trim_due(&self, now: std::time::Instant) -> Option<usize> {
         let mut lot = self.lot();
         let parks = lot.parks_since_trim;
-        if parks < TRIM_AFTER_PARKS || lot.last_trim.is_some_and(|t| now - t < TRIM_EVERY) {
+        let settled = parks == lot.parks_at_last_sweep;
+        lot.parks_at_last_sweep = parks;
+        let waited = lot.last_trim.is_none_or(|t| now - t >= TRIM_EVERY);
+        if parks < TRIM_AFTER_PARKS || !(settled || waited) {
             return None;
         }
         lot.parks_since_trim = 0;
+        lot.parks_at_last_sweep = 0;
         lot.last_trim = Some(now);
         Some(parks)
     }
@@ -221,17 +233,19 @@ impl Parking {
                 }
             }
             lot.next_idle_due = earliest;
-            let cap = lot.parked.capacity();
-            if to < cap {
-                next_step = Some(to);
-            } else if cap >= 1024 && lot.parked.len() * 4 < cap {
-                // After a crowd woke (a backend's broadcast, the end of a burst), give the
-                // slab's room back: up to its last occupied entry, the rest is freed.
-                lot.parked.shrink_to_fit();
-            }
+            next_step = (to < lot.parked.capacity()).then_some(to);
             due
         });
         next_step
+    }
+
+    /// After a crowd woke (a backend's broadcast, the end of a burst), give the slab's room
+    /// back: up to its last occupied entry, the rest is freed.
+    fn compact(&self) {
+        let mut lot = self.lot();
+        if lot.parked.capacity() >= 1024 && lot.parked.len() * 4 < lot.parked.capacity() {
+            lot.parked.shrink_to_fit();
+        }
     }
 
     /// No more parking; every parked connection goes back to a task, where its stop signal
@@ -303,6 +317,7 @@ pub async fn run(rt: Weak<Runtime>, close_all: CancellationToken) {
             }
             _ = sweep.tick() => {
                 let Some(rt) = rt.upgrade() else { return };
+                rt.parking.compact();
                 let now = tokio::time::Instant::now();
                 if rt.parking.sweep_due(now) {
                     // In steps, letting this worker's other tasks run between them.
@@ -342,4 +357,43 @@ fn trim(parks: usize) {
         micros = started.elapsed().as_micros() as u64,
         "returned free heap pages to the OS"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// Parks since the last trim as each sweep finds them, and what `trim_due` says.
+    fn sweeps(lot: &Parking, start: Instant, parks: &[usize]) -> Vec<Option<usize>> {
+        parks
+            .iter()
+            .enumerate()
+            .map(|(second, &n)| {
+                lot.lot().parks_since_trim += n;
+                lot.trim_due(start + Duration::from_secs(second as u64))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn memory_is_trimmed_once_a_crowd_has_parked_or_every_ten_seconds() {
+        let t0 = Instant::now();
+        // A crowd parking over four seconds: the first trim comes at once, the next one the
+        // second after the crowd settled (not ten seconds later).
+        let lot = Parking::new();
+        assert_eq!(
+            sweeps(&lot, t0, &[300, 2000, 4000, 2700, 0, 0]),
+            [Some(300), None, None, None, Some(8700), None]
+        );
+        // Too few parked: never, settled or not.
+        let lot = Parking::new();
+        assert_eq!(sweeps(&lot, t0, &[100, 0, 100, 0]), [None; 4]);
+        // Parking that never settles: every ten seconds.
+        let lot = Parking::new();
+        let trims = sweeps(&lot, t0, &[300; 21]);
+        let at: Vec<usize> = (0..21).filter(|&i| trims[i].is_some()).collect();
+        assert_eq!(at, [0, 10, 20]);
+        assert_eq!(trims[10], Some(3000));
+    }
 }
