@@ -1316,21 +1316,36 @@ async fn a_black_holed_backend_is_ejected_after_timeouts() {
     );
 }
 
-/// A backend that says "echo" and then sends back everything it receives.
-async fn echo_backend() -> std::net::SocketAddr {
+/// A backend on a free port that greets each connection with "echo" and then hands it to
+/// `serve` (`echo_backend`, `echo_later_backend`).
+async fn greeting_backend<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
+    let serve = std::sync::Arc::new(serve);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            let serve = serve.clone();
             tokio::spawn(async move {
                 s.write_all(b"echo\n").await.unwrap();
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
+                serve(s).await;
             });
         }
     });
     address
+}
+
+/// A backend that says "echo" and then sends back everything it receives.
+async fn echo_backend() -> std::net::SocketAddr {
+    greeting_backend(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
 }
 
 /// A tunnel through sluice to an echo backend (`echo_backend`, `echo_later_backend`): its
@@ -1414,30 +1429,23 @@ async fn parked(server: &sluice::server::Server, n: f64) {
 /// A backend that says "echo", echoes what it gets, and answers "later" 400 ms late: by then
 /// the connection is parked, so only the backend's side can wake it.
 async fn echo_later_backend() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                s.write_all(b"echo\n").await.unwrap();
-                let mut buf = vec![0; 64 << 10];
-                loop {
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        let _ = s.shutdown().await;
-                        return;
-                    }
-                    if &buf[..n] == b"later" {
-                        tokio::time::sleep(Duration::from_millis(400)).await;
-                        s.write_all(b"late\n").await.unwrap();
-                    } else {
-                        s.write_all(&buf[..n]).await.unwrap();
-                    }
-                }
-            });
+    greeting_backend(|mut s| async move {
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                let _ = s.shutdown().await;
+                return;
+            }
+            if &buf[..n] == b"later" {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                s.write_all(b"late\n").await.unwrap();
+            } else {
+                s.write_all(&buf[..n]).await.unwrap();
+            }
         }
-    });
-    address
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
