@@ -101,6 +101,16 @@ for sys in sluice haproxy nginx; do
   render "bench/conf/$f" "$RUN/$sys/$f.a" a
   render "bench/conf/$f" "$RUN/$sys/$f.b" b
 done
+# HAProxy with splicing forced on, for the throughput scenario only: sluice splices bulk
+# transfers by default, HAProxy only when told to (`option splice-auto` did not engage here).
+# Its pipes need descriptors too, so it holds fewer connections under the same 20000 cap.
+mkdir -p "$RUN/haproxy-splice"
+sed -e 's/^    maxconn 9900$/    maxconn 8000\n    maxpipes 1024/' \
+  -e 's/^    mode tcp$/    mode tcp\n    option splice-request\n    option splice-response/' \
+  "$RUN/haproxy/haproxy.cfg.a" >"$RUN/haproxy-splice/haproxy.cfg"
+grep -q '^    option splice-response$' "$RUN/haproxy-splice/haproxy.cfg" &&
+  grep -q '^    maxpipes 1024$' "$RUN/haproxy-splice/haproxy.cfg" ||
+  { echo "bench/run.sh: cannot derive haproxy-splice's config from haproxy.cfg" >&2; exit 1; }
 # flip.sh FILE: replace FILE by its other variant with one rename (what a config tool does).
 # The variant in place is remembered outside the config's directory, which sluice watches.
 mkdir -p "$RUN/state"
@@ -137,7 +147,7 @@ wait_port() { # wait_port PORT: until something accepts on 127.0.0.1:PORT
 # RELOAD_CMD. The peers run in their master-worker modes, so a reload is theirs to do.
 start_edge() {
   rm -f "$RUN"/state/*
-  case $1 in sluice) port_free 28441 ;; haproxy) port_free 28442 ;; nginx) port_free 28443 ;; esac
+  case $1 in sluice) port_free 28441 ;; haproxy*) port_free 28442 ;; nginx) port_free 28443 ;; esac
   case $1 in
     sluice)
       cp "$RUN/sluice/sluice.toml.a" "$RUN/sluice/sluice.toml"
@@ -163,6 +173,14 @@ start_edge() {
       wait_port $PORT
       PIDS_CMD="echo $EDGE_PID; pgrep -P $EDGE_PID"
       RELOAD_CMD="$RUN/flip.sh $RUN/haproxy/haproxy.cfg && kill -USR2 $EDGE_PID"
+      ;;
+    haproxy-splice)
+      haproxy -W -db -f "$RUN/haproxy-splice/haproxy.cfg" >>"$RUN/haproxy.log" 2>&1 &
+      EDGE_PID=$!
+      PORT=28442
+      wait_port $PORT
+      PIDS_CMD="echo $EDGE_PID; pgrep -P $EDGE_PID"
+      RELOAD_CMD=""
       ;;
     nginx)
       cp "$RUN/nginx/nginx.conf.a" "$RUN/nginx/nginx.conf"
@@ -214,7 +232,15 @@ for round in $(seq "$ROUNDS"); do
   if [ $((round % 2)) = 0 ]; then order=(direct nginx haproxy sluice); fi
   for scenario in connrate throughput idle reload; do
     echo "== round $round: $scenario"
-    for sys in "${order[@]}"; do
+    systems=("${order[@]}")
+    if [ "$scenario" = throughput ]; then # haproxy-splice right after haproxy
+      systems=()
+      for sys in "${order[@]}"; do
+        systems+=("$sys")
+        if [ "$sys" = haproxy ]; then systems+=(haproxy-splice); fi
+      done
+    fi
+    for sys in "${systems[@]}"; do
       # The backends alone have no edge memory to measure and nothing to reload.
       if [ "$sys" = direct ] && { [ "$scenario" = idle ] || [ "$scenario" = reload ]; }; then continue; fi
       EDGE_PIDS=""
