@@ -23,7 +23,7 @@ use crate::relay::{self, End, Relayed};
 use crate::route::{Facts, TlsFacts};
 use crate::runtime::{Route, Runtime, Snapshot, Target};
 use crate::tls::hello::{self, ClientHello, Parse};
-use crate::upstream::{ActiveGuard, Backend};
+use crate::upstream::{ActiveGuard, Backend, Dialed};
 
 /// How reading the first bytes ended.
 enum Hello {
@@ -125,8 +125,7 @@ async fn read_proxy_header(
             buf.reserve(512);
         }
         let room = MAX_V2_HEADER - buf.len();
-        match tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await
-        {
+        match read_more(stream, buf, room, deadline).await {
             Err(_) => {
                 return Err((
                     "timeout",
@@ -143,6 +142,45 @@ async fn read_proxy_header(
             }
             Ok(Ok(_)) => {}
         }
+    }
+}
+
+/// Read more of what the client sends first into `buf`, at most `room` bytes, by `deadline`.
+///
+/// The socket is tried before its readiness is awaited, as HAProxy's speculative I/O does: a
+/// connection just accepted nearly always has its hello waiting, but tokio learns a new
+/// socket's readiness only from the poller, so an awaited read would first park the task for
+/// a turn of the poller (and arm the timer) to read bytes that are already there.
+async fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    room: usize,
+    deadline: tokio::time::Instant,
+) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
+    if let Some(read) = read_now(stream, buf, room) {
+        return Ok(read);
+    }
+    tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await
+}
+
+/// One read on the socket, bypassing tokio's readiness; `None` if nothing is there yet.
+fn read_now(stream: &TcpStream, buf: &mut Vec<u8>, room: usize) -> Option<std::io::Result<usize>> {
+    use std::io::Read as _;
+    let start = buf.len();
+    let want = room.min((buf.capacity() - start).max(512));
+    buf.resize(start + want, 0);
+    let read = (&*socket2::SockRef::from(stream)).read(&mut buf[start..]);
+    buf.truncate(start + *read.as_ref().unwrap_or(&0));
+    match read {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            None
+        }
+        read => Some(read),
     }
 }
 
@@ -183,9 +221,7 @@ async fn read_hello(
             // Grow by doubling: most hellos fit the first 1 KiB, Chrome's in 2 KiB.
             buf.reserve(buf.capacity().max(512).min(room));
         }
-        let read =
-            tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await;
-        match read {
+        match read_more(stream, buf, room, deadline).await {
             Err(_) => {
                 return Hello::Rejected(
                     "timeout",
@@ -771,22 +807,8 @@ async fn establish(
     log.route = Some(route.clone());
 
     let sni = tls.as_ref().and_then(|h| h.sni.as_deref());
-    let connected = match &route.target {
-        Target::Pool(pool) => pool.connect(log.client, sni, &rt.metrics).await,
-        Target::Resource(res) => res.connect(log.client, sni, &rt.metrics).await,
-        Target::Heartbeat => return Some(Established::Api(buf)),
-    };
-    let (backend, guard) = match connected {
-        Ok(ok) => ok,
-        Err(e) => {
-            log.end = "backend_unavailable";
-            log.detail = e.to_string();
-            return None;
-        }
-    };
-    log.backend = Some(guard.backend().clone());
-
-    // Replay what the client sent, behind the PROXY header if the pool wants one, in one write.
+    // What the backend gets first: the PROXY header if the pool wants one, then what the
+    // client sent, in one write (the connect's own, when the handshake is quick).
     // getsockname only when a PROXY header needs the address.
     let local = match (local, route.proxy_protocol()) {
         (Some(l), _) => l,
@@ -811,15 +833,29 @@ async fn establish(
             return None;
         }
     };
-    let mut backend = backend;
-    if let Err(e) = backend.write_all(&first).await {
+    let connected = match &route.target {
+        Target::Pool(pool) => pool.connect(log.client, sni, &first, &rt.metrics).await,
+        Target::Resource(res) => res.connect(log.client, sni, &first, &rt.metrics).await,
+        // Such a route has no PROXY header: `first` is what the client sent.
+        Target::Heartbeat => return Some(Established::Api(first)),
+    };
+    let (Dialed { mut stream, sent }, guard) = match connected {
+        Ok(ok) => ok,
+        Err(e) => {
+            log.end = "backend_unavailable";
+            log.detail = e.to_string();
+            return None;
+        }
+    };
+    log.backend = Some(guard.backend().clone());
+    if let Err(e) = stream.write_all(&first[sent..]).await {
         log.end = "backend_error";
         log.detail = format!("writing the hello to the backend failed: {e}");
         return None;
     }
     route.bytes_to_backend.inc_by(first.len() as u64);
     log.to_backend = first.len() as u64;
-    Some(Established::Relay(backend, route.clone(), guard))
+    Some(Established::Relay(stream, route.clone(), guard))
 }
 
 /// How the establishing phase ended, when the connection goes on.

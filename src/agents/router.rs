@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use prometheus::{IntCounter, IntCounterVec};
 use rand::seq::SliceRandom;
 use rand::Rng;
-use tokio::net::TcpStream;
 
 use super::table::{AgentState, AgentTable, Labels, Record, ResourceKey, Rules};
 use crate::config::{Affinity, Keepalive, Pick, ProxyProtocol};
-use crate::upstream::{ActiveGuard, ConnectError, Pool};
+use crate::upstream::{ActiveGuard, ConnectError, Dialed, Pool};
 
 /// Sessions of one route: a hash of (resource, client IP[, SNI]) → agent id.
 pub struct Sessions {
@@ -189,9 +188,10 @@ impl ResourceTarget {
         &self,
         client: SocketAddr,
         sni: Option<&str>,
+        first: &[u8],
         metrics: &crate::metrics::Metrics,
-    ) -> Result<(TcpStream, ActiveGuard), ConnectError> {
-        let miss = match self.try_agents(client, sni).await {
+    ) -> Result<(Dialed, ActiveGuard), ConnectError> {
+        let miss = match self.try_agents(client, sni, first).await {
             Ok(ok) => return Ok(ok),
             Err(miss) => miss,
         };
@@ -201,7 +201,7 @@ impl ResourceTarget {
         if let Some(pool) = &self.fallback {
             tracing::debug!(route = %self.route, reason = miss.0.label(), pool = %pool.name,
                 "no agent for the resource: using the fallback pool");
-            return pool.connect(client, sni, metrics).await;
+            return pool.connect(client, sni, first, metrics).await;
         }
         Err(ConnectError::NoAgent {
             reason: miss.0.label(),
@@ -213,7 +213,8 @@ impl ResourceTarget {
         &self,
         client: SocketAddr,
         sni: Option<&str>,
-    ) -> Result<(TcpStream, ActiveGuard), (Miss, String)> {
+        first: &[u8],
+    ) -> Result<(Dialed, ActiveGuard), (Miss, String)> {
         let Some(name) = resource_name(sni, &self.suffix) else {
             return Err((
                 Miss::NoName,
@@ -266,16 +267,17 @@ impl ResourceTarget {
                 agent.backend.address,
                 self.connect_timeout,
                 &self.keepalive,
+                first,
             )
             .await
             {
-                Ok(stream) => {
+                Ok(dialed) => {
                     if let Some(k) = skey {
                         if i > 0 || pinned.as_deref() != Some(&*agent.id) {
                             self.sessions.pin(k, Arc::from(&*agent.id));
                         }
                     }
-                    return Ok((stream, agent.backend.guard()));
+                    return Ok((dialed, agent.backend.guard()));
                 }
                 Err(e) => {
                     let reason = crate::upstream::failure_reason(&e);

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, HeaderInfo};
-use crate::upstream::Pool;
+use crate::upstream::{Dialed, Pool};
 
 pub struct Terminator {
     /// Where the QUIC listener sends this route's flows.
@@ -146,7 +146,15 @@ async fn bridge(
     sni: Option<String>,
     alpn: Option<String>,
 ) -> anyhow::Result<()> {
-    let (mut tcp, _guard) = pool.connect(client, sni.as_deref(), &m.metrics).await?;
+    // Nothing to send first: the PROXY header names this connection's own local address.
+    let (
+        Dialed {
+            stream: mut tcp, ..
+        },
+        _guard,
+    ) = pool
+        .connect(client, sni.as_deref(), &[], &m.metrics)
+        .await?;
     let info = HeaderInfo {
         client,
         local: tcp.local_addr()?,

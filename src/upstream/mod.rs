@@ -3,7 +3,8 @@
 //! Owns: per-backend state that outlives a single connection (active connection count, used by
 //! least_conn and p2c), the connect-with-retry loop, and the socket options of the backend leg.
 //! A connect is retried on another backend because nothing but the buffered hello is pending:
-//! no byte has reached any backend yet. It never retries once bytes were written.
+//! no byte has reached any backend yet. It never retries once a backend accepted bytes (the
+//! connect's speculative first write, see `connect_one`).
 
 pub mod balancer;
 
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 use serde::Serialize;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendConfig, Ejection, HealthCheck, Keepalive, PoolConfig, ProxyProtocol};
@@ -494,8 +495,9 @@ impl Pool {
         &self,
         client: SocketAddr,
         sni: Option<&str>,
+        first: &[u8],
         metrics: &Metrics,
-    ) -> Result<(TcpStream, ActiveGuard), ConnectError> {
+    ) -> Result<(Dialed, ActiveGuard), ConnectError> {
         let mut tried: Vec<usize> = Vec::new();
         let mut last = String::from("no backends");
         let ticket = self.rr.fetch_add(1, Ordering::Relaxed);
@@ -507,12 +509,19 @@ impl Pool {
             tried.push(i);
             let backend = &list[i];
             let started = Instant::now();
-            match connect_one(backend.address, self.connect_timeout, &self.keepalive).await {
-                Ok(stream) => {
+            match connect_one(
+                backend.address,
+                self.connect_timeout,
+                &self.keepalive,
+                first,
+            )
+            .await
+            {
+                Ok(dialed) => {
                     backend.connected();
                     self.connect_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    return Ok((stream, ActiveGuard::new(backend.clone())));
+                    return Ok((dialed, ActiveGuard::new(backend.clone())));
                 }
                 Err(e) => {
                     let reason = failure_reason(&e);
@@ -582,22 +591,69 @@ fn ip_bytes(addr: SocketAddr) -> Vec<u8> {
     }
 }
 
+/// A new backend connection, and how many of the bytes it was to send first it has sent.
+pub struct Dialed {
+    pub stream: TcpStream,
+    pub sent: usize,
+}
+
+/// Connect to `addr` and try sending `first` at once.
+///
+/// The write is speculative, as HAProxy's I/O is: on a fast path (loopback, a local network)
+/// the handshake is over by the time a non-blocking `connect` returns, so the bytes go out
+/// immediately, and their acceptance proves the connection. That spares a turn of the poller
+/// (waiting for writability) and the `SO_ERROR` query. When the handshake is still under
+/// way the write sends nothing (EAGAIN), and the connect completes as usual. A refused
+/// connection fails here either way, before any byte reached the backend, so the caller
+/// may retry elsewhere.
 pub(crate) async fn connect_one(
     addr: SocketAddr,
     timeout: Duration,
     keepalive: &Keepalive,
-) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_nodelay(true)?;
+    first: &[u8],
+) -> io::Result<Dialed> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::io::Write as _;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
     crate::listener::apply_keepalive(&socket2::SockRef::from(&socket), keepalive)?;
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
-        Ok(result) => result,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
     }
+    let socket = std::net::TcpStream::from(socket);
+    let sent = match (&socket).write(first) {
+        Ok(n) if !first.is_empty() => Some(n),
+        Ok(_) => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let stream = TcpStream::from_std(socket)?;
+    if sent.is_none() {
+        match tokio::time::timeout(timeout, stream.writable()).await {
+            Ok(ready) => ready?,
+            Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+        }
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(Dialed {
+        stream,
+        sent: sent.unwrap_or(0),
+    })
 }
 
 pub(crate) fn failure_reason(e: &io::Error) -> &'static str {
@@ -607,5 +663,70 @@ pub(crate) fn failure_reason(e: &io::Error) -> &'static str {
         io::ErrorKind::ConnectionReset => "reset",
         io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => "unreachable",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    const FIRST: &[u8] = b"\x16\x03\x01 the hello, replayed";
+
+    async fn dial(addr: SocketAddr, first: &[u8]) -> io::Result<Dialed> {
+        connect_one(addr, Duration::from_millis(300), &Keepalive::DEFAULT, first).await
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_arrive_once_whether_or_not_the_connect_sent_them() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        for first in [FIRST, b"".as_slice()] {
+            let mut dialed = dial(addr, first).await.unwrap();
+            assert!(dialed.sent <= first.len());
+            dialed
+                .stream
+                .write_all(&first[dialed.sent..])
+                .await
+                .unwrap();
+            dialed.stream.shutdown().await.unwrap();
+            let (mut accepted, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            accepted.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, first);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_fails_before_any_byte_is_sent() {
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap(); // the listener is dropped: nothing listens there now
+        let e = dial(addr, FIRST).await.err().expect("nothing listens");
+        assert_eq!(failure_reason(&e), "refused", "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_gets_no_answer_times_out_with_nothing_sent() {
+        // A listener whose accept queue is full drops further SYNs.
+        let hole =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        hole.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        hole.listen(0).unwrap();
+        let addr = hole.local_addr().unwrap().as_socket().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(d)) =
+                tokio::time::timeout(Duration::from_millis(200), dial(addr, b"")).await
+            {
+                fillers.push(d);
+            }
+        }
+        let e = dial(addr, FIRST).await.err().expect("the SYN is dropped");
+        assert_eq!(failure_reason(&e), "timeout", "{e}");
     }
 }
