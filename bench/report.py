@@ -125,8 +125,8 @@ def main(argv):
     micro = argv[3] if len(argv) > 3 and argv[3] else None
 
     d = Doc()
-    commit = sh("git rev-parse --short HEAD")
-    dirty = " (with uncommitted changes)" if sh("git status --porcelain --untracked-files=no") not in ("", "unknown") else ""
+    # run.sh says which commit it built; asked here, git would see the report being written.
+    commit = os.environ.get("BENCH_COMMIT") or sh("git rev-parse --short HEAD")
     d("# Benchmark results")
     d()
     d("Written by `bench/run.sh`; every figure below comes from one invocation of it, on one "
@@ -134,7 +134,7 @@ def main(argv):
       "figures across machines.")
     d()
     d(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    d(f"- commit: {commit}{dirty}")
+    d(f"- commit: {commit}")
     cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2")
     d(f"- nproc: {os.cpu_count()}; CPU: {cpu}")
     d(f"- kernel: {platform.release()}")

@@ -67,6 +67,13 @@ trap cleanup EXIT
 # test suite has already compiled) saves CI a release build.
 if [ "$SMOKE" = 1 ]; then PROFILE=debug; else PROFILE=release; fi
 echo "== build ($PROFILE)"
+# The commit measured is the one built now; the run itself rewrites bench/RESULTS.md and the raw
+# files beside it, and the tree may move on while it runs, so report.py is told, not left to ask.
+BENCH_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  BENCH_COMMIT="$BENCH_COMMIT (with uncommitted changes)"
+fi
+export BENCH_COMMIT
 if [ "$PROFILE" = release ]; then
   cargo build --release --locked -p sluice -p sluice-bench --bins 2>&1 | tail -n 2
 else
