@@ -17,6 +17,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::config::Keepalive;
 use crate::listener::ListenerState;
 use crate::proxy_protocol::{self, HeaderInfo};
 use crate::relay::{self, End, Relayed};
@@ -415,6 +416,10 @@ impl std::future::Future for Serve {
                         }
                         // Idle: the connection leaves this task for the parking lot.
                         Relayed::Idle => {
+                            let mut r = r;
+                            if let Some(keepalive) = r.backend_keepalive.take() {
+                                arm_keepalive(r.log.id, &r.backend, &keepalive);
+                            }
                             let rt = r.conn.rt.clone();
                             match crate::parking::Parking::park(&rt, r) {
                                 Ok(()) => return Poll::Ready(()),
@@ -440,6 +445,18 @@ pub struct Relaying {
     conn: Conn,
     /// For the access-log line and the close metrics; boxed, read only at the end.
     log: Box<Log>,
+    /// The backend socket's TCP keepalive, until it is set: when the relay first reports the
+    /// connection idle (before it parks). Keepalive only matters to a connection that sits
+    /// idle; one that closes within seconds (most client traffic) never sets it.
+    backend_keepalive: Option<Keepalive>,
+}
+
+/// Set the backend leg's TCP keepalive; a failure costs the connection its keepalive, not
+/// the connection.
+fn arm_keepalive(conn: u64, backend: &TcpStream, keepalive: &Keepalive) {
+    if let Err(e) = crate::upstream::arm_keepalive(backend, keepalive) {
+        tracing::warn!(conn, error = %e, "cannot set TCP keepalive on the backend socket");
+    }
 }
 
 /// What an established connection holds besides its sockets, relay and log, on a task or
@@ -529,6 +546,7 @@ impl Relaying {
             relay,
             conn,
             mut log,
+            backend_keepalive: _, // armed by now: a connection parks only once idle
         } = self;
         let relay = relay.pause();
         let (client, backend) = match (client.into_std(), backend.into_std()) {
@@ -598,6 +616,7 @@ impl Parked {
                     relay,
                     conn,
                     log: Box::new(log),
+                    backend_keepalive: None, // armed before it parked
                 }));
             }
             (Err(e), _) | (_, Err(e)) => {
@@ -645,8 +664,10 @@ async fn start(
     let established = establish(&rt, &state, &mut stream, &snapshot, &mut log).await;
     let park_after = snapshot.config.limits.park_idle_after;
     drop(snapshot);
-    let (backend, route, guard) = match established {
-        Some(Established::Relay(backend, route, guard)) => (backend, route, guard),
+    let (backend, keepalive, route, guard) = match established {
+        Some(Established::Relay(backend, keepalive, route, guard)) => {
+            (backend, keepalive, route, guard)
+        }
         Some(Established::Api(hello)) => {
             // The heartbeat API, on the main port: held by this task until the agent leaves.
             // Boxed: its future is large, and inline it would make every connection's
@@ -678,12 +699,22 @@ async fn start(
         state,
         _permits: permits,
     };
+    // The backend leg's keepalive is armed when the connection first goes idle (see
+    // `Relaying::backend_keepalive`); without parking, nothing marks that moment: now.
+    let backend_keepalive = match park_after {
+        Some(_) => Some(keepalive),
+        None => {
+            arm_keepalive(log.id, &backend, &keepalive);
+            None
+        }
+    };
     Some(Relaying {
         client: stream,
         backend,
         relay: relay::Relay::new(conn.route.idle_timeout, park_after, conn.stop()),
         conn,
         log,
+        backend_keepalive,
     })
 }
 
@@ -839,7 +870,14 @@ async fn establish(
         // Such a route has no PROXY header: `first` is what the client sent.
         Target::Heartbeat => return Some(Established::Api(first)),
     };
-    let (Dialed { mut stream, sent }, guard) = match connected {
+    let (
+        Dialed {
+            mut stream,
+            sent,
+            keepalive,
+        },
+        guard,
+    ) = match connected {
         Ok(ok) => ok,
         Err(e) => {
             log.end = "backend_unavailable";
@@ -855,13 +893,13 @@ async fn establish(
     }
     route.bytes_to_backend.inc_by(first.len() as u64);
     log.to_backend = first.len() as u64;
-    Some(Established::Relay(stream, route.clone(), guard))
+    Some(Established::Relay(stream, keepalive, route.clone(), guard))
 }
 
 /// How the establishing phase ended, when the connection goes on.
 enum Established {
-    /// Connected to a backend, the hello replayed: relay.
-    Relay(TcpStream, Arc<Route>, ActiveGuard),
+    /// Connected to a backend, the hello replayed: relay. The keepalive is not armed yet.
+    Relay(TcpStream, Keepalive, Arc<Route>, ActiveGuard),
     /// A `serve = "heartbeat"` route: sluice terminates TLS itself; these bytes were read.
     Api(Vec<u8>),
 }

@@ -887,7 +887,9 @@ async fn ipv6_listener_and_backend() {
 }
 
 /// TCP keepalive is on for both legs of a relayed connection: `ss -o` shows a keepalive timer
-/// on sluice's client-side and backend-side sockets.
+/// on sluice's client-side socket from the start (it comes from the listening socket), and on
+/// its backend-side socket once the connection has gone idle (set then, so that connections
+/// that close soon spare the calls; see `Relaying::backend_keepalive`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_on_both_legs() {
     if std::process::Command::new("ss").arg("-V").output().is_err() {
@@ -901,6 +903,7 @@ async fn keepalive_on_both_legs() {
     let b = RawBackend::start("b", false).await;
     let server = simple(Simple {
         backends: vec![b.address.to_string()],
+        top: "[limits]\npark_idle_after = \"2s\"",
         ..Simple::default()
     })
     .await;
@@ -925,11 +928,18 @@ async fn keepalive_on_both_legs() {
         client_leg.contains("timer:(keepalive,"),
         "client leg: {client_leg}"
     );
-    // sluice's backend socket: peer port = the backend's.
-    let backend_leg = ss(format!("( dport = :{} )", b.address.port()));
+    // sluice's backend socket: peer port = the backend's. Not idle yet: no keepalive.
+    let backend_leg = || ss(format!("( dport = :{} )", b.address.port()));
+    let busy = backend_leg();
     assert!(
-        backend_leg.contains("timer:(keepalive,"),
-        "backend leg: {backend_leg}"
+        busy.contains(&format!(":{}", b.address.port())) && !busy.contains("timer:(keepalive,"),
+        "backend leg before it went idle: {busy}"
+    );
+    parked(&server, 1.0).await;
+    let idle = backend_leg();
+    assert!(
+        idle.contains("timer:(keepalive,"),
+        "backend leg once idle: {idle}"
     );
     server.shutdown().await;
 }

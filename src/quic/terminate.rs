@@ -147,14 +147,13 @@ async fn bridge(
     alpn: Option<String>,
 ) -> anyhow::Result<()> {
     // Nothing to send first: the PROXY header names this connection's own local address.
-    let (
-        Dialed {
-            stream: mut tcp, ..
-        },
-        _guard,
-    ) = pool
+    let (dialed, _guard) = pool
         .connect(client, sni.as_deref(), &[], &m.metrics)
         .await?;
+    dialed.arm_keepalive()?;
+    let Dialed {
+        stream: mut tcp, ..
+    } = dialed;
     let info = HeaderInfo {
         client,
         local: tcp.local_addr()?,

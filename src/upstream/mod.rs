@@ -595,9 +595,27 @@ fn ip_bytes(addr: SocketAddr) -> Vec<u8> {
 pub struct Dialed {
     pub stream: TcpStream,
     pub sent: usize,
+    /// The keepalive its pool (or agent route) asks for, not yet set on the socket: see
+    /// `arm_keepalive`.
+    pub keepalive: Keepalive,
 }
 
-/// Connect to `addr` and try sending `first` at once.
+impl Dialed {
+    /// Set TCP keepalive on the backend socket. A relayed connection does this when it first
+    /// goes idle (or at once when parking is off): keepalive only matters to a connection that
+    /// sits idle, and the many that close within seconds spare its four `setsockopt` calls.
+    pub fn arm_keepalive(&self) -> io::Result<()> {
+        arm_keepalive(&self.stream, &self.keepalive)
+    }
+}
+
+/// Set TCP keepalive on a backend socket (see `Dialed::arm_keepalive`).
+pub fn arm_keepalive(stream: &TcpStream, keepalive: &Keepalive) -> io::Result<()> {
+    crate::listener::apply_keepalive(&socket2::SockRef::from(stream), keepalive)
+}
+
+/// Connect to `addr` and try sending `first` at once. TCP keepalive is left to the caller
+/// (`Dialed::arm_keepalive`).
 ///
 /// The write is speculative, as HAProxy's I/O is: on a fast path (loopback, a local network)
 /// the handshake is over by the time a non-blocking `connect` returns, so the bytes go out
@@ -620,7 +638,6 @@ pub(crate) async fn connect_one(
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
-    crate::listener::apply_keepalive(&socket2::SockRef::from(&socket), keepalive)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -653,6 +670,7 @@ pub(crate) async fn connect_one(
     Ok(Dialed {
         stream,
         sent: sent.unwrap_or(0),
+        keepalive: *keepalive,
     })
 }
 
