@@ -417,7 +417,7 @@ impl std::future::Future for Serve {
                         // Idle: the connection leaves this task for the parking lot.
                         Relayed::Idle => {
                             let mut r = r;
-                            if let Some(keepalive) = r.backend_keepalive.take() {
+                            if let Some(keepalive) = r.relay.take_keepalive() {
                                 arm_keepalive(r.log.id, &r.backend, &keepalive);
                             }
                             let rt = r.conn.rt.clone();
@@ -445,10 +445,6 @@ pub struct Relaying {
     conn: Conn,
     /// For the access-log line and the close metrics; boxed, read only at the end.
     log: Box<Log>,
-    /// The backend socket's TCP keepalive, until it is set: when the relay first reports the
-    /// connection idle (before it parks). Keepalive only matters to a connection that sits
-    /// idle; one that closes within seconds (most client traffic) never sets it.
-    backend_keepalive: Option<Keepalive>,
 }
 
 /// Set the backend leg's TCP keepalive; a failure costs the connection its keepalive, not
@@ -546,7 +542,6 @@ impl Relaying {
             relay,
             conn,
             mut log,
-            backend_keepalive: _, // armed by now: a connection parks only once idle
         } = self;
         let relay = relay.pause();
         let (client, backend) = match (client.into_std(), backend.into_std()) {
@@ -616,7 +611,6 @@ impl Parked {
                     relay,
                     conn,
                     log: Box::new(log),
-                    backend_keepalive: None, // armed before it parked
                 }));
             }
             (Err(e), _) | (_, Err(e)) => {
@@ -699,9 +693,11 @@ async fn start(
         state,
         _permits: permits,
     };
-    // The backend leg's keepalive is armed when the connection first goes idle (see
-    // `Relaying::backend_keepalive`); without parking, nothing marks that moment: now.
-    let backend_keepalive = match park_after {
+    // The backend leg's TCP keepalive is set when the connection first goes idle, before it
+    // parks (the relay holds it until then): keepalive only matters to a connection that sits
+    // idle, and one that closes within seconds (most client traffic) spares the calls.
+    // Without parking, nothing marks that moment: now.
+    let keepalive = match park_after {
         Some(_) => Some(keepalive),
         None => {
             arm_keepalive(log.id, &backend, &keepalive);
@@ -711,10 +707,9 @@ async fn start(
     Some(Relaying {
         client: stream,
         backend,
-        relay: relay::Relay::new(conn.route.idle_timeout, park_after, conn.stop()),
+        relay: relay::Relay::new(conn.route.idle_timeout, park_after, conn.stop(), keepalive),
         conn,
         log,
-        backend_keepalive,
     })
 }
 

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::config::Keepalive;
 use crate::splice::Pipe;
 
 /// Resolves when the connection must close, with the reason.
@@ -310,6 +311,10 @@ impl Clock {
 struct Timer {
     clock: Clock,
     sleep: Pin<Box<Sleep>>,
+    /// The backend leg's TCP keepalive, not yet set: the connection takes it (`take_keepalive`)
+    /// when the relay first reports it idle. Kept here, on the heap while the connection is on
+    /// its task, so that it costs the task itself nothing.
+    keepalive: Option<Keepalive>,
 }
 
 /// What `poll_relay` came to.
@@ -402,21 +407,26 @@ impl Paused {
             timer: None,
             stop,
         };
-        relay.set_timer(self.clock.map(|c| Clock {
-            awake: Instant::now(),
-            ..c
-        }));
+        relay.set_timer(
+            self.clock.map(|c| Clock {
+                awake: Instant::now(),
+                ..c
+            }),
+            None,
+        );
         relay
     }
 }
 
 impl Relay {
     /// Relay until both directions are done, one fails, the idle timeout passes, or `stop`
-    /// fires; report `Idle` after `park_after` without a byte.
+    /// fires; report `Idle` after `park_after` without a byte. `keepalive` is held for the
+    /// caller until then (`take_keepalive`); it needs `park_after`.
     pub fn new(
         idle_timeout: Option<Duration>,
         park_after: Option<Duration>,
         stop: StopSignal,
+        keepalive: Option<Keepalive>,
     ) -> Relay {
         let mut relay = Relay {
             up: Pump::default(),
@@ -424,19 +434,28 @@ impl Relay {
             timer: None,
             stop,
         };
-        relay.set_timer(Clock::new(idle_timeout, park_after, Instant::now()));
+        relay.set_timer(
+            Clock::new(idle_timeout, park_after, Instant::now()),
+            keepalive,
+        );
         relay
     }
 
     /// Arm one timer for what `clock` says is due next.
-    fn set_timer(&mut self, clock: Option<Clock>) {
+    fn set_timer(&mut self, clock: Option<Clock>, keepalive: Option<Keepalive>) {
         self.timer = clock.and_then(|clock| {
             let at = clock.next(clock.awake, true)?;
             Some(Box::new(Timer {
                 clock,
                 sleep: Box::pin(tokio::time::sleep_until(at)),
+                keepalive,
             }))
         });
+    }
+
+    /// The keepalive given to `new`, once: when `poll_relay` has reported `Idle`.
+    pub fn take_keepalive(&mut self) -> Option<Keepalive> {
+        self.timer.as_mut().and_then(|t| t.keepalive.take())
     }
 
     /// Which directions still read: (client → backend, backend → client).
@@ -448,7 +467,7 @@ impl Relay {
     pub fn never_park(&mut self) {
         if let Some(t) = &self.timer {
             let clock = Clock::new(t.clock.idle_limit, None, t.clock.last);
-            self.set_timer(clock);
+            self.set_timer(clock, None);
         }
     }
 
