@@ -205,7 +205,9 @@ fn reload_under_load_fails_nothing_and_cuts_nothing() {
 
         let (ok, failed) = load.finish().await;
         if !failed.is_empty() {
-            // Show sluice's side of it: every connection that did not end normally.
+            // Show sluice's side of it: every connection that did not end normally. The
+            // tunnels go first, or the drain would wait for them (drain_timeout, 10 minutes).
+            drop(tunnels);
             signal(child.id(), "TERM");
             let _ = child.wait();
             let log = log.join().unwrap();

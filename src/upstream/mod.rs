@@ -459,20 +459,31 @@ impl Pool {
                 (false, _, _) => 0,
             })
         };
-        let best = list
-            .iter()
-            .enumerate()
-            .filter(|(i, b)| !exclude.contains(i) && b.weight() > 0)
-            .filter_map(|(_, b)| tier(b))
-            .max()?;
-        let candidates: Vec<Candidate> = list
-            .iter()
-            .map(|b| Candidate {
-                weight: if tier(b) == Some(best) { b.weight() } else { 0 },
+        // Each backend's state is read once: a reload may change it meanwhile, and two
+        // readings could disagree (a backend found the best in service, then weighed 0 as a
+        // removed one, would leave nothing to pick; seen under a reload every 100 ms).
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(list.len());
+        let mut tiers: Vec<Option<u8>> = Vec::with_capacity(list.len());
+        for b in list {
+            let weight = b.weight();
+            tiers.push(if weight == 0 { None } else { tier(b) });
+            candidates.push(Candidate {
+                weight,
                 active: b.active(),
                 id: b.id,
-            })
-            .collect();
+            });
+        }
+        let best = tiers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !exclude.contains(i))
+            .filter_map(|(_, t)| *t)
+            .max()?;
+        for (c, t) in candidates.iter_mut().zip(&tiers) {
+            if *t != Some(best) {
+                c.weight = 0;
+            }
+        }
         let ip_key;
         let hash_key: Option<&[u8]> = match self.balance {
             Balance::Hash(HashKey::Sni) if sni.is_some() => sni.map(str::as_bytes),
@@ -714,6 +725,38 @@ mod tests {
             accepted.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, first);
         }
+    }
+
+    #[tokio::test]
+    async fn a_pick_racing_a_reload_always_finds_the_backend() {
+        // A pool of one backend, which a reload keeps removing and adding back (the bench's
+        // reload scenario flips a pool's only backend every 100 ms). Whether it is in service
+        // or removed, a connection routed to the pool must get it: a removed backend is
+        // still chosen when it is the only one.
+        let text = "[[listener]]\nname = \"e\"\naddress = \"127.0.0.1:0\"\n\
+                    [[route]]\nname = \"r\"\npool = \"p\"\n\
+                    [pool.p]\nbackends = [\"127.0.0.1:9\"]\n";
+        let cfg = crate::config::Config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let registry = Backends::new(CancellationToken::new());
+        let pool = Pool::new(&cfg.pools["p"], &Metrics::new(), &registry, false);
+        let list = pool.backends();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (b, stop) = (list[0].clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    b.in_service.store(false, Ordering::Release);
+                    b.in_service.store(true, Ordering::Release);
+                }
+            })
+        };
+        let client = SocketAddr::from(([127, 0, 0, 1], 1));
+        let missed = (0..200_000u64)
+            .filter(|&n| pool.pick(&list, &[], client, None, n).is_none())
+            .count();
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert_eq!(missed, 0, "picks that found no backend");
     }
 
     #[tokio::test]
