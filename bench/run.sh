@@ -172,22 +172,17 @@ start_edge() {
       PIDS_CMD="echo $EDGE_PID"
       RELOAD_CMD="$RUN/flip.sh $RUN/sluice/sluice.toml"
       ;;
-    haproxy)
-      cp "$RUN/haproxy/haproxy.cfg.a" "$RUN/haproxy/haproxy.cfg"
-      haproxy -W -db -f "$RUN/haproxy/haproxy.cfg" >>"$RUN/haproxy.log" 2>&1 &
-      EDGE_PID=$!
-      PORT=28442
-      wait_port $PORT
-      PIDS_CMD="echo $EDGE_PID; pgrep -P $EDGE_PID"
-      RELOAD_CMD="$RUN/flip.sh $RUN/haproxy/haproxy.cfg && kill -USR2 $EDGE_PID"
-      ;;
-    haproxy-splice)
-      haproxy -W -db -f "$RUN/haproxy-splice/haproxy.cfg" >>"$RUN/haproxy.log" 2>&1 &
+    haproxy | haproxy-splice)
+      # haproxy-splice has one config (it only runs the throughput scenario, never reloaded).
+      local cfg=$RUN/$1/haproxy.cfg
+      if [ "$1" = haproxy ]; then cp "$cfg.a" "$cfg"; fi
+      haproxy -W -db -f "$cfg" >>"$RUN/haproxy.log" 2>&1 &
       EDGE_PID=$!
       PORT=28442
       wait_port $PORT
       PIDS_CMD="echo $EDGE_PID; pgrep -P $EDGE_PID"
       RELOAD_CMD=""
+      if [ "$1" = haproxy ]; then RELOAD_CMD="$RUN/flip.sh $cfg && kill -USR2 $EDGE_PID"; fi
       ;;
     nginx)
       cp "$RUN/nginx/nginx.conf.a" "$RUN/nginx/nginx.conf"

@@ -450,7 +450,7 @@ pub struct Relaying {
 /// Set the backend leg's TCP keepalive; a failure costs the connection its keepalive, not
 /// the connection.
 fn arm_keepalive(conn: u64, backend: &TcpStream, keepalive: &Keepalive) {
-    if let Err(e) = crate::upstream::arm_keepalive(backend, keepalive) {
+    if let Err(e) = crate::listener::apply_keepalive(&socket2::SockRef::from(backend), keepalive) {
         tracing::warn!(conn, error = %e, "cannot set TCP keepalive on the backend socket");
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, HeaderInfo};
-use crate::upstream::{Dialed, Pool};
+use crate::upstream::Pool;
 
 pub struct Terminator {
     /// Where the QUIC listener sends this route's flows.
@@ -151,9 +151,7 @@ async fn bridge(
         .connect(client, sni.as_deref(), &[], &m.metrics)
         .await?;
     dialed.arm_keepalive()?;
-    let Dialed {
-        stream: mut tcp, ..
-    } = dialed;
+    let mut tcp = dialed.stream;
     let info = HeaderInfo {
         client,
         local: tcp.local_addr()?,

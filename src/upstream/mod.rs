@@ -616,13 +616,8 @@ impl Dialed {
     /// goes idle (or at once when parking is off): keepalive only matters to a connection that
     /// sits idle, and the many that close within seconds spare its four `setsockopt` calls.
     pub fn arm_keepalive(&self) -> io::Result<()> {
-        arm_keepalive(&self.stream, &self.keepalive)
+        crate::listener::apply_keepalive(&socket2::SockRef::from(&self.stream), &self.keepalive)
     }
-}
-
-/// Set TCP keepalive on a backend socket (see `Dialed::arm_keepalive`).
-pub fn arm_keepalive(stream: &TcpStream, keepalive: &Keepalive) -> io::Result<()> {
-    crate::listener::apply_keepalive(&socket2::SockRef::from(stream), keepalive)
 }
 
 /// Connect to `addr` and try sending `first` at once. TCP keepalive is left to the caller
