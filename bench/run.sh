@@ -70,7 +70,9 @@ echo "== build ($PROFILE)"
 # The commit measured is the one built now; the run itself rewrites bench/RESULTS.md and the raw
 # files beside it, and the tree may move on while it runs, so report.py is told, not left to ask.
 BENCH_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+# A run's own outputs (rewritten by the run before) are not changes to what is measured.
+if [ -n "$(git status --porcelain --untracked-files=no -- . ':!bench/RESULTS.md' \
+    ':!bench/results.jsonl' ':!bench/commands.txt' 2>/dev/null)" ]; then
   BENCH_COMMIT="$BENCH_COMMIT (with uncommitted changes)"
 fi
 export BENCH_COMMIT
