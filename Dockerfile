@@ -1,17 +1,26 @@
+# syntax=docker/dockerfile:1
 # Multi-stage build: compile in the Rust image, run from a slim Debian as a non-root user.
+# The build context is the repository root; .dockerignore keeps target/ and .git out of it.
 FROM rust:1-bookworm AS builder
 WORKDIR /src
+# The whole workspace: cargo loads every member's manifest (bench/) before it builds one.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY bench ./bench
 COPY conf ./conf
-RUN cargo build --release --locked && strip target/release/sluice
+# The registry and target/ are BuildKit cache mounts: a rebuild after a source change
+# recompiles sluice, not its dependencies.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --package sluice --bin sluice \
+ && strip -o /sluice target/release/sluice
 
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sluice
-COPY --from=builder /src/target/release/sluice /usr/local/bin/sluice
+COPY --from=builder /sluice /usr/local/bin/sluice
 COPY --from=builder /src/conf /etc/sluice
 USER sluice
 # 443 is privileged: run with CAP_NET_BIND_SERVICE (Kubernetes: securityContext.capabilities

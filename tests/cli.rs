@@ -457,3 +457,75 @@ fn kubernetes_example_is_valid_and_consistent() {
         "minReadySeconds covers min_ready"
     );
 }
+
+/// The builder stage's `COPY <src>... <dest>` lines (not `--from=` copies of an earlier
+/// stage), as (source, path in the context) pairs, the way Docker places them.
+fn dockerfile_copies(dockerfile: &str) -> Vec<(String, String)> {
+    let mut copies = Vec::new();
+    let builder = dockerfile
+        .lines()
+        .skip_while(|l| !l.starts_with("FROM "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("FROM "));
+    for args in builder.filter_map(|l| l.strip_prefix("COPY ")) {
+        if args.starts_with("--") {
+            continue;
+        }
+        let words: Vec<&str> = args.split_whitespace().collect();
+        let (dest, sources) = words.split_last().expect("COPY has a destination");
+        let dest = dest.trim_start_matches("./");
+        for source in sources {
+            let target = if dest.is_empty() || dest.ends_with('/') {
+                format!("{dest}{source}")
+            } else {
+                dest.to_owned()
+            };
+            copies.push((source.to_string(), target));
+        }
+    }
+    copies
+}
+
+/// No Docker daemon runs here, so the image is not built; instead the build context the
+/// Dockerfile copies is rebuilt in a temporary directory and cargo must load it as the
+/// locked workspace it builds from (a member left out, as `bench` once was, fails here).
+#[test]
+fn dockerfile_copies_a_complete_workspace() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let copies = dockerfile_copies(&dockerfile);
+    assert!(
+        copies.iter().any(|(_, to)| to == "Cargo.lock"),
+        "{copies:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for (source, target) in &copies {
+        let target = dir.path().join(target);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(root.join(source))
+            .arg(&target)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cp -r {source} {}", target.display());
+    }
+    // Only this platform's packages: the offline registry holds what was built here.
+    let host = Command::new("rustc").arg("-vV").output().unwrap();
+    let host = String::from_utf8_lossy(&host.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV names the host");
+    let out = Command::new(env!("CARGO"))
+        .args(["metadata", "--locked", "--offline", "--format-version", "1"])
+        .args(["--filter-platform", &host])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo cannot load the Dockerfile's build context: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
