@@ -19,10 +19,12 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin sluice
+ && groupadd --system --gid 10001 sluice \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin sluice
 COPY --from=builder /sluice /usr/local/bin/sluice
 COPY --from=builder /src/conf /etc/sluice
-USER sluice
+# A numeric user: the kubelet can only enforce runAsNonRoot on a numeric image user.
+USER 10001:10001
 # 443 is privileged: run with CAP_NET_BIND_SERVICE (Kubernetes: securityContext.capabilities
 # add NET_BIND_SERVICE) or map a high port.
 EXPOSE 443 9901

@@ -529,3 +529,31 @@ fn dockerfile_copies_a_complete_workspace() {
     );
 }
 
+/// The kubelet refuses to start a `runAsNonRoot` pod whose image names its user (it cannot
+/// tell a name's uid): the image's user is numeric and not root, and the manifest runs as it.
+#[test]
+fn image_user_is_numeric_and_the_manifest_runs_as_it() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let user = dockerfile
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
+        .expect("the image sets USER");
+    let (uid, gid) = user.trim().split_once(':').unwrap_or((user.trim(), ""));
+    let uid: u32 = uid
+        .parse()
+        .unwrap_or_else(|_| panic!("USER {user}: the image's user must be numeric"));
+    assert_ne!(uid, 0, "the image runs as root");
+    assert!(gid.is_empty() || gid.parse::<u32>().is_ok(), "USER {user}");
+    let yaml = std::fs::read_to_string(root.join("conf/kubernetes/sluice.yaml")).unwrap();
+    assert!(
+        yaml.contains("runAsNonRoot: true"),
+        "the pod must refuse root"
+    );
+    let run_as = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("runAsUser:"))
+        .and_then(|v| v.split('#').next()?.trim().parse::<u32>().ok());
+    assert_eq!(run_as, Some(uid), "runAsUser matches the image's USER");
+}
