@@ -117,7 +117,10 @@ async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
 }
 
-/// The demo config: tunnels by ALPN to one backend, everything else TLS to the other.
+/// The demo config: tunnels by ALPN to one backend, everything else TLS to the other. It
+/// lives in no file, so nothing is watched: a watch would fall back to the current directory
+/// and every file written there (the demo's own redirected log) would trigger a reload of a
+/// file that does not exist. Ctrl-C closes what is left at once (no close spread).
 pub fn demo_config(port: u16, admin: &str, tunnel: SocketAddr, client: SocketAddr) -> String {
     format!(
         r#"
@@ -127,6 +130,10 @@ address = "{admin}"
 [lifecycle]
 drain_delay = "0s"
 drain_timeout = "5s"
+close_spread = "0s"
+
+[reload]
+watch = false
 
 [[listener]]
 name = "edge"
@@ -187,7 +194,7 @@ Try, in another terminal:
   # what sluice saw
   curl -s http://{admin}/metrics | grep -E 'sluice_(route_decisions|hello)_total'
 
-Ctrl-C stops everything.
+Ctrl-C stops everything (it waits up to 5 s for open connections; a second Ctrl-C quits at once).
 "#,
         tunnel_addr = tunnel.address,
         client_addr = client.address,

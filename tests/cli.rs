@@ -337,9 +337,12 @@ backends = ["{backend}"]
 /// commands to try, and splits traffic by ALPN.
 #[test]
 fn demo_splits_tunnels_from_clients() {
+    // The demo runs in a directory of its own, as a user runs it with its log redirected there.
+    let cwd = tempfile::tempdir().unwrap();
     let mut child = Running(
         Command::new(BIN)
             .args(["demo", "--port", "0", "--admin", "127.0.0.1:0"])
+            .current_dir(cwd.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -379,11 +382,56 @@ fn demo_splits_tunnels_from_clients() {
             "{web}"
         );
     });
+    let admin: std::net::SocketAddr = printed
+        .split("admin on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("demo prints its admin address:\n{printed}"));
+    assert!(
+        printed.contains("a second Ctrl-C quits at once"),
+        "{printed}"
+    );
+
+    // Files written beside the demo are not its config: no reload is attempted. Proving that
+    // nothing happens takes a wait; it covers the watcher's longest debounce (1 s) twice.
+    std::fs::write(cwd.path().join("demo.log"), "written by the user\n").unwrap();
+    std::fs::write(cwd.path().join("notes.txt"), "x").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    rt.block_on(async {
+        let metrics = support::scrape(admin).await;
+        assert_eq!(
+            metrics.value("sluice_config_last_reload_successful", &[]),
+            1.0
+        );
+        for result in ["success", "failure", "unchanged"] {
+            assert_eq!(
+                metrics.get("sluice_config_reloads_total", &[("result", result)]),
+                None,
+                "the demo reloaded ({result}) on a file it does not read"
+            );
+        }
+    });
+
+    // Ctrl-C with an idle tunnel open: the demo waits for it at most its 5 s drain_timeout,
+    // then closes it at once (no close spread), and exits 0.
+    let tunnel = rt.block_on(support::tls_session(
+        edge,
+        "tunnel.example.com",
+        &["teleport-reversetunnel"],
+    ));
+    assert!(tunnel.1.starts_with("tunnel-proxy"), "{}", tunnel.1);
+    let started = Instant::now();
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "Ctrl-C took {:?}",
+        started.elapsed()
+    );
 }
 
 /// The shipped units are valid: `systemd-analyze verify` prints nothing (it only warns about

@@ -14,7 +14,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use sluice::demo::TaggedBackend;
 
+pub mod metrics;
 pub mod process;
+
+pub use metrics::{scrape, Scrape};
 
 /// A config with one listener `edge` on 127.0.0.1:0 and one catch-all route `all`, without
 /// an idle timeout, to pool `p`. `admin` is the admin address ("" for none), `top` goes above
@@ -175,6 +178,15 @@ pub async fn read_to_end(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> 
 
 /// A TLS client through sluice: returns the backend's greeting line.
 pub async fn tls_greeting(addr: SocketAddr, sni: &str, alpn: &[&str]) -> String {
+    tls_session(addr, sni, alpn).await.1
+}
+
+/// A TLS session through sluice, kept open: the stream and the backend's greeting line.
+pub async fn tls_session(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&str],
+) -> (tokio_rustls::client::TlsStream<TcpStream>, String) {
     let cfg = sluice::tls::testing::insecure_client_config(alpn);
     let connector = tokio_rustls::TlsConnector::from(cfg);
     let tcp = TcpStream::connect(addr).await.unwrap();
@@ -183,7 +195,8 @@ pub async fn tls_greeting(addr: SocketAddr, sni: &str, alpn: &[&str]) -> String 
         .await
         .expect("handshake in time")
         .expect("handshake through sluice");
-    read_line(&mut tls).await
+    let greeting = read_line(&mut tls).await;
+    (tls, greeting)
 }
 
 /// One HTTP/1.1 request without a body on the admin API; returns (status, body).
