@@ -5,9 +5,11 @@
 //! backend list. New addresses enter through the backend registry like a reload's new
 //! backends (so they warm up for the pool's `min_ready`); addresses that disappear take no new
 //! connections but keep their established ones (`Backend::remove`). A failed or empty answer
-//! keeps that name's last good addresses, so a DNS outage never empties a pool.
+//! keeps that name's last good addresses, so a DNS outage never empties a pool; the last good
+//! answers live in the pool and a reload hands those of the names it keeps to the new pool, so
+//! a reload during an outage does not empty it either.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
@@ -17,9 +19,9 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendConfig, DnsConfig, PoolConfig};
+use crate::config::{BackendConfig, Discovery, DnsConfig, PoolConfig};
 use crate::runtime::Runtime;
-use crate::upstream::{Backend, Pool};
+use crate::upstream::{Backend, Discovered, Pool};
 
 /// A resolver per the `[dns]` table: explicit nameservers, or the system's configuration.
 pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
@@ -125,20 +127,19 @@ pub async fn run(
             }
         }
     };
-    let queries: Vec<(String, Option<u16>)> = d
-        .names
-        .iter()
-        .map(|(h, p)| (h.clone(), Some(*p)))
-        .chain(d.srv.iter().map(|s| (s.clone(), None)))
-        .collect();
-    let mut last_good: HashMap<String, Vec<SocketAddr>> = HashMap::new();
+    let queries = queries(&d);
+    // The last good answer of each name, carried over by a reload (`seed`).
+    let mut last_good: Discovered = match pool.upgrade() {
+        Some(p) => p.discovered(),
+        None => return,
+    };
     let mut first = true;
     loop {
         let mut next = d.max_refresh;
-        for (name, port) in &queries {
-            let answer = match port {
-                Some(p) => lookup_name(&resolver, name, *p).await,
-                None => lookup_srv(&resolver, name).await,
+        for (name, query) in &queries {
+            let answer = match query {
+                Query::Name(host, port) => lookup_name(&resolver, host, *port).await,
+                Query::Srv(srv) => lookup_srv(&resolver, srv).await,
             };
             let Some(rt) = rt.upgrade() else { return };
             let result = match answer {
@@ -172,6 +173,7 @@ pub async fn run(
             return;
         };
         let found: BTreeSet<SocketAddr> = last_good.values().flatten().copied().collect();
+        pool.set_discovered(last_good.clone());
         update(&rt, &pool, &cfg, &found, startup && first);
         first = false;
         drop((rt, pool));
@@ -230,18 +232,43 @@ fn update(
     rt.sync_checks();
 }
 
-/// A reload keeps what discovery found so far for a pool that keeps its names: the new pool
-/// starts with the old one's discovered backends instead of none until its first answer.
-pub fn seed(new: &Pool, new_cfg: &PoolConfig, old: &Pool, old_cfg: &PoolConfig) {
-    if new_cfg.discovery.is_none() || new_cfg.discovery != old_cfg.discovery {
+/// One name to resolve, keyed by how the config writes it (`host:port`, or the SRV name).
+enum Query {
+    Name(String, u16),
+    Srv(String),
+}
+
+fn queries(d: &Discovery) -> Vec<(String, Query)> {
+    d.names
+        .iter()
+        .map(|(h, p)| (format!("{h}:{p}"), Query::Name(h.clone(), *p)))
+        .chain(d.srv.iter().map(|s| (s.clone(), Query::Srv(s.clone()))))
+        .collect()
+}
+
+/// A reload keeps what discovery found so far for the names a pool keeps: the new pool starts
+/// with their last good answers (and those backends) instead of none until its first answer,
+/// which may be a failure if DNS is down at that moment.
+pub fn seed(new: &Pool, new_cfg: &PoolConfig, old: &Pool) {
+    let Some(d) = &new_cfg.discovery else {
+        return;
+    };
+    let wanted = queries(d);
+    let mut kept = old.discovered();
+    kept.retain(|key, _| wanted.iter().any(|(k, _)| k == key));
+    if kept.is_empty() {
         return;
     }
-    let old_static: BTreeSet<SocketAddr> = old_cfg.backends.iter().map(|b| b.address).collect();
+    let old_list = old.backends();
     let mut list: Vec<Arc<Backend>> = new.backends().as_ref().clone();
-    for b in old.backends().iter() {
-        if !old_static.contains(&b.address) && !list.iter().any(|x| x.address == b.address) {
+    for addr in kept.values().flatten() {
+        if list.iter().any(|b| b.address == *addr) {
+            continue;
+        }
+        if let Some(b) = old_list.iter().find(|b| b.address == *addr) {
             list.push(b.clone());
         }
     }
     new.set_backends(list);
+    new.set_discovered(kept);
 }

@@ -683,12 +683,10 @@ impl Runtime {
                 true,
             ));
             for (name, pool) in &snap.pools {
-                if let (Some(old_pool), Some(new_cfg), Some(old_cfg)) = (
-                    old.pools.get(name),
-                    snap.config.pools.get(name),
-                    old.config.pools.get(name),
-                ) {
-                    crate::discovery::seed(pool, new_cfg, old_pool, old_cfg);
+                if let (Some(old_pool), Some(new_cfg)) =
+                    (old.pools.get(name), snap.config.pools.get(name))
+                {
+                    crate::discovery::seed(pool, new_cfg, old_pool);
                 }
             }
             self.snapshot.store(snap.clone());

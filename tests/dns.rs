@@ -240,3 +240,52 @@ async fn a_reload_keeps_discovered_backends() {
     );
     assert_eq!(open_tunnel(edge(&server)).await.1, "A");
 }
+
+/// A reload while the DNS server fails keeps the discovered backends: the new pool starts
+/// from the old one's last good answer, and its own first (failed) lookup changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_a_dns_outage_keeps_discovered_backends() {
+    let a = Flaky::start("A", "127.0.0.1:0").await;
+    let port = a.address.port();
+    let zone = Arc::new(Mutex::new(Zone::default()));
+    zone.lock()
+        .unwrap()
+        .a
+        .insert("proxies.test".into(), vec![Ipv4Addr::LOCALHOST]);
+    let dns = dns_server(zone.clone()).await;
+    let text = conf(dns, &format!("dns = [\"proxies.test:{port}\"]"));
+    let server = start(&text, &[]).await;
+    eventually("discovered", || async {
+        server.rt.snapshot().pools["p"].backends().len() == 1
+    })
+    .await;
+    zone.lock().unwrap().fail = true;
+    let errors = || async {
+        metric(
+            &server,
+            "sluice_dns_resolutions_total",
+            &[("pool", "p"), ("result", "error")],
+        )
+        .await
+    };
+    eventually("the outage is seen", || async { errors().await >= 1.0 }).await;
+    let cfg = sluice::config::Config::parse(
+        std::path::Path::new("t.toml"),
+        &text.replace("retries = 0", "retries = 1"),
+    )
+    .unwrap();
+    server.rt.apply(cfg).await.unwrap();
+    // Three more failures: at most one is the old pool's last round, so the new pool's
+    // discovery has failed twice and its first round's update has run.
+    let before = errors().await;
+    eventually("the new pool's lookups fail", || async {
+        errors().await >= before + 3.0
+    })
+    .await;
+    assert_eq!(
+        server.rt.snapshot().pools["p"].backends().len(),
+        1,
+        "the reload emptied the pool during the outage"
+    );
+    assert_eq!(open_tunnel(edge(&server)).await.1, "A");
+}

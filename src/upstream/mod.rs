@@ -289,6 +289,9 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// DNS discovery's last good addresses per name, keyed as the config writes the name.
+pub type Discovered = HashMap<String, Vec<SocketAddr>>;
+
 pub struct Pool {
     pub name: String,
     /// The configured backends, plus those DNS discovery found (swapped as answers change).
@@ -304,6 +307,8 @@ pub struct Pool {
     pub fail_open: bool,
     /// Stops this pool's DNS discovery (a reload replaced the pool).
     pub discovery_stop: CancellationToken,
+    /// DNS discovery's last good answer per name, which a reload carries over.
+    discovered: Mutex<Discovered>,
     rr: AtomicU64,
     ejections: prometheus::IntCounterVec,
     connect_seconds: Histogram,
@@ -376,6 +381,7 @@ impl Pool {
             health: cfg.health.clone(),
             fail_open: cfg.fail_open,
             discovery_stop: CancellationToken::new(),
+            discovered: Mutex::default(),
             rr: AtomicU64::new(0),
             ejections: metrics.ejections.clone(),
             connect_seconds: metrics
@@ -393,6 +399,18 @@ impl Pool {
     /// Replace the backend list (DNS discovery).
     pub fn set_backends(&self, list: Vec<Arc<Backend>>) {
         self.backends.store(Arc::new(list));
+    }
+
+    /// DNS discovery's last good answer per name (`host:port` or the SRV name).
+    pub fn discovered(&self) -> Discovered {
+        self.discovered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_discovered(&self, answers: Discovered) {
+        *self.discovered.lock().unwrap_or_else(|e| e.into_inner()) = answers;
     }
 
     pub fn view(&self) -> PoolView<'_> {
