@@ -257,7 +257,7 @@ backends = ["{backend}"]
             .spawn()
             .unwrap(),
     );
-    let (edge, admin, _log) = bound_addresses(&mut child);
+    let (edge, admin, log) = bound_addresses(&mut child);
     let hello = sluice::tls::hello::build::hello(Some("a.example.com"), &["h2"]);
 
     // Hold 60 relayed connections: 120 descriptors wanted, 64 allowed.
@@ -267,7 +267,7 @@ backends = ["{backend}"]
         s.write_all(&hello).unwrap();
         held.push(s);
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    log.wait_for("accept failed: out of resources", Duration::from_secs(20));
     let cpu_ticks = || -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
         let fields: Vec<&str> = stat
@@ -324,13 +324,24 @@ backends = ["{backend}"]
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    // Two SIGINTs: the first starts the drain (drain_delay is 5 s), the second skips it;
+    // sluice still exits 0.
+    let interrupt = || {
+        let sent = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    interrupt();
+    log.wait_for("\"signal\":\"SIGINT\"", Duration::from_secs(10));
+    interrupt();
+    log.wait_for(
+        "second signal: closing everything now",
+        Duration::from_secs(10),
+    );
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit after SIGINT: {status:?}");
 }
 
 /// The README's first command: `sluice demo` starts the edge and both backends, prints the

@@ -20,12 +20,12 @@ fn conf(backends: &[SocketAddr], pool_extra: &str) -> String {
     )
 }
 
+/// `sluice_backend_healthy` of one backend; `None` before its first verdict.
 async fn healthy(server: &sluice::server::Server, backend: SocketAddr) -> Option<f64> {
-    let text = server.rt.metrics.render();
-    let key = format!("sluice_backend_healthy{{backend=\"{backend}\",pool=\"p\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
+    scrape(server.admin_addr().unwrap()).await.get(
+        "sluice_backend_healthy",
+        &[("pool", "p"), ("backend", &backend.to_string())],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

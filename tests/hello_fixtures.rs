@@ -3,7 +3,7 @@
 mod support;
 
 use sluice::tls::hello::{build, parse, ClientHello, Parse};
-use support::fixture;
+use support::{fixture, handshake_of};
 
 fn expect_hello(bytes: &[u8]) -> ClientHello {
     match parse(bytes) {
@@ -13,18 +13,6 @@ fn expect_hello(bytes: &[u8]) -> ClientHello {
         }
         other => panic!("expected a hello, got {other:?}"),
     }
-}
-
-/// Strip record framing: the handshake message alone.
-fn handshake_of(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos + 5 <= bytes.len() {
-        let len = u16::from_be_bytes([bytes[pos + 3], bytes[pos + 4]]) as usize;
-        out.extend_from_slice(&bytes[pos + 5..pos + 5 + len]);
-        pos += 5 + len;
-    }
-    out
 }
 
 fn check_all_forms(bytes: &[u8]) -> ClientHello {

@@ -17,7 +17,11 @@ use tokio_util::sync::CancellationToken;
 /// A config with one listener, one catch-all route to pool `p`, and `pool_extra` keys.
 fn conf(backends: &[&RawBackend], pool_extra: &str, top: &str) -> String {
     let list = quoted(backends.iter().map(|b| b.address));
-    one_pool_config("", top, &format!("backends = [{list}]\n{pool_extra}"))
+    one_pool_config(
+        "127.0.0.1:0",
+        top,
+        &format!("backends = [{list}]\n{pool_extra}"),
+    )
 }
 
 struct Setup {
@@ -194,8 +198,8 @@ async fn listeners_come_and_go_without_touching_connections() {
 
     // A changed option (hello_timeout) keeps the socket too.
     s.write(&two.replacen(
-        "address = \"127.0.0.1:0\"\n",
-        "address = \"127.0.0.1:0\"\nhello_timeout = \"3s\"\n",
+        "name = \"edge\"\naddress = \"127.0.0.1:0\"\n",
+        "name = \"edge\"\naddress = \"127.0.0.1:0\"\nhello_timeout = \"3s\"\n",
         1,
     ));
     let Outcome::Applied(sum) = s.reload().await else {

@@ -50,6 +50,22 @@ impl Scrape {
         Some(first.value)
     }
 
+    /// A counter's or gauge's value, 0 while its series has not been created (sluice creates
+    /// labelled series at their first use). The name must be one sluice declares, so that a
+    /// renamed metric cannot pass an assertion that it is 0.
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        match self.get(name, labels) {
+            Some(v) => v,
+            None => {
+                assert!(
+                    declared(name),
+                    "{name} is not a metric sluice declares (src/metrics.rs)"
+                );
+                0.0
+            }
+        }
+    }
+
     /// Like `get`, but a missing series fails the test.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.get(name, labels).unwrap_or_else(|| {
@@ -89,6 +105,18 @@ impl Scrape {
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// Whether `src/metrics.rs` declares `name` (histograms' series add _bucket/_sum/_count).
+fn declared(name: &str) -> bool {
+    const SOURCE: &str = include_str!("../../src/metrics.rs");
+    let family = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
+    [name, family]
+        .iter()
+        .any(|n| SOURCE.contains(&format!("\"{n}\"")))
 }
 
 /// `name{k="v",...} value [timestamp]` with the format's escapes in label values.

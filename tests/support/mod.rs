@@ -199,19 +199,28 @@ pub async fn tls_session(
     (tls, greeting)
 }
 
-/// One HTTP/1.1 request without a body on the admin API; returns (status, body).
+/// One HTTP/1.1 request without a body on the admin API; returns (status, body). Panics when
+/// there is no answer within 10 s (an admin API that stopped serving but still holds its
+/// socket would otherwise hang the test).
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    let exchange = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(
+            format!(
+                "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
+        .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        std::io::Result::Ok(out)
+    };
+    let out = match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => panic!("{method} {path} on {addr}: {e}"),
+        Err(_) => panic!("{method} {path} on {addr}: no answer in 10 s"),
+    };
     let status = out
         .split_whitespace()
         .nth(1)
@@ -243,29 +252,21 @@ pub async fn open_tunnel(addr: SocketAddr) -> (TcpStream, String) {
     (s, name)
 }
 
-/// The value of one sample of `/metrics`, e.g. `sluice_hello_total{listener="edge",result="ok"}`.
-/// Labels may be given in any order; missing samples read as 0.
+/// The value of one series of `server`'s `/metrics`, scraped over HTTP from its admin API as
+/// Prometheus does, e.g. `metric(&s, "sluice_hello_total", &[("result", "ok")])`. Labels may
+/// be given in any order and must pick one series. A series not (yet) exported reads as 0,
+/// but only for a name sluice declares: a renamed or misspelled metric fails the test.
 pub async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = server.rt.metrics.render();
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-        if n != name {
-            continue;
-        }
-        if labels
-            .iter()
-            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-        {
-            return value.parse().unwrap_or(0.0);
-        }
-    }
-    0.0
+    let admin = server
+        .admin_addr()
+        .expect("metric() scrapes /metrics: give the test's config an [admin] address");
+    scrape(admin).await.counter(name, labels)
+}
+
+/// `metric` for a server whose admin API has stopped (after `drain` or `shutdown`): the
+/// registry's own rendering, which is what the last scrape would have shown.
+pub fn metric_after_stop(server: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
+    Scrape::parse(server.rt.metrics.render()).counter(name, labels)
 }
 
 /// Poll until `f` holds or 5 s pass.
@@ -290,6 +291,18 @@ pub fn fixture(name: &str) -> Vec<u8> {
             .join(name),
     )
     .expect("fixture")
+}
+
+/// Strip TLS record framing: the handshake message(s) alone.
+pub fn handshake_of(records: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 5 <= records.len() {
+        let len = u16::from_be_bytes([records[pos + 3], records[pos + 4]]) as usize;
+        out.extend_from_slice(&records[pos + 5..pos + 5 + len]);
+        pos += 5 + len;
+    }
+    out
 }
 
 /// An HTTP/1.1 GET over TLS (ALPN http/1.1) through sluice; returns the whole response.

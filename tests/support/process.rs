@@ -1,20 +1,31 @@
 //! Running the `sluice` binary in tests: a child that dies with the test, its log, tools.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command};
+use std::process::{Child, ChildStderr, Command};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
+/// Whether `tool` is on the PATH. Missing, it fails the test under CI (any non-empty `CI`:
+/// `.ci/run` installs every tool the tests use) and skips it elsewhere, saying so.
 pub fn have(tool: &str) -> bool {
     let ok = Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !ok && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{tool} is required in CI (.ci/run installs it)");
+    available(&format!("{tool} is not installed"), ok)
+}
+
+/// The one rule for what a test needs from the machine (a tool, IPv6 loopback): when it is
+/// missing, `false` (the test returns, skipped) outside CI; under any non-empty `CI`, a panic.
+pub fn available(missing: &str, present: bool) -> bool {
+    if present {
+        return true;
     }
-    if !ok {
-        eprintln!("skipping: {tool} is not installed");
+    if std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        panic!("{missing}: required in CI (.ci/run installs what the tests need)");
     }
-    ok
+    eprintln!("skipping: {missing}");
+    false
 }
 
 /// A child process that is killed when the test ends, even if the test panics first.
@@ -42,10 +53,53 @@ impl Drop for Running {
     }
 }
 
+/// A child's JSON log, read on a thread as it is written (so the child never blocks on a
+/// full pipe): tests wait for a line instead of sleeping.
+pub struct Log {
+    seen: Arc<(Mutex<String>, Condvar)>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Log {
+    fn follow(mut stderr: BufReader<ChildStderr>, start: String) -> Log {
+        let seen = Arc::new((Mutex::new(start), Condvar::new()));
+        let writer = seen.clone();
+        let reader = std::thread::spawn(move || {
+            let mut l = String::new();
+            while stderr.read_line(&mut l).unwrap_or(0) > 0 {
+                writer.0.lock().unwrap().push_str(&l);
+                writer.1.notify_all();
+                l.clear();
+            }
+        });
+        Log { seen, reader }
+    }
+
+    /// Wait until a line containing `needle` has been logged; panics after `limit`.
+    pub fn wait_for(&self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut text = self.seen.0.lock().unwrap();
+        while !text.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needle} within {limit:?}:\n{text}"
+            );
+            text = self.seen.1.wait_timeout(text, left).unwrap().0;
+        }
+    }
+
+    /// The whole log, once the child has exited (its stderr closed).
+    pub fn join(self) -> std::thread::Result<String> {
+        self.reader.join()?;
+        let text = self.seen.0.lock().unwrap();
+        Ok(text.clone())
+    }
+}
+
 /// Wait until a `sluice run --log-format json` child has logged its bound edge and admin
-/// addresses, then keep draining its stderr (so it never blocks on a full pipe); the handle
-/// returns the whole log once the child exits.
-pub fn bound_addresses(child: &mut Child) -> (String, String, std::thread::JoinHandle<String>) {
+/// addresses, then keep following its log.
+pub fn bound_addresses(child: &mut Child) -> (String, String, Log) {
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr is piped"));
     let (mut edge, mut admin) = (None, None);
     let mut all = String::new();
@@ -61,17 +115,9 @@ pub fn bound_addresses(child: &mut Child) -> (String, String, std::thread::JoinH
         all.push_str(&line);
         line.clear();
     }
-    let log = std::thread::spawn(move || {
-        let mut l = String::new();
-        while stderr.read_line(&mut l).unwrap_or(0) > 0 {
-            all.push_str(&l);
-            l.clear();
-        }
-        all
-    });
     (
         edge.expect("sluice logs the bound edge address"),
         admin.expect("sluice logs the bound admin address"),
-        log,
+        Log::follow(stderr, all),
     )
 }
