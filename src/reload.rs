@@ -9,7 +9,7 @@
 //! schedules a reload; a reload whose files hash the same as the running config changes
 //! nothing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,61 +100,96 @@ pub async fn reload(rt: &Arc<Runtime>, trigger: &str) -> Outcome {
 /// quiet following any change. Runs until `stop` fires. Errors setting up the watch are
 /// logged; SIGHUP and `POST /-/reload` still work.
 pub async fn watch(rt: Arc<Runtime>, stop: CancellationToken) {
-    let (source, debounce) = {
-        let snap = rt.snapshot();
-        (snap.config.source.clone(), snap.config.reload.debounce)
-    };
-    let dir = source
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
-    let conf_d = dir.join("conf.d");
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = match notify::recommended_watcher(
-        move |res: notify::Result<notify::Event>| match res {
-            Ok(ev) if !ev.kind.is_access() => {
-                let _ = tx.send(());
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "config watch error"),
-        },
-    ) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot watch the config files; reload with SIGHUP or POST /-/reload");
-            return;
-        }
-    };
-    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-        tracing::error!(dir = %dir.display(), error = %e,
-            "cannot watch the config directory; reload with SIGHUP or POST /-/reload");
-        return;
+    if let Some(watch) = ConfigWatch::start(rt) {
+        watch.run(stop).await;
     }
-    watch_conf_d(&mut watcher, &conf_d);
-    watch_target_dir(&mut watcher, &source, &dir);
-    tracing::info!(dir = %dir.display(), debounce = ?debounce, "watching the config files");
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            ev = rx.recv() => if ev.is_none() { return },
-        }
-        // Debounce: wait until the files have been quiet for `debounce`, but no longer than
-        // `max_wait` after the first change, so files rewritten more often than `debounce`
-        // (a busy config generator) still get reloaded.
-        let max_wait = tokio::time::sleep(max_debounce_wait(debounce));
-        tokio::pin!(max_wait);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(debounce) => break,
-                _ = &mut max_wait => break,
-                ev = rx.recv() => if ev.is_none() { return },
+}
+
+/// The config files under watch. Once `start` has returned, every later change is seen (the
+/// tests rely on that instead of sleeping).
+pub struct ConfigWatch {
+    rt: Arc<Runtime>,
+    watcher: notify::RecommendedWatcher,
+    changes: mpsc::UnboundedReceiver<()>,
+    source: PathBuf,
+    dir: PathBuf,
+    conf_d: PathBuf,
+    debounce: Duration,
+}
+
+impl ConfigWatch {
+    /// Set the watches up; `None` (logged) when the platform refuses them.
+    pub fn start(rt: Arc<Runtime>) -> Option<ConfigWatch> {
+        let (source, debounce) = {
+            let snap = rt.snapshot();
+            (snap.config.source.clone(), snap.config.reload.debounce)
+        };
+        let dir = source
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let conf_d = dir.join("conf.d");
+        let (tx, changes) = mpsc::unbounded_channel::<()>();
+        let mut watcher = match notify::recommended_watcher(
+            move |res: notify::Result<notify::Event>| match res {
+                Ok(ev) if !ev.kind.is_access() => {
+                    let _ = tx.send(());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "config watch error"),
+            },
+        ) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch the config files; reload with SIGHUP or POST /-/reload");
+                return None;
             }
+        };
+        if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            tracing::error!(dir = %dir.display(), error = %e,
+                "cannot watch the config directory; reload with SIGHUP or POST /-/reload");
+            return None;
         }
         watch_conf_d(&mut watcher, &conf_d);
         watch_target_dir(&mut watcher, &source, &dir);
-        reload(&rt, "file change").await;
+        tracing::info!(dir = %dir.display(), debounce = ?debounce, "watching the config files");
+        Some(ConfigWatch {
+            rt,
+            watcher,
+            changes,
+            source,
+            dir,
+            conf_d,
+            debounce,
+        })
+    }
+
+    /// Reload after each burst of changes until `stop` fires.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let debounce = self.debounce;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                ev = self.changes.recv() => if ev.is_none() { return },
+            }
+            // Debounce: wait until the files have been quiet for `debounce`, but no longer
+            // than `max_wait` after the first change, so files rewritten more often than
+            // `debounce` (a busy config generator) still get reloaded.
+            let max_wait = tokio::time::sleep(max_debounce_wait(debounce));
+            tokio::pin!(max_wait);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(debounce) => break,
+                    _ = &mut max_wait => break,
+                    ev = self.changes.recv() => if ev.is_none() { return },
+                }
+            }
+            watch_conf_d(&mut self.watcher, &self.conf_d);
+            watch_target_dir(&mut self.watcher, &self.source, &self.dir);
+            reload(&self.rt, "file change").await;
+        }
     }
 }
 

@@ -1211,14 +1211,16 @@ async fn through(addr: std::net::SocketAddr) -> String {
 async fn consecutive_connect_failures_eject_a_backend_for_a_while() {
     let live = RawBackend::start("live", false).await;
     let dead = dead_address().await;
+    let eject_time = Duration::from_secs(1);
     let server = simple(Simple {
         backends: vec![dead.to_string(), live.address.to_string()],
         retries: 1,
-        pool_extra: "eject_after_failures = 2\neject_time = \"500ms\"\nmax_ejected_percent = 50",
+        pool_extra: "eject_after_failures = 2\neject_time = \"1s\"\nmax_ejected_percent = 50",
         ..Simple::default()
     })
     .await;
     let addr = edge(&server);
+    let admin = server.admin_addr().unwrap();
     let refused = || {
         metric(
             &server,
@@ -1226,37 +1228,50 @@ async fn consecutive_connect_failures_eject_a_backend_for_a_while() {
             &[("reason", "refused")],
         )
     };
-    for _ in 0..10 {
-        assert_eq!(through(addr).await, "live", "a retry hides every failure");
-    }
-    // Round robin tried the dead one on every other connection until it was ejected.
-    assert_eq!(refused().await, 2.0);
-    assert_eq!(
+    let dead_label = dead.to_string();
+    let ejections = || async {
         metric(
             &server,
             "sluice_backend_ejections_total",
-            &[("backend", &dead.to_string())]
+            &[("backend", &dead_label)],
         )
-        .await,
-        1.0
-    );
-    let (_, pools) = http_get(server.admin_addr().unwrap(), "/debug/pools").await;
-    assert!(pools.contains("\"state\": \"ejected\""), "{pools}");
+        .await
+    };
+    // Round robin tries the dead one on every other connection until it is ejected; the
+    // retry hides every failure. Connections stop at the ejection, so the count is exact
+    // however long each one takes.
+    let mut ejected_after = None;
+    for _ in 0..10 {
+        let attempt = std::time::Instant::now();
+        assert_eq!(through(addr).await, "live", "a retry hides every failure");
+        if ejections().await == 1.0 {
+            ejected_after = Some(attempt);
+            break;
+        }
+    }
+    let ejected_after = ejected_after.expect("two refused connects eject the backend");
+    assert_eq!(refused().await, 2.0);
+    let (_, pools) = http_get(admin, "/debug/pools").await;
+    if ejected_after.elapsed() < eject_time {
+        assert!(pools.contains("\"state\": \"ejected\""), "{pools}");
+    }
     // After eject_time it is tried again (and, still dead, ejected again, for twice as long).
-    tokio::time::sleep(Duration::from_millis(550)).await;
+    eventually("the ejection ends", || async {
+        !http_get(admin, "/debug/pools")
+            .await
+            .1
+            .contains("\"state\": \"ejected\"")
+    })
+    .await;
+    assert!(ejected_after.elapsed() >= eject_time);
     for _ in 0..6 {
         assert_eq!(through(addr).await, "live");
+        if ejections().await == 2.0 {
+            break;
+        }
     }
+    assert_eq!(ejections().await, 2.0);
     assert_eq!(refused().await, 4.0);
-    assert_eq!(
-        metric(
-            &server,
-            "sluice_backend_ejections_total",
-            &[("backend", &dead.to_string())]
-        )
-        .await,
-        2.0
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1453,22 +1468,26 @@ async fn parked(server: &sluice::server::Server, n: f64) {
     .await;
 }
 
-/// A backend that says "echo", echoes what it gets, and answers "later" 400 ms late: by then
-/// the connection is parked, so only the backend's side can wake it.
-async fn echo_later_backend() -> std::net::SocketAddr {
-    greeting_backend(|mut s| async move {
-        let mut buf = vec![0; 64 << 10];
-        loop {
-            let n = s.read(&mut buf).await.unwrap_or(0);
-            if n == 0 {
-                let _ = s.shutdown().await;
-                return;
-            }
-            if &buf[..n] == b"later" {
-                tokio::time::sleep(Duration::from_millis(400)).await;
-                s.write_all(b"late\n").await.unwrap();
-            } else {
-                s.write_all(&buf[..n]).await.unwrap();
+/// A backend that says "echo", echoes what it gets, and answers "later" with "late" only
+/// when the test releases it: by then the connection is parked, so only the backend's side
+/// can wake it.
+async fn echo_later_backend(release: std::sync::Arc<tokio::sync::Notify>) -> std::net::SocketAddr {
+    greeting_backend(move |mut s| {
+        let release = release.clone();
+        async move {
+            let mut buf = vec![0; 64 << 10];
+            loop {
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    let _ = s.shutdown().await;
+                    return;
+                }
+                if &buf[..n] == b"later" {
+                    release.notified().await;
+                    s.write_all(b"late\n").await.unwrap();
+                } else {
+                    s.write_all(&buf[..n]).await.unwrap();
+                }
             }
         }
     })
@@ -1477,7 +1496,8 @@ async fn echo_later_backend() -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_wakes_from_either_side_and_loses_nothing() {
-    let backend = echo_later_backend().await;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let backend = echo_later_backend(release.clone()).await;
     let server = simple(Simple {
         backends: vec![backend.to_string()],
         top: PARK_FAST,
@@ -1509,6 +1529,7 @@ async fn a_parked_connection_wakes_from_either_side_and_loses_nothing() {
         metric(&server, "sluice_relay_parks_total", &[]).await == 3.0
     })
     .await;
+    release.notify_one();
     assert_eq!(read_line(&mut s).await, "late");
     eventually("parked after the late answer", || async {
         metric(&server, "sluice_relay_parks_total", &[]).await == 4.0
@@ -1580,11 +1601,19 @@ async fn a_drain_waits_for_parked_connections_then_closes_them() {
 
     let server = std::sync::Arc::new(server);
     let s2 = server.clone();
+    let started = std::time::Instant::now();
     let drain = tokio::spawn(async move { s2.drain(std::future::pending(), true).await });
-    // A parked connection has no task, yet the drain waits for it...
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(!drain.is_finished(), "the drain ended with a tunnel open");
-    assert_eq!(metric(&server, "sluice_relay_parked", &[]).await, 1.0);
+    // A parked connection has no task, yet the drain waits for it (drain_timeout, 1.5 s)...
+    eventually("the listeners are closed", || async {
+        server.rt.state() == sluice::runtime::State::Closing
+    })
+    .await;
+    // (The registry read directly: the admin API stops when the drain ends.)
+    assert_eq!(metric_after_stop(&server, "sluice_relay_parked", &[]), 1.0);
+    let finished = drain.is_finished();
+    if started.elapsed() < Duration::from_millis(1500) {
+        assert!(!finished, "the drain ended with a tunnel open");
+    }
     // ...and closes it when drain_timeout has passed.
     assert_eq!(
         read_to_end(&mut s, Duration::from_secs(4)).await,

@@ -121,6 +121,19 @@ impl Load {
         }
     }
 
+    /// Wait until `n` more connections have succeeded: the load is really running.
+    async fn until_more(&self, n: u64) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.ok.load(Ordering::Relaxed) < target {
+            assert!(
+                Instant::now() < deadline,
+                "the load made fewer than {n} connections in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn finish(self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
@@ -188,13 +201,13 @@ fn reload_under_load_fails_nothing_and_cuts_nothing() {
             conf(&bs[0], top).replace("pool = \"p\"", "pool = \"x\""),
         )
         .unwrap();
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(*load.last.lock().unwrap(), "C");
-        let (_, metrics) = http_get(admin.parse().unwrap(), "/metrics").await;
-        assert!(
-            metrics.contains("sluice_config_last_reload_successful 0"),
-            "{metrics}"
+        log.wait_for("no pool is named `x`", Duration::from_secs(10));
+        let metrics = scrape(admin.parse().unwrap()).await;
+        assert_eq!(
+            metrics.value("sluice_config_last_reload_successful", &[]),
+            0.0
         );
+        assert_eq!(*load.last.lock().unwrap(), "C");
         // Then many rewrites, every 100 ms for 3 s, alternating the backend.
         for i in 0..30 {
             std::fs::write(&path, conf(&bs[i % 3], top)).unwrap();
@@ -227,10 +240,10 @@ fn reload_under_load_fails_nothing_and_cuts_nothing() {
         assert!(ok > 100, "only {ok} connections were made");
         tunnels_alive(tunnels, "A").await;
 
-        let (_, metrics) = http_get(admin.parse().unwrap(), "/metrics").await;
-        assert!(
-            metrics.contains("sluice_config_last_reload_successful 1"),
-            "{metrics}"
+        let metrics = scrape(admin.parse().unwrap()).await;
+        assert_eq!(
+            metrics.value("sluice_config_last_reload_successful", &[]),
+            1.0
         );
         signal(child.id(), "TERM");
         assert!(child.wait().unwrap().success());
@@ -337,7 +350,7 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
             tunnels.push(open(edge).await.unwrap().0);
         }
         let load = Load::start(edge, 4);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        load.until_more(20).await;
 
         // The new process takes the sockets over.
         let mut new = spawn_notifying(&["--upgrade"], &path, Some(&notify_path));
@@ -345,7 +358,8 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
         assert_eq!(edge2, edge.to_string(), "same listening socket");
         assert_eq!(admin2, admin, "same admin socket");
         // The old one keeps its tunnels; it exits once they end.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        old_log.wait_for("a new sluice took over the sockets", Duration::from_secs(10));
+        load.until_more(20).await;
         assert!(old.try_wait().unwrap().is_none(), "old process waits for its connections");
         let (status, body) = http_get(admin.parse().unwrap(), "/readyz").await;
         assert_eq!((status, body.as_str()), (200, "ready\n"), "the new process answers");
@@ -366,7 +380,7 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
 
         // Again, by signal: SIGUSR2 makes the running process start its successor.
         let load = Load::start(edge, 4);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        load.until_more(20).await;
         signal(new.id(), "USR2");
         let status = exits_within(&mut new, Duration::from_secs(20));
         assert!(status.success(), "second process exit: {status:?}");

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::ServerName;
 use sluice::server::Server;
 use support::*;
 
@@ -47,11 +48,21 @@ async fn quic_backend(name: &'static str, cert_name: &str, alpn: &[&str]) -> (So
     (addr, der)
 }
 
+/// A client whose connections send a keep-alive every 250 ms: an open connection's flow
+/// never reaches sluice's 1 s `flow_idle_timeout`, however slowly the test runs, so flow
+/// counts are exact; a closed one's flow expires.
+fn client_config(tls: Arc<rustls::ClientConfig>) -> quinn::ClientConfig {
+    let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(250)));
+    cfg.transport_config(Arc::new(transport));
+    cfg
+}
+
 fn client_endpoint(alpn: &[&str]) -> quinn::Endpoint {
     let tls = sluice::tls::testing::insecure_client_config(alpn);
-    let cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(cfg);
+    ep.set_default_client_config(client_config(tls));
     ep
 }
 
@@ -410,19 +421,77 @@ proxy_protocol = "v2"
     server.shutdown().await;
 }
 
+/// rustls' in-memory session store, which says when a TLS 1.3 ticket arrives.
+#[derive(Debug)]
+struct TicketStore {
+    inner: rustls::client::ClientSessionMemoryCache,
+    arrived: tokio::sync::Notify,
+}
+
+impl TicketStore {
+    fn new() -> Arc<TicketStore> {
+        Arc::new(TicketStore {
+            inner: rustls::client::ClientSessionMemoryCache::new(8),
+            arrived: tokio::sync::Notify::new(),
+        })
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketStore {
+    fn set_kx_hint(&self, name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(name, group)
+    }
+    fn kx_hint(&self, name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(name)
+    }
+    fn set_tls12_session(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.inner.set_tls12_session(name, value)
+    }
+    fn tls12_session(
+        &self,
+        name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(name)
+    }
+    fn remove_tls12_session(&self, name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.inner.insert_tls13_ticket(name, value);
+        self.arrived.notify_one();
+    }
+    fn take_tls13_ticket(
+        &self,
+        name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(name)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_rtt_on_resumption_passes_through() {
     let (server, edge, _, _) = setup().await;
     let mut tls = (*sluice::tls::testing::insecure_client_config(&["h3"])).clone();
     tls.enable_early_data = true;
-    let cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
+    let tickets = TicketStore::new();
+    tls.resumption = rustls::client::Resumption::store(tickets.clone());
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(cfg);
+    ep.set_default_client_config(client_config(Arc::new(tls)));
     // A first connection leaves a session ticket with the client.
     let first = connect(&ep, edge, "a.example.com").await;
     assert_eq!(ask(&first, "1").await, "A:1");
+    tokio::time::timeout(Duration::from_secs(5), tickets.arrived.notified())
+        .await
+        .expect("the server sent a session ticket");
     first.close(0u32.into(), b"bye");
-    tokio::time::sleep(Duration::from_millis(100)).await;
     // The second sends its request in 0-RTT packets, before the handshake completes: they
     // reach the flow while its hello is pending, or just after, and pass through.
     let connecting = ep.connect(edge, "a.example.com").unwrap();
@@ -442,7 +511,7 @@ async fn connections_sharing_one_client_socket_are_routed_each_on_its_own() {
     let ep = client_endpoint(&["h3"]);
     let to_a = connect(&ep, edge, "a.example.com").await;
     let tls_b = sluice::tls::testing::insecure_client_config(&["proto-b"]);
-    let cfg_b = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls_b).unwrap()));
+    let cfg_b = client_config(tls_b);
     let to_b = tokio::time::timeout(
         Duration::from_secs(5),
         ep.connect_with(cfg_b, edge, "b.example.com").unwrap(),

@@ -284,18 +284,16 @@ async fn removed_backend_closes(parked: bool) {
     }
 
     s.write(&conf(&[&b], extra, top));
+    // The backend is removed during the reload, after this instant: the connection must not
+    // close before removed_drain_timeout (400 ms) has passed from here, and must close then
+    // (a loaded machine only makes it later).
     let removed_at = Instant::now();
     assert!(matches!(s.reload().await, Outcome::Applied(_)));
-    // Still open right after the reload...
     held.write_all(b"x").await.unwrap();
-    assert!(read_to_end(&mut held, Duration::from_millis(200))
-        .await
-        .is_none());
-    // ...closed once removed_drain_timeout has passed.
-    let end = read_to_end(&mut held, Duration::from_secs(3)).await;
+    let end = read_to_end(&mut held, Duration::from_secs(5)).await;
     assert!(end.is_some(), "closed after removed_drain_timeout");
     let took = removed_at.elapsed();
-    assert!(took >= Duration::from_millis(380), "closed after {took:?}");
+    assert!(took >= Duration::from_millis(400), "closed after {took:?}");
     eventually("counted as backend_removed", || async {
         metric(
             &s.server,
@@ -312,37 +310,40 @@ async fn removed_backend_closes(parked: bool) {
 async fn a_backend_added_by_reload_waits_for_min_ready() {
     let a = RawBackend::start("A", false).await;
     let b = RawBackend::start("B", false).await;
+    let min_ready = Duration::from_millis(1500);
     let extra = "min_ready = \"1500ms\"\nbalance = \"round_robin\"";
     let s = Setup::new(&conf(&[&a], extra, "")).await;
     let addr = edge(&s.server);
 
     s.write(&conf(&[&a, &b], extra, ""));
+    // B is added during the reload, so it cannot be ready before `added + min_ready`: every
+    // connection made before then must reach A, however slow the machine is.
     let added = Instant::now();
     assert!(matches!(s.reload().await, Outcome::Applied(_)));
+    let snapshot = s.server.rt.snapshot();
+    let view = snapshot.pools["p"].view();
+    if added.elapsed() < min_ready {
+        let b_view = view.backends.iter().find(|v| v.address == b.address);
+        assert_eq!(b_view.unwrap().state, "warming");
+    }
     let mut names = Vec::new();
     while added.elapsed() < Duration::from_millis(1000) {
-        names.push(open_tunnel(addr).await.1);
+        let name = open_tunnel(addr).await.1;
+        if added.elapsed() >= min_ready {
+            break;
+        }
+        names.push(name);
     }
-    assert!(names.len() >= 2, "{names:?}");
     assert!(
         names.iter().all(|n| n == "A"),
         "a warming backend took connections: {names:?}"
     );
-    let pools = s.server.rt.snapshot();
-    let view = pools.pools["p"].view();
-    let warming = view
-        .backends
-        .iter()
-        .find(|v| v.address == b.address)
-        .unwrap();
-    assert_eq!(warming.state, "warming");
-
-    tokio::time::sleep(Duration::from_millis(1600).saturating_sub(added.elapsed())).await;
-    let mut later = Vec::new();
-    for _ in 0..4 {
-        later.push(open_tunnel(addr).await.1);
-    }
-    assert!(later.iter().any(|n| n == "B"), "after min_ready: {later:?}");
+    // Once min_ready has passed, B takes its share.
+    eventually("B takes connections after min_ready", || async {
+        open_tunnel(addr).await.1 == "B"
+    })
+    .await;
+    assert!(added.elapsed() >= min_ready);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,8 +476,8 @@ async fn the_watcher_sees_every_way_of_replacing_a_file() {
     let path = k8s.join("sluice.toml");
     let server = Server::start(Config::load(&path).unwrap()).await.unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(reload::watch(server.rt.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let watch = reload::ConfigWatch::start(server.rt.clone()).expect("the config is watched");
+    tokio::spawn(watch.run(stop.clone()));
     let addr = edge(&server);
     let text = |i: usize| conf(&[&backends[i]], "", "[reload]\ndebounce = \"50ms\"");
     let expect = |name: &'static str| {
@@ -533,8 +534,8 @@ async fn a_file_rewritten_nonstop_is_still_reloaded() {
     let top = "[reload]\ndebounce = \"100ms\"";
     let setup = Setup::new(&conf(&[&a], "", top)).await;
     let stop = CancellationToken::new();
-    tokio::spawn(reload::watch(setup.server.rt.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let watch = reload::ConfigWatch::start(setup.server.rt.clone()).expect("the config is watched");
+    tokio::spawn(watch.run(stop.clone()));
     let addr = edge(&setup.server);
     // Every 40 ms, well inside the 100 ms debounce: a purely trailing debounce never fires.
     let writer = {
@@ -562,14 +563,20 @@ async fn a_file_rewritten_nonstop_is_still_reloaded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unready_until_min_ready_has_passed() {
     let a = RawBackend::start("A", false).await;
+    let min_ready = Duration::from_secs(2);
     let started = Instant::now();
-    let s = Setup::new(&conf(&[&a], "", "[lifecycle]\nmin_ready = \"700ms\"")).await;
-    assert_eq!(s.server.rt.state(), sluice::runtime::State::Starting);
-    // Serving (connections are routed) but not ready yet.
+    let s = Setup::new(&conf(&[&a], "", "[lifecycle]\nmin_ready = \"2s\"")).await;
+    // Serving (connections are routed) but not ready yet. A loaded machine may take longer
+    // than min_ready to get here; what must hold is that a state read before min_ready had
+    // passed is Starting.
     assert_eq!(open_tunnel(edge(&s.server)).await.1, "A");
-    assert_eq!(s.server.rt.state(), sluice::runtime::State::Starting);
+    let state = s.server.rt.state();
+    if started.elapsed() < min_ready {
+        assert_eq!(state, sluice::runtime::State::Starting);
+    }
     s.server.ready().await;
-    assert!(started.elapsed() >= Duration::from_millis(690));
+    assert!(started.elapsed() >= min_ready);
+    assert_eq!(s.server.rt.state(), sluice::runtime::State::Ready);
 }
 
 /// Sockets handed over (systemd, an upgrade) are matched to listeners by name; one that no
@@ -617,8 +624,8 @@ async fn the_watcher_follows_a_symlinked_config_to_its_directory() {
     std::os::unix::fs::symlink(&target, &link).unwrap();
     let server = Server::start(Config::load(&link).unwrap()).await.unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(reload::watch(server.rt.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let watch = reload::ConfigWatch::start(server.rt.clone()).expect("the config is watched");
+    tokio::spawn(watch.run(stop.clone()));
     let addr = edge(&server);
     assert_eq!(open_tunnel(addr).await.1, "A");
     std::fs::write(&target, conf(&[&b], "", top)).unwrap();
