@@ -426,6 +426,58 @@ mod tests {
         }
     }
 
+    /// RFC 9001 Appendix A.2: the client Initial the RFC protects, decrypted with the keys
+    /// derived from its connection ID, gives back the RFC's unprotected payload byte for byte
+    /// (a CRYPTO frame with the ClientHello, then PADDING), and the hello in it is read.
+    #[test]
+    fn rfc9001_appendix_a2_client_initial() {
+        let packet = include_bytes!("../../tests/fixtures/rfc9001-a2-client-initial.bin");
+        let hex = |s: &str| -> Vec<u8> {
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let payload = hex(concat!(
+            "060040f1010000ed0303ebf8fa56f12939b9584a3896472ec40bb863cfd3e868",
+            "04fe3a47f06a2b69484c00000413011302010000c000000010000e00000b6578",
+            "616d706c652e636f6dff01000100000a00080006001d00170018001000070005",
+            "04616c706e000500050100000000003300260024001d00209370b2c9caa47fba",
+            "baf4559fedba753de171fa71f50f1ce15d43e994ec74d748002b000302030400",
+            "0d0010000e0403050306030203080408050806002d00020101001c0002400100",
+            "3900320408ffffffffffffffff05048000ffff07048000ffff08011001048000",
+            "75300901100f088394c8f03e51570806048000ffff",
+        ));
+        let Header::Long(long) = parse_header(packet).unwrap() else {
+            panic!("a long header")
+        };
+        assert_eq!(long.kind, Some(LongType::Initial));
+        assert_eq!(long.version, V1);
+        assert_eq!(long.dcid, hex("8394c8f03e515708"));
+        assert!(long.scid.is_empty() && long.token.is_empty());
+        assert_eq!((long.pn_offset, long.len), (18, 1200));
+        let keys = client_initial_keys(V1, long.dcid).unwrap();
+        let plain = decrypt_initial(packet, &long, &keys).unwrap();
+        // 1200 - 18 header bytes - 4 packet number bytes - 16 tag bytes.
+        assert_eq!(plain.len(), 1162);
+        assert_eq!(plain[..payload.len()], payload[..]);
+        assert!(plain[payload.len()..].iter().all(|&b| b == 0), "PADDING");
+        let frames = crypto_frames(&plain).unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!((frames[0].0, frames[0].1.len()), (0, 0xf1));
+        assert_eq!(
+            hello_of(frames[0].1),
+            (Some("example.com".into()), vec!["alpn".into()])
+        );
+        // One flipped bit anywhere in the protected payload fails authentication.
+        let mut corrupt = packet.to_vec();
+        corrupt[600] ^= 1;
+        assert!(decrypt_initial(&corrupt, &long, &keys).is_err());
+        // Keys from another connection ID cannot read it.
+        let other = client_initial_keys(V1, &[0; 8]).unwrap();
+        assert!(decrypt_initial(packet, &long, &other).is_err());
+    }
+
     #[test]
     fn a_hello_over_several_packets_out_of_order_and_duplicated() {
         let alpn: Vec<String> = (0..80).map(|i| format!("protocol-number-{i:03}")).collect();

@@ -366,6 +366,8 @@ pub mod build {
         pub supported_versions: Vec<u16>,
         /// Extra opaque extensions (type, body), e.g. a large key share.
         pub extra: Vec<(u16, Vec<u8>)>,
+        /// `legacy_version`; `None`: 0x0303, as every TLS 1.2 and 1.3 client sends.
+        pub legacy_version: Option<u16>,
     }
 
     fn vec16(out: &mut Vec<u8>, body: &[u8]) {
@@ -375,7 +377,7 @@ pub mod build {
 
     /// The handshake message (type + 3-byte length + body), without record framing.
     pub fn handshake(spec: &Spec) -> Vec<u8> {
-        let mut body = vec![3, 3];
+        let mut body = spec.legacy_version.unwrap_or(0x0303).to_be_bytes().to_vec();
         body.extend_from_slice(&[7u8; 32]); // random
         body.push(32);
         body.extend_from_slice(&[9u8; 32]); // session id
@@ -437,7 +439,7 @@ pub mod build {
             sni: sni.map(str::to_owned),
             alpn: alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
             supported_versions: vec![0x0304, 0x0303],
-            extra: vec![],
+            ..Spec::default()
         };
         records(&handshake(&spec), 1 << 14)
     }
@@ -646,21 +648,203 @@ mod tests {
             let _ = parse(&bytes);
         }
 
+        /// Every field the parser reads comes back as built, whatever the records look like:
+        /// the same handshake bytes cut into records at arbitrary points (not just a fixed
+        /// fragment size) parse to the same hello, and every prefix of them is incomplete.
         #[test]
         fn roundtrip(
-            sni in proptest::option::of("[a-z0-9]{1,20}(\\.[a-z0-9]{1,20}){0,3}"),
-            alpn in proptest::collection::vec("[a-z0-9/.\\-]{1,30}", 0..6),
-            frag in 1usize..600,
+            sni in proptest::option::of("[a-zA-Z0-9_-]{1,20}(\\.[a-zA-Z0-9-]{1,20}){0,3}\\.?"),
+            alpn in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..40), 0..6),
+            legacy_version in prop_oneof![Just(0x0303u16), Just(0x0301), any::<u16>()],
+            supported_versions in proptest::collection::vec(any::<u16>(), 0..8),
+            extra in proptest::collection::btree_map(
+                (100u16..0xfff0).prop_filter("not a parsed type", |t| ![0, 16, 43].contains(t)),
+                proptest::collection::vec(any::<u8>(), 0..300),
+                0..6,
+            ),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
         ) {
             let spec = Spec {
                 sni: sni.clone(),
-                alpn: alpn.iter().map(|a| a.as_bytes().to_vec()).collect(),
-                ..Spec::default()
+                alpn: alpn.clone(),
+                supported_versions: supported_versions.clone(),
+                extra: extra.into_iter().collect(),
+                legacy_version: Some(legacy_version),
             };
-            let buf = records(&handshake(&spec), frag);
-            let h = hello_of(parse(&buf));
-            prop_assert_eq!(h.sni, sni);
-            prop_assert_eq!(h.alpn, alpn);
+            let hs = handshake(&spec);
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(hs.len())).collect();
+            points.extend([0, hs.len()]);
+            points.sort_unstable();
+            points.dedup();
+            let mut buf = Vec::new();
+            for w in points.windows(2) {
+                buf.extend_from_slice(&records(&hs[w[0]..w[1]], 1 << 14));
+            }
+            let expected = ClientHello {
+                sni: sni.map(|s| s.trim_end_matches('.').to_ascii_lowercase()),
+                alpn: alpn.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect(),
+                legacy_version,
+                supported_versions,
+            };
+            prop_assert_eq!(
+                parse(&buf),
+                Parse::Hello { hello: expected, consumed: buf.len() }
+            );
+            for i in 0..buf.len() {
+                prop_assert!(
+                    matches!(parse(&buf[..i]), Parse::Incomplete { .. }),
+                    "prefix {} of {}", i, buf.len()
+                );
+            }
         }
+    }
+
+    // Crafted hellos for every rejection the parser has.
+
+    fn v8(b: &[u8]) -> Vec<u8> {
+        [&[b.len() as u8][..], b].concat()
+    }
+
+    fn v16(b: &[u8]) -> Vec<u8> {
+        [&(b.len() as u16).to_be_bytes()[..], b].concat()
+    }
+
+    fn ext(kind: u16, data: &[u8]) -> Vec<u8> {
+        [&kind.to_be_bytes()[..], &v16(data)].concat()
+    }
+
+    /// version, random, session id, cipher suites, compression: all well formed.
+    fn head() -> Vec<u8> {
+        [
+            &[3u8, 3][..],
+            &[7; 32],
+            &v8(&[9; 32]),
+            &v16(&[0x13, 1]),
+            &v8(&[0]),
+        ]
+        .concat()
+    }
+
+    /// A hello whose body is `body`, in one record.
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut hs = vec![1u8];
+        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        hs.extend_from_slice(body);
+        records(&hs, 1 << 14)
+    }
+
+    fn with_exts(exts: &[u8]) -> Vec<u8> {
+        framed(&[head(), v16(exts)].concat())
+    }
+
+    /// Every label `parse` can reject a hello with, each hit by crafted bytes; the list is
+    /// checked against the labels written in this file, so a new one needs a case here.
+    #[test]
+    fn every_rejection_label_is_reachable() {
+        let good = hello(Some("a.example.com"), &["h2"]);
+        let hs = &good[5..];
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("sslv2_hello", vec![0x80, 0x2e, 0x01, 0x03, 0x01]),
+            (
+                "trailing_handshake_data",
+                records(&[hs, &[20, 0, 0, 0]].concat(), 1 << 14),
+            ),
+            (
+                "interleaved_record",
+                [records(&hs[..10], 1 << 14), vec![21, 3, 3, 0, 2, 1, 0]].concat(),
+            ),
+            (
+                "record_version",
+                [records(&hs[..10], 1 << 14), vec![22, 2, 0, 0, 1, 0]].concat(),
+            ),
+            ("empty_record", vec![22, 3, 1, 0, 0]),
+            ("record_overflow", vec![22, 3, 1, 0xff, 0xff]),
+            ("not_client_hello", records(&[2, 0, 0, 1, 0], 1 << 14)),
+            ("truncated_version", framed(&[3])),
+            ("truncated_random", framed(&[3, 3, 7, 7])),
+            (
+                "truncated_session_id",
+                framed(&[&[3u8, 3][..], &[7; 32], &[5, 1, 2]].concat()),
+            ),
+            (
+                "session_id_too_long",
+                framed(&[&[3u8, 3][..], &[7; 32], &v8(&[9; 33])].concat()),
+            ),
+            (
+                "truncated_cipher_suites",
+                framed(&[&[3u8, 3][..], &[7; 32], &[0, 0, 4, 0x13]].concat()),
+            ),
+            (
+                "bad_cipher_suites",
+                framed(&[&[3u8, 3][..], &[7; 32], &[0], &v16(&[0x13])].concat()),
+            ),
+            (
+                "truncated_compression",
+                framed(&[&[3u8, 3][..], &[7; 32], &[0], &v16(&[0x13, 1]), &[1]].concat()),
+            ),
+            (
+                "bad_compression_methods",
+                framed(&[&[3u8, 3][..], &[7; 32], &[0], &v16(&[0x13, 1]), &[0]].concat()),
+            ),
+            (
+                "truncated_extensions",
+                framed(&[head(), vec![0, 10, 0, 0]].concat()),
+            ),
+            (
+                "trailing_bytes",
+                framed(&[head(), v16(&[]), vec![0]].concat()),
+            ),
+            ("truncated_extension", with_exts(&[0xff])),
+            (
+                "duplicate_extension",
+                with_exts(&[ext(0xffaa, &[]), ext(0xffaa, &[])].concat()),
+            ),
+            ("truncated_sni", with_exts(&ext(0, &v16(&[0])))),
+            (
+                "trailing_sni_bytes",
+                with_exts(&ext(0, &[v16(&[0, 0, 1, b'a']), vec![0]].concat())),
+            ),
+            (
+                "duplicate_sni",
+                with_exts(&ext(0, &v16(&[0, 0, 1, b'a', 0, 0, 1, b'b']))),
+            ),
+            ("bad_sni_length", with_exts(&ext(0, &v16(&[0, 0, 1, b'.'])))),
+            (
+                "bad_sni_character",
+                with_exts(&ext(0, &v16(&[0, 0, 3, b'a', b' ', b'b']))),
+            ),
+            ("truncated_alpn", with_exts(&ext(16, &[0, 5, 1]))),
+            (
+                "trailing_alpn_bytes",
+                with_exts(&ext(16, &[v16(&v8(b"h2")), vec![0]].concat())),
+            ),
+            ("empty_alpn_list", with_exts(&ext(16, &v16(&[])))),
+            ("empty_alpn_name", with_exts(&ext(16, &v16(&[0])))),
+            ("truncated_supported_versions", with_exts(&ext(43, &[]))),
+            (
+                "bad_supported_versions",
+                with_exts(&ext(43, &v8(&[3, 4, 3]))),
+            ),
+        ];
+        for (label, bytes) in &cases {
+            assert_eq!(parse(bytes), bad(label), "{label}");
+        }
+        let source = include_str!("hello.rs");
+        let parser = &source[..source.find("pub mod build").unwrap()];
+        let mut labels: Vec<&str> = parser
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|l| {
+                l.len() > 1
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            })
+            .collect();
+        labels.sort_unstable();
+        labels.dedup();
+        let mut tested: Vec<&str> = cases.iter().map(|(l, _)| *l).collect();
+        tested.sort_unstable();
+        assert_eq!(tested, labels, "every label in the parser has a case");
     }
 }
