@@ -1,10 +1,9 @@
-//! Any text into the config loader: errors, never panics.
+//! The `route_config` check (fuzz/checks/route_config.rs) under libFuzzer. tests/fuzz_corpora.rs replays the
+//! same check over the seeds and every input that ever crashed it.
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
+mod check {
+    include!("../checks/route_config.rs");
+}
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = sluice::config::Config::parse(std::path::Path::new("fuzz.toml"), text);
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::check(data));
