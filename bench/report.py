@@ -46,6 +46,9 @@ def check(rows):
             problems.append(f"{where}: {r['error']}")
             continue
         fails = r.get("failures", {})
+        if r.get("reload_cmd_failures"):
+            # A reload that was never applied makes the reload scenario measure nothing.
+            problems.append(f"{where}: {r['reload_cmd_failures']} reload commands failed")
         for kind in ("wrong_backend", "corrupt"):
             if fails.get(kind):
                 problems.append(f"{where}: {fails[kind]} {kind}")
