@@ -616,3 +616,230 @@ fn image_user_is_numeric_and_the_manifest_runs_as_it() {
         .and_then(|v| v.split('#').next()?.trim().parse::<u32>().ok());
     assert_eq!(run_as, Some(uid), "runAsUser matches the image's USER");
 }
+
+/// A config with one catch-all route `all` to pool `p` (one backend) and an admin API.
+fn one_backend_config(dir: &std::path::Path, backend: std::net::SocketAddr) -> std::path::PathBuf {
+    let path = dir.join("sluice.toml");
+    std::fs::write(
+        &path,
+        support::one_pool_config(
+            "127.0.0.1:0",
+            "[lifecycle]\ndrain_delay = \"0s\"",
+            &format!("backends = [\"{backend}\"]"),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// One relayed connection (a tunnel hello, 10 more bytes, then EOF) and one refused one
+/// (not TLS: no route takes it), through an edge at `edge`.
+fn one_relayed_one_refused(edge: &str) -> (usize, usize) {
+    let mut s = std::net::TcpStream::connect(edge).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = support::tunnel_hello();
+    s.write_all(&hello).unwrap();
+    s.write_all(b"0123456789").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+    let sent = hello.len() + 10;
+    assert_eq!(answer, format!("b\nb got {sent} bytes\n"));
+    let mut plain = std::net::TcpStream::connect(edge).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut rest);
+    assert!(rest.is_empty(), "a connection no route takes gets nothing");
+    (sent, answer.len())
+}
+
+/// The access log, one line per connection, in both formats, with every field: id, client,
+/// listener, SNI, ALPN, route, pool, backend, bytes each way, duration, end and detail.
+#[test]
+fn access_log_lines_carry_every_field_in_both_formats() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(async { support::RawBackend::start("b", false).await.address });
+    let dir = tempfile::tempdir().unwrap();
+    let path = one_backend_config(dir.path(), backend);
+
+    // JSON: one object per line, the fields as keys.
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (edge, _, log) = bound_addresses(&mut child);
+    let (sent, received) = one_relayed_one_refused(&edge);
+    log.wait_for("\"end\":\"not_tls\"", Duration::from_secs(10));
+    signal_and_wait(&mut child, "TERM");
+    let text = log.join().unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.contains("sluice::access"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let (relayed, refused) = (&lines[0], &lines[1]);
+    let expect = [
+        ("listener", "edge"),
+        ("sni", "agent.example.com"),
+        ("alpn", "teleport-reversetunnel"),
+        ("route", "all"),
+        ("pool", "p"),
+        ("end", "closed"),
+        ("detail", ""),
+    ];
+    for (key, value) in expect {
+        assert_eq!(relayed[key], value, "{key} in {relayed}");
+    }
+    assert_eq!(relayed["backend"], backend.to_string());
+    assert_eq!(relayed["bytes_to_backend"], sent as u64);
+    assert_eq!(relayed["bytes_to_client"], received as u64);
+    assert!(relayed["duration_ms"].as_u64().is_some(), "{relayed}");
+    assert!(relayed["client"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert!(relayed["conn"].as_u64().is_some(), "{relayed}");
+    assert_ne!(
+        relayed["conn"], refused["conn"],
+        "each connection has its own id"
+    );
+    assert_eq!(refused["end"], "not_tls");
+    assert_eq!(refused["route"], "none");
+    assert_eq!(refused["backend"], "-");
+    assert_eq!(refused["detail"], "no route matches this connection");
+
+    // Text: the same fields as key=value.
+    let mut child = Running(
+        Command::new(BIN)
+            .args(["--log-format", "text", "run", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let edge = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "sluice exited");
+        if line.contains("listening") && line.contains("listener=edge") {
+            let at = line.split("address=").nth(1).unwrap();
+            break at.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    let (sent, received) = one_relayed_one_refused(&edge);
+    let mut access = Vec::new();
+    while access.len() < 2 {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "sluice exited");
+        if line.contains("sluice::access") {
+            access.push(line.clone());
+        }
+    }
+    // (tracing quotes string fields and prints the Display ones, ALPN and detail, bare.)
+    for field in [
+        "listener=\"edge\"".to_owned(),
+        "sni=\"agent.example.com\"".to_owned(),
+        "alpn=teleport-reversetunnel".to_owned(),
+        "route=\"all\"".to_owned(),
+        "pool=\"p\"".to_owned(),
+        format!("backend=\"{backend}\""),
+        format!("bytes_to_backend={sent}"),
+        format!("bytes_to_client={received}"),
+        "duration_ms=".to_owned(),
+        "end=\"closed\"".to_owned(),
+        "conn=".to_owned(),
+        "client=127.0.0.1:".to_owned(),
+    ] {
+        assert!(access[0].contains(&field), "{field} in {}", access[0]);
+    }
+    assert!(access[1].contains("end=\"not_tls\""), "{}", access[1]);
+    assert!(
+        access[1].contains("detail=no route matches this connection"),
+        "{}",
+        access[1]
+    );
+    signal_and_wait(&mut child, "TERM");
+}
+
+/// Send `sig` and wait (bounded) for a clean exit.
+fn signal_and_wait(child: &mut Running, sig: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no exit after SIG{sig}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+/// `sluice run` raises its soft open-file limit to the hard one (as HAProxy does), and the
+/// default connection cap follows the raised limit.
+#[test]
+fn run_raises_the_open_file_limit_to_the_hard_limit() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let backend = rt.block_on(async { support::RawBackend::start("b", false).await.address });
+    let dir = tempfile::tempdir().unwrap();
+    let path = one_backend_config(dir.path(), backend);
+    let (_, hard) = rlimit_nofile();
+    assert!(hard > 512, "the hard limit here is {hard}");
+    let mut child = Running(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -Sn 512 && exec {BIN} --log-format json run --config {}",
+                path.display()
+            ))
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (_, admin, _log) = bound_addresses(&mut child);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let row: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[3], row[4], "soft == hard: {limits}");
+    assert_eq!(row[4].parse::<u64>().unwrap(), hard);
+    let metrics = rt.block_on(support::scrape(admin.parse().unwrap()));
+    let cap = metrics.value("sluice_max_connections", &[]);
+    assert_eq!(
+        cap,
+        ((hard - 64) / 2) as f64,
+        "the cap derived from {hard} descriptors"
+    );
+    signal_and_wait(&mut child, "TERM");
+}
+
+fn rlimit_nofile() -> (u64, u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let row: Vec<u64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (row[0], row[1])
+}

@@ -1135,6 +1135,134 @@ async fn inbound_proxy_optional_takes_both() {
     );
 }
 
+/// A LOCAL (v2) or UNKNOWN (v1) header is a health check or a proxy that does not know the
+/// client: the connection goes on with its own addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_proxy_local_and_unknown_keep_the_connection_addresses() {
+    let (server, b) = behind_lb("optional", "\"127.0.0.1\"").await;
+    let addr = edge(&server);
+    // v2 LOCAL: signature, version 2 / command LOCAL, family UNSPEC, no addresses.
+    let local = [&b"\r\n\r\n\0\r\nQUIT\n"[..], &[0x20, 0x00, 0x00, 0x00]].concat();
+    for (i, header) in [local, b"PROXY UNKNOWN\r\n".to_vec()]
+        .into_iter()
+        .enumerate()
+    {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let client = s.local_addr().unwrap();
+        s.write_all(&[header, tunnel_hello()].concat())
+            .await
+            .unwrap();
+        assert_eq!(read_line(&mut s).await, "b");
+        let line = backend_first_line(&b, i).await;
+        assert!(
+            line.starts_with(&format!(
+                "PROXY TCP4 127.0.0.1 127.0.0.1 {} ",
+                client.port()
+            )),
+            "{line}"
+        );
+        eventually("the hello follows sluice's own header", || async {
+            b.connections()[i].ends_with(&tunnel_hello())
+        })
+        .await;
+    }
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_proxy_protocol_inbound_total",
+            &[("result", "local")]
+        )
+        .await,
+        2.0
+    );
+}
+
+/// The closes an inbound PROXY header can cause, each counted with its reason: a header from
+/// an untrusted sender in optional mode, a required header that is missing, and a header
+/// that never completes (`hello_timeout` bounds it too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_proxy_refusals_are_counted_by_reason() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        hello_timeout: "500ms",
+        listener_extra: "accept_proxy = \"optional\"\ntrusted_proxies = [\"10.0.0.0/8\"]",
+        ..Simple::default()
+    })
+    .await;
+    let addr = edge(&server);
+    // Optional mode, untrusted sender: no header is fine...
+    assert_eq!(open_tunnel(addr).await.1, "b");
+    // ...a header is a spoofing attempt.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        &[
+            v2_header("192.0.2.7:51000", "203.0.113.1:443"),
+            tunnel_hello(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+
+    let (required, _) = behind_lb("v1", "\"127.0.0.1\"").await;
+    let raddr = edge(&required);
+    let mut s = TcpStream::connect(raddr).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(3)).await,
+        Some(vec![])
+    );
+    // Half a header, then silence: closed at hello_timeout (2 s here), not held forever.
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(raddr).await.unwrap();
+    s.write_all(b"PROXY TCP4 192.0.2").await.unwrap();
+    assert_eq!(
+        read_to_end(&mut s, Duration::from_secs(10)).await,
+        Some(vec![])
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+
+    for (srv, result, reason) in [
+        (&server, "absent", None),
+        (&server, "untrusted", Some("proxy_untrusted")),
+        (&required, "missing", Some("proxy_missing")),
+        (&required, "timeout", Some("proxy_timeout")),
+    ] {
+        assert_eq!(
+            metric(
+                srv,
+                "sluice_proxy_protocol_inbound_total",
+                &[("result", result)]
+            )
+            .await,
+            1.0,
+            "{result}"
+        );
+        if let Some(reason) = reason {
+            eventually(&format!("a close counted as {reason}"), || async {
+                metric(
+                    srv,
+                    "sluice_connections_closed_total",
+                    &[("reason", reason)],
+                )
+                .await
+                    == 1.0
+            })
+            .await;
+        }
+    }
+    assert_eq!(
+        b.connections().len(),
+        1,
+        "only the header-less connection got through"
+    );
+}
+
 /// Real HAProxy in front of sluice with `send-proxy-v2`: the client's own address (here
 /// 127.0.0.2) reaches the backend, not HAProxy's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
