@@ -188,3 +188,125 @@ async fn when_every_backend_is_unhealthy_fail_open_routes_and_fail_closed_refuse
     })
     .await;
 }
+
+/// A TLS server whose certificate for proxy.example.com is signed by a fresh CA; returns its
+/// address and the CA's PEM.
+async fn ca_signed_backend() -> (SocketAddr, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["proxy.example.com".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        leaf_key.serialize_der(),
+    ));
+    let cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tls.write_all(b"trusted\n").await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    (address, ca.pem())
+}
+
+/// `ca_file`: a TLS check verifies the backend's certificate against the operator's CA; a
+/// backend with a certificate from anyone else is unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_check_verifies_the_certificate_against_ca_file() {
+    let (trusted, ca_pem) = ca_signed_backend().await;
+    let stranger = TaggedBackend::start("stranger", "127.0.0.1:0".parse().unwrap(), &[])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let check = format!(
+        "[pool.p.health]\nkind = \"tls\"\nsni = \"proxy.example.com\"\nca_file = \"{}\"\n\
+         interval = \"100ms\"\nrise = 1\nfall = 1",
+        ca.display()
+    );
+    let server = start(&conf(&[trusted, stranger.address], &check), &[]).await;
+    eventually("verdicts", || async {
+        healthy(&server, trusted).await == Some(1.0)
+            && healthy(&server, stranger.address).await == Some(0.0)
+    })
+    .await;
+    // Only the verified backend gets connections.
+    for _ in 0..4 {
+        assert_eq!(
+            tls_greeting(edge(&server), "proxy.example.com", &[]).await,
+            "trusted"
+        );
+    }
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_backend_connections_active",
+            &[("backend", &stranger.address.to_string())]
+        )
+        .await,
+        0.0
+    );
+    server.shutdown().await;
+}
+
+/// A verdict is the backend's, not the config's: a reload that keeps the backend and its
+/// check keeps both the verdict and the checker (no new probe, which with a 1 h interval
+/// would only come from a restarted one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_health_verdicts() {
+    let any = "127.0.0.1:0".parse().unwrap();
+    // Both accept tunnels; only `healthy-b` speaks HTTP/1.1, so only it passes the check.
+    let a = TaggedBackend::start("sick-a", any, &["teleport-reversetunnel"])
+        .await
+        .unwrap();
+    let b = TaggedBackend::start("healthy-b", any, &["teleport-reversetunnel", "http/1.1"])
+        .await
+        .unwrap();
+    let check = "[pool.p.health]\nkind = \"http\"\ntls = true\npath = \"/\"\ninterval = \"1h\"\n\
+                 jitter = \"0s\"\nrise = 1\nfall = 1";
+    let text = conf(&[a.address, b.address], check);
+    let server = start(&text, &[]).await;
+    eventually("verdicts", || async {
+        healthy(&server, a.address).await == Some(0.0)
+            && healthy(&server, b.address).await == Some(1.0)
+    })
+    .await;
+    let fails =
+        || async { metric(&server, "sluice_health_checks_total", &[("result", "fail")]).await };
+    assert_eq!(fails().await, 1.0);
+    let cfg = sluice::config::Config::parse(
+        std::path::Path::new("t.toml"),
+        &text.replace("retries = 0", "retries = 1"),
+    )
+    .unwrap();
+    server.rt.apply(cfg).await.unwrap();
+    for _ in 0..6 {
+        let greeting = tls_greeting(
+            edge(&server),
+            "proxy.example.com",
+            &["teleport-reversetunnel"],
+        )
+        .await;
+        assert!(greeting.starts_with("healthy-b "), "{greeting}");
+    }
+    assert_eq!(healthy(&server, a.address).await, Some(0.0));
+    assert_eq!(fails().await, 1.0, "the reload restarted the checks");
+    server.shutdown().await;
+}
