@@ -399,12 +399,165 @@ async fn malformed_and_oversized_hellos_are_closed_not_routed() {
         Some(vec![])
     );
 
-    eventually("both counted", || async {
+    // A client that gives up halfway through its hello.
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&tunnel_hello()[..20]).await.unwrap();
+    drop(s);
+
+    eventually("all three counted", || async {
         metric(&server, "sluice_hello_total", &[("result", "malformed")]).await == 1.0
             && metric(&server, "sluice_hello_total", &[("result", "too_large")]).await == 1.0
+            && metric(&server, "sluice_hello_total", &[("result", "eof")]).await == 1.0
     })
     .await;
+    for reason in ["hello_malformed", "hello_too_large", "client_closed_early"] {
+        eventually(&format!("a close counted as {reason}"), || async {
+            metric(
+                &server,
+                "sluice_connections_closed_total",
+                &[("reason", reason)],
+            )
+            .await
+                == 1.0
+        })
+        .await;
+    }
     assert!(b.connections().is_empty(), "never routed anywhere");
+    server.shutdown().await;
+}
+
+/// A reset from either side ends the relay as an error of that side, counted by reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_is_counted_against_the_side_that_sent_it() {
+    // A backend that greets, then resets its connection when told to.
+    let backend = greeting_backend(|s| async move {
+        let mut s = s;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 || buf[..n].ends_with(b"reset") {
+                break;
+            }
+        }
+        // SO_LINGER 0: the close sends a reset.
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    })
+    .await;
+    let server = simple(Simple {
+        backends: vec![backend.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    let addr = edge(&server);
+    let closed = |reason: &'static str| {
+        let server = &server;
+        async move {
+            metric(
+                server,
+                "sluice_connections_closed_total",
+                &[("reason", reason)],
+            )
+            .await
+        }
+    };
+
+    // The backend resets: the client's connection ends too, counted as backend_error.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "echo");
+    s.write_all(b"reset").await.unwrap();
+    let _ = read_to_end(&mut s, Duration::from_secs(5)).await;
+    eventually("counted as backend_error", || async {
+        closed("backend_error").await == 1.0
+    })
+    .await;
+
+    // The client resets (SO_LINGER 0, then close): counted as client_error.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&tunnel_hello()).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "echo");
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+    eventually("counted as client_error", || async {
+        closed("client_error").await == 1.0
+    })
+    .await;
+    server.shutdown().await;
+}
+
+/// The gauges and counters a dashboard reads, each seen doing its job once: lifecycle
+/// state, reload timestamp, per-route and per-backend active connections, connect
+/// durations, pipes and dropped log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_metrics_follow_a_connection() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    server.ready().await;
+    let admin = server.admin_addr().unwrap();
+    let m = scrape(admin).await;
+    assert_eq!(
+        m.value("sluice_lifecycle_state", &[("state", "ready")]),
+        1.0
+    );
+    assert_eq!(
+        m.value("sluice_lifecycle_state", &[("state", "starting")]),
+        0.0
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let loaded = m.value("sluice_config_last_reload_success_timestamp_seconds", &[]);
+    assert!(
+        loaded <= now && loaded > now - 600.0,
+        "startup counts: {loaded} vs {now}"
+    );
+    assert_eq!(m.value("sluice_log_lines_dropped_total", &[]), 0.0);
+    assert_eq!(m.value("sluice_relay_pipes", &[]), 0.0);
+
+    let (tunnel, _) = open_tunnel(edge(&server)).await;
+    let m = scrape(admin).await;
+    assert_eq!(
+        m.value("sluice_route_connections_active", &[("route", "main")]),
+        1.0
+    );
+    let backend = b.address.to_string();
+    assert_eq!(
+        m.value(
+            "sluice_backend_connections_active",
+            &[("pool", "main"), ("backend", &backend)]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "sluice_upstream_connect_duration_seconds_count",
+            &[("pool", "main")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "sluice_upstream_connect_duration_seconds_bucket",
+            &[("pool", "main"), ("le", "+Inf")]
+        ),
+        1.0
+    );
+    drop(tunnel);
+    eventually("the gauges come back down", || async {
+        let m = scrape(admin).await;
+        m.value("sluice_route_connections_active", &[("route", "main")]) == 0.0
+            && m.value(
+                "sluice_backend_connections_active",
+                &[("pool", "main"), ("backend", &backend)],
+            ) == 0.0
+    })
+    .await;
     server.shutdown().await;
 }
 
