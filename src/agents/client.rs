@@ -80,16 +80,28 @@ impl AgentConfig {
             .with_context(|| format!("cannot read {}", path.display()))?;
         let cfg: AgentConfig =
             toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
-        humantime::parse_duration(&cfg.ttl).context("ttl")?;
-        humantime::parse_duration(&cfg.interval).context("interval")?;
+        let file = path.display();
+        for (key, value) in [("ttl", &cfg.ttl), ("interval", &cfg.interval)] {
+            let d = humantime::parse_duration(value).with_context(|| {
+                format!("{file}: {key}: `{value}` is not a duration — write e.g. \"10s\"")
+            })?;
+            // A zero interval would heartbeat in a tight loop (and a zero period panics
+            // tokio's interval); a zero ttl expires every record at once.
+            if d.is_zero() {
+                bail!("{file}: {key}: must be more than 0 — e.g. ttl = \"30s\", interval = \"10s\"");
+            }
+        }
         if !matches!(cfg.mode.as_str(), "stream" | "post") {
-            bail!("mode must be \"stream\" or \"post\"");
+            bail!("{file}: mode: must be \"stream\" or \"post\"");
         }
         if cfg.ca_file.is_none() && !cfg.insecure {
-            bail!("set ca_file (the CA of sluice's heartbeat certificate), or insecure = true for tests");
+            bail!("{file}: set ca_file (the CA of sluice's heartbeat certificate), or insecure = true for tests");
+        }
+        if cfg.cert_file.is_some() != cfg.key_file.is_some() {
+            bail!("{file}: cert_file and key_file go together: set both (a client certificate) or neither");
         }
         if cfg.token_file.is_none() && cfg.cert_file.is_none() {
-            bail!("set token_file or cert_file/key_file: sluice refuses anonymous heartbeats");
+            bail!("{file}: set token_file or cert_file/key_file: sluice refuses anonymous heartbeats");
         }
         Ok(cfg)
     }
