@@ -1,37 +1,36 @@
 //! The heartbeat table and the resource router, as agents and clients see them: real
 //! `sluice heartbeat` processes announcing through the main port, clients from many source
-//! addresses, the API's refusals, static agents, goodbyes and the fallback pool.
+//! addresses, the API's refusals (of requests and of stream lines), static agents, goodbyes,
+//! expiry, warm-up and sweeping on the real clock, and each key of a resource route.
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::pin::Pin;
 use std::process::{Command, Stdio};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use sluice::server::Server;
 use support::process::Running;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 
 const TOKEN: &str = "agents-token-0123456789";
 const SCOPED: &str = "scoped-token-0123456789";
 
-/// Certificate, key and tokens files in a temp dir.
+/// Certificate, key and tokens files in a temp dir, and the agents' token file.
 fn secrets() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["sluice.test".to_owned()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
-    std::fs::write(
-        dir.path().join("tokens"),
-        format!("# test tokens\n{TOKEN} name=agents\n{SCOPED} name=east kinds=db\n"),
-    )
-    .unwrap();
+    let dir = support::secrets(&format!(
+        "# test tokens\n{TOKEN} name=agents\n{SCOPED} name=east kinds=db\n"
+    ));
     std::fs::write(dir.path().join("token"), TOKEN).unwrap();
     dir
 }
@@ -208,7 +207,7 @@ async fn sessions_spread_stick_and_move_when_their_agent_goes() {
     let server = start_with(dir.path(), "", "", fb.address).await;
     let edge = edge(&server);
     let mut p1 = agent_process(dir.path(), edge, "a1", a1.address);
-    let _p2 = agent_process(dir.path(), edge, "a2", a2.address);
+    let p2 = agent_process(dir.path(), edge, "a2", a2.address);
     eventually(
         "both agents announced myapp through the main port",
         || async { agents_for(&server, "myapp") == ["a1", "a2"] },
@@ -267,6 +266,46 @@ async fn sessions_spread_stick_and_move_when_their_agent_goes() {
         .await
             >= 1.0
     );
+    // Each agent's connection to the main port is the heartbeat API's: the killed one's
+    // ended when its socket closed, a2's when it stops (SIGTERM: a goodbye, then it closes).
+    let closed = |reason: &'static str| {
+        let server = &server;
+        async move {
+            metric(
+                server,
+                "sluice_connections_closed_total",
+                &[("reason", reason)],
+            )
+            .await
+        }
+    };
+    eventually("the killed agent's connection counted", || async {
+        closed("heartbeat_api").await == 1.0
+    })
+    .await;
+    support::process::signal(p2.id(), "TERM");
+    eventually("a2 said goodbye", || async {
+        agents_for(&server, "myapp").is_empty()
+    })
+    .await;
+    let mut p2 = p2;
+    assert!(support::process::exits_within(&mut p2, Duration::from_secs(10)).success());
+    // a2's stream, and the connection that carried its goodbye.
+    eventually("a2's connections counted", || async {
+        closed("heartbeat_api").await == 3.0
+    })
+    .await;
+    // A client that offers the heartbeat ALPN but no TLS handshake after it: an error.
+    let mut s = TcpStream::connect(edge).await.unwrap();
+    let hello = sluice::tls::hello::build::hello(Some("sluice.test"), &["sluice-heartbeat"]);
+    s.write_all(&[hello, b"not a TLS record".to_vec()].concat())
+        .await
+        .unwrap();
+    let _ = read_to_end(&mut s, Duration::from_secs(5)).await;
+    eventually("the broken handshake counted", || async {
+        closed("heartbeat_api_error").await == 1.0
+    })
+    .await;
     server.shutdown().await;
 }
 
@@ -705,5 +744,937 @@ async fn a_token_removed_by_a_reload_ends_the_streams_it_authenticated() {
         .await
             >= 1.0
     );
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream refusals, expiry and warm-up on the real clock, and the resource routes' keys.
+
+/// `config` with more `[heartbeat]` keys.
+fn with_heartbeat(text: String, keys: &str) -> String {
+    let anchor = "max_body_bytes = 2048\n";
+    assert!(text.contains(anchor), "the [heartbeat] table moved");
+    text.replacen(anchor, &format!("{anchor}{keys}\n"), 1)
+}
+
+/// `config` with more routes, placed before the catch-all `rest` (which would cover them).
+fn with_routes(text: String, routes: &str) -> String {
+    let anchor = "[[route]]\nname = \"rest\"";
+    assert!(text.contains(anchor), "the `rest` route moved");
+    text.replacen(anchor, &format!("{routes}\n{anchor}"), 1)
+}
+
+/// A resource route `name` for apps under `*.{name}.example.com`, with more keys.
+fn resource_route(name: &str, keys: &str) -> String {
+    format!(
+        "[[route]]\nname = \"{name}\"\nresource = {{ kind = \"app\", sni = \"*.{name}.example.com\" }}\nidle_timeout = \"0s\"\n{keys}\n\n"
+    )
+}
+
+/// POST one heartbeat with the test token.
+async fn post(hb: SocketAddr, body: &str) -> (u16, String) {
+    api(hb, "POST", "/v1/heartbeats", Some(TOKEN), body).await
+}
+
+/// `visit`, keeping the connection open: the stream and the agent's first line.
+async fn visit_open(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> (TcpStream, String) {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
+    let mut s = sock.connect(edge).await.unwrap();
+    s.write_all(&sluice::tls::hello::build::hello(Some(sni), &["h2"]))
+        .await
+        .unwrap();
+    let tag = read_line(&mut s).await;
+    (s, tag)
+}
+
+/// An agent as `/debug/agents` lists it; `None` when it is not listed.
+async fn listed(server: &Server, id: &str) -> Option<serde_json::Value> {
+    let (status, body) = http_get(server.admin_addr().unwrap(), "/debug/agents").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v.as_array()
+        .expect("/debug/agents is a list")
+        .iter()
+        .find(|a| a["id"] == id)
+        .cloned()
+}
+
+/// One series of `/metrics` that must be there.
+async fn series(server: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape(server.admin_addr().unwrap())
+        .await
+        .value(name, labels)
+}
+
+/// The agent table's clock counts whole milliseconds, so its deadlines (expiry, end of
+/// warm-up) fall up to 1 ms before the same span measured on `Instant`: a read counts as
+/// early only if it ended 1 ms inside the span, and a late one may come 1 ms short of it.
+const CLOCK_MS: Duration = Duration::from_millis(1);
+
+/// A request body fed from a channel: the lines of a heartbeat stream, sent when the test says.
+struct Feed(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Feed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// A heartbeat stream opened as `sluice heartbeat` opens one (HTTP/2 over TLS, ALPN
+/// sluice-heartbeat, the test token). Lines go in through the sender (dropping it ends the
+/// body); the task yields sluice's answer, status and body, when sluice ends the stream.
+async fn open_stream(
+    hb: SocketAddr,
+) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<(u16, String)>) {
+    let tls = sluice::tls::testing::insecure_client_config(&["sluice-heartbeat"]);
+    let tcp = TcpStream::connect(hb).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("sluice.test").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the heartbeat API");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 to the heartbeat API");
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel(8);
+    let req = hyper::Request::post("https://sluice.test/v1/heartbeats/stream")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Feed(rx))
+        .unwrap();
+    let answer = tokio::spawn(async move {
+        let resp = sender
+            .send_request(req)
+            .await
+            .expect("sluice answers the stream");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("the answer's body");
+        (
+            status,
+            String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+        )
+    });
+    (tx, answer)
+}
+
+/// Wait (at most 10 s) for sluice to end a stream; its status and body.
+async fn stream_end(answer: tokio::task::JoinHandle<(u16, String)>) -> (u16, String) {
+    tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("sluice ends the stream within 10 s")
+        .expect("the stream's task")
+}
+
+/// One heartbeat as a line of a stream.
+fn line(body: String) -> Bytes {
+    Bytes::from(body + "\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_heartbeat_stream_is_closed_after_its_ttl_and_counted() {
+    let dir = secrets();
+    let (quiet, fb) = (
+        RawBackend::start("quiet", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    // Before its first line a stream may be silent for default_ttl; after it, for the ttl of
+    // the agent it carries.
+    let text = with_heartbeat(config(dir.path(), "", ""), "default_ttl = \"1s\"");
+    let server = start(&text, &[("fb", fb.address.to_string())]).await;
+    let (hb, edge) = (server.heartbeat_addr().unwrap(), edge(&server));
+    let ttl = Duration::from_secs(1);
+
+    // A stream that never sends a line.
+    let mute_opened = Instant::now();
+    let (_mute, mute_answer) = open_stream(hb).await;
+    // A stream that announces `quiet` (ttl 1s) once, then falls silent.
+    let (tx, answer) = open_stream(hb).await;
+    let sent = Instant::now();
+    let hello = heartbeat("quiet", quiet.address, "17.2.0", &["quietapp"]).replace("60s", "1s");
+    tx.send(line(hello)).await.unwrap();
+    eventually("the stream announced quiet", || async {
+        agents_for(&server, "quietapp") == ["quiet"]
+    })
+    .await;
+    let routed = visit(edge, Ipv4Addr::LOCALHOST, "quietapp.apps.example.com").await;
+    if sent.elapsed() + CLOCK_MS < ttl {
+        assert_eq!(routed, "quiet", "a client within the agent's ttl");
+    }
+
+    // Both are closed with 408, and not before their idle limit.
+    let (status, body) = stream_end(mute_answer).await;
+    assert!(
+        mute_opened.elapsed() >= ttl,
+        "closed after {:?}",
+        mute_opened.elapsed()
+    );
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("no heartbeat for"), "{body}");
+    let (status, body) = stream_end(answer).await;
+    assert!(sent.elapsed() >= ttl, "closed after {:?}", sent.elapsed());
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("the agent's ttl"), "{body}");
+    drop(tx);
+    // The stream took its agent with it: clients find nothing.
+    assert!(agents_for(&server, "quietapp").is_empty());
+    assert!(listed(&server, "quiet").await.is_none());
+    assert_eq!(
+        visit(edge, Ipv4Addr::LOCALHOST, "quietapp.apps.example.com").await,
+        ""
+    );
+    let s = scrape(server.admin_addr().unwrap()).await;
+    let hb_total = |result| s.value("sluice_heartbeats_total", &[("result", result)]);
+    assert_eq!(hb_total("stream_idle"), 2.0);
+    assert_eq!(
+        hb_total("stream_ended"),
+        1.0,
+        "only one stream carried an agent"
+    );
+    assert_eq!(hb_total("ok"), 1.0);
+    assert_eq!(
+        s.value(
+            "sluice_resource_misses_total",
+            &[("route", "apps"), ("reason", "unknown_resource")]
+        ),
+        1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_or_malformed_stream_line_ends_the_stream_and_takes_its_agent() {
+    let dir = secrets();
+    let (a, fb) = (
+        RawBackend::start("a", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    let server = start_with(dir.path(), "", "", fb.address).await;
+    let (hb, edge) = (server.heartbeat_addr().unwrap(), edge(&server));
+
+    // Each stream first announces its agent, which clients then reach; then one bad line.
+    let announced = |id: &'static str| {
+        let server = &server;
+        async move {
+            let (tx, answer) = open_stream(hb).await;
+            let app = format!("{id}-app");
+            tx.send(line(heartbeat(id, a.address, "17.2.0", &[&app])))
+                .await
+                .unwrap();
+            eventually(&format!("{id} is announced"), || async {
+                agents_for(server, &app) == [id]
+            })
+            .await;
+            assert_eq!(
+                visit(
+                    edge,
+                    Ipv4Addr::LOCALHOST,
+                    &format!("{app}.apps.example.com")
+                )
+                .await,
+                "a"
+            );
+            (tx, answer)
+        }
+    };
+    // A line over max_body_bytes (2048) that never ends.
+    let (tx, answer) = announced("big").await;
+    tx.send(Bytes::from(vec![b' '; 4096])).await.unwrap();
+    let (status, body) = stream_end(answer).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("a line over 2048 bytes"), "{body}");
+    // A line that is not a heartbeat.
+    let (tx2, answer) = announced("garbled").await;
+    tx2.send(line("{\"agent\": 7}".into())).await.unwrap();
+    let (status, body) = stream_end(answer).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a heartbeat"), "{body}");
+    // A line for another agent: one stream carries one agent.
+    let (tx3, answer) = announced("first").await;
+    tx3.send(line(heartbeat(
+        "second",
+        a.address,
+        "17.2.0",
+        &["second-app"],
+    )))
+    .await
+    .unwrap();
+    let (status, body) = stream_end(answer).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("one stream carries one agent"), "{body}");
+    drop((tx, tx2, tx3));
+
+    // Every stream's agent went with it (their ttl is 60 s), and `second` never came.
+    for app in ["big-app", "garbled-app", "first-app", "second-app"] {
+        assert!(agents_for(&server, app).is_empty(), "{app}");
+        assert_eq!(
+            visit(
+                edge,
+                Ipv4Addr::LOCALHOST,
+                &format!("{app}.apps.example.com")
+            )
+            .await,
+            "",
+            "{app}"
+        );
+    }
+    assert_eq!(server.rt.agents.table.agent_count(), 0);
+    let s = scrape(server.admin_addr().unwrap()).await;
+    for (result, n) in [
+        ("ok", 3.0),
+        ("too_large", 1.0),
+        ("malformed", 2.0),
+        ("stream_ended", 3.0),
+    ] {
+        assert_eq!(
+            s.value("sluice_heartbeats_total", &[("result", result)]),
+            n,
+            "{result}"
+        );
+    }
+    assert_eq!(a.connections().len(), 3, "one client per announced agent");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_table_refuses_new_agents_with_503_until_one_leaves() {
+    let dir = secrets();
+    let (a, fb) = (
+        RawBackend::start("a", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    let text = with_heartbeat(config(dir.path(), "", ""), "max_agents = 2");
+    let server = start(&text, &[("fb", fb.address.to_string())]).await;
+    let (hb, edge) = (server.heartbeat_addr().unwrap(), edge(&server));
+    for id in ["a1", "a2"] {
+        let (status, body) = post(hb, &heartbeat(id, a.address, "17.2.0", &["myapp"])).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // A third agent, by POST and by stream.
+    let (status, body) = post(hb, &heartbeat("a3", a.address, "17.2.0", &["a3-app"])).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the table is full (2 agents)"), "{body}");
+    let (tx, answer) = open_stream(hb).await;
+    tx.send(line(heartbeat("a3", a.address, "17.2.0", &["a3-app"])))
+        .await
+        .unwrap();
+    let (status, body) = stream_end(answer).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("heartbeat.max_agents"), "{body}");
+    assert_eq!(
+        visit(edge, Ipv4Addr::LOCALHOST, "a3-app.apps.example.com").await,
+        ""
+    );
+    // Agents already in the table still heartbeat.
+    let (status, body) = post(hb, &heartbeat("a1", a.address, "17.2.0", &["myapp"])).await;
+    assert_eq!((status, body.as_str()), (200, "keptalive\n"));
+    let s = scrape(server.admin_addr().unwrap()).await;
+    assert_eq!(
+        s.value("sluice_heartbeats_total", &[("result", "table_full")]),
+        2.0
+    );
+    assert_eq!(s.value("sluice_agents", &[("state", "ready")]), 2.0);
+    // One leaves: the next one gets its place.
+    assert_eq!(
+        api(hb, "DELETE", "/v1/agents/a2", Some(TOKEN), "").await.0,
+        200
+    );
+    let (status, body) = post(hb, &heartbeat("a3", a.address, "17.2.0", &["a3-app"])).await;
+    assert_eq!((status, body.as_str()), (200, "joined\n"));
+    assert_eq!(
+        visit(edge, Ipv4Addr::LOCALHOST, "a3-app.apps.example.com").await,
+        "a"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "sluice_heartbeats_total",
+            &[("result", "table_full")]
+        )
+        .await,
+        2.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_expires_after_its_ttl_stays_listed_for_keep_expired_then_goes() {
+    let dir = secrets();
+    let (brief, fb) = (
+        RawBackend::start("brief", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    let path = dir.path().join("sluice.toml");
+    let write = |keep: &str| {
+        let text = with_heartbeat(
+            config(dir.path(), "", ""),
+            &format!("keep_expired = \"{keep}\""),
+        );
+        std::fs::write(&path, text.replace("{fb}", &fb.address.to_string())).unwrap();
+    };
+    write("1h");
+    let server = Server::start(sluice::config::Config::load(&path).unwrap())
+        .await
+        .unwrap();
+    let (hb, edge) = (server.heartbeat_addr().unwrap(), edge(&server));
+    let ttl = Duration::from_secs(1);
+
+    // One heartbeat with ttl 1s, and no other.
+    let sent = Instant::now();
+    let body = heartbeat("brief", brief.address, "17.2.0", &["brief"]).replace("60s", "1s");
+    assert_eq!(post(hb, &body).await.0, 200);
+    let routed = visit(edge, Ipv4Addr::LOCALHOST, "brief.apps.example.com").await;
+    if sent.elapsed() + CLOCK_MS < ttl {
+        assert_eq!(routed, "brief", "a client within the agent's ttl");
+    }
+
+    // It expires on the real clock: listed as expired, and no client reaches it.
+    eventually("brief is listed as expired", || async {
+        listed(&server, "brief")
+            .await
+            .is_some_and(|a| a["state"] == "expired")
+    })
+    .await;
+    assert!(
+        sent.elapsed() + CLOCK_MS >= ttl,
+        "expired {:?} after its heartbeat",
+        sent.elapsed()
+    );
+    let clients_before = brief.connections().len();
+    assert_eq!(
+        visit(edge, Ipv4Addr::LOCALHOST, "brief.apps.example.com").await,
+        ""
+    );
+    assert_eq!(brief.connections().len(), clients_before);
+    let s = scrape(server.admin_addr().unwrap()).await;
+    assert_eq!(
+        s.value(
+            "sluice_resource_misses_total",
+            &[("route", "apps"), ("reason", "no_eligible_agent")]
+        ),
+        1.0
+    );
+    assert_eq!(s.value("sluice_agents", &[("state", "expired")]), 1.0);
+    assert_eq!(s.value("sluice_agents", &[("state", "ready")]), 0.0);
+    // keep_expired = 1h has not passed: it is still listed, with a negative expiry.
+    let view = listed(&server, "brief").await.expect("still listed");
+    assert_eq!(view["state"], "expired");
+    assert!(
+        view["expires_in_seconds"].as_f64().unwrap() <= 0.0,
+        "{view}"
+    );
+
+    // keep_expired shortened to 1s by a reload: swept once 1 s has passed since it expired.
+    write("1s");
+    assert!(matches!(
+        sluice::reload::reload(&server.rt, "test").await,
+        sluice::reload::Outcome::Applied(_)
+    ));
+    let keep = Duration::from_secs(1);
+    eventually("brief is swept", || async {
+        listed(&server, "brief").await.is_none()
+    })
+    .await;
+    assert!(
+        sent.elapsed() + CLOCK_MS >= ttl + keep,
+        "swept {:?} after its heartbeat",
+        sent.elapsed()
+    );
+    assert_eq!(
+        visit(edge, Ipv4Addr::LOCALHOST, "brief.apps.example.com").await,
+        ""
+    );
+    let s = scrape(server.admin_addr().unwrap()).await;
+    assert_eq!(
+        s.value(
+            "sluice_resource_misses_total",
+            &[("route", "apps"), ("reason", "unknown_resource")]
+        ),
+        1.0
+    );
+    assert_eq!(s.value("sluice_agents", &[("state", "expired")]), 0.0);
+    assert_eq!(s.value("sluice_resources", &[]), 0.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_takes_no_connection_before_min_ready() {
+    let dir = secrets();
+    let (old, fresh, fb) = (
+        RawBackend::start("old", false).await,
+        RawBackend::start("fresh", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    // `old` is configured (ready at once); `fresh` joins by heartbeat and must warm up.
+    let extra = format!(
+        "[[agent]]\nid = \"old\"\naddress = \"{}\"\nversion = \"17.0.0\"\nresources = [{{ kind = \"app\", name = \"myapp\" }}]\n",
+        old.address
+    );
+    let text = with_heartbeat(
+        config(dir.path(), &extra, "affinity = \"none\""),
+        "min_ready = \"1s\"",
+    );
+    let server = start(&text, &[("fb", fb.address.to_string())]).await;
+    let (hb, edge) = (server.heartbeat_addr().unwrap(), edge(&server));
+    let min_ready = Duration::from_secs(1);
+
+    let sent = Instant::now();
+    let body = heartbeat("fresh", fresh.address, "17.2.0", &["myapp"]);
+    assert_eq!(post(hb, &body).await.0, 200);
+    // Read inside min_ready: warming, and every connection goes to `old` (each one picks
+    // anew: with both eligible, ten in a row on `old` has probability 1/1024).
+    let mut early = Vec::new();
+    for _ in 0..10 {
+        early.push(visit(edge, Ipv4Addr::LOCALHOST, "myapp.apps.example.com").await);
+    }
+    let state = listed(&server, "fresh").await.expect("listed")["state"].clone();
+    let warming = series(&server, "sluice_agents", &[("state", "warming")]).await;
+    if sent.elapsed() + CLOCK_MS < min_ready {
+        assert!(early.iter().all(|t| t == "old"), "{early:?}");
+        assert_eq!(state, "warming");
+        assert_eq!(warming, 1.0);
+        assert!(fresh.connections().is_empty());
+    }
+
+    // Then it takes its share, and not before min_ready has passed since it was announced.
+    eventually("a connection reaches fresh", || async {
+        visit(edge, Ipv4Addr::LOCALHOST, "myapp.apps.example.com").await == "fresh"
+    })
+    .await;
+    assert!(
+        sent.elapsed() + CLOCK_MS >= min_ready,
+        "fresh was dialled {:?} after its first heartbeat",
+        sent.elapsed()
+    );
+    assert_eq!(listed(&server, "fresh").await.unwrap()["state"], "ready");
+    assert_eq!(
+        series(&server, "sluice_agents", &[("state", "ready")]).await,
+        2.0
+    );
+    server.shutdown().await;
+}
+
+/// A server whose agents `a1` and `a2` (at `b1`, `b2`) announce `myapp` and `other`, with
+/// `routes` before the catch-all.
+async fn two_agents(
+    dir: &Path,
+    routes: &str,
+    b1: &RawBackend,
+    b2: &RawBackend,
+    fb: &RawBackend,
+) -> Server {
+    let text = with_routes(config(dir, "", ""), routes);
+    let server = start(&text, &[("fb", fb.address.to_string())]).await;
+    let hb = server.heartbeat_addr().unwrap();
+    for (id, b) in [("a1", b1), ("a2", b2)] {
+        let (status, body) =
+            post(hb, &heartbeat(id, b.address, "17.2.0", &["myapp", "other"])).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_none_picks_anew_and_client_ip_modes_keep_each_client_on_its_agent() {
+    let dir = secrets();
+    let (b1, b2, fb) = (
+        RawBackend::start("a1", false).await,
+        RawBackend::start("a2", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    let routes = [
+        resource_route("none", "affinity = \"none\""),
+        resource_route("ip", "affinity = \"client_ip\""),
+        resource_route("ipsni", "affinity = \"client_ip_sni\""),
+    ]
+    .concat();
+    let server = two_agents(dir.path(), &routes, &b1, &b2, &fb).await;
+    let edge = edge(&server);
+    let both: HashSet<String> = ["a1".to_owned(), "a2".to_owned()].into();
+
+    // `none`: one client, every connection picks anew (40 on one agent: probability 2^-39),
+    // and no session is kept.
+    let mut seen = HashSet::new();
+    for _ in 0..40 {
+        seen.insert(visit(edge, Ipv4Addr::new(127, 0, 3, 1), "myapp.none.example.com").await);
+    }
+    assert_eq!(seen, both);
+
+    // `client_ip` and `client_ip_sni`: each client keeps one agent per resource (six more
+    // connections on the first one's agent: 2^-6 each by chance), and clients spread.
+    for route in ["ip", "ipsni"] {
+        let mut firsts = HashSet::new();
+        for i in 0..20u8 {
+            let client = Ipv4Addr::new(127, 0, 4, 10 + i);
+            for app in ["myapp", "other"] {
+                let sni = format!("{app}.{route}.example.com");
+                let first = visit(edge, client, &sni).await;
+                assert!(both.contains(&first), "{sni}: {first:?}");
+                for _ in 0..6 {
+                    assert_eq!(visit(edge, client, &sni).await, first, "{client} {sni}");
+                }
+                firsts.insert(first);
+            }
+        }
+        assert_eq!(firsts, both, "{route}: new sessions spread");
+    }
+    let s = scrape(server.admin_addr().unwrap()).await;
+    let sessions = |route| s.value("sluice_sessions_active", &[("route", route)]);
+    assert_eq!(sessions("none"), 0.0);
+    // 20 clients × 2 resources.
+    assert_eq!(sessions("ip"), 40.0);
+    assert_eq!(sessions("ipsni"), 40.0);
+    for route in ["none", "ip", "ipsni"] {
+        assert_eq!(
+            s.value("sluice_session_repins_total", &[("route", route)]),
+            0.0,
+            "{route}"
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_starts_new_sessions_on_the_agent_with_fewer_connections() {
+    let dir = secrets();
+    let (b1, b2, fb) = (
+        RawBackend::start("a1", false).await,
+        RawBackend::start("a2", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    let text = with_routes(
+        config(dir.path(), "", ""),
+        &resource_route("p2c", "pick = \"p2c\""),
+    );
+    let server = start(&text, &[("fb", fb.address.to_string())]).await;
+    let (hb, edge) = (server.heartbeat_addr().unwrap(), edge(&server));
+    let sni = "myapp.p2c.example.com";
+    assert_eq!(
+        post(hb, &heartbeat("a1", b1.address, "17.2.0", &["myapp"]))
+            .await
+            .0,
+        200
+    );
+    // Five clients hold connections to a1, the only agent.
+    let mut held = Vec::new();
+    let mut active: HashMap<String, usize> = HashMap::from([("a1".into(), 0), ("a2".into(), 0)]);
+    for i in 0..5u8 {
+        let (s, tag) = visit_open(edge, Ipv4Addr::new(127, 0, 5, 1 + i), sni).await;
+        assert_eq!(tag, "a1");
+        *active.get_mut(&tag).unwrap() += 1;
+        held.push(s);
+    }
+    // a2 joins. Each new session (a new client) goes to the agent with fewer connections
+    // held (either on a tie): the first five all to a2, then they alternate. A uniform pick
+    // would send one of the first five to a1 with probability 31/32.
+    assert_eq!(
+        post(hb, &heartbeat("a2", b2.address, "17.2.0", &["myapp"]))
+            .await
+            .0,
+        200
+    );
+    let mut order = Vec::new();
+    for i in 0..11u8 {
+        let (s, tag) = visit_open(edge, Ipv4Addr::new(127, 0, 5, 100 + i), sni).await;
+        let other = if tag == "a1" { "a2" } else { "a1" };
+        assert!(
+            active[&tag] <= active[other],
+            "session {i} went to {tag} with {active:?} held (so far {order:?})"
+        );
+        *active.get_mut(&tag).unwrap() += 1;
+        order.push(tag);
+        held.push(s);
+    }
+    assert_eq!(order[..5], ["a2"; 5]);
+    // What sluice counts agrees.
+    for (id, n) in &active {
+        let view = listed(&server, id).await.unwrap();
+        assert_eq!(view["active_connections"], *n as u64, "{view}");
+    }
+    assert_eq!(active["a1"] + active["a2"], 16);
+    assert!(active["a1"].abs_diff(active["a2"]) <= 1, "{active:?}");
+    drop(held);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_unused_for_session_idle_ttl_is_forgotten() {
+    let dir = secrets();
+    let (b1, b2, fb) = (
+        RawBackend::start("a1", false).await,
+        RawBackend::start("a2", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    // p2c makes a new session's choice certain: the agent without the held connection.
+    let routes = resource_route("idle", "pick = \"p2c\"\nsession_idle_ttl = \"1s\"");
+    let server = two_agents(dir.path(), &routes, &b1, &b2, &fb).await;
+    let edge = edge(&server);
+    let (client, sni) = (Ipv4Addr::new(127, 0, 6, 1), "myapp.idle.example.com");
+    let idle_ttl = Duration::from_secs(1);
+
+    let started = Instant::now();
+    let (_held, pinned) = visit_open(edge, client, sni).await;
+    let other = if pinned == "a1" { "a2" } else { "a1" };
+    // Within the ttl, its session wins over p2c: back to the agent it holds a connection to.
+    let used = Instant::now();
+    let again = visit(edge, client, sni).await;
+    if started.elapsed() < idle_ttl {
+        assert_eq!(again, pinned, "the session's agent, though busier");
+    }
+    let sessions = series(&server, "sluice_sessions_active", &[("route", "idle")]).await;
+    if used.elapsed() < idle_ttl {
+        assert_eq!(sessions, 1.0);
+    }
+    // Unused for the ttl, it is forgotten, and not before.
+    eventually("the idle session is forgotten", || async {
+        series(&server, "sluice_sessions_active", &[("route", "idle")]).await == 0.0
+    })
+    .await;
+    assert!(
+        used.elapsed() >= idle_ttl,
+        "forgotten {:?} after its last use",
+        used.elapsed()
+    );
+    // The client's next connection starts a new session: p2c picks the idle agent. It is not
+    // a re-pin (the session's agent is still eligible; there is no session).
+    assert_eq!(visit(edge, client, sni).await, other);
+    assert_eq!(
+        series(&server, "sluice_session_repins_total", &[("route", "idle")]).await,
+        0.0
+    );
+    assert_eq!(
+        series(&server, "sluice_sessions_active", &[("route", "idle")]).await,
+        1.0
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_keeps_only_the_most_recently_used_sessions() {
+    let dir = secrets();
+    let (b1, b2, fb) = (
+        RawBackend::start("a1", false).await,
+        RawBackend::start("a2", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    let text = with_routes(
+        config(dir.path(), "", ""),
+        &resource_route("capped", "max_sessions = 2"),
+    );
+    let server = start(&text, &[("fb", fb.address.to_string())]).await;
+    let (hb, edge) = (server.heartbeat_addr().unwrap(), edge(&server));
+    let sni = "myapp.capped.example.com";
+    let sessions = || series(&server, "sluice_sessions_active", &[("route", "capped")]);
+    let repins = || {
+        series(
+            &server,
+            "sluice_session_repins_total",
+            &[("route", "capped")],
+        )
+    };
+    assert_eq!(
+        post(hb, &heartbeat("a1", b1.address, "17.2.0", &["myapp"]))
+            .await
+            .0,
+        200
+    );
+    // Three clients, one after the other, all on a1; two sessions are kept.
+    let c = |i| Ipv4Addr::new(127, 0, 7, i);
+    for (i, kept) in [(1, 1.0), (2, 2.0), (3, 2.0)] {
+        assert_eq!(visit(edge, c(i), sni).await, "a1");
+        assert_eq!(sessions().await, kept, "after client {i}");
+    }
+    // a1 leaves for a2. A client whose session was kept is re-pinned; the least recently
+    // used one (client 1) had none left: a new session, not a re-pin.
+    assert_eq!(
+        post(hb, &heartbeat("a2", b2.address, "17.2.0", &["myapp"]))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        api(hb, "DELETE", "/v1/agents/a1", Some(TOKEN), "").await.0,
+        200
+    );
+    assert_eq!(visit(edge, c(1), sni).await, "a2");
+    assert_eq!(repins().await, 0.0, "client 1's session was dropped");
+    assert_eq!(sessions().await, 2.0);
+    assert_eq!(visit(edge, c(3), sni).await, "a2");
+    assert_eq!(repins().await, 1.0, "client 3's session was kept");
+    assert_eq!(sessions().await, 2.0);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_agent_fails_the_fallback_pool_serves_or_the_client_is_closed() {
+    let dir = secrets();
+    let fb = RawBackend::start("fallback", false).await;
+    let (dead1, dead2) = (dead_address().await, dead_address().await);
+    let text = with_routes(
+        config(dir.path(), "", "fallback_pool = \"p\""),
+        &resource_route("nofb", ""),
+    );
+    let server = start(&text, &[("fb", fb.address.to_string())]).await;
+    let (hb, edge) = (server.heartbeat_addr().unwrap(), edge(&server));
+    for (id, dead) in [("d1", dead1), ("d2", dead2)] {
+        let (status, body) = post(hb, &heartbeat(id, dead, "17.2.0", &["myapp"])).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // Both agents are dialled and refuse: the route's fallback pool takes the client.
+    assert_eq!(
+        visit(edge, Ipv4Addr::LOCALHOST, "myapp.apps.example.com").await,
+        "fallback"
+    );
+    // Without one, the client is closed.
+    assert_eq!(
+        visit(edge, Ipv4Addr::LOCALHOST, "myapp.nofb.example.com").await,
+        ""
+    );
+    let admin = server.admin_addr().unwrap();
+    eventually("the refused client is counted as closed", || async {
+        scrape(admin).await.counter(
+            "sluice_connections_closed_total",
+            &[("route", "nofb"), ("reason", "backend_unavailable")],
+        ) == 1.0
+    })
+    .await;
+    let s = scrape(admin).await;
+    for route in ["apps", "nofb"] {
+        assert_eq!(
+            s.value(
+                "sluice_resource_misses_total",
+                &[("route", route), ("reason", "all_agents_failed")]
+            ),
+            1.0,
+            "{route}"
+        );
+        assert_eq!(
+            s.value(
+                "sluice_agent_connect_failures_total",
+                &[("route", route), ("reason", "refused")]
+            ),
+            2.0,
+            "{route}: every agent was tried once"
+        );
+        // No session is kept on an agent that never answered.
+        assert_eq!(
+            s.value("sluice_sessions_active", &[("route", route)]),
+            0.0,
+            "{route}"
+        );
+    }
+    assert_eq!(
+        fb.connections().len(),
+        1,
+        "only the route with a fallback used it"
+    );
+    server.shutdown().await;
+}
+
+/// What an agent received on its `n`th connection, once it holds `hello` at the end.
+async fn received_by(agent: &RawBackend, n: usize, hello: &[u8]) -> Vec<u8> {
+    eventually("the agent received the header and the hello", || async {
+        agent
+            .connections()
+            .get(n)
+            .is_some_and(|c| c.len() > hello.len() && c.ends_with(hello))
+    })
+    .await;
+    agent.connections()[n].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_get_a_proxy_header_with_the_real_client_address() {
+    let dir = secrets();
+    let (agent, fb) = (
+        RawBackend::start("agent", false).await,
+        RawBackend::start("fallback", false).await,
+    );
+    let routes = [
+        resource_route("ppv1", "proxy_protocol = \"v1\""),
+        resource_route("ppv2", "proxy_protocol = \"v2\""),
+    ]
+    .concat();
+    let server = start(
+        &with_routes(config(dir.path(), "", ""), &routes),
+        &[("fb", fb.address.to_string())],
+    )
+    .await;
+    let edge = edge(&server);
+    // The agent announces itself with the real `sluice heartbeat`, through the main port.
+    let _announcer = agent_process(dir.path(), edge, "pp", agent.address);
+    eventually("the agent announced myapp", || async {
+        agents_for(&server, "myapp") == ["pp"]
+    })
+    .await;
+
+    // v1 from 127.0.0.21.
+    let hello1 = sluice::tls::hello::build::hello(Some("myapp.ppv1.example.com"), &["h2"]);
+    let (s1, tag) = visit_open(edge, Ipv4Addr::new(127, 0, 0, 21), "myapp.ppv1.example.com").await;
+    assert_eq!(tag, "agent");
+    let client1 = s1.local_addr().unwrap();
+    let got = received_by(&agent, 0, &hello1).await;
+    let expected = format!(
+        "PROXY TCP4 127.0.0.21 127.0.0.1 {} {}\r\n",
+        client1.port(),
+        edge.port()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&got[..got.len() - hello1.len()]),
+        expected,
+        "exactly one v1 header, then the hello"
+    );
+
+    // v2 from 127.0.0.22, with the ALPN and the SNI.
+    let sni2 = "myapp.ppv2.example.com";
+    let hello2 = sluice::tls::hello::build::hello(Some(sni2), &["h2"]);
+    let (s2, tag) = visit_open(edge, Ipv4Addr::new(127, 0, 0, 22), sni2).await;
+    assert_eq!(tag, "agent");
+    let client2 = s2.local_addr().unwrap();
+    assert_eq!(client2.ip(), Ipv4Addr::new(127, 0, 0, 22));
+    let got = received_by(&agent, 1, &hello2).await;
+    let header = ppp::v2::Header::try_from(got.as_slice()).expect("a PROXY v2 header first");
+    assert_eq!(header.addresses, ppp::v2::Addresses::from((client2, edge)));
+    let tlvs: Vec<(u8, Vec<u8>)> = header
+        .tlvs()
+        .map(|t| t.unwrap())
+        .map(|t| (t.kind, t.value.to_vec()))
+        .collect();
+    assert_eq!(
+        tlvs,
+        vec![
+            (ppp::v2::Type::ALPN as u8, b"h2".to_vec()),
+            (ppp::v2::Type::Authority as u8, sni2.as_bytes().to_vec()),
+        ]
+    );
+    assert_eq!(
+        &got[header.len()..],
+        &hello2[..],
+        "exactly one v2 header, then the hello"
+    );
+
+    // The `apps` route sends none.
+    let hello3 = sluice::tls::hello::build::hello(Some("myapp.apps.example.com"), &["h2"]);
+    assert_eq!(
+        visit(edge, Ipv4Addr::new(127, 0, 0, 23), "myapp.apps.example.com").await,
+        "agent"
+    );
+    eventually("the agent received the hello", || async {
+        agent
+            .connections()
+            .get(2)
+            .is_some_and(|c| c.len() >= hello3.len())
+    })
+    .await;
+    assert_eq!(agent.connections()[2], hello3);
+    drop((s1, s2));
     server.shutdown().await;
 }
