@@ -5,9 +5,9 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::process::{bound_addresses, have, Running};
+use support::process::{bound_addresses, exits_within, have, signal, Running};
 use support::TaggedBackend;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
@@ -191,22 +191,8 @@ fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
     }
 
     // SIGTERM: drain (drain_delay 0s in this config) and exit 0.
-    let started = Instant::now();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "sluice did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    signal(child.id(), "TERM");
+    let code = exits_within(&mut child, Duration::from_secs(10));
     assert!(code.success(), "exit status {code:?}");
     let log = log.join().unwrap();
     assert!(
@@ -326,16 +312,9 @@ backends = ["{backend}"]
     assert_eq!(String::from_utf8_lossy(&out.stdout), "2 200");
     // Two SIGINTs: the first starts the drain (drain_delay is 5 s), the second skips it;
     // sluice still exits 0.
-    let interrupt = || {
-        let sent = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    };
-    interrupt();
+    signal(child.id(), "INT");
     log.wait_for("\"signal\":\"SIGINT\"", Duration::from_secs(10));
-    interrupt();
+    signal(child.id(), "INT");
     log.wait_for(
         "second signal: closing everything now",
         Duration::from_secs(10),
@@ -432,17 +411,9 @@ fn demo_splits_tunnels_from_clients() {
         &["teleport-reversetunnel"],
     ));
     assert!(tunnel.1.starts_with("tunnel-proxy"), "{}", tunnel.1);
-    let started = Instant::now();
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let status = child.wait().unwrap();
+    signal(child.id(), "INT");
+    let status = exits_within(&mut child, Duration::from_secs(8));
     assert!(status.success(), "{status:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(8),
-        "Ctrl-C took {:?}",
-        started.elapsed()
-    );
 }
 
 /// The shipped units are valid: `systemd-analyze verify` prints nothing (it only warns about
@@ -677,7 +648,8 @@ fn access_log_lines_carry_every_field_in_both_formats() {
     let (edge, _, log) = bound_addresses(&mut child);
     let (sent, received) = one_relayed_one_refused(&edge);
     log.wait_for("\"end\":\"not_tls\"", Duration::from_secs(10));
-    signal_and_wait(&mut child, "TERM");
+    signal(child.id(), "TERM");
+    assert!(exits_within(&mut child, Duration::from_secs(20)).success());
     let text = log.join().unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -767,28 +739,8 @@ fn access_log_lines_carry_every_field_in_both_formats() {
         "{}",
         access[1]
     );
-    signal_and_wait(&mut child, "TERM");
-}
-
-/// Send `sig` and wait (bounded) for a clean exit.
-fn signal_and_wait(child: &mut Running, sig: &str) {
-    let sent = Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no exit after SIG{sig}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status:?}");
+    signal(child.id(), "TERM");
+    assert!(exits_within(&mut child, Duration::from_secs(20)).success());
 }
 
 /// `sluice run` raises its soft open-file limit to the hard one (as HAProxy does), and the
@@ -829,7 +781,8 @@ fn run_raises_the_open_file_limit_to_the_hard_limit() {
         ((hard - 64) / 2) as f64,
         "the cap derived from {hard} descriptors"
     );
-    signal_and_wait(&mut child, "TERM");
+    signal(child.id(), "TERM");
+    assert!(exits_within(&mut child, Duration::from_secs(20)).success());
 }
 
 fn rlimit_nofile() -> (u64, u64) {

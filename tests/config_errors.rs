@@ -157,15 +157,7 @@ fn expect_each(cases: &[Case], dir: &Path) {
 /// A certificate, its key, a tokens file and an empty file, for [heartbeat] and
 /// `quic = "terminate"` cases.
 fn secrets() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["sluice.test".to_owned()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
-    std::fs::write(
-        dir.path().join("tokens"),
-        "agents-token-0123456789 name=agents\n",
-    )
-    .unwrap();
+    let dir = support::secrets("agents-token-0123456789 name=agents\n");
     std::fs::write(dir.path().join("empty.pem"), "").unwrap();
     dir
 }

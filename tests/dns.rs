@@ -210,9 +210,8 @@ async fn srv_records_give_targets_and_ports() {
     );
 }
 
-/// A reload that keeps a pool's names keeps what discovery found (no window without backends).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_keeps_discovered_backends() {
+/// Backend A found as proxies.test; the zone, the config text and the running sluice.
+async fn discovered_one() -> (Flaky, Arc<Mutex<Zone>>, String, sluice::server::Server) {
     let a = Flaky::start("A", "127.0.0.1:0").await;
     let port = a.address.port();
     let zone = Arc::new(Mutex::new(Zone::default()));
@@ -227,6 +226,13 @@ async fn a_reload_keeps_discovered_backends() {
         server.rt.snapshot().pools["p"].backends().len() == 1
     })
     .await;
+    (a, zone, text, server)
+}
+
+/// A reload that keeps a pool's names keeps what discovery found (no window without backends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_discovered_backends() {
+    let (_a, _zone, text, server) = discovered_one().await;
     let cfg = sluice::config::Config::parse(
         std::path::Path::new("t.toml"),
         &text.replace("retries = 0", "retries = 1"),
@@ -245,20 +251,7 @@ async fn a_reload_keeps_discovered_backends() {
 /// from the old one's last good answer, and its own first (failed) lookup changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_during_a_dns_outage_keeps_discovered_backends() {
-    let a = Flaky::start("A", "127.0.0.1:0").await;
-    let port = a.address.port();
-    let zone = Arc::new(Mutex::new(Zone::default()));
-    zone.lock()
-        .unwrap()
-        .a
-        .insert("proxies.test".into(), vec![Ipv4Addr::LOCALHOST]);
-    let dns = dns_server(zone.clone()).await;
-    let text = conf(dns, &format!("dns = [\"proxies.test:{port}\"]"));
-    let server = start(&text, &[]).await;
-    eventually("discovered", || async {
-        server.rt.snapshot().pools["p"].backends().len() == 1
-    })
-    .await;
+    let (_a, zone, text, server) = discovered_one().await;
     zone.lock().unwrap().fail = true;
     let errors = || async {
         metric(

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::process::{bound_addresses, have, Running};
+use support::process::{bound_addresses, exits_within, have, signal, Running};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,14 +41,6 @@ fn spawn_notifying(args: &[&str], path: &Path, notify: Option<&Path>) -> Running
         cmd.env("NOTIFY_SOCKET", n);
     }
     Running(cmd.spawn().unwrap())
-}
-
-fn signal(pid: u32, sig: &str) {
-    assert!(Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
 }
 
 async fn open(addr: SocketAddr) -> std::io::Result<(TcpStream, String)> {
@@ -306,21 +298,6 @@ impl Drop for KillOnDrop {
             .args(["-KILL", &self.0.to_string()])
             .stderr(Stdio::null())
             .status();
-    }
-}
-
-/// Wait for a child to exit within `limit`.
-fn exits_within(child: &mut Running, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "process still running after {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -293,6 +293,17 @@ pub fn fixture(name: &str) -> Vec<u8> {
     .expect("fixture")
 }
 
+/// A temp dir with a self-signed certificate for sluice.test (`cert.pem`, `key.pem`) and a
+/// heartbeat `tokens` file holding `tokens`: what a [heartbeat] table needs.
+pub fn secrets(tokens: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["sluice.test".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    std::fs::write(dir.path().join("tokens"), tokens).unwrap();
+    dir
+}
+
 /// Strip TLS record framing: the handshake message(s) alone.
 pub fn handshake_of(records: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();

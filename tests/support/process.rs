@@ -28,6 +28,30 @@ pub fn available(missing: &str, present: bool) -> bool {
     false
 }
 
+/// Send `sig` (`"TERM"`, `"HUP"`, ...) to a process.
+pub fn signal(pid: u32, sig: &str) {
+    assert!(Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Wait for a child to exit within `limit`; its status.
+pub fn exits_within(child: &mut Running, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "process still running after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A child process that is killed when the test ends, even if the test panics first.
 pub struct Running(pub Child);
 
