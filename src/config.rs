@@ -1138,7 +1138,7 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawConfig, ConfigErrors> {
         };
         let message = e.message().trim().to_owned();
         let fix = if message.starts_with("unknown field") {
-            "remove the key or fix its spelling (see the README's config reference)"
+            "remove the key or fix its spelling (see docs/config.md)"
         } else if message.contains("untagged enum RawBackend") {
             "write a backend as \"host:port\" or { address = \"host:port\", weight = 2 }"
         } else if message.contains("OneOrMany") {

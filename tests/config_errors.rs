@@ -1327,7 +1327,7 @@ fn unknown_keys_are_refused_in_every_section() {
             snippet,
             key,
             "unknown field",
-            "remove the key or fix its spelling (see the README's config reference)",
+            "remove the key or fix its spelling (see docs/config.md)",
         )
     };
     expect_each(
@@ -1494,7 +1494,7 @@ address = \"127.0.0.1\"
 }
 
 /// The bounds are inclusive and sharing a port across protocols is allowed: validation is not
-/// stricter than the README says.
+/// stricter than docs/config.md says.
 #[test]
 fn values_at_their_bounds_are_accepted() {
     let text = format!(
