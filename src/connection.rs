@@ -836,10 +836,10 @@ async fn establish(
     // What the backend gets first: the PROXY header if the pool wants one, then what the
     // client sent, in one write (the connect's own, when the handshake is quick).
     // getsockname only when a PROXY header needs the address.
-    let local = match (local, route.proxy_protocol()) {
-        (Some(l), _) => l,
-        (None, crate::config::ProxyProtocol::None) => state.local_addr,
-        (None, _) => stream.local_addr().unwrap_or(state.local_addr),
+    let local = match local {
+        Some(l) => l,
+        None if !route.may_send_proxy_header() => state.local_addr,
+        None => stream.local_addr().unwrap_or(state.local_addr),
     };
     let info = HeaderInfo {
         client: log.client,
@@ -847,6 +847,7 @@ async fn establish(
         alpn: tls.as_ref().and_then(|h| route.reported_alpn(&h.alpn)),
         sni,
     };
+    let hello_len = buf.len();
     let first = match proxy_protocol::encode(route.proxy_protocol(), &info) {
         Ok(Some(mut header)) => {
             header.extend_from_slice(&buf);
@@ -861,7 +862,11 @@ async fn establish(
     };
     let connected = match &route.target {
         Target::Pool(pool) => pool.connect(log.client, sni, &first, &rt.metrics).await,
-        Target::Resource(res) => res.connect(log.client, sni, &first, &rt.metrics).await,
+        Target::Resource(res) => {
+            let hello = &first[first.len() - hello_len..];
+            res.connect(log.client, sni, &first, hello, &info, &rt.metrics)
+                .await
+        }
         // Such a route has no PROXY header: `first` is what the client sent.
         Target::Heartbeat => return Some(Established::Api(first)),
     };
@@ -869,6 +874,7 @@ async fn establish(
         Dialed {
             mut stream,
             sent,
+            first: own_first,
             keepalive,
         },
         guard,
@@ -881,6 +887,7 @@ async fn establish(
         }
     };
     log.backend = Some(guard.backend().clone());
+    let first = own_first.unwrap_or(first);
     if let Err(e) = stream.write_all(&first[sent..]).await {
         log.end = "backend_error";
         log.detail = format!("writing the hello to the backend failed: {e}");

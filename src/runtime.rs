@@ -74,6 +74,15 @@ impl Route {
         }
     }
 
+    /// Whether a connection of this route may send a PROXY header anywhere: to its pool or
+    /// agents, or to a resource route's fallback pool (which has its own setting).
+    pub fn may_send_proxy_header(&self) -> bool {
+        use crate::config::ProxyProtocol::None;
+        self.proxy_protocol() != None
+            || matches!(&self.target, Target::Resource(r)
+                if r.fallback.as_ref().is_some_and(|p| p.proxy_protocol != None))
+    }
+
     /// The ALPN name reported upstream in a PROXY v2 header: the first offered protocol this
     /// route matched on, else the client's first choice. (Sluice does not terminate TLS, so the
     /// protocol actually negotiated is not known to it.)

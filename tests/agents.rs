@@ -1579,6 +1579,57 @@ async fn when_every_agent_fails_the_fallback_pool_serves_or_the_client_is_closed
     server.shutdown().await;
 }
 
+/// The fallback pool sends its own PROXY header, not the resource route's: a pool without
+/// one gets the bare hello from a route that sends v2 to its agents, and a pool with v1 gets
+/// v1 from a route that sends none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_pool_gets_its_own_proxy_header_not_the_routes() {
+    let dir = secrets();
+    let hello = sluice::tls::hello::build::hello(Some("myapp.apps.example.com"), &["h2"]);
+    for (route_pp, pool_pp, expect_header) in [
+        ("v2", "none", None),
+        ("none", "v1", Some("PROXY TCP4 127.0.0.1 127.0.0.1 ")),
+    ] {
+        let fb = RawBackend::start("fallback", false).await;
+        let server = start_with(
+            dir.path(),
+            &format!("proxy_protocol = \"{pool_pp}\""),
+            &format!("fallback_pool = \"p\"\nproxy_protocol = \"{route_pp}\""),
+            fb.address,
+        )
+        .await;
+        let hb = server.heartbeat_addr().unwrap();
+        let dead = dead_address().await;
+        let (status, body) = post(hb, &heartbeat("d", dead, "17.2.0", &["myapp"])).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            visit(edge(&server), Ipv4Addr::LOCALHOST, "myapp.apps.example.com").await,
+            "fallback"
+        );
+        eventually("the fallback received the hello", || async {
+            fb.connections()
+                .first()
+                .is_some_and(|c| c.ends_with(&hello))
+        })
+        .await;
+        let got = fb.connections()[0].clone();
+        match expect_header {
+            None => assert_eq!(
+                got, hello,
+                "route {route_pp}, pool {pool_pp}: the bare hello"
+            ),
+            Some(prefix) => {
+                let text = String::from_utf8_lossy(&got[..got.len() - hello.len()]).into_owned();
+                assert!(
+                    text.starts_with(prefix) && text.ends_with("\r\n"),
+                    "{text:?}"
+                );
+            }
+        }
+        server.shutdown().await;
+    }
+}
+
 /// What an agent received on its `n`th connection, once it holds `hello` at the end.
 async fn received_by(agent: &RawBackend, n: usize, hello: &[u8]) -> Vec<u8> {
     eventually("the agent received the header and the hello", || async {

@@ -88,7 +88,9 @@ impl AgentConfig {
             // A zero interval would heartbeat in a tight loop (and a zero period panics
             // tokio's interval); a zero ttl expires every record at once.
             if d.is_zero() {
-                bail!("{file}: {key}: must be more than 0 — e.g. ttl = \"30s\", interval = \"10s\"");
+                bail!(
+                    "{file}: {key}: must be more than 0 — e.g. ttl = \"30s\", interval = \"10s\""
+                );
             }
         }
         if !matches!(cfg.mode.as_str(), "stream" | "post") {
@@ -101,7 +103,9 @@ impl AgentConfig {
             bail!("{file}: cert_file and key_file go together: set both (a client certificate) or neither");
         }
         if cfg.token_file.is_none() && cfg.cert_file.is_none() {
-            bail!("{file}: set token_file or cert_file/key_file: sluice refuses anonymous heartbeats");
+            bail!(
+                "{file}: set token_file or cert_file/key_file: sluice refuses anonymous heartbeats"
+            );
         }
         Ok(cfg)
     }

@@ -183,12 +183,15 @@ pub fn plan<'a>(
 
 impl ResourceTarget {
     /// Connect to an agent serving the resource the SNI names; on a miss, to the fallback
-    /// pool if there is one.
+    /// pool if there is one. `first` is what an agent gets first (this route's PROXY header,
+    /// if any, then `hello`); the fallback pool gets its own header (`info`) before `hello`.
     pub async fn connect(
         &self,
         client: SocketAddr,
         sni: Option<&str>,
         first: &[u8],
+        hello: &[u8],
+        info: &crate::proxy_protocol::HeaderInfo<'_>,
         metrics: &crate::metrics::Metrics,
     ) -> Result<(Dialed, ActiveGuard), ConnectError> {
         let miss = match self.try_agents(client, sni, first).await {
@@ -201,7 +204,23 @@ impl ResourceTarget {
         if let Some(pool) = &self.fallback {
             tracing::debug!(route = %self.route, reason = miss.0.label(), pool = %pool.name,
                 "no agent for the resource: using the fallback pool");
-            return pool.connect(client, sni, first, metrics).await;
+            if pool.proxy_protocol == self.proxy_protocol {
+                return pool.connect(client, sni, first, metrics).await;
+            }
+            let mut own = match crate::proxy_protocol::encode(pool.proxy_protocol, info) {
+                Ok(header) => header.unwrap_or_default(),
+                Err(e) => {
+                    return Err(ConnectError::Exhausted {
+                        pool: pool.name.clone(),
+                        attempts: 0,
+                        last: format!("cannot encode the fallback pool's PROXY header: {e}"),
+                    })
+                }
+            };
+            own.extend_from_slice(hello);
+            let (mut dialed, guard) = pool.connect(client, sni, &own, metrics).await?;
+            dialed.first = Some(own);
+            return Ok((dialed, guard));
         }
         Err(ConnectError::NoAgent {
             reason: miss.0.label(),

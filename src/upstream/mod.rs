@@ -624,6 +624,9 @@ fn ip_bytes(addr: SocketAddr) -> Vec<u8> {
 pub struct Dialed {
     pub stream: TcpStream,
     pub sent: usize,
+    /// The bytes it was to send first when they are not the caller's: a resource route's
+    /// fallback pool sends its own PROXY header, not the route's. `sent` counts these then.
+    pub first: Option<Vec<u8>>,
     /// The keepalive its pool (or agent route) asks for, not yet set on the socket: see
     /// `arm_keepalive`.
     pub keepalive: Keepalive,
@@ -694,6 +697,7 @@ pub(crate) async fn connect_one(
     Ok(Dialed {
         stream,
         sent: sent.unwrap_or(0),
+        first: None,
         keepalive: *keepalive,
     })
 }
