@@ -269,13 +269,16 @@ pub fn metric_after_stop(server: &Server, name: &str, labels: &[(&str, &str)]) -
     Scrape::parse(server.rt.metrics.render()).counter(name, labels)
 }
 
-/// Poll until `f` holds or 5 s pass.
+/// Poll until `f` holds, for up to 15 s. The budget is for a loaded machine (`cargo test` runs
+/// a file's tests side by side in one process, on two cores here): a condition that holds
+/// returns at its first poll after it does, so only a failing test waits it out.
 pub async fn eventually<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..100 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
         if f().await {
             return;
         }
