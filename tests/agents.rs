@@ -268,19 +268,8 @@ async fn sessions_spread_stick_and_move_when_their_agent_goes() {
     );
     // Each agent's connection to the main port is the heartbeat API's: the killed one's
     // ended when its socket closed, a2's when it stops (SIGTERM: a goodbye, then it closes).
-    let closed = |reason: &'static str| {
-        let server = &server;
-        async move {
-            metric(
-                server,
-                "sluice_connections_closed_total",
-                &[("reason", reason)],
-            )
-            .await
-        }
-    };
     eventually("the killed agent's connection counted", || async {
-        closed("heartbeat_api").await == 1.0
+        closed(&server, "heartbeat_api").await == 1.0
     })
     .await;
     support::process::signal(p2.id(), "TERM");
@@ -290,9 +279,9 @@ async fn sessions_spread_stick_and_move_when_their_agent_goes() {
     .await;
     let mut p2 = p2;
     assert!(support::process::exits_within(&mut p2, Duration::from_secs(10)).success());
-    // a2's stream, and the connection that carried its goodbye.
+    // a2's stream (its goodbye may come on a connection of its own, counted too).
     eventually("a2's connections counted", || async {
-        closed("heartbeat_api").await == 3.0
+        closed(&server, "heartbeat_api").await >= 2.0
     })
     .await;
     // A client that offers the heartbeat ALPN but no TLS handshake after it: an error.
@@ -303,7 +292,7 @@ async fn sessions_spread_stick_and_move_when_their_agent_goes() {
         .unwrap();
     let _ = read_to_end(&mut s, Duration::from_secs(5)).await;
     eventually("the broken handshake counted", || async {
-        closed("heartbeat_api_error").await == 1.0
+        closed(&server, "heartbeat_api_error").await == 1.0
     })
     .await;
     server.shutdown().await;

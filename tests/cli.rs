@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::process::{bound_addresses, exits_within, have, signal, Running};
+use support::process::{bound_addresses, exits_within, have, signal, sluice_run, Running};
 use support::TaggedBackend;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sluice");
@@ -127,14 +127,7 @@ fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
         .write_all(text.as_bytes())
         .unwrap();
 
-    let mut child = Running(
-        Command::new(BIN)
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&path)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = sluice_run(&path, &[]);
     let (edge, _admin, log) = bound_addresses(&mut child);
     let port = edge.rsplit(':').next().unwrap().to_owned();
 
@@ -637,14 +630,7 @@ fn access_log_lines_carry_every_field_in_both_formats() {
     let path = one_backend_config(dir.path(), backend);
 
     // JSON: one object per line, the fields as keys.
-    let mut child = Running(
-        Command::new(BIN)
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&path)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = sluice_run(&path, &[]);
     let (edge, _, log) = bound_addresses(&mut child);
     let (sent, received) = one_relayed_one_refused(&edge);
     log.wait_for("\"end\":\"not_tls\"", Duration::from_secs(10));

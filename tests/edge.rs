@@ -448,17 +448,6 @@ async fn a_reset_is_counted_against_the_side_that_sent_it() {
     })
     .await;
     let addr = edge(&server);
-    let closed = |reason: &'static str| {
-        let server = &server;
-        async move {
-            metric(
-                server,
-                "sluice_connections_closed_total",
-                &[("reason", reason)],
-            )
-            .await
-        }
-    };
 
     // The backend resets: the client's connection ends too, counted as backend_error.
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -467,7 +456,7 @@ async fn a_reset_is_counted_against_the_side_that_sent_it() {
     s.write_all(b"reset").await.unwrap();
     let _ = read_to_end(&mut s, Duration::from_secs(5)).await;
     eventually("counted as backend_error", || async {
-        closed("backend_error").await == 1.0
+        closed(&server, "backend_error").await == 1.0
     })
     .await;
 
@@ -480,7 +469,7 @@ async fn a_reset_is_counted_against_the_side_that_sent_it() {
         .unwrap();
     drop(s);
     eventually("counted as client_error", || async {
-        closed("client_error").await == 1.0
+        closed(&server, "client_error").await == 1.0
     })
     .await;
     server.shutdown().await;

@@ -57,7 +57,7 @@ async fn a_killed_backend_gets_no_new_connections_and_keeps_its_tunnels_until_it
     }
     let mut tunnel = tunnel.expect("round robin reaches A");
 
-    a.kill_listener();
+    a.kill_listener().await;
     eventually("A unhealthy", || async {
         healthy(&server, a.address).await == Some(0.0)
     })

@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::process::{bound_addresses, exits_within, have, signal, Running};
+use support::process::{
+    bound_addresses, exits_within, have, signal, sluice_run, sluice_run_command, Running,
+    SpawnRunning,
+};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -27,20 +30,14 @@ fn conf(backend: &RawBackend, top: &str) -> String {
 }
 
 fn spawn(args: &[&str], path: &Path) -> Running {
-    spawn_notifying(args, path, None)
+    sluice_run(path, args)
 }
 
 /// `notify`: a NOTIFY_SOCKET path, as systemd would give.
-fn spawn_notifying(args: &[&str], path: &Path, notify: Option<&Path>) -> Running {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["--log-format", "json", "run", "--config"])
-        .arg(path)
-        .args(args)
-        .stderr(Stdio::piped());
-    if let Some(n) = notify {
-        cmd.env("NOTIFY_SOCKET", n);
-    }
-    Running(cmd.spawn().unwrap())
+fn spawn_notifying(args: &[&str], path: &Path, notify: &Path) -> Running {
+    sluice_run_command(path, args)
+        .env("NOTIFY_SOCKET", notify)
+        .spawn_running()
 }
 
 async fn open(addr: SocketAddr) -> std::io::Result<(TcpStream, String)> {
@@ -318,7 +315,7 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
         let notify_path = dir.path().join("notify.sock");
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
         notify.set_nonblocking(true).unwrap();
-        let mut old = spawn_notifying(&[], &path, Some(&notify_path));
+        let mut old = spawn_notifying(&[], &path, &notify_path);
         let (edge, admin, old_log) = bound_addresses(&mut old);
         let edge: SocketAddr = edge.parse().unwrap();
 
@@ -330,7 +327,7 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
         load.until_more(20).await;
 
         // The new process takes the sockets over.
-        let mut new = spawn_notifying(&["--upgrade"], &path, Some(&notify_path));
+        let mut new = spawn_notifying(&["--upgrade"], &path, &notify_path);
         let (edge2, admin2, new_log) = bound_addresses(&mut new);
         assert_eq!(edge2, edge.to_string(), "same listening socket");
         assert_eq!(admin2, admin, "same admin socket");

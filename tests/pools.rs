@@ -196,7 +196,7 @@ async fn a_success_resets_the_consecutive_failures() {
         &[],
     )
     .await;
-    flaky.kill_listener();
+    flaky.kill_listener().await;
     until_refused_once(&server).await;
     // It comes back and serves one connection...
     flaky.revive().await;
@@ -205,7 +205,7 @@ async fn a_success_resets_the_consecutive_failures() {
     })
     .await;
     // ...so one more failure is the first of a new run, not the second in a row.
-    flaky.kill_listener();
+    flaky.kill_listener().await;
     until_refused_once(&server).await;
     assert_eq!(ejections(&server, flaky.address).await, 0.0);
     // The second in a row ejects it.
@@ -274,7 +274,7 @@ async fn a_pool_with_every_backend_ejected_still_tries_them() {
     )
     .await;
     let addr = edge(&server);
-    only.kill_listener();
+    only.kill_listener().await;
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(&tunnel_hello()).await.unwrap();
     assert_eq!(

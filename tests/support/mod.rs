@@ -263,6 +263,17 @@ pub async fn metric(server: &Server, name: &str, labels: &[(&str, &str)]) -> f64
     scrape(admin).await.counter(name, labels)
 }
 
+/// `sluice_connections_closed_total` for one close reason (all listeners and routes must share
+/// one series of it: the labels pick one).
+pub async fn closed(server: &Server, reason: &str) -> f64 {
+    metric(
+        server,
+        "sluice_connections_closed_total",
+        &[("reason", reason)],
+    )
+    .await
+}
+
 /// `metric` for a server whose admin API has stopped (after `drain` or `shutdown`): the
 /// registry's own rendering, which is what the last scrape would have shown.
 pub fn metric_after_stop(server: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -381,8 +392,15 @@ impl Flaky {
         }
     }
 
-    pub fn kill_listener(&self) {
+    /// Close the listening socket and wait until the port refuses connections. (The accept
+    /// task drops the socket after it sees the stop: a connect before that would still be
+    /// taken by the kernel's backlog, then reset, which is not a refused connect.)
+    pub async fn kill_listener(&self) {
         self.stop.cancel();
+        eventually("the killed listener refuses connections", || async {
+            TcpStream::connect(self.address).await.is_err()
+        })
+        .await;
     }
 
     pub async fn revive(&mut self) {

@@ -28,6 +28,32 @@ pub fn available(missing: &str, present: bool) -> bool {
     false
 }
 
+/// `sluice --log-format json run --config <path> <args>`, its stderr piped for
+/// `bound_addresses`; started and killed with the test.
+pub fn sluice_run(path: &std::path::Path, args: &[&str]) -> Running {
+    sluice_run_command(path, args).spawn_running()
+}
+
+/// The same command, not started yet (to set its environment first).
+pub fn sluice_run_command(path: &std::path::Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(path)
+        .args(args)
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+pub trait SpawnRunning {
+    fn spawn_running(&mut self) -> Running;
+}
+
+impl SpawnRunning for Command {
+    fn spawn_running(&mut self) -> Running {
+        Running(self.spawn().expect("the command starts"))
+    }
+}
+
 /// Send `sig` (`"TERM"`, `"HUP"`, ...) to a process.
 pub fn signal(pid: u32, sig: &str) {
     assert!(Command::new("kill")
