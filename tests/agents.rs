@@ -284,13 +284,14 @@ async fn sessions_spread_stick_and_move_when_their_agent_goes() {
         closed(&server, "heartbeat_api").await >= 2.0
     })
     .await;
-    // A client that offers the heartbeat ALPN but no TLS handshake after it: an error.
+    // A client that offers the heartbeat ALPN, then sends a record of no known type instead
+    // of the rest of a handshake: the TLS handshake fails at once, an error of the API.
     let mut s = TcpStream::connect(edge).await.unwrap();
     let hello = sluice::tls::hello::build::hello(Some("sluice.test"), &["sluice-heartbeat"]);
-    s.write_all(&[hello, b"not a TLS record".to_vec()].concat())
+    s.write_all(&[hello, vec![0x6e, 3, 3, 0, 1, 0]].concat())
         .await
         .unwrap();
-    let _ = read_to_end(&mut s, Duration::from_secs(5)).await;
+    let _ = read_to_end(&mut s, Duration::from_secs(10)).await;
     eventually("the broken handshake counted", || async {
         closed(&server, "heartbeat_api_error").await == 1.0
     })

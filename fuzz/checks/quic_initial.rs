@@ -3,8 +3,8 @@
 // bytes taken as CRYPTO data, sealed into a real Initial, come back out exactly.
 
 use sluice::quic::packet::{
-    build_initial, client_initial_keys, crypto_frames, decrypt_initial, parse_header,
-    parse_hello, CryptoStream, Header, V1, V2,
+    build_initial, client_initial_keys, crypto_frames, decrypt_initial, parse_header, parse_hello,
+    CryptoStream, Header, V1, V2,
 };
 
 pub fn check(data: &[u8]) {
