@@ -292,10 +292,18 @@ async fn sessions_spread_stick_and_move_when_their_agent_goes() {
         .await
         .unwrap();
     let _ = read_to_end(&mut s, Duration::from_secs(10)).await;
-    eventually("the broken handshake counted", || async {
-        closed(&server, "heartbeat_api_error").await == 1.0
-    })
-    .await;
+    let admin = server.admin_addr().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while closed(&server, "heartbeat_api_error").await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the broken handshake was not counted as heartbeat_api_error:\n{}",
+            scrape(admin)
+                .await
+                .family("sluice_connections_closed_total")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.shutdown().await;
 }
 
