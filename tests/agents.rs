@@ -1690,11 +1690,7 @@ async fn agents_get_a_proxy_header_with_the_real_client_address() {
     let got = received_by(&agent, 1, &hello2).await;
     let header = ppp::v2::Header::try_from(got.as_slice()).expect("a PROXY v2 header first");
     assert_eq!(header.addresses, ppp::v2::Addresses::from((client2, edge)));
-    let tlvs: Vec<(u8, Vec<u8>)> = header
-        .tlvs()
-        .map(|t| t.unwrap())
-        .map(|t| (t.kind, t.value.to_vec()))
-        .collect();
+    let tlvs = proxy_v2_tlvs(&header);
     assert_eq!(
         tlvs,
         vec![

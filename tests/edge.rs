@@ -782,11 +782,7 @@ async fn proxy_v2_header_reaches_the_backend() {
         header.addresses,
         ppp::v2::Addresses::from((client_addr, edge(&server)))
     );
-    let tlvs: Vec<(u8, Vec<u8>)> = header
-        .tlvs()
-        .map(|t| t.unwrap())
-        .map(|t| (t.kind, t.value.to_vec()))
-        .collect();
+    let tlvs = proxy_v2_tlvs(&header);
     assert_eq!(
         tlvs,
         vec![

@@ -318,6 +318,15 @@ pub fn secrets(tokens: &str) -> tempfile::TempDir {
     dir
 }
 
+/// A PROXY v2 header's TLVs as (type, value), in order.
+pub fn proxy_v2_tlvs(header: &ppp::v2::Header<'_>) -> Vec<(u8, Vec<u8>)> {
+    header
+        .tlvs()
+        .map(|t| t.expect("a well-formed TLV"))
+        .map(|t| (t.kind, t.value.to_vec()))
+        .collect()
+}
+
 /// Strip TLS record framing: the handshake message(s) alone.
 pub fn handshake_of(records: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
