@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::route::{AlpnPattern, Match, SniPattern};
-use crate::upstream::balancer::{Balance, HashKey};
+use sluice_core::balance::{Balance, HashKey};
+pub use sluice_core::proxy::{AcceptProxy, ProxyProtocol};
+use sluice_core::route::{AlpnPattern, Match, SniPattern};
 
 /// Hard ceiling for `max_hello_size`: a TLS handshake message split over records can in
 /// principle be larger, but no real ClientHello is, and the buffer is per connection.
@@ -576,7 +577,7 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ClusterConfig {
     /// Agents newer than this, or more than one major version older, get no sessions.
-    pub version: Option<crate::agents::table::Version>,
+    pub version: Option<sluice_core::agents::table::Version>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -599,7 +600,7 @@ pub struct HeartbeatConfig {
     pub max_resources: usize,
     pub max_agents: usize,
     /// The bearer tokens (digests only), read from `tokens_file`.
-    pub tokens: Vec<crate::agents::auth::Token>,
+    pub tokens: Vec<sluice_core::agents::auth::Token>,
     /// The TLS server config of the API (certificate, client CA); `None` when no
     /// certificate is configured, and then nothing may serve the API.
     #[serde(skip)]
@@ -616,7 +617,7 @@ impl HeartbeatConfig {
 pub struct StaticAgent {
     pub id: String,
     pub address: SocketAddr,
-    pub version: Option<crate::agents::table::Version>,
+    pub version: Option<sluice_core::agents::table::Version>,
     pub labels: BTreeMap<String, String>,
     pub resources: Vec<StaticResource>,
 }
@@ -788,17 +789,6 @@ pub struct QuicSettings {
     pub max_pending: usize,
 }
 
-/// Whether a listener expects a PROXY header before the client's bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AcceptProxy {
-    None,
-    V1,
-    V2,
-    /// v1, v2 or nothing, from trusted sources.
-    Optional,
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct RouteConfig {
     pub name: String,
@@ -811,14 +801,6 @@ pub struct RouteConfig {
     /// `None`: never time out (tunnels).
     #[serde(with = "human_opt")]
     pub idle_timeout: Option<Duration>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyProtocol {
-    None,
-    V1,
-    V2,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -1065,7 +1047,7 @@ impl Config {
         let mut hash = 0xcbf2_9ce4_8422_2325u64;
         for (p, t) in files {
             for chunk in [p.as_os_str().as_encoded_bytes(), t.as_bytes(), b"\0"] {
-                hash = crate::upstream::balancer::fnv1a_continue(hash, chunk);
+                hash = sluice_core::balance::fnv1a_continue(hash, chunk);
             }
         }
         // The files the config names and sluice reads at load (tokens, certificates): a
@@ -1082,7 +1064,7 @@ impl Config {
         {
             let content = std::fs::read(p).unwrap_or_default();
             for chunk in [p.as_os_str().as_encoded_bytes(), &content, b"\0"] {
-                hash = crate::upstream::balancer::fnv1a_continue(hash, chunk);
+                hash = sluice_core::balance::fnv1a_continue(hash, chunk);
             }
         }
         config.hash = format!("{hash:016x}");
@@ -2425,7 +2407,7 @@ fn quic_terminate(
 
 fn cluster_config(errs: &mut Errors<'_>, raw: &RawCluster) -> ClusterConfig {
     let version = raw.version.as_deref().and_then(|v| {
-        let parsed = crate::agents::table::Version::parse(v);
+        let parsed = sluice_core::agents::table::Version::parse(v);
         if parsed.is_none() {
             errs.push(
                 &KeyPath::default().key("cluster").key("version"),
@@ -2478,7 +2460,7 @@ fn heartbeat_config(errs: &mut Errors<'_>, raw: &RawHeartbeat, served: bool) -> 
     let mut tokens = Vec::new();
     if let Some(file) = &tokens_file {
         match std::fs::read_to_string(file) {
-            Ok(text) => match crate::agents::auth::parse_tokens(&text) {
+            Ok(text) => match sluice_core::agents::auth::parse_tokens(&text) {
                 Ok(t) => tokens = t,
                 Err(list) => {
                     for (line, problem) in list {
@@ -2599,7 +2581,7 @@ fn static_agents(errs: &mut Errors<'_>, raw: &[RawAgent]) -> Vec<StaticAgent> {
     for (i, ra) in raw.iter().enumerate() {
         let at = KeyPath::default().key("agent").index(i);
         let id = ra.id.clone().unwrap_or_default();
-        if !crate::agents::api::agent_id_ok(&id) {
+        if !sluice_core::agents::agent_id_ok(&id) {
             errs.push(
                 &at.key("id"),
                 "missing, or not 1 to 256 of [A-Za-z0-9._:-]",
@@ -2632,7 +2614,7 @@ fn static_agents(errs: &mut Errors<'_>, raw: &[RawAgent]) -> Vec<StaticAgent> {
             }
         };
         let version = ra.version.as_deref().and_then(|v| {
-            let parsed = crate::agents::table::Version::parse(v);
+            let parsed = sluice_core::agents::table::Version::parse(v);
             if parsed.is_none() {
                 errs.push(
                     &at.key("version"),
@@ -2648,7 +2630,7 @@ fn static_agents(errs: &mut Errors<'_>, raw: &[RawAgent]) -> Vec<StaticAgent> {
                 r.kind.clone().unwrap_or_default(),
                 r.name.clone().unwrap_or_default(),
             );
-            if !name_ok(&kind) || !crate::agents::resource_name_ok(&name) {
+            if !name_ok(&kind) || !sluice_core::agents::resource_name_ok(&name) {
                 errs.push(
                     &at.key("resources").index(j),
                     "a resource needs a kind ([A-Za-z0-9._-]) and a name of [a-z0-9._-] (names are matched against the lowercased SNI)",

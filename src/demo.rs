@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Config;
-use crate::server::Server;
+use crate::control::server::Server;
 use crate::tls::testing::server_config;
 
 /// A TLS backend that names itself. With ALPN `http/1.1` (or none) and an HTTP request it

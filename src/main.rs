@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::config::Config;
-use sluice::server::{RunOptions, Server};
-use sluice::{handover, listener};
+use sluice::control::handover;
+use sluice::control::server::{RunOptions, Server};
+use sluice::edge::listener;
 
 #[derive(Parser)]
 #[command(
@@ -68,8 +69,8 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat, level: &str) -> sluice::logging::LogGuard {
-    sluice::logging::init(matches!(format, LogFormat::Json), level)
+fn init_logging(format: LogFormat, level: &str) -> sluice::observe::logging::LogGuard {
+    sluice::observe::logging::init(matches!(format, LogFormat::Json), level)
 }
 
 fn raise_nofile() {

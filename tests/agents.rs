@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use sluice::server::Server;
+use sluice::control::server::Server;
 use support::process::Running;
 use support::*;
 use tokio::io::AsyncWriteExt;
@@ -136,14 +136,14 @@ async fn visit(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> String {
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
     let mut s = sock.connect(edge).await.unwrap();
-    s.write_all(&sluice::tls::hello::build::hello(Some(sni), &["h2"]))
+    s.write_all(&sluice_core::hello::build::hello(Some(sni), &["h2"]))
         .await
         .unwrap();
     read_line(&mut s).await
 }
 
 fn agents_for(server: &Server, name: &str) -> Vec<String> {
-    let key = sluice::agents::table::ResourceKey::new("app", name);
+    let key = sluice_core::agents::table::ResourceKey::new("app", name);
     let mut v: Vec<String> = server
         .rt
         .agents
@@ -297,7 +297,7 @@ async fn a_failed_heartbeat_handshake_on_the_main_port_is_counted_as_an_error() 
     let fb = RawBackend::start("fallback", false).await;
     let server = start_with(dir.path(), "", "", fb.address).await;
     let mut s = TcpStream::connect(edge(&server)).await.unwrap();
-    let hello = sluice::tls::hello::build::hello(Some("sluice.test"), &["sluice-heartbeat"]);
+    let hello = sluice_core::hello::build::hello(Some("sluice.test"), &["sluice-heartbeat"]);
     s.write_all(&[hello, vec![0x6e, 3, 3, 0, 1, 0]].concat())
         .await
         .unwrap();
@@ -582,8 +582,8 @@ async fn a_reload_after_rotating_the_tokens_file_applies_the_new_tokens() {
     .unwrap();
     // Only the tokens file changed: the reload is not skipped as "unchanged".
     assert!(matches!(
-        sluice::reload::reload(&server.rt, "test").await,
-        sluice::reload::Outcome::Applied(_)
+        sluice::control::reload::reload(&server.rt, "test").await,
+        sluice::control::reload::Outcome::Applied(_)
     ));
     assert_eq!(
         api(hb, "POST", "/v1/heartbeats", Some(TOKEN), &body)
@@ -727,8 +727,8 @@ async fn a_token_removed_by_a_reload_ends_the_streams_it_authenticated() {
     )
     .unwrap();
     assert!(matches!(
-        sluice::reload::reload(&server.rt, "test").await,
-        sluice::reload::Outcome::Applied(_)
+        sluice::control::reload::reload(&server.rt, "test").await,
+        sluice::control::reload::Outcome::Applied(_)
     ));
     // The stream's next line is checked against the new tokens: the stream ends, and with
     // it the agent's records (its ttl is 60 s).
@@ -782,7 +782,7 @@ async fn visit_open(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> (TcpStream
     let sock = TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
     let mut s = sock.connect(edge).await.unwrap();
-    s.write_all(&sluice::tls::hello::build::hello(Some(sni), &["h2"]))
+    s.write_all(&sluice_core::hello::build::hello(Some(sni), &["h2"]))
         .await
         .unwrap();
     let tag = read_line(&mut s).await;
@@ -1176,8 +1176,8 @@ async fn a_silent_agent_expires_after_its_ttl_stays_listed_for_keep_expired_then
     // keep_expired shortened to 1s by a reload: swept once 1 s has passed since it expired.
     write("1s");
     assert!(matches!(
-        sluice::reload::reload(&server.rt, "test").await,
-        sluice::reload::Outcome::Applied(_)
+        sluice::control::reload::reload(&server.rt, "test").await,
+        sluice::control::reload::Outcome::Applied(_)
     ));
     let keep = Duration::from_secs(1);
     eventually("brief is swept", || async {
@@ -1581,7 +1581,7 @@ async fn when_every_agent_fails_the_fallback_pool_serves_or_the_client_is_closed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fallback_pool_gets_its_own_proxy_header_not_the_routes() {
     let dir = secrets();
-    let hello = sluice::tls::hello::build::hello(Some("myapp.apps.example.com"), &["h2"]);
+    let hello = sluice_core::hello::build::hello(Some("myapp.apps.example.com"), &["h2"]);
     for (route_pp, pool_pp, expect_header) in [
         ("v2", "none", None),
         ("none", "v1", Some("PROXY TCP4 127.0.0.1 127.0.0.1 ")),
@@ -1664,7 +1664,7 @@ async fn agents_get_a_proxy_header_with_the_real_client_address() {
     .await;
 
     // v1 from 127.0.0.21.
-    let hello1 = sluice::tls::hello::build::hello(Some("myapp.ppv1.example.com"), &["h2"]);
+    let hello1 = sluice_core::hello::build::hello(Some("myapp.ppv1.example.com"), &["h2"]);
     let (s1, tag) = visit_open(edge, Ipv4Addr::new(127, 0, 0, 21), "myapp.ppv1.example.com").await;
     assert_eq!(tag, "agent");
     let client1 = s1.local_addr().unwrap();
@@ -1682,7 +1682,7 @@ async fn agents_get_a_proxy_header_with_the_real_client_address() {
 
     // v2 from 127.0.0.22, with the ALPN and the SNI.
     let sni2 = "myapp.ppv2.example.com";
-    let hello2 = sluice::tls::hello::build::hello(Some(sni2), &["h2"]);
+    let hello2 = sluice_core::hello::build::hello(Some(sni2), &["h2"]);
     let (s2, tag) = visit_open(edge, Ipv4Addr::new(127, 0, 0, 22), sni2).await;
     assert_eq!(tag, "agent");
     let client2 = s2.local_addr().unwrap();
@@ -1705,7 +1705,7 @@ async fn agents_get_a_proxy_header_with_the_real_client_address() {
     );
 
     // The `apps` route sends none.
-    let hello3 = sluice::tls::hello::build::hello(Some("myapp.apps.example.com"), &["h2"]);
+    let hello3 = sluice_core::hello::build::hello(Some("myapp.apps.example.com"), &["h2"]);
     assert_eq!(
         visit(edge, Ipv4Addr::new(127, 0, 0, 23), "myapp.apps.example.com").await,
         "agent"

@@ -237,7 +237,7 @@ backends = ["{backend}"]
             .unwrap(),
     );
     let (edge, admin, log) = bound_addresses(&mut child);
-    let hello = sluice::tls::hello::build::hello(Some("a.example.com"), &["h2"]);
+    let hello = sluice_core::hello::build::hello(Some("a.example.com"), &["h2"]);
 
     // Hold 60 relayed connections: 120 descriptors wanted, 64 allowed.
     let mut held = Vec::new();

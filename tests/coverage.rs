@@ -36,7 +36,7 @@ fn quoted(source: &str, pick: impl Fn(&str) -> bool) -> Vec<&str> {
 
 #[test]
 fn every_declared_metric_is_asserted_by_a_test() {
-    let metrics = read("src/metrics.rs");
+    let metrics = read("src/observe/metrics.rs");
     let names = quoted(&metrics, |w| {
         w.starts_with("sluice_") && w.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
     });
@@ -49,19 +49,20 @@ fn every_declared_metric_is_asserted_by_a_test() {
     assert!(missing.is_empty(), "metrics no test asserts: {missing:?}");
 }
 
-/// Close reasons: the relay's ends (`End::label`) and the establishing phase's, which are
-/// the snake_case labels written in `src/connection.rs` (its metric results among them,
-/// which must be asserted too).
+/// Close reasons: every `CloseReason` (the access log's `end` and the metric's `reason`), and
+/// the snake_case metric results written in the establishing phase (`src/edge/connection.rs`)
+/// and the inbound PROXY policy (`sluice_core::proxy`), which must be asserted too.
 #[test]
 fn every_close_reason_is_asserted_by_a_test() {
-    let relay = read("src/relay.rs");
-    let labels = &relay[relay.find("pub fn label").unwrap()..];
-    let labels = &labels[..labels.find("\n    }\n").unwrap()];
-    let mut reasons = quoted(labels, |_| true);
-    let connection = read("src/connection.rs");
-    reasons.extend(quoted(&connection, |w| {
-        w.contains('_') && w.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-    }));
+    let mut reasons: Vec<&str> = sluice_core::close::CloseReason::ALL
+        .iter()
+        .map(|r| r.label())
+        .collect();
+    let snake = |w: &str| w.contains('_') && w.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+    let connection = read("src/edge/connection.rs");
+    reasons.extend(quoted(&connection, snake));
+    let proxy = read("crates/sluice-core/src/proxy.rs");
+    reasons.extend(quoted(&proxy, snake));
     reasons.sort_unstable();
     reasons.dedup();
     for expected in [

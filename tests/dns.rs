@@ -211,7 +211,12 @@ async fn srv_records_give_targets_and_ports() {
 }
 
 /// Backend A found as proxies.test; the zone, the config text and the running sluice.
-async fn discovered_one() -> (Flaky, Arc<Mutex<Zone>>, String, sluice::server::Server) {
+async fn discovered_one() -> (
+    Flaky,
+    Arc<Mutex<Zone>>,
+    String,
+    sluice::control::server::Server,
+) {
     let a = Flaky::start("A", "127.0.0.1:0").await;
     let port = a.address.port();
     let zone = Arc::new(Mutex::new(Zone::default()));

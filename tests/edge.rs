@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use sluice::tls::hello::build;
+use sluice_core::hello::build;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -49,7 +49,7 @@ backends = ["{db}"]
 backends = ["{client}"]
 "#;
 
-async fn routing_setup() -> (sluice::server::Server, Vec<TaggedBackend>) {
+async fn routing_setup() -> (sluice::control::server::Server, Vec<TaggedBackend>) {
     let any = "127.0.0.1:0".parse().unwrap();
     let tunnel = TaggedBackend::start(
         "tunnel-proxy",
@@ -317,7 +317,7 @@ impl Default for Simple<'_> {
     }
 }
 
-async fn simple(s: Simple<'_>) -> sluice::server::Server {
+async fn simple(s: Simple<'_>) -> sluice::control::server::Server {
     let backends = s
         .backends
         .iter()
@@ -672,7 +672,7 @@ async fn all_backends_dead_closes_the_client_and_counts() {
 }
 
 /// The one connection of a test ended with both FINs passed on (`reason="closed"`).
-async fn closed_cleanly_once(server: &sluice::server::Server) {
+async fn closed_cleanly_once(server: &sluice::control::server::Server) {
     eventually("closed cleanly", || async {
         metric(
             server,
@@ -906,7 +906,10 @@ async fn admin_api_reports_listeners_routes_and_health() {
         TcpStream::connect(addr).await.is_err()
     })
     .await;
-    assert!(matches!(server.rt.state(), sluice::runtime::State::Closing));
+    assert!(matches!(
+        server.rt.state(),
+        sluice::control::runtime::State::Closing
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1105,9 +1108,9 @@ async fn keepalive_on_both_legs() {
 // Inbound PROXY protocol: sluice behind a load balancer.
 
 fn v2_header(src: &str, dst: &str) -> Vec<u8> {
-    sluice::proxy_protocol::encode(
+    sluice_core::proxy::encode(
         sluice::config::ProxyProtocol::V2,
-        &sluice::proxy_protocol::HeaderInfo {
+        &sluice_core::proxy::HeaderInfo {
             client: src.parse().unwrap(),
             local: dst.parse().unwrap(),
             alpn: None,
@@ -1118,7 +1121,7 @@ fn v2_header(src: &str, dst: &str) -> Vec<u8> {
     .unwrap()
 }
 
-async fn behind_lb(mode: &str, trusted: &str) -> (sluice::server::Server, RawBackend) {
+async fn behind_lb(mode: &str, trusted: &str) -> (sluice::control::server::Server, RawBackend) {
     let b = RawBackend::start("b", false).await;
     let listener_extra = format!("accept_proxy = \"{mode}\"\ntrusted_proxies = [{trusted}]");
     let server = simple(Simple {
@@ -1661,7 +1664,7 @@ async fn echo_backend() -> std::net::SocketAddr {
 
 /// A tunnel through sluice to an echo backend (`echo_backend`, `echo_later_backend`): its
 /// greeting read and its hello echoed back whole.
-async fn open_echoed_tunnel(server: &sluice::server::Server) -> TcpStream {
+async fn open_echoed_tunnel(server: &sluice::control::server::Server) -> TcpStream {
     let hello = tunnel_hello();
     let mut s = TcpStream::connect(edge(server)).await.unwrap();
     s.write_all(&hello).await.unwrap();
@@ -1724,13 +1727,13 @@ async fn bulk_transfer_goes_through_pipes_and_arrives_exact_both_ways() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Parking: idle connections leave their task (see `src/parking.rs`).
+// Parking: idle connections leave their task (see `src/edge/parking.rs`).
 
 /// `[limits] park_idle_after` short enough for tests.
 const PARK_FAST: &str = "[limits]\npark_idle_after = \"100ms\"";
 
 /// Wait until `n` connections are parked.
-async fn parked(server: &sluice::server::Server, n: f64) {
+async fn parked(server: &sluice::control::server::Server, n: f64) {
     eventually(&format!("{n} parked"), || async {
         metric(server, "sluice_relay_parked", &[]).await == n
     })
@@ -1874,7 +1877,7 @@ async fn a_drain_waits_for_parked_connections_then_closes_them() {
     let drain = tokio::spawn(async move { s2.drain(std::future::pending(), true).await });
     // A parked connection has no task, yet the drain waits for it (drain_timeout, 1.5 s)...
     eventually("the listeners are closed", || async {
-        server.rt.state() == sluice::runtime::State::Closing
+        server.rt.state() == sluice::control::runtime::State::Closing
     })
     .await;
     // (The registry read directly: the admin API stops when the drain ends.)

@@ -6,7 +6,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sluice::tls::hello::build;
+use sluice_core::hello::build;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -21,7 +21,7 @@ fn conf(backends: &[SocketAddr], pool_extra: &str) -> String {
 }
 
 /// `sluice_backend_healthy` of one backend; `None` before its first verdict.
-async fn healthy(server: &sluice::server::Server, backend: SocketAddr) -> Option<f64> {
+async fn healthy(server: &sluice::control::server::Server, backend: SocketAddr) -> Option<f64> {
     scrape(server.admin_addr().unwrap()).await.get(
         "sluice_backend_healthy",
         &[("pool", "p"), ("backend", &backend.to_string())],

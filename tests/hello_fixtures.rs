@@ -2,7 +2,7 @@
 
 mod support;
 
-use sluice::tls::hello::{build, parse, ClientHello, Parse};
+use sluice_core::hello::{build, parse, ClientHello, Parse};
 use support::{fixture, handshake_of};
 
 fn expect_hello(bytes: &[u8]) -> ClientHello {

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use sluice::tls::hello::build;
+use sluice_core::hello::build;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
@@ -114,9 +114,9 @@ async fn hash_on_client_ip_uses_the_proxy_supplied_address() {
     let mut owner: HashMap<Ipv4Addr, String> = HashMap::new();
     for i in 0..20u8 {
         let client = Ipv4Addr::new(198, 51, 100, i + 1);
-        let mut first = sluice::proxy_protocol::encode(
+        let mut first = sluice_core::proxy::encode(
             sluice::config::ProxyProtocol::V2,
-            &sluice::proxy_protocol::HeaderInfo {
+            &sluice_core::proxy::HeaderInfo {
                 client: SocketAddr::from((client, 40000 + u16::from(i))),
                 local: "203.0.113.1:443".parse().unwrap(),
                 alpn: None,
@@ -143,7 +143,7 @@ async fn hash_on_client_ip_uses_the_proxy_supplied_address() {
 }
 
 /// The refused connects counted so far.
-async fn refused(server: &sluice::server::Server) -> f64 {
+async fn refused(server: &sluice::control::server::Server) -> f64 {
     metric(
         server,
         "sluice_upstream_connect_failures_total",
@@ -152,7 +152,7 @@ async fn refused(server: &sluice::server::Server) -> f64 {
     .await
 }
 
-async fn ejections(server: &sluice::server::Server, backend: SocketAddr) -> f64 {
+async fn ejections(server: &sluice::control::server::Server, backend: SocketAddr) -> f64 {
     metric(
         server,
         "sluice_backend_ejections_total",
@@ -163,7 +163,7 @@ async fn ejections(server: &sluice::server::Server, backend: SocketAddr) -> f64 
 
 /// Connect through the edge until the refused-connect counter has grown by one: the
 /// connection whose first try was the dead backend (round robin alternates).
-async fn until_refused_once(server: &sluice::server::Server) {
+async fn until_refused_once(server: &sluice::control::server::Server) {
     let before = refused(server).await;
     for _ in 0..10 {
         assert_eq!(

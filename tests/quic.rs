@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::ServerName;
-use sluice::server::Server;
+use sluice::control::server::Server;
 use support::*;
 
 /// A quinn server that answers each bidirectional stream with `NAME:` and what it read.
@@ -336,8 +336,8 @@ async fn a_reload_moves_new_flows_and_keeps_established_ones() {
     // same socket (the listener's settings did not change).
     write(b);
     assert!(matches!(
-        sluice::reload::reload(&server.rt, "test").await,
-        sluice::reload::Outcome::Applied(_)
+        sluice::control::reload::reload(&server.rt, "test").await,
+        sluice::control::reload::Outcome::Applied(_)
     ));
     assert_eq!(server.quic_addr("quic"), Some(edge));
     let ep2 = client_endpoint(&["h3"]);
@@ -663,12 +663,12 @@ async fn a_flood_of_incomplete_hellos_is_capped() {
         .map(|i| format!("an-unusually-long-protocol-name-{i:03}"))
         .collect();
     let alpn: Vec<&str> = names.iter().map(String::as_str).collect();
-    let hello = sluice::tls::hello::build::hello(Some("a.example.com"), &alpn);
+    let hello = sluice_core::hello::build::hello(Some("a.example.com"), &alpn);
     let mut socks = Vec::new();
     for i in 0..10u8 {
         let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let pkt = sluice::quic::packet::build_initial(
-            sluice::quic::packet::V1,
+        let pkt = sluice_core::quic::packet::build_initial(
+            sluice_core::quic::packet::V1,
             &[i; 8],
             &[],
             0,
@@ -768,7 +768,7 @@ async fn max_flows_refuses_new_flows_past_the_cap() {
 /// client's address. (quinn speaks only v1, so the client here is a UDP socket.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_v2_initials_are_routed_and_relayed_both_ways() {
-    use sluice::quic::packet::{build_initial, V2};
+    use sluice_core::quic::packet::{build_initial, V2};
     let backend_a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let backend_b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let server = start(
@@ -780,7 +780,7 @@ async fn quic_v2_initials_are_routed_and_relayed_both_ways() {
     )
     .await;
     let edge = server.quic_addr("quic").unwrap();
-    let hello = sluice::tls::hello::build::hello(Some("a.example.com"), &["h3"]);
+    let hello = sluice_core::hello::build::hello(Some("a.example.com"), &["h3"]);
     let initial = build_initial(V2, &[0x42; 8], &[7, 7, 7, 7], 0, 0, &hello[5..]);
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.send_to(&initial, edge).await.unwrap();

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sluice::config::Config;
-use sluice::reload::{self, Outcome};
-use sluice::server::Server;
+use sluice::control::reload::{self, Outcome};
+use sluice::control::server::Server;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -575,11 +575,11 @@ async fn unready_until_min_ready_has_passed() {
     assert_eq!(open_tunnel(edge(&s.server)).await.1, "A");
     let state = s.server.rt.state();
     if started.elapsed() < min_ready {
-        assert_eq!(state, sluice::runtime::State::Starting);
+        assert_eq!(state, sluice::control::runtime::State::Starting);
     }
     s.server.ready().await;
     assert!(started.elapsed() >= min_ready);
-    assert_eq!(s.server.rt.state(), sluice::runtime::State::Ready);
+    assert_eq!(s.server.rt.state(), sluice::control::runtime::State::Ready);
 }
 
 /// Sockets handed over (systemd, an upgrade) are matched to listeners by name; one that no

@@ -5,9 +5,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::{rngs::SmallRng, SeedableRng};
-use sluice::route::{AlpnPattern, Facts, Match, RouteTable, SniPattern, TlsFacts};
-use sluice::tls::hello::{self, Parse};
-use sluice::upstream::balancer::{Balance, Candidate, HashKey, PickContext};
+use sluice_core::balance::{Balance, Candidate, HashKey, PickContext};
+use sluice_core::hello::{self, Parse};
+use sluice_core::route::{AlpnPattern, Facts, Match, RouteTable, SniPattern, TlsFacts};
 
 const TUNNEL_HELLO: &[u8] = include_bytes!("../../tests/fixtures/openssl-3.0-tunnel.bin");
 const PQ_HELLO: &[u8] = include_bytes!("../../tests/fixtures/chromium-pq-h2.bin");
@@ -106,7 +106,7 @@ fn pick(c: &mut Criterion) {
             .map(|i| Candidate {
                 weight: 1 + (i % 3) as u32,
                 active: (i * 7 % 13) as u64,
-                id: sluice::upstream::balancer::fnv1a(format!("10.0.0.{i}:3024").as_bytes()),
+                id: sluice_core::balance::fnv1a(format!("10.0.0.{i}:3024").as_bytes()),
             })
             .collect();
         for (name, balance) in [

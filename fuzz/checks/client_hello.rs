@@ -2,7 +2,7 @@
 // parse the same way when its handshake is re-framed into smaller records. Shared by the
 // fuzz target and the corpus replay in tests/fuzz_corpora.rs.
 
-use sluice::tls::hello::{build, parse, Parse};
+use sluice_core::hello::{build, parse, Parse};
 
 pub fn check(data: &[u8]) {
     if let Parse::Hello { hello, consumed } = parse(data) {

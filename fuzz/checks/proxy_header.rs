@@ -1,7 +1,7 @@
 // Any bytes into the inbound PROXY header parser: it must never panic; a header it accepts
 // never claims more bytes than it was given, and every prefix of it is `Incomplete`.
 
-use sluice::proxy_protocol::{parse_inbound, Inbound};
+use sluice_core::proxy::{parse_inbound, Inbound};
 
 pub fn check(data: &[u8]) {
     if let Inbound::Header { consumed, .. } = parse_inbound(data) {

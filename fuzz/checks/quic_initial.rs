@@ -2,7 +2,7 @@
 // decryption, CRYPTO frames, reassembly, the hello parser): errors, never panics. And the
 // bytes taken as CRYPTO data, sealed into a real Initial, come back out exactly.
 
-use sluice::quic::packet::{
+use sluice_core::quic::packet::{
     build_initial, client_initial_keys, crypto_frames, decrypt_initial, parse_header, parse_hello,
     CryptoStream, Header, V1, V2,
 };

@@ -26,11 +26,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::{find_token, in_scope, Token};
-use super::table::{labels_from, Announced, Applied, Heartbeat, Refused, ResourceKey, Version};
 use super::Agents;
 use crate::config::HeartbeatConfig;
-use crate::runtime::Runtime;
+use crate::control::runtime::Runtime;
+use sluice_core::agents::agent_id_ok;
+use sluice_core::agents::auth::{find_token, in_scope, Token};
+use sluice_core::agents::table::{
+    labels_from, Announced, Applied, Heartbeat, Refused, ResourceKey, Version,
+};
 
 /// One heartbeat as agents send it (and `sluice heartbeat` writes it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,15 +123,6 @@ fn authenticate(
     ))
 }
 
-/// Agent ids travel in URL paths (`DELETE /v1/agents/{id}`): no character needs escaping.
-pub fn agent_id_ok(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 256
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
-}
-
 /// Check a heartbeat against the limits, the credential's scope, and sluice's own addresses.
 fn validate(
     body: HeartbeatBody,
@@ -188,7 +182,7 @@ fn validate(
             && r.kind
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !kind_ok || !crate::agents::resource_name_ok(&r.name) {
+        if !kind_ok || !sluice_core::agents::resource_name_ok(&r.name) {
             return Err(bad(format!(
                 "resource {:?}/{:?}: kind is [A-Za-z0-9._-]{{1,64}}; name is 1 to 253 of [a-z0-9._-] (it is matched against a lowercased SNI)",
                 r.kind, r.name
@@ -505,7 +499,7 @@ fn recheck(cfg: &HeartbeatConfig, cred: &mut Credential) -> Result<(), Refusal> 
     let Some(t) = &cred.token else {
         return Ok(());
     };
-    match super::auth::token_by_digest(&cfg.tokens, &t.digest) {
+    match sluice_core::agents::auth::token_by_digest(&cfg.tokens, &t.digest) {
         Some(t) => {
             cred.owner = t.name.clone();
             cred.token = Some(t.clone());
@@ -678,7 +672,7 @@ pub async fn listen(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancella
             },
         };
         let _ = stream.set_nodelay(true);
-        let _ = crate::listener::apply_keepalive(
+        let _ = crate::edge::listener::apply_keepalive(
             &socket2::SockRef::from(&stream),
             &crate::config::Keepalive::DEFAULT,
         );

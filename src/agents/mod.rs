@@ -10,7 +10,6 @@ pub mod api;
 pub mod auth;
 pub mod client;
 pub mod router;
-pub mod table;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,22 +20,18 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ResourceRoute};
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::upstream::{clock_ms, Backend, Pool};
 use router::{ResourceTarget, Sessions};
-use table::{AgentState, AgentTable, Announced, Heartbeat, ResourceKey, Rules};
+use sluice_core::agents::table::{self, AgentState, Announced, Heartbeat, ResourceKey, Rules};
 
-/// The ALPN protocol agents offer to reach the heartbeat API through the main port.
-pub const ALPN: &str = "sluice-heartbeat";
+pub use sluice_core::agents::ALPN;
 
-/// A resource name is matched against the lowercased SNI: lowercase host-name characters only.
-pub fn resource_name_ok(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-}
+/// The heartbeat table, each agent dialed through a `Backend` (its connection count, its stop
+/// token).
+pub type AgentTable = table::AgentTable<Backend>;
+pub type Agent = table::Agent<Backend>;
+pub type Record = table::Record<Backend>;
 
 pub struct Agents {
     pub table: Arc<AgentTable>,
@@ -178,7 +173,10 @@ impl Agents {
     }
 
     /// Drop records expired for longer than `keep_expired`, every second, until `stop`.
-    pub async fn sweep(rt: std::sync::Weak<crate::runtime::Runtime>, stop: CancellationToken) {
+    pub async fn sweep(
+        rt: std::sync::Weak<crate::control::runtime::Runtime>,
+        stop: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -258,7 +256,7 @@ pub struct AgentView {
 }
 
 impl AgentView {
-    fn of(a: &table::Agent, state: AgentState, now: u64) -> AgentView {
+    fn of(a: &Agent, state: AgentState, now: u64) -> AgentView {
         AgentView {
             id: a.id.to_string(),
             address: a.backend.address.to_string(),

@@ -14,9 +14,10 @@ use prometheus::{IntCounter, IntCounterVec};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-use super::table::{AgentState, AgentTable, Labels, Record, ResourceKey, Rules};
+use super::{AgentTable, Record};
 use crate::config::{Affinity, Keepalive, Pick, ProxyProtocol};
 use crate::upstream::{ActiveGuard, ConnectError, Dialed, Pool};
+use sluice_core::agents::table::{AgentState, Labels, ResourceKey, Rules};
 
 /// Sessions of one route: a hash of (resource, client IP[, SNI]) → agent id.
 pub struct Sessions {
@@ -122,7 +123,7 @@ pub fn session_key(
     client: SocketAddr,
     sni: Option<&str>,
 ) -> Option<u64> {
-    use crate::upstream::balancer::fnv1a_continue;
+    use sluice_core::balance::fnv1a_continue;
     let ip = match client.ip().to_canonical() {
         std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
         std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
@@ -191,8 +192,8 @@ impl ResourceTarget {
         sni: Option<&str>,
         first: &[u8],
         hello: &[u8],
-        info: &crate::proxy_protocol::HeaderInfo<'_>,
-        metrics: &crate::metrics::Metrics,
+        info: &sluice_core::proxy::HeaderInfo<'_>,
+        metrics: &crate::observe::metrics::Metrics,
     ) -> Result<(Dialed, ActiveGuard), ConnectError> {
         let miss = match self.try_agents(client, sni, first).await {
             Ok(ok) => return Ok(ok),
@@ -207,7 +208,7 @@ impl ResourceTarget {
             if pool.proxy_protocol == self.proxy_protocol {
                 return pool.connect(client, sni, first, metrics).await;
             }
-            let mut own = match crate::proxy_protocol::encode(pool.proxy_protocol, info) {
+            let mut own = match sluice_core::proxy::encode(pool.proxy_protocol, info) {
                 Ok(header) => header.unwrap_or_default(),
                 Err(e) => {
                     return Err(ConnectError::Exhausted {
@@ -327,9 +328,10 @@ impl ResourceTarget {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agents::table::{Agent, Announced, Heartbeat, Version};
+    use crate::agents::Agent;
     use crate::upstream::Backend;
     use rand::SeedableRng;
+    use sluice_core::agents::table::{Announced, Heartbeat, Version};
 
     fn table_with(ids: &[&str]) -> AgentTable {
         let t = AgentTable::default();

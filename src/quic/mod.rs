@@ -8,7 +8,6 @@
 //! It never decrypts anything but the client's Initials, and never changes a byte: TLS stays
 //! end to end. The packet logic is in `packet` (pure).
 
-pub mod packet;
 pub mod terminate;
 
 use std::collections::{BTreeSet, HashMap};
@@ -23,11 +22,11 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenerConfig;
-use crate::route::{Facts, TlsFacts};
-use crate::runtime::{Route, Runtime, Target};
-use crate::tls::hello::Parse;
+use crate::control::runtime::{Route, Runtime, Target};
 use crate::upstream::{clock_ms, ActiveGuard};
-use packet::{CryptoStream, Header, LongType};
+use sluice_core::hello::Parse;
+use sluice_core::quic::packet::{self, CryptoStream, Header, LongType};
+use sluice_core::route::{Facts, TlsFacts};
 
 /// Datagrams and bytes a pending flow may hold while its hello is incomplete.
 const PENDING_DATAGRAMS: usize = 16;
@@ -410,7 +409,7 @@ fn admit(
     l: &Arc<QuicListener>,
     peer: SocketAddr,
     data: &[u8],
-) -> Option<(Pending, crate::tls::hello::ClientHello)> {
+) -> Option<(Pending, sluice_core::hello::ClientHello)> {
     match admit_inner(l, peer, data, rt.accepting_new()) {
         Ok(done) => done,
         Err(reason) => {
@@ -425,7 +424,7 @@ fn admit_inner(
     peer: SocketAddr,
     data: &[u8],
     accepting: bool,
-) -> Result<Option<(Pending, crate::tls::hello::ClientHello)>, &'static str> {
+) -> Result<Option<(Pending, sluice_core::hello::ClientHello)>, &'static str> {
     let cfg = l.config.load();
     let long = match packet::parse_header(data).map_err(|_| "malformed")? {
         Header::Long(long) => long,
@@ -538,7 +537,7 @@ async fn establish(
     l: &Arc<QuicListener>,
     peer: SocketAddr,
     pending: Pending,
-    hello: crate::tls::hello::ClientHello,
+    hello: sluice_core::hello::ClientHello,
 ) {
     let name = l.name();
     let snapshot = rt.snapshot();

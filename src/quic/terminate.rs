@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::proxy_protocol::{self, HeaderInfo};
+use crate::observe::metrics::Metrics;
 use crate::upstream::Pool;
+use sluice_core::proxy::{self, HeaderInfo};
 
 pub struct Terminator {
     /// Where the QUIC listener sends this route's flows.
@@ -158,7 +158,7 @@ async fn bridge(
         alpn: alpn.as_deref(),
         sni: sni.as_deref(),
     };
-    if let Some(header) = proxy_protocol::encode(pool.proxy_protocol, &info)? {
+    if let Some(header) = proxy::encode(pool.proxy_protocol, &info)? {
         tcp.write_all(&header).await?;
     }
     let mut quic = tokio::io::join(recv, send);

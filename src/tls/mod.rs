@@ -3,5 +3,4 @@
 //! stand up real TLS peers.
 
 pub mod client;
-pub mod hello;
 pub mod testing;

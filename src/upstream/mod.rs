@@ -4,9 +4,11 @@
 //! least_conn and p2c), the connect-with-retry loop, and the socket options of the backend leg.
 //! A connect is retried on another backend because nothing but the buffered hello is pending:
 //! no byte has reached any backend yet. It never retries once a backend accepted bytes (the
-//! connect's speculative first write, see `connect_one`).
+//! connect's speculative first write, see `connect_one`). Health checks (`health`) and DNS
+//! discovery (`discovery`) change which backends a pool has and which of them are eligible.
 
-pub mod balancer;
+pub mod discovery;
+pub mod health;
 
 use std::collections::HashMap;
 use std::io;
@@ -23,8 +25,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendConfig, Ejection, HealthCheck, Keepalive, PoolConfig, ProxyProtocol};
-use crate::metrics::Metrics;
-use balancer::{fnv1a, Balance, Candidate, HashKey, PickContext};
+use crate::observe::metrics::Metrics;
+use sluice_core::agents::Endpoint;
+use sluice_core::balance::{fnv1a, Balance, Candidate, HashKey, PickContext};
 
 /// One backend address. Shared by every connection using it, and by successive snapshots:
 /// a reload that keeps a backend keeps this object (its active count, its ready time).
@@ -92,6 +95,12 @@ fn ms_since_epoch(t: Instant) -> u64 {
 /// Milliseconds on the process clock (the agent table keeps its times this way).
 pub fn clock_ms(t: Instant) -> u64 {
     ms_since_epoch(t)
+}
+
+impl Endpoint for Backend {
+    fn address(&self) -> SocketAddr {
+        self.address
+    }
 }
 
 impl Backend {
@@ -637,7 +646,10 @@ impl Dialed {
     /// goes idle (or at once when parking is off): keepalive only matters to a connection that
     /// sits idle, and the many that close within seconds spare its four `setsockopt` calls.
     pub fn arm_keepalive(&self) -> io::Result<()> {
-        crate::listener::apply_keepalive(&socket2::SockRef::from(&self.stream), &self.keepalive)
+        crate::edge::listener::apply_keepalive(
+            &socket2::SockRef::from(&self.stream),
+            &self.keepalive,
+        )
     }
 }
 

@@ -59,7 +59,7 @@ impl Scrape {
             None => {
                 assert!(
                     declared(name),
-                    "{name} is not a metric sluice declares (src/metrics.rs)"
+                    "{name} is not a metric sluice declares (src/observe/metrics.rs)"
                 );
                 0.0
             }
@@ -109,7 +109,7 @@ impl Scrape {
 
 /// Whether `src/metrics.rs` declares `name` (histograms' series add _bucket/_sum/_count).
 fn declared(name: &str) -> bool {
-    const SOURCE: &str = include_str!("../../src/metrics.rs");
+    const SOURCE: &str = include_str!("../../src/observe/metrics.rs");
     let family = ["_bucket", "_sum", "_count"]
         .iter()
         .find_map(|suffix| name.strip_suffix(suffix))

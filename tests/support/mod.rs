@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice::config::Config;
-use sluice::server::Server;
+use sluice::control::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -240,7 +240,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// A real-looking agent tunnel ClientHello (SNI agent.example.com, ALPN teleport-reversetunnel).
 pub fn tunnel_hello() -> Vec<u8> {
-    sluice::tls::hello::build::hello(Some("agent.example.com"), &["teleport-reversetunnel"])
+    sluice_core::hello::build::hello(Some("agent.example.com"), &["teleport-reversetunnel"])
 }
 
 /// Connect through the edge with a tunnel hello; returns the stream and the backend's first

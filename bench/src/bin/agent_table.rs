@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rand::Rng;
-use sluice::agents::table::{
+use sluice::upstream::Backend;
+use sluice_core::agents::table::{
     AgentState, AgentTable, Announced, Heartbeat, ResourceKey, Rules, Version,
 };
-use sluice::upstream::Backend;
 
 #[derive(Parser)]
 struct Opts {

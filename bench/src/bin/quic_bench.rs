@@ -132,7 +132,7 @@ backends = ["{}"]
     );
     let cfg = sluice::config::Config::parse(std::path::Path::new("quic-bench.toml"), &config)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let server = sluice::server::Server::start(cfg).await?;
+    let server = sluice::control::server::Server::start(cfg).await?;
     let edge = server.quic_addr("quic").context("QUIC listener")?;
 
     let (mut direct, mut through) = (Vec::new(), Vec::new());
@@ -142,7 +142,7 @@ backends = ["{}"]
     }
 
     // Idle flows.
-    let hello = sluice::tls::hello::build::hello(Some("idle.example.com"), &["h3"]);
+    let hello = sluice_core::hello::build::hello(Some("idle.example.com"), &["h3"]);
     let mut clients = Vec::with_capacity(o.flows);
     for _ in 0..o.flows {
         clients.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
@@ -152,8 +152,8 @@ backends = ["{}"]
     let flows_before = server.rt.quic_listeners()[0].flow_count();
     for (i, c) in clients.iter().enumerate() {
         let dcid = (i as u64 + 1).to_be_bytes();
-        let initial = sluice::quic::packet::build_initial(
-            sluice::quic::packet::V1,
+        let initial = sluice_core::quic::packet::build_initial(
+            sluice_core::quic::packet::V1,
             &dcid,
             &[1, 2, 3, 4],
             0,

@@ -21,9 +21,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::handover::{self, ControlSocket, Takeover};
-use crate::metrics::Metrics;
-use crate::runtime::{Runtime, State};
+use crate::control::handover::{self, ControlSocket, Takeover};
+use crate::control::runtime::{Runtime, State};
+use crate::observe::metrics::Metrics;
 
 /// The admin or heartbeat API's listener: the inherited socket if there is one, else a new
 /// one on `addr`; none without an address.
@@ -96,7 +96,7 @@ impl Server {
         let stop_admin = CancellationToken::new();
         if let Some(l) = &admin {
             tracing::info!(address = %l.local_addr()?, "admin API listening");
-            tokio::spawn(crate::admin::serve(
+            tokio::spawn(crate::control::admin::serve(
                 rt.clone(),
                 l.clone(),
                 stop_admin.clone(),
@@ -110,7 +110,7 @@ impl Server {
                 stop_admin.clone(),
             ));
         }
-        tokio::spawn(crate::parking::run(
+        tokio::spawn(crate::edge::parking::run(
             Arc::downgrade(&rt),
             rt.close_all.clone(),
         ));
@@ -346,7 +346,10 @@ impl Server {
 
         let stop_watch = CancellationToken::new();
         if config.reload.watch {
-            tokio::spawn(crate::reload::watch(self.rt.clone(), stop_watch.clone()));
+            tokio::spawn(crate::control::reload::watch(
+                self.rt.clone(),
+                stop_watch.clone(),
+            ));
         }
 
         let delay = loop {
@@ -360,7 +363,7 @@ impl Server {
                     break true;
                 }
                 _ = hup.recv() => {
-                    crate::reload::reload(&self.rt, "SIGHUP").await;
+                    crate::control::reload::reload(&self.rt, "SIGHUP").await;
                 }
                 _ = usr2.recv() => start_upgrade(&config, &opts.upgrade_command),
                 _ = handed_over.cancelled() => {

@@ -22,10 +22,10 @@ use tokio::net::TcpListener;
 use crate::agents::router::ResourceTarget;
 use crate::agents::Agents;
 use crate::config::{Config, ListenerConfig, RouteTarget};
-use crate::listener::{self, ListenerHandle, ListenerState};
-use crate::metrics::Metrics;
-use crate::route::{AlpnPattern, RouteTable};
+use crate::edge::listener::{self, ListenerHandle, ListenerState};
+use crate::observe::metrics::Metrics;
 use crate::upstream::{Backend, Backends, Pool};
+use sluice_core::route::{AlpnPattern, RouteTable};
 
 /// Where a compiled route sends connections.
 pub enum Target {
@@ -264,9 +264,9 @@ pub struct Runtime {
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     /// Active health checkers, one per (pool, backend).
-    checkers: crate::health::Checkers,
+    checkers: crate::upstream::health::Checkers,
     /// Idle established connections held without a task.
-    pub parking: crate::parking::Parking,
+    pub parking: crate::edge::parking::Parking,
 }
 
 impl Runtime {
@@ -308,7 +308,7 @@ impl Runtime {
             agents,
             reload_lock: tokio::sync::Mutex::new(()),
             checkers: Default::default(),
-            parking: crate::parking::Parking::new(),
+            parking: crate::edge::parking::Parking::new(),
         };
         rt.set_state(State::Starting);
         Arc::new(rt)
@@ -405,7 +405,7 @@ impl Runtime {
                 continue;
             };
             if cfg.discovery.is_some() {
-                tokio::spawn(crate::discovery::run(
+                tokio::spawn(crate::upstream::discovery::run(
                     Arc::downgrade(self),
                     Arc::downgrade(pool),
                     cfg.clone(),
@@ -695,7 +695,7 @@ impl Runtime {
                 if let (Some(old_pool), Some(new_cfg)) =
                     (old.pools.get(name), snap.config.pools.get(name))
                 {
-                    crate::discovery::seed(pool, new_cfg, old_pool);
+                    crate::upstream::discovery::seed(pool, new_cfg, old_pool);
                 }
             }
             self.snapshot.store(snap.clone());

@@ -27,8 +27,8 @@ use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::{Parked, Relaying};
-use crate::runtime::Runtime;
+use crate::control::runtime::Runtime;
+use crate::edge::connection::{Parked, Relaying};
 
 /// How often parked connections are checked for a retired backend or a passed idle timeout.
 const SWEEP: Duration = Duration::from_secs(1);

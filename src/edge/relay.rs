@@ -24,10 +24,11 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use crate::config::Keepalive;
-use crate::splice::Pipe;
+use crate::edge::splice::Pipe;
+use sluice_core::close::CloseReason;
 
 /// Resolves when the connection must close, with the reason.
-pub type StopSignal = Pin<Box<dyn Future<Output = End> + Send>>;
+pub type StopSignal = Pin<Box<dyn Future<Output = CloseReason> + Send>>;
 
 /// Each worker thread reads into one scratch buffer of this size and writes from it at once;
 /// a connection holds bytes of its own only when its target would block.
@@ -38,39 +39,9 @@ thread_local! {
         std::cell::RefCell::new(vec![0; SCRATCH].into_boxed_slice());
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
-    /// Both directions finished with a FIN.
-    Closed,
-    ClientError,
-    BackendError,
-    IdleTimeout,
-    /// The process stopped the connection (end of a drain).
-    Shutdown,
-    /// A reload removed its backend and the pool's `removed_drain_timeout` passed.
-    BackendRemoved,
-    /// A parked connection could not be put back on a task (the reactor refused its
-    /// sockets).
-    InternalError,
-}
-
-impl End {
-    pub fn label(self) -> &'static str {
-        match self {
-            End::Closed => "closed",
-            End::ClientError => "client_error",
-            End::BackendError => "backend_error",
-            End::IdleTimeout => "idle_timeout",
-            End::Shutdown => "shutdown",
-            End::BackendRemoved => "backend_removed",
-            End::InternalError => "internal_error",
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
-    pub end: End,
+    pub end: CloseReason,
     pub to_backend: u64,
     pub to_client: u64,
 }
@@ -386,7 +357,7 @@ impl Paused {
     }
 
     /// The connection ends here, with what it moved.
-    pub fn outcome(&self, end: End) -> Outcome {
+    pub fn outcome(&self, end: CloseReason) -> Outcome {
         Outcome {
             end,
             to_backend: self.up.moved,
@@ -488,7 +459,7 @@ impl Relay {
         })
     }
 
-    fn outcome(&self, end: End) -> Poll<Relayed> {
+    fn outcome(&self, end: CloseReason) -> Poll<Relayed> {
         Poll::Ready(Relayed::Ended(Outcome {
             end,
             to_backend: self.up.moved,
@@ -514,8 +485,8 @@ impl Relay {
             .poll(cx, client, backend, counters.0, self.down.done, &mut active);
         if let Poll::Ready(Err(f)) = up {
             let end = match f {
-                Failed::From => End::ClientError,
-                Failed::To => End::BackendError,
+                Failed::From => CloseReason::ClientError,
+                Failed::To => CloseReason::BackendError,
             };
             return self.outcome(end);
         }
@@ -524,13 +495,13 @@ impl Relay {
             .poll(cx, backend, client, counters.1, self.up.done, &mut active);
         if let Poll::Ready(Err(f)) = down {
             let end = match f {
-                Failed::From => End::BackendError,
-                Failed::To => End::ClientError,
+                Failed::From => CloseReason::BackendError,
+                Failed::To => CloseReason::ClientError,
             };
             return self.outcome(end);
         }
         if up.is_ready() && down.is_ready() {
-            return self.outcome(End::Closed);
+            return self.outcome(CloseReason::Closed);
         }
         let parkable = self.nothing_buffered();
         if let Some(t) = &mut self.timer {
@@ -541,7 +512,7 @@ impl Relay {
             while t.sleep.as_mut().poll(cx).is_ready() {
                 let now = Instant::now();
                 if t.clock.idle_at().is_some_and(|at| now >= at) {
-                    let end = End::IdleTimeout;
+                    let end = CloseReason::IdleTimeout;
                     return self.outcome(end);
                 }
                 if parkable && t.clock.park_at().is_some_and(|at| now >= at) {

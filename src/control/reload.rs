@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::runtime::{unix_now, ReloadSummary, Runtime, State};
+use crate::control::runtime::{unix_now, ReloadSummary, Runtime, State};
 
 /// How a reload ended.
 #[derive(Debug)]
@@ -37,7 +37,7 @@ pub async fn reload(rt: &Arc<Runtime>, trigger: &str) -> Outcome {
         return Outcome::Rejected("sluice is draining; reloads are off".into());
     }
     let path = rt.snapshot().config.source.clone();
-    crate::server::notify_systemd(&[
+    crate::control::server::notify_systemd(&[
         sd_notify::NotifyState::Reloading,
         sd_notify::NotifyState::Status("reloading"),
     ]);
@@ -89,7 +89,7 @@ pub async fn reload(rt: &Arc<Runtime>, trigger: &str) -> Outcome {
         Outcome::Rejected(_) => "running; last reload rejected (see log)",
         _ => "running",
     };
-    crate::server::notify_systemd(&[
+    crate::control::server::notify_systemd(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(status),
     ]);

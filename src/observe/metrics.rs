@@ -441,9 +441,16 @@ impl Metrics {
                 counter.inc_by(total - seen);
             }
         };
-        mirror(&self.log_lines_dropped, crate::logging::dropped_lines());
-        mirror(&self.relay_spliced_bytes, crate::splice::spliced_bytes());
-        self.relay_pipes.set(crate::splice::open_pipes() as i64);
+        mirror(
+            &self.log_lines_dropped,
+            crate::observe::logging::dropped_lines(),
+        );
+        mirror(
+            &self.relay_spliced_bytes,
+            crate::edge::splice::spliced_bytes(),
+        );
+        self.relay_pipes
+            .set(crate::edge::splice::open_pipes() as i64);
         let mut out = Vec::new();
         let families = self.registry.gather();
         // Encoding into a Vec cannot fail for well-formed families.

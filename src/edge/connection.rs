@@ -18,13 +18,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::Keepalive;
-use crate::listener::ListenerState;
-use crate::proxy_protocol::{self, HeaderInfo};
-use crate::relay::{self, End, Relayed};
-use crate::route::{Facts, TlsFacts};
-use crate::runtime::{Route, Runtime, Snapshot, Target};
-use crate::tls::hello::{self, ClientHello, Parse};
+use crate::control::runtime::{Route, Runtime, Snapshot, Target};
+use crate::edge::listener::ListenerState;
+use crate::edge::relay::{self, Relayed};
 use crate::upstream::{ActiveGuard, Backend, Dialed};
+use sluice_core::close::CloseReason;
+use sluice_core::hello::{self, ClientHello, Parse};
+use sluice_core::proxy::{self, HeaderInfo, Origin, Step};
+use sluice_core::route::{Facts, TlsFacts};
 
 /// How reading the first bytes ended.
 enum Hello {
@@ -34,110 +35,52 @@ enum Hello {
     Rejected(&'static str, String),
 }
 
-/// Where the connection really comes from, when a trusted load balancer says so.
-struct Origin {
-    client: SocketAddr,
-    local: Option<SocketAddr>,
-}
-
-/// Read and strip an inbound PROXY header per the listener's `accept_proxy`. On success the
-/// bytes after the header stay in `buf` (the start of the hello), with the metric result:
-/// `ok` (an origin), `local` (a LOCAL/UNKNOWN header: the connection's own addresses stand),
-/// `absent` (optional mode, no header). `Err((result, reason, detail))`: the connection is
-/// closed.
+/// Read and strip an inbound PROXY header per the listener's `accept_proxy` (the policy is
+/// `sluice_core::proxy::inbound`). On success the bytes after the header stay in `buf` (the
+/// start of the hello), with the metric result: `ok` (an origin), `local` (a LOCAL/UNKNOWN
+/// header: the connection's own addresses stand), `absent` (optional mode, no header).
+/// `Err((result, reason, detail))`: the connection is closed.
 async fn read_proxy_header(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     cfg: &crate::config::ListenerConfig,
     peer: SocketAddr,
     deadline: tokio::time::Instant,
-) -> Result<(Option<Origin>, &'static str), (&'static str, &'static str, String)> {
-    use crate::config::AcceptProxy;
-    use crate::proxy_protocol::{parse_inbound, Inbound, MAX_V2_HEADER};
-    // An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d; match it as IPv4 too.
-    let ip = peer.ip();
-    let trusted = cfg
-        .trusted_proxies
-        .iter()
-        .any(|n| n.contains(&ip) || n.contains(&ip.to_canonical()));
-    let required = matches!(cfg.accept_proxy, AcceptProxy::V1 | AcceptProxy::V2);
-    if !trusted && required {
-        return Err((
-            "untrusted",
-            "proxy_untrusted",
-            format!("{peer} is not in trusted_proxies; this listener requires a PROXY header"),
-        ));
-    }
+) -> Result<(Option<Origin>, &'static str), (&'static str, CloseReason, String)> {
+    let trusted = proxy::is_trusted(&cfg.trusted_proxies, peer.ip());
     loop {
-        match parse_inbound(buf) {
-            Inbound::Incomplete => {}
-            Inbound::Absent if required => {
-                return Err((
-                    "missing",
-                    "proxy_missing",
-                    "no PROXY header; this listener requires one".into(),
-                ))
-            }
-            Inbound::Absent => return Ok((None, "absent")),
-            Inbound::Malformed(m) => return Err(("malformed", "proxy_malformed", m)),
-            Inbound::Header { .. } if !trusted => {
-                return Err((
-                    "untrusted",
-                    "proxy_untrusted",
-                    format!("PROXY header from {peer}, which is not in trusted_proxies"),
-                ))
-            }
-            Inbound::Header { version, .. }
-                if (cfg.accept_proxy == AcceptProxy::V1 && version != 1)
-                    || (cfg.accept_proxy == AcceptProxy::V2 && version != 2) =>
-            {
-                return Err((
-                    "malformed",
-                    "proxy_malformed",
-                    format!(
-                        "PROXY v{version} header; this listener accepts only {:?}",
-                        cfg.accept_proxy
-                    ),
-                ))
-            }
-            Inbound::Header {
+        match proxy::inbound(cfg.accept_proxy, trusted, peer, buf) {
+            Step::More => {}
+            Step::Accept {
                 consumed,
-                source,
-                destination,
-                ..
+                origin,
+                result,
             } => {
                 buf.drain(..consumed);
-                let origin = source.map(|client| Origin {
-                    client,
-                    local: destination,
-                });
-                let result = if origin.is_some() { "ok" } else { "local" };
                 return Ok((origin, result));
             }
-        }
-        if buf.len() >= MAX_V2_HEADER {
-            return Err((
-                "malformed",
-                "proxy_malformed",
-                "PROXY header too large".into(),
-            ));
+            Step::Refuse {
+                result,
+                reason,
+                detail,
+            } => return Err((result, reason, detail)),
         }
         if buf.capacity() == buf.len() {
             buf.reserve(512);
         }
-        let room = MAX_V2_HEADER - buf.len();
+        let room = proxy::MAX_V2_HEADER.saturating_sub(buf.len());
         match read_more(stream, buf, room, deadline).await {
             Err(_) => {
                 return Err((
                     "timeout",
-                    "proxy_timeout",
+                    CloseReason::ProxyTimeout,
                     "no complete PROXY header within hello_timeout".into(),
                 ))
             }
             Ok(Ok(0)) | Ok(Err(_)) => {
                 return Err((
                     "eof",
-                    "client_closed_early",
+                    CloseReason::ClientClosedEarly,
                     "client closed before a complete PROXY header".into(),
                 ))
             }
@@ -293,7 +236,7 @@ struct Log {
     to_backend: u64,
     to_client: u64,
     started: Instant,
-    end: &'static str,
+    end: CloseReason,
     detail: String,
 }
 
@@ -344,7 +287,7 @@ impl Log {
             bytes_to_backend = self.to_backend,
             bytes_to_client = self.to_client,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            end = self.end,
+            end = self.end.label(),
             detail = %self.detail,
             "connection closed"
         );
@@ -421,7 +364,7 @@ impl std::future::Future for Serve {
                                 arm_keepalive(r.log.id, &r.backend, &keepalive);
                             }
                             let rt = r.conn.rt.clone();
-                            match crate::parking::Parking::park(&rt, r) {
+                            match crate::edge::parking::Parking::park(&rt, r) {
                                 Ok(()) => return Poll::Ready(()),
                                 Err(mut r) => {
                                     r.relay.never_park();
@@ -450,7 +393,9 @@ pub struct Relaying {
 /// Set the backend leg's TCP keepalive; a failure costs the connection its keepalive, not
 /// the connection.
 fn arm_keepalive(conn: u64, backend: &TcpStream, keepalive: &Keepalive) {
-    if let Err(e) = crate::listener::apply_keepalive(&socket2::SockRef::from(backend), keepalive) {
+    if let Err(e) =
+        crate::edge::listener::apply_keepalive(&socket2::SockRef::from(backend), keepalive)
+    {
         tracing::warn!(conn, error = %e, "cannot set TCP keepalive on the backend socket");
     }
 }
@@ -477,8 +422,8 @@ impl Conn {
         route.active.dec();
         log.to_backend += outcome.to_backend;
         log.to_client = outcome.to_client;
-        log.end = outcome.end.label();
-        if outcome.end == End::IdleTimeout {
+        log.end = outcome.end;
+        if outcome.end == CloseReason::IdleTimeout {
             log.detail = "idle_timeout reached".into();
         }
         drop(guard);
@@ -490,7 +435,7 @@ impl Conn {
     fn fail(self, log: &mut Log, relay: &relay::Paused, detail: String) {
         tracing::error!(conn = log.id, "{detail}");
         log.detail = detail;
-        self.finish(log, relay.outcome(End::InternalError));
+        self.finish(log, relay.outcome(CloseReason::InternalError));
     }
 
     /// Its backend was retired (removed, and `removed_drain_timeout` passed).
@@ -626,7 +571,7 @@ fn closed(rt: &Runtime, state: &ListenerState, log: &Log) {
     let listener = state.config.name.as_str();
     rt.metrics
         .closed
-        .with_label_values(&[listener, log.route_name(), log.end])
+        .with_label_values(&[listener, log.route_name(), log.end.label()])
         .inc();
     state.active.dec();
     log.emit(listener);
@@ -650,7 +595,7 @@ async fn start(
         to_backend: 0,
         to_client: 0,
         started: Instant::now(),
-        end: "closed",
+        end: CloseReason::Closed,
         detail: String::new(),
     });
     // The config this connection lives with, whatever reloads happen later.
@@ -671,9 +616,9 @@ async fn start(
                 crate::agents::api::Rewind::new(hello, stream),
             ));
             match api.await {
-                Ok(()) => log.end = "heartbeat_api",
+                Ok(()) => log.end = CloseReason::HeartbeatApi,
                 Err(e) => {
-                    log.end = "heartbeat_api_error";
+                    log.end = CloseReason::HeartbeatApiError;
                     log.detail = e;
                 }
             }
@@ -717,12 +662,12 @@ async fn start(
 /// backend's `removed_drain_timeout`, or the end of a drain, through the runtime's
 /// `close_all`); then it waits a random part of `close_spread`, so that thousands of tunnels
 /// do not all reconnect in the same second. `hard_stop` cuts the wait short.
-async fn stop_signal(rt: Arc<Runtime>, retire: CancellationToken) -> End {
+async fn stop_signal(rt: Arc<Runtime>, retire: CancellationToken) -> CloseReason {
     retire.cancelled().await;
     let end = if rt.close_all.is_cancelled() {
-        End::Shutdown
+        CloseReason::Shutdown
     } else {
-        End::BackendRemoved
+        CloseReason::BackendRemoved
     };
     let spread = rt.close_spread();
     if !rt.hard_stop.is_cancelled() && !spread.is_zero() {
@@ -794,10 +739,10 @@ async fn establish(
         Hello::Plain => None,
         Hello::Rejected(result, detail) => {
             log.end = match result {
-                "timeout" => "hello_timeout",
-                "too_large" => "hello_too_large",
-                "malformed" => "hello_malformed",
-                _ => "client_closed_early",
+                "timeout" => CloseReason::HelloTimeout,
+                "too_large" => CloseReason::HelloTooLarge,
+                "malformed" => CloseReason::HelloMalformed,
+                _ => CloseReason::ClientClosedEarly,
             };
             if result != "eof" {
                 tracing::warn!(conn = log.id, client = %log.client, listener, reason = result, "{detail}");
@@ -822,7 +767,11 @@ async fn establish(
             .route_decisions
             .with_label_values(&[listener, "none"])
             .inc();
-        log.end = if tls.is_some() { "no_route" } else { "not_tls" };
+        log.end = if tls.is_some() {
+            CloseReason::NoRoute
+        } else {
+            CloseReason::NotTls
+        };
         log.detail = "no route matches this connection".into();
         return None;
     };
@@ -848,14 +797,14 @@ async fn establish(
         sni,
     };
     let hello_len = buf.len();
-    let first = match proxy_protocol::encode(route.proxy_protocol(), &info) {
+    let first = match proxy::encode(route.proxy_protocol(), &info) {
         Ok(Some(mut header)) => {
             header.extend_from_slice(&buf);
             header
         }
         Ok(None) => buf,
         Err(e) => {
-            log.end = "internal_error";
+            log.end = CloseReason::InternalError;
             log.detail = format!("cannot encode PROXY header: {e}");
             return None;
         }
@@ -881,7 +830,7 @@ async fn establish(
     ) = match connected {
         Ok(ok) => ok,
         Err(e) => {
-            log.end = "backend_unavailable";
+            log.end = CloseReason::BackendUnavailable;
             log.detail = e.to_string();
             return None;
         }
@@ -889,7 +838,7 @@ async fn establish(
     log.backend = Some(guard.backend().clone());
     let first = own_first.unwrap_or(first);
     if let Err(e) = stream.write_all(&first[sent..]).await {
-        log.end = "backend_error";
+        log.end = CloseReason::BackendError;
         log.detail = format!("writing the hello to the backend failed: {e}");
         return None;
     }

@@ -357,6 +357,7 @@ fn parse_versions(mut data: Reader<'_>) -> Result<Vec<u16>, Malformed> {
 
 /// Builders for synthetic hellos: used by unit tests, property tests, the fuzz target's seeds
 /// and the benchmarks. Public so integration tests and `bench/` can share them.
+#[cfg(any(test, feature = "testkit"))]
 pub mod build {
     /// Extensions of a synthetic ClientHello.
     #[derive(Debug, Clone, Default)]

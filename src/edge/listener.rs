@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Keepalive, ListenerConfig};
-use crate::runtime::Runtime;
+use crate::control::runtime::Runtime;
 
 /// A listening socket for `cfg`: one handed over (systemd socket activation, or the previous
 /// sluice in an upgrade) under the listener's name if there is one, else a new one.
@@ -217,8 +217,9 @@ async fn accept_loop(
                 accepted.inc();
                 let rt2 = rt.clone();
                 let st = state.clone();
-                rt.tracker
-                    .spawn(crate::connection::serve(rt2, st, stream, peer, permits));
+                rt.tracker.spawn(crate::edge::connection::serve(
+                    rt2, st, stream, peer, permits,
+                ));
             }
             Err(e) => {
                 drop(permits);

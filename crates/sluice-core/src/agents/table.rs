@@ -6,7 +6,7 @@
 //!
 //! Built for 100,000 agents × 10 resources with heartbeats arriving while the router looks up
 //! at connection rate. Lookups never take a lock: both maps are `papaya` (lock-free reads), and
-//! a resource's agents are an immutable `Arc<[Record]>` replaced as a whole. A keep-alive that
+//! a resource's agents are an immutable `Arc<[Record<B>]>` replaced as a whole. A keep-alive that
 //! changes nothing but the expiry is one atomic store. Writers for the same agent are
 //! serialised by a small sharded mutex that readers never touch.
 
@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::upstream::Backend;
+use super::Endpoint;
 
 /// `kind` and `name` in one string (`kind` NUL `name`): one allocation, cheap to hash.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -114,10 +114,10 @@ pub struct Announced {
 /// An agent as of its last heartbeat. Immutable but for its expiry and owning stream: a
 /// heartbeat that changes anything else builds a new `Agent` (keeping the `backend`, hence
 /// the active-connection count, when the address is the same).
-pub struct Agent {
+pub struct Agent<B> {
     pub id: Box<str>,
     /// Its dial address and active connections; `name` is the agent id.
-    pub backend: Arc<Backend>,
+    pub backend: Arc<B>,
     pub version: Option<Version>,
     pub labels: Labels,
     pub source: Source,
@@ -136,22 +136,22 @@ pub struct Agent {
     pub resources: Box<[Announced]>,
 }
 
-impl fmt::Debug for Agent {
+impl<B: Endpoint> fmt::Debug for Agent<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Agent")
             .field("id", &self.id)
-            .field("address", &self.backend.address)
+            .field("address", &self.backend.address())
             .field("version", &self.version)
             .field("resources", &self.resources.len())
             .finish()
     }
 }
 
-impl Agent {
+impl<B: Endpoint> Agent<B> {
     /// Whether `hb` (normalized) announces exactly what this agent does: same address,
     /// version, labels and resources.
     fn announces_same(&self, hb: &Heartbeat) -> bool {
-        self.backend.address == hb.address
+        self.backend.address() == hb.address
             && self.version == hb.version
             && self.labels == hb.labels
             && *self.resources == *hb.resources
@@ -159,12 +159,12 @@ impl Agent {
 
     /// The dial target for `hb`: this agent's (its active count) when the address is the same.
     fn backend_for(
-        old: Option<&Agent>,
+        old: Option<&Agent<B>>,
         hb: &Heartbeat,
-        new_backend: NewBackend<'_>,
-    ) -> Arc<Backend> {
+        new_backend: NewBackend<'_, B>,
+    ) -> Arc<B> {
         match old {
-            Some(o) if o.backend.address == hb.address => o.backend.clone(),
+            Some(o) if o.backend.address() == hb.address => o.backend.clone(),
             _ => new_backend(&hb.agent, hb.address),
         }
     }
@@ -210,14 +210,31 @@ impl AgentState {
 }
 
 /// One (resource, agent) pair: the unit the router chooses from.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub agent: Arc<Agent>,
+pub struct Record<B> {
+    pub agent: Arc<Agent<B>>,
     /// The resource's own labels (as this agent announced them).
     pub labels: Labels,
 }
 
-impl Record {
+impl<B> Clone for Record<B> {
+    fn clone(&self) -> Self {
+        Record {
+            agent: self.agent.clone(),
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+impl<B: Endpoint> fmt::Debug for Record<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("agent", &self.agent)
+            .field("labels", &self.labels)
+            .finish()
+    }
+}
+
+impl<B: Endpoint> Record<B> {
     /// A label of the resource, else of the agent.
     pub fn label(&self, key: &str) -> Option<&str> {
         label(&self.labels, key).or_else(|| self.agent.label(key))
@@ -236,7 +253,7 @@ pub struct Rules {
 }
 
 impl Rules {
-    pub fn state(&self, agent: &Agent, now: u64) -> AgentState {
+    pub fn state<B: Endpoint>(&self, agent: &Agent<B>, now: u64) -> AgentState {
         if agent.expires() <= now {
             return AgentState::Expired;
         }
@@ -296,27 +313,27 @@ pub enum Refused {
 }
 
 /// Makes the `Backend` of a new agent (the caller knows metrics and stop tokens).
-pub type NewBackend<'a> = &'a dyn Fn(&str, std::net::SocketAddr) -> Arc<Backend>;
+pub type NewBackend<'a, B> = &'a dyn Fn(&str, std::net::SocketAddr) -> Arc<B>;
 
 const WRITE_SHARDS: usize = 64;
 
-pub struct AgentTable {
-    agents: papaya::HashMap<Box<str>, Arc<Agent>>,
-    resources: papaya::HashMap<ResourceKey, Arc<[Record]>>,
+pub struct AgentTable<B> {
+    agents: papaya::HashMap<Box<str>, Arc<Agent<B>>>,
+    resources: papaya::HashMap<ResourceKey, Arc<[Record<B>]>>,
     /// Serialises writers of the same agent (by hash of its id).
     writers: [Mutex<()>; WRITE_SHARDS],
     max_agents: AtomicU64,
     min_ready: AtomicU64,
 }
 
-impl Default for AgentTable {
+impl<B: Endpoint> Default for AgentTable<B> {
     fn default() -> Self {
         AgentTable::new(1_000_000, 0)
     }
 }
 
-impl AgentTable {
-    pub fn new(max_agents: usize, min_ready_ms: u64) -> AgentTable {
+impl<B: Endpoint> AgentTable<B> {
+    pub fn new(max_agents: usize, min_ready_ms: u64) -> AgentTable<B> {
         // Blocking resizes: an incremental one only progresses on writes, and until it ends
         // every lookup searches both tables (at 1M records, lookup p99 went from 7.1 µs to
         // 1.4 µs with this; bench/RESULTS.md). Lookups run at connection rate and matter more
@@ -341,18 +358,18 @@ impl AgentTable {
     }
 
     fn writer(&self, id: &str) -> std::sync::MutexGuard<'_, ()> {
-        let shard = crate::upstream::balancer::fnv1a(id.as_bytes()) as usize % WRITE_SHARDS;
+        let shard = crate::balance::fnv1a(id.as_bytes()) as usize % WRITE_SHARDS;
         self.writers[shard]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn agent(&self, id: &str) -> Option<Arc<Agent>> {
+    pub fn agent(&self, id: &str) -> Option<Arc<Agent<B>>> {
         self.agents.pin().get(id).cloned()
     }
 
     /// The records of one resource; lock-free.
-    pub fn lookup(&self, key: &ResourceKey) -> Option<Arc<[Record]>> {
+    pub fn lookup(&self, key: &ResourceKey) -> Option<Arc<[Record<B>]>> {
         self.resources.pin().get(key).cloned()
     }
 
@@ -365,12 +382,12 @@ impl AgentTable {
     }
 
     /// Every agent (for views and metrics; a copy of the `Arc`s).
-    pub fn agents(&self) -> Vec<Arc<Agent>> {
+    pub fn agents(&self) -> Vec<Arc<Agent<B>>> {
         self.agents.pin().values().cloned().collect()
     }
 
     /// Every resource with its records, sorted by key.
-    pub fn resources(&self) -> Vec<(ResourceKey, Arc<[Record]>)> {
+    pub fn resources(&self) -> Vec<(ResourceKey, Arc<[Record<B>]>)> {
         let mut v: Vec<_> = self
             .resources
             .pin()
@@ -390,7 +407,7 @@ impl AgentTable {
         scoped: bool,
         stream: u64,
         now: u64,
-        new_backend: NewBackend<'_>,
+        new_backend: NewBackend<'_, B>,
     ) -> Result<Applied, Refused> {
         let _w = self.writer(&hb.agent);
         let old = self.agent(&hb.agent);
@@ -442,7 +459,7 @@ impl AgentTable {
     }
 
     /// Put `agent` in both maps, replacing `old` (same id) in every resource either lists.
-    fn install(&self, agent: Arc<Agent>, old: Option<&Agent>) {
+    fn install(&self, agent: Arc<Agent<B>>, old: Option<&Agent<B>>) {
         let id = agent.id.clone();
         for a in agent.resources.iter() {
             let record = Record {
@@ -450,7 +467,7 @@ impl AgentTable {
                 labels: a.labels.clone(),
             };
             self.resources.pin().compute(a.key.clone(), |entry| {
-                let mut list: Vec<Record> = match entry {
+                let mut list: Vec<Record<B>> = match entry {
                     Some((_, records)) => records
                         .iter()
                         .filter(|r| r.agent.id != id)
@@ -481,7 +498,7 @@ impl AgentTable {
             .pin()
             .compute(key.clone(), |entry| match entry {
                 Some((_, records)) => {
-                    let list: Vec<Record> = records
+                    let list: Vec<Record<B>> = records
                         .iter()
                         .filter(|r| &*r.agent.id != id)
                         .cloned()
@@ -528,7 +545,7 @@ impl AgentTable {
         Ok(true)
     }
 
-    fn evict(&self, agent: &Agent) {
+    fn evict(&self, agent: &Agent<B>) {
         for a in agent.resources.iter() {
             self.drop_record(&a.key, &agent.id);
         }
@@ -538,7 +555,7 @@ impl AgentTable {
     /// Drop agents expired for longer than `keep_expired` ms (they are listed as expired
     /// until then). Returns how many went.
     pub fn sweep(&self, now: u64, keep_expired: u64) -> usize {
-        let dead: Vec<Arc<Agent>> = self
+        let dead: Vec<Arc<Agent<B>>> = self
             .agents
             .pin()
             .values()
@@ -565,7 +582,7 @@ impl AgentTable {
     /// Make the static agents exactly `agents` (a config load): new ones join, changed ones
     /// are replaced, ones no longer configured leave. A heartbeat agent with the same id is
     /// replaced by the static one.
-    pub fn set_static(&self, agents: Vec<Heartbeat>, now: u64, new_backend: NewBackend<'_>) {
+    pub fn set_static(&self, agents: Vec<Heartbeat>, now: u64, new_backend: NewBackend<'_, B>) {
         let wanted: std::collections::HashSet<String> =
             agents.iter().map(|a| a.agent.clone()).collect();
         for old in self.agents() {
@@ -608,8 +625,16 @@ mod tests {
     use super::*;
     use std::net::SocketAddr;
 
-    fn backend(id: &str, addr: SocketAddr) -> Arc<Backend> {
-        Backend::for_agent(id, addr, tokio_util::sync::CancellationToken::new())
+    struct Dial(SocketAddr);
+
+    impl Endpoint for Dial {
+        fn address(&self) -> SocketAddr {
+            self.0
+        }
+    }
+
+    fn backend(_id: &str, addr: SocketAddr) -> Arc<Dial> {
+        Arc::new(Dial(addr))
     }
 
     fn hb(agent: &str, port: u16, version: &str, ttl: u64, names: &[&str]) -> Heartbeat {
@@ -630,11 +655,11 @@ mod tests {
     }
 
     /// `apply` as most tests call it: one token ("t"), unscoped, outside any stream.
-    fn beat(t: &AgentTable, h: Heartbeat, now: u64) -> Result<Applied, Refused> {
+    fn beat(t: &AgentTable<Dial>, h: Heartbeat, now: u64) -> Result<Applied, Refused> {
         t.apply(h, "t", false, 0, now, &backend)
     }
 
-    fn ids(t: &AgentTable, name: &str) -> Vec<String> {
+    fn ids(t: &AgentTable<Dial>, name: &str) -> Vec<String> {
         let mut v: Vec<String> = t
             .lookup(&ResourceKey::new("app", name))
             .map(|r| r.iter().map(|r| r.agent.id.to_string()).collect())
@@ -777,7 +802,7 @@ mod tests {
             &backend,
         );
         assert_eq!(r, Err(Refused::Owned("a1".into())));
-        assert_eq!(t.agent("a1").unwrap().backend.address.port(), 1);
+        assert_eq!(t.agent("a1").unwrap().backend.address().port(), 1);
         assert_eq!(
             t.remove("a1", None, Some(("west", true))),
             Err(Refused::Owned("a1".into()))

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::{Runtime, State};
+use crate::control::runtime::{Runtime, State};
 
 type Body = Full<Bytes>;
 
@@ -54,7 +54,7 @@ struct ListenerView {
 struct RouteView<'a> {
     name: &'a str,
     #[serde(rename = "match")]
-    matcher: &'a crate::route::Match,
+    matcher: &'a sluice_core::route::Match,
     pool: &'a str,
     target: Option<&'a crate::config::RouteTarget>,
     idle_timeout: String,
@@ -164,10 +164,12 @@ async fn reload(rt: &Arc<Runtime>, req: &Request<Incoming>) -> Response<Body> {
             "use POST /-/reload\n",
         );
     }
-    match crate::reload::reload(rt, "POST /-/reload").await {
-        crate::reload::Outcome::Applied(summary) => json(&summary),
-        crate::reload::Outcome::Unchanged => reply(StatusCode::OK, "text/plain", "unchanged\n"),
-        crate::reload::Outcome::Rejected(errors) => reply(
+    match crate::control::reload::reload(rt, "POST /-/reload").await {
+        crate::control::reload::Outcome::Applied(summary) => json(&summary),
+        crate::control::reload::Outcome::Unchanged => {
+            reply(StatusCode::OK, "text/plain", "unchanged\n")
+        }
+        crate::control::reload::Outcome::Rejected(errors) => reply(
             StatusCode::BAD_REQUEST,
             "text/plain",
             format!("reload rejected; the running config stays:\n{errors}\n"),

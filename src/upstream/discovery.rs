@@ -20,7 +20,7 @@ use hickory_resolver::TokioResolver;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendConfig, Discovery, DnsConfig, PoolConfig};
-use crate::runtime::Runtime;
+use crate::control::runtime::Runtime;
 use crate::upstream::{Backend, Discovered, Pool};
 
 /// A resolver per the `[dns]` table: explicit nameservers, or the system's configuration.

@@ -1,15 +1,41 @@
-//! Outbound PROXY protocol headers (v1 text, v2 binary with ALPN and authority TLVs).
+//! The PROXY protocol, both ways: the header sluice sends its backends (v1 text, v2 binary
+//! with ALPN and authority TLVs), and the header a load balancer in front of sluice sends it,
+//! with the policy of whom to believe.
 //!
-//! Owns: building exactly one header per backend connection from what sluice itself observed.
-//! It never copies anything a client sent into the header except the SNI (as the authority
-//! TLV) and an ALPN name, both already validated by the hello parser. Encoding is done by the
-//! `ppp` crate.
+//! Owns: building exactly one header per backend connection from what sluice itself observed
+//! (it never copies anything a client sent into the header except the SNI, as the authority
+//! TLV, and an ALPN name, both already validated by the hello parser); parsing an inbound
+//! header; and `inbound`, the trust policy of a listener's `accept_proxy` and
+//! `trusted_proxies`. Encoding and parsing are done by the `ppp` crate. Sans-IO.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
 
 use ppp::v2::{Builder, Command, Protocol, Type, Version};
+use serde::Serialize;
 
-use crate::config::ProxyProtocol;
+use crate::close::CloseReason;
+
+/// Which PROXY header a pool's backends get before the client's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    None,
+    V1,
+    V2,
+}
+
+/// Whether a listener expects a PROXY header before the client's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceptProxy {
+    None,
+    V1,
+    V2,
+    /// v1, v2 or nothing, from trusted sources.
+    Optional,
+}
 
 /// What goes into a header.
 #[derive(Debug, Clone, Copy)]
@@ -206,6 +232,185 @@ pub fn parse_inbound(buf: &[u8]) -> Inbound {
         Inbound::Incomplete
     } else {
         Inbound::Absent
+    }
+}
+
+/// Whether `peer` may send a PROXY header: it is in `trusted_proxies`. An IPv4 peer on a
+/// dual-stack socket shows as `::ffff:a.b.c.d` and is matched as IPv4 too.
+pub fn is_trusted(trusted_proxies: &[IpNet], peer: IpAddr) -> bool {
+    trusted_proxies
+        .iter()
+        .any(|n| n.contains(&peer) || n.contains(&peer.to_canonical()))
+}
+
+/// Where a connection really comes from, as a trusted load balancer says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub client: SocketAddr,
+    pub local: Option<SocketAddr>,
+}
+
+/// The inbound policy's answer for the bytes read so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Read more (the buffer may hold up to `MAX_V2_HEADER` bytes).
+    More,
+    /// Strip `consumed` bytes; `origin` is `None` when the connection's own addresses stand
+    /// (a LOCAL or UNKNOWN header, or no header where it is optional). `result` is the label
+    /// of `sluice_proxy_inbound_total`: `ok`, `local` or `absent`.
+    Accept {
+        consumed: usize,
+        origin: Option<Origin>,
+        result: &'static str,
+    },
+    /// Close the connection: `result` labels the metric, `reason` the close.
+    Refuse {
+        result: &'static str,
+        reason: CloseReason,
+        detail: String,
+    },
+}
+
+/// The inbound PROXY policy of a listener with `accept_proxy` set, for the first bytes of a
+/// connection from `peer` (`trusted`: `is_trusted`). Sans-IO: the caller reads while it says
+/// `More`; a timeout or EOF meanwhile is the caller's `proxy_timeout` / `client_closed_early`.
+pub fn inbound(accept: AcceptProxy, trusted: bool, peer: SocketAddr, buf: &[u8]) -> Step {
+    let required = matches!(accept, AcceptProxy::V1 | AcceptProxy::V2);
+    let refuse = |result, reason, detail| Step::Refuse {
+        result,
+        reason,
+        detail,
+    };
+    if !trusted && required {
+        return refuse(
+            "untrusted",
+            CloseReason::ProxyUntrusted,
+            format!("{peer} is not in trusted_proxies; this listener requires a PROXY header"),
+        );
+    }
+    match parse_inbound(buf) {
+        Inbound::Incomplete if buf.len() >= MAX_V2_HEADER => refuse(
+            "malformed",
+            CloseReason::ProxyMalformed,
+            "PROXY header too large".into(),
+        ),
+        Inbound::Incomplete => Step::More,
+        Inbound::Absent if required => refuse(
+            "missing",
+            CloseReason::ProxyMissing,
+            "no PROXY header; this listener requires one".into(),
+        ),
+        Inbound::Absent => Step::Accept {
+            consumed: 0,
+            origin: None,
+            result: "absent",
+        },
+        Inbound::Malformed(m) => refuse("malformed", CloseReason::ProxyMalformed, m),
+        Inbound::Header { .. } if !trusted => refuse(
+            "untrusted",
+            CloseReason::ProxyUntrusted,
+            format!("PROXY header from {peer}, which is not in trusted_proxies"),
+        ),
+        Inbound::Header { version, .. }
+            if (accept == AcceptProxy::V1 && version != 1)
+                || (accept == AcceptProxy::V2 && version != 2) =>
+        {
+            refuse(
+                "malformed",
+                CloseReason::ProxyMalformed,
+                format!("PROXY v{version} header; this listener accepts only {accept:?}"),
+            )
+        }
+        Inbound::Header {
+            consumed,
+            source,
+            destination,
+            ..
+        } => {
+            let origin = source.map(|client| Origin {
+                client,
+                local: destination,
+            });
+            Step::Accept {
+                consumed,
+                origin,
+                result: if origin.is_some() { "ok" } else { "local" },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        "10.0.0.5:4000".parse().unwrap()
+    }
+
+    const V1: &[u8] = b"PROXY TCP4 192.0.2.1 192.0.2.2 5000 443\r\nhello";
+
+    #[test]
+    fn trust_matches_v4_mapped_peers() {
+        let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        assert!(is_trusted(&nets, "10.1.2.3".parse().unwrap()));
+        assert!(is_trusted(&nets, "::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!is_trusted(&nets, "192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_trusted_header_gives_the_origin_and_its_length() {
+        let Step::Accept {
+            consumed,
+            origin,
+            result,
+        } = inbound(AcceptProxy::V1, true, peer(), V1)
+        else {
+            panic!("accepted")
+        };
+        assert_eq!(&V1[consumed..], b"hello");
+        assert_eq!(origin.unwrap().client, "192.0.2.1:5000".parse().unwrap());
+        assert_eq!(result, "ok");
+    }
+
+    #[test]
+    fn refusals_carry_their_close_reason() {
+        let reason = |step| match step {
+            Step::Refuse { reason, .. } => Some(reason),
+            _ => None,
+        };
+        let p = peer();
+        assert_eq!(
+            reason(inbound(AcceptProxy::V1, false, p, V1)),
+            Some(CloseReason::ProxyUntrusted)
+        );
+        assert_eq!(
+            reason(inbound(AcceptProxy::Optional, false, p, V1)),
+            Some(CloseReason::ProxyUntrusted)
+        );
+        assert_eq!(
+            reason(inbound(AcceptProxy::V2, true, p, V1)),
+            Some(CloseReason::ProxyMalformed)
+        );
+        assert_eq!(
+            reason(inbound(AcceptProxy::V1, true, p, b"\x16\x03\x01")),
+            Some(CloseReason::ProxyMissing)
+        );
+        let no_crlf = [&b"PROXY "[..], &[b'x'; 120]].concat();
+        assert_eq!(
+            reason(inbound(AcceptProxy::V1, true, p, &no_crlf)),
+            Some(CloseReason::ProxyMalformed)
+        );
+        // Optional and untrusted, no header: the client's own bytes.
+        assert_eq!(
+            inbound(AcceptProxy::Optional, false, p, b"\x16\x03\x01"),
+            Step::Accept {
+                consumed: 0,
+                origin: None,
+                result: "absent"
+            }
+        );
+        assert_eq!(inbound(AcceptProxy::V1, true, p, b"PROX"), Step::More);
     }
 }
 

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use rustls::quic::{Keys, Version};
 use rustls::Side;
 
-use crate::tls::hello::{self, Parse};
+use crate::hello::{self, Parse};
 
 pub const V1: u32 = 0x0000_0001;
 pub const V2: u32 = 0x6b33_43cf;
@@ -309,6 +309,7 @@ pub fn parse_hello(crypto: &[u8]) -> Parse {
     hello::parse(&framed)
 }
 
+#[cfg(any(test, feature = "testkit"))]
 /// Build a client Initial packet carrying `crypto` at `offset` (tests and fuzzing: the
 /// inverse of `decrypt_initial`). Padded to 1200 bytes as clients must.
 pub fn build_initial(
@@ -372,6 +373,7 @@ pub fn build_initial(
     packet
 }
 
+#[cfg(any(test, feature = "testkit"))]
 fn put_varint(out: &mut Vec<u8>, v: u64) {
     if v < 64 {
         out.push(v as u8);
@@ -431,7 +433,7 @@ mod tests {
     /// (a CRYPTO frame with the ClientHello, then PADDING), and the hello in it is read.
     #[test]
     fn rfc9001_appendix_a2_client_initial() {
-        let packet = include_bytes!("../../tests/fixtures/rfc9001-a2-client-initial.bin");
+        let packet = include_bytes!("../../../../tests/fixtures/rfc9001-a2-client-initial.bin");
         let hex = |s: &str| -> Vec<u8> {
             (0..s.len())
                 .step_by(2)
