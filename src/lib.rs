@@ -11,7 +11,9 @@
 //! - `agents`: the heartbeat API, its TLS, the agent client, resource routing;
 //! - `quic`: QUIC passthrough and termination on UDP;
 //! - `control`: the runtime state, reload, lifecycle and drain, upgrade handover, the admin API;
-//! - `observe`: metrics and logging.
+//! - `observe`: metrics and logging;
+//! - `snapshot`: what a new connection is routed with, replaced whole by a reload; `net`:
+//!   socket options; `tls`: outbound TLS configs and the demo's certificates.
 //!
 //! `docs/architecture.md` shows the layers and what each may import.
 
@@ -26,7 +28,9 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod edge;
+pub mod net;
 pub mod observe;
 pub mod quic;
+pub mod snapshot;
 pub mod tls;
 pub mod upstream;

@@ -25,15 +25,38 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::Agents;
 use crate::config::HeartbeatConfig;
-use crate::control::runtime::Runtime;
+use crate::observe::metrics::Metrics;
+use crate::snapshot::{Snapshot, Snapshots};
 use sluice_core::agents::agent_id_ok;
 use sluice_core::agents::auth::{find_token, in_scope, Token};
 use sluice_core::agents::table::{
     labels_from, Announced, Applied, Heartbeat, Refused, ResourceKey, Version,
 };
+
+/// What the heartbeat API needs of the process: the narrow handle the runtime builds once.
+pub struct Api {
+    pub agents: Arc<Agents>,
+    pub snapshots: Arc<Snapshots>,
+    pub metrics: Metrics,
+    /// Connection tasks (the API's own listener's), waited on during a drain.
+    pub tracker: TaskTracker,
+    /// Cancelled when a drain closes the listeners: streams are told to go elsewhere.
+    pub accepting: CancellationToken,
+    /// The end of a drain: every stream ends.
+    pub close_all: CancellationToken,
+    /// The addresses sluice's running listeners are bound to (agents may not announce them).
+    pub bound: Box<dyn Fn() -> Vec<SocketAddr> + Send + Sync>,
+}
+
+impl Api {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.load()
+    }
+}
 
 /// One heartbeat as agents send it (and `sluice heartbeat` writes it).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,10 +243,9 @@ fn parse(text: &[u8]) -> Result<HeartbeatBody, Refusal> {
 }
 
 /// The addresses agents may not announce: sluice's own listeners and APIs.
-fn own_addresses(rt: &Runtime) -> Vec<SocketAddr> {
-    let snap = rt.snapshot();
-    let mut v: Vec<SocketAddr> = rt.listener_states().iter().map(|l| l.local_addr).collect();
-    v.extend(rt.quic_listeners().iter().map(|q| q.local_addr));
+fn own_addresses(api: &Api) -> Vec<SocketAddr> {
+    let snap = api.snapshot();
+    let mut v: Vec<SocketAddr> = (api.bound)();
     v.extend(snap.config.admin.address);
     v.extend(snap.config.heartbeat.address);
     v.extend(
@@ -238,15 +260,15 @@ fn own_addresses(rt: &Runtime) -> Vec<SocketAddr> {
 
 /// Validate and apply one heartbeat.
 fn apply(
-    rt: &Runtime,
+    api: &Api,
     cfg: &HeartbeatConfig,
     cred: &Credential,
     body: HeartbeatBody,
     stream: u64,
 ) -> Result<(String, Applied), Refusal> {
-    let hb = validate(body, cfg, cred, &own_addresses(rt))?;
+    let hb = validate(body, cfg, cred, &own_addresses(api))?;
     let id = hb.agent.clone();
-    let agents = &rt.agents;
+    let agents = &api.agents;
     let applied = agents
         .table
         .apply(
@@ -273,19 +295,19 @@ fn apply(
     Ok((id, applied))
 }
 
-fn count(rt: &Runtime, result: &str) {
-    rt.metrics.heartbeats.with_label_values(&[result]).inc();
+fn count(api: &Api, result: &str) {
+    api.metrics.heartbeats.with_label_values(&[result]).inc();
 }
 
-fn refuse(rt: &Runtime, (status, result, message): Refusal) -> Response<Full<Bytes>> {
-    count(rt, result);
+fn refuse(api: &Api, (status, result, message): Refusal) -> Response<Full<Bytes>> {
+    count(api, result);
     tracing::debug!(result, %status, reason = message.trim_end(), "heartbeat refused");
     reply(status, message)
 }
 
 /// Route one request.
-async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, cert: bool) -> Response<Full<Bytes>> {
-    let snap = rt.snapshot();
+async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<Full<Bytes>> {
+    let snap = api.snapshot();
     let cfg = &snap.config.heartbeat;
     let path = req.uri().path().to_owned();
     let known = matches!(
@@ -300,22 +322,22 @@ async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, cert: bool) -> Respons
     }
     let cred = match authenticate(cfg, &req, cert) {
         Ok(c) => c,
-        Err(r) => return refuse(&rt, r),
+        Err(r) => return refuse(&api, r),
     };
     if req.method() == Method::DELETE {
         let id = path.trim_start_matches("/v1/agents/");
-        return match rt
+        return match api
             .agents
             .table
             .remove(id, None, Some((&cred.owner, cred.scoped())))
         {
             Ok(true) => {
-                count(&rt, "goodbye");
+                count(&api, "goodbye");
                 tracing::info!(agent = %id, owner = %cred.owner, "agent said goodbye");
                 reply(StatusCode::OK, "removed\n")
             }
             Ok(false) => reply(StatusCode::NOT_FOUND, format!("no agent `{id}`\n")),
-            Err(e) => refuse(&rt, (StatusCode::FORBIDDEN, "forbidden", format!("{e}\n"))),
+            Err(e) => refuse(&api, (StatusCode::FORBIDDEN, "forbidden", format!("{e}\n"))),
         };
     }
     if path == "/v1/heartbeats" {
@@ -326,7 +348,7 @@ async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, cert: bool) -> Respons
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 return refuse(
-                    &rt,
+                    &api,
                     (
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "too_large",
@@ -339,7 +361,7 @@ async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, cert: bool) -> Respons
             }
             Err(e) => {
                 return refuse(
-                    &rt,
+                    &api,
                     (
                         StatusCode::BAD_REQUEST,
                         "malformed",
@@ -348,22 +370,22 @@ async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, cert: bool) -> Respons
                 )
             }
         };
-        return match parse(&body).and_then(|b| apply(&rt, cfg, &cred, b, 0)) {
+        return match parse(&body).and_then(|b| apply(&api, cfg, &cred, b, 0)) {
             Ok((_, applied)) => {
-                count(&rt, "ok");
+                count(&api, "ok");
                 reply(StatusCode::OK, format!("{applied:?}\n").to_lowercase())
             }
-            Err(r) => refuse(&rt, r),
+            Err(r) => refuse(&api, r),
         };
     }
     drop(snap);
-    stream(rt.clone(), cred, req.into_body()).await
+    stream(api.clone(), cred, req.into_body()).await
 }
 
 /// Removes the stream's agent when the stream ends, however it ends (the handler returning,
 /// or hyper dropping it because the connection broke).
 struct StreamOwner {
-    rt: Arc<Runtime>,
+    api: Arc<Api>,
     agent: Option<String>,
     stream: u64,
 }
@@ -371,8 +393,8 @@ struct StreamOwner {
 impl Drop for StreamOwner {
     fn drop(&mut self) {
         let Some(id) = self.agent.take() else { return };
-        if let Ok(true) = self.rt.agents.table.remove(&id, Some(self.stream), None) {
-            count(&self.rt, "stream_ended");
+        if let Ok(true) = self.api.agents.table.remove(&id, Some(self.stream), None) {
+            count(&self.api, "stream_ended");
             tracing::info!(agent = %id, "heartbeat stream ended: the agent's records are gone");
         }
     }
@@ -384,18 +406,18 @@ impl Drop for StreamOwner {
 /// reload ends the streams it authenticated. The stream also ends when sluice starts to
 /// drain (so agents reconnect to the process that stays), and when no line arrives within
 /// the agent's TTL (its records would have expired anyway).
-async fn stream(rt: Arc<Runtime>, cred: Credential, mut body: Incoming) -> Response<Full<Bytes>> {
+async fn stream(api: Arc<Api>, cred: Credential, mut body: Incoming) -> Response<Full<Bytes>> {
     let mut owner = StreamOwner {
-        rt: rt.clone(),
+        api: api.clone(),
         agent: None,
-        stream: rt.agents.next_stream(),
+        stream: api.agents.next_stream(),
     };
     let mut cred = cred;
     let mut pending: Vec<u8> = Vec::new();
     let mut scanned = 0usize;
     let mut applied = 0u64;
-    let mut ttl = rt.snapshot().config.heartbeat.default_ttl;
-    let draining = rt.accepting.clone();
+    let mut ttl = api.snapshot().config.heartbeat.default_ttl;
+    let draining = api.accepting.clone();
     loop {
         let frame = tokio::select! {
             f = tokio::time::timeout(ttl, body.frame()) => f,
@@ -409,7 +431,7 @@ async fn stream(rt: Arc<Runtime>, cred: Credential, mut body: Incoming) -> Respo
         let frame = match frame {
             Err(_) => {
                 return refuse(
-                    &rt,
+                    &api,
                     (
                         StatusCode::REQUEST_TIMEOUT,
                         "stream_idle",
@@ -428,7 +450,7 @@ async fn stream(rt: Arc<Runtime>, cred: Credential, mut body: Incoming) -> Respo
             continue;
         };
         pending.extend_from_slice(&data);
-        let snap = rt.snapshot();
+        let snap = api.snapshot();
         let cfg = &snap.config.heartbeat;
         // Only the new bytes are searched; consumed lines are dropped once per frame.
         let mut start = 0;
@@ -441,15 +463,15 @@ async fn stream(rt: Arc<Runtime>, cred: Credential, mut body: Incoming) -> Respo
                 continue;
             }
             if let Err(r) = recheck(cfg, &mut cred) {
-                return refuse(&rt, r);
+                return refuse(&api, r);
             }
             let parsed = match parse(line) {
                 Ok(b) => b,
-                Err(r) => return refuse(&rt, r),
+                Err(r) => return refuse(&api, r),
             };
             if owner.agent.as_deref().is_some_and(|a| a != parsed.agent) {
                 return refuse(
-                    &rt,
+                    &api,
                     (
                         StatusCode::BAD_REQUEST,
                         "malformed",
@@ -457,24 +479,24 @@ async fn stream(rt: Arc<Runtime>, cred: Credential, mut body: Incoming) -> Respo
                     ),
                 );
             }
-            match apply(&rt, cfg, &cred, parsed, owner.stream) {
+            match apply(&api, cfg, &cred, parsed, owner.stream) {
                 Ok((id, _)) => {
-                    if let Some(a) = rt.agents.table.agent(&id) {
+                    if let Some(a) = api.agents.table.agent(&id) {
                         let left = a.expires().saturating_sub(Agents::now());
                         ttl = Duration::from_millis(left.max(1000));
                     }
                     owner.agent = Some(id);
                     applied += 1;
-                    count(&rt, "ok");
+                    count(&api, "ok");
                 }
-                Err(r) => return refuse(&rt, r),
+                Err(r) => return refuse(&api, r),
             }
         }
         pending.drain(..start);
         scanned -= start;
         if pending.len() > cfg.max_body_bytes {
             return refuse(
-                &rt,
+                &api,
                 (
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "too_large",
@@ -569,22 +591,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 
 /// Terminate TLS on `io` and serve the API until the client leaves or sluice closes its
 /// connections. `Err` says why the connection ended early (for the access log).
-pub async fn serve_tls<IO>(rt: Arc<Runtime>, io: IO) -> Result<(), String>
+pub async fn serve_tls<IO>(api: Arc<Api>, io: IO) -> Result<(), String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(tls) = rt.snapshot().config.heartbeat.tls.clone() else {
+    let Some(tls) = api.snapshot().config.heartbeat.tls.clone() else {
         return Err("the heartbeat API has no certificate configured".into());
     };
     let accept = tokio_rustls::TlsAcceptor::from(tls).accept(io);
     let stream = match tokio::time::timeout(Duration::from_secs(10), accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            count(&rt, "tls_error");
+            count(&api, "tls_error");
             return Err(format!("TLS handshake failed: {e}"));
         }
         Err(_) => {
-            count(&rt, "tls_error");
+            count(&api, "tls_error");
             return Err("TLS handshake took over 10s".into());
         }
     };
@@ -597,13 +619,13 @@ where
     // anyone else holding a TLS connection open without a request is let go.
     let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let last = Arc::new(AtomicU64::new(Agents::now()));
-    let rt2 = rt.clone();
+    let api2 = api.clone();
     let (inflight2, last2) = (inflight.clone(), last.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (rt, inflight, last) = (rt2.clone(), inflight2.clone(), last2.clone());
+        let (api, inflight, last) = (api2.clone(), inflight2.clone(), last2.clone());
         async move {
             inflight.fetch_add(1, Ordering::Relaxed);
-            let resp = handle(rt, req, cert).await;
+            let resp = handle(api, req, cert).await;
             inflight.fetch_sub(1, Ordering::Relaxed);
             last.store(Agents::now(), Ordering::Relaxed);
             Ok::<_, Infallible>(resp)
@@ -627,11 +649,11 @@ where
         tokio::select! {
             r = conn.as_mut() => return r.map_err(|e| format!("heartbeat API connection: {e}")),
             // Draining (or handing over to a new binary): streams end themselves with 503.
-            _ = rt.accepting.cancelled(), if !shutting => {
+            _ = api.accepting.cancelled(), if !shutting => {
                 shutting = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = rt.close_all.cancelled() => return Ok(()),
+            _ = api.close_all.cancelled() => return Ok(()),
             _ = tick.tick() => {
                 let idle = Agents::now().saturating_sub(last.load(Ordering::Relaxed));
                 if inflight.load(Ordering::Relaxed) == 0 && idle >= IDLE_MS {
@@ -649,7 +671,7 @@ const IDLE_MS: u64 = 15_000;
 const MAX_CONNECTIONS: usize = 10_000;
 
 /// Serve the API on its own listener (`[heartbeat] address`) until `stop`.
-pub async fn listen(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: CancellationToken) {
+pub async fn listen(api: Arc<Api>, listener: Arc<TcpListener>, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         // At the cap, connections wait in the kernel's backlog.
@@ -672,13 +694,13 @@ pub async fn listen(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancella
             },
         };
         let _ = stream.set_nodelay(true);
-        let _ = crate::edge::listener::apply_keepalive(
+        let _ = crate::net::apply_keepalive(
             &socket2::SockRef::from(&stream),
             &crate::config::Keepalive::DEFAULT,
         );
-        let rt2 = rt.clone();
-        rt.tracker.spawn(async move {
-            if let Err(e) = serve_tls(rt2, stream).await {
+        let api2 = api.clone();
+        api.tracker.spawn(async move {
+            if let Err(e) = serve_tls(api2, stream).await {
                 tracing::debug!(%peer, error = %e, "heartbeat connection ended");
             }
             drop(permit);

@@ -172,9 +172,11 @@ impl Agents {
         }
     }
 
-    /// Drop records expired for longer than `keep_expired`, every second, until `stop`.
+    /// Drop records expired for longer than `keep_expired()` (the running config's), every
+    /// second, until `stop`.
     pub async fn sweep(
-        rt: std::sync::Weak<crate::control::runtime::Runtime>,
+        agents: std::sync::Weak<Agents>,
+        keep_expired: impl Fn() -> Duration,
         stop: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -184,9 +186,11 @@ impl Agents {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let Some(rt) = rt.upgrade() else { return };
-            let keep = rt.snapshot().config.heartbeat.keep_expired.as_millis() as u64;
-            let gone = rt.agents.table.sweep(Self::now(), keep);
+            let Some(agents) = agents.upgrade() else {
+                return;
+            };
+            let keep = keep_expired().as_millis() as u64;
+            let gone = agents.table.sweep(Self::now(), keep);
             if gone > 0 {
                 tracing::info!(agents = gone, "swept expired agents");
             }

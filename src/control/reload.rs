@@ -37,7 +37,7 @@ pub async fn reload(rt: &Arc<Runtime>, trigger: &str) -> Outcome {
         return Outcome::Rejected("sluice is draining; reloads are off".into());
     }
     let path = rt.snapshot().config.source.clone();
-    crate::control::server::notify_systemd(&[
+    crate::control::systemd::notify(&[
         sd_notify::NotifyState::Reloading,
         sd_notify::NotifyState::Status("reloading"),
     ]);
@@ -89,7 +89,7 @@ pub async fn reload(rt: &Arc<Runtime>, trigger: &str) -> Outcome {
         Outcome::Rejected(_) => "running; last reload rejected (see log)",
         _ => "running",
     };
-    crate::control::server::notify_systemd(&[
+    crate::control::systemd::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(status),
     ]);

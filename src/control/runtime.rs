@@ -1,17 +1,17 @@
-//! The runtime: the process-wide state every connection and the admin API share.
+//! The runtime: the process-wide state, and the one place that builds and swaps it.
 //!
-//! Owns: the current `Snapshot` (compiled routes and pools, swapped atomically as a whole),
-//! metrics, connection caps, the task tracker and stop tokens, and the lifecycle state. A
-//! connection loads the snapshot once when it is accepted and keeps that `Arc` for its whole
-//! life, so replacing the snapshot can never change an established connection.
+//! Owns: the running `Snapshot` (swapped as a whole by `apply`), the listeners (TCP and
+//! QUIC) and the sockets handed over to this process, the QUIC termination endpoints, DNS
+//! discovery and health-check tasks, connection caps, the stop tokens and the lifecycle
+//! state. Components never hold the runtime: each gets the narrow handle it uses, built here
+//! once (`Edge` for listeners and connections, `Api` for the heartbeat API, the discovery
+//! `Context`), so no module below `control` imports it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use prometheus::{IntCounter, IntGauge};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -19,183 +19,16 @@ use tokio_util::task::TaskTracker;
 
 use tokio::net::TcpListener;
 
-use crate::agents::router::ResourceTarget;
+use crate::agents::api::Api;
 use crate::agents::Agents;
-use crate::config::{Config, ListenerConfig, RouteTarget};
-use crate::edge::listener::{self, ListenerHandle, ListenerState};
+use crate::config::{Config, ListenerConfig};
+use crate::edge::connection::{Edge, EdgeParts, ListenerState};
+use crate::edge::listener::{self, ListenerHandle};
 use crate::observe::metrics::Metrics;
-use crate::upstream::{Backend, Backends, Pool};
-use sluice_core::route::{AlpnPattern, RouteTable};
-
-/// Where a compiled route sends connections.
-pub enum Target {
-    Pool(Arc<Pool>),
-    /// An agent from the heartbeat table, with session affinity.
-    Resource(Arc<ResourceTarget>),
-    /// Sluice itself terminates TLS and serves the heartbeat API.
-    Heartbeat,
-}
-
-/// A route compiled for use: its target and its metric handles resolved once.
-pub struct Route {
-    pub name: String,
-    pub target: Target,
-    pub idle_timeout: Option<std::time::Duration>,
-    pub alpn: Option<Vec<AlpnPattern>>,
-    pub bytes_to_backend: IntCounter,
-    pub bytes_to_client: IntCounter,
-    pub active: IntGauge,
-    /// `quic = "terminate"`: the quinn endpoint this route's QUIC flows go to.
-    pub terminator: Option<Arc<crate::quic::terminate::Terminator>>,
-    terminate_configured: bool,
-}
-
-impl Route {
-    /// Whether QUIC flows of this route are meant to end in sluice (even if its endpoint
-    /// failed to start: then they are refused rather than passed through).
-    pub fn is_terminated(&self) -> bool {
-        self.terminator.is_some() || self.terminate_configured
-    }
-
-    /// The pool name for logs and views (`-` for agents and the API).
-    pub fn pool_name(&self) -> &str {
-        match &self.target {
-            Target::Pool(p) => &p.name,
-            Target::Resource(_) => "-",
-            Target::Heartbeat => "-",
-        }
-    }
-
-    pub fn proxy_protocol(&self) -> crate::config::ProxyProtocol {
-        match &self.target {
-            Target::Pool(p) => p.proxy_protocol,
-            Target::Resource(r) => r.proxy_protocol,
-            Target::Heartbeat => crate::config::ProxyProtocol::None,
-        }
-    }
-
-    /// Whether a connection of this route may send a PROXY header anywhere: to its pool or
-    /// agents, or to a resource route's fallback pool (which has its own setting).
-    pub fn may_send_proxy_header(&self) -> bool {
-        use crate::config::ProxyProtocol::None;
-        self.proxy_protocol() != None
-            || matches!(&self.target, Target::Resource(r)
-                if r.fallback.as_ref().is_some_and(|p| p.proxy_protocol != None))
-    }
-
-    /// The ALPN name reported upstream in a PROXY v2 header: the first offered protocol this
-    /// route matched on, else the client's first choice. (Sluice does not terminate TLS, so the
-    /// protocol actually negotiated is not known to it.)
-    pub fn reported_alpn<'a>(&self, offered: &'a [String]) -> Option<&'a str> {
-        match &self.alpn {
-            Some(pats) => offered
-                .iter()
-                .find(|o| pats.iter().any(|p| p.matches(o)))
-                .map(String::as_str),
-            None => offered.first().map(String::as_str),
-        }
-    }
-}
-
-/// Everything a connection needs to be routed, built from one `Config`.
-pub struct Snapshot {
-    pub config: Arc<Config>,
-    pub routes: RouteTable<Arc<Route>>,
-    pub pools: BTreeMap<String, Arc<Pool>>,
-}
-
-impl Snapshot {
-    /// `warm`: this snapshot replaces a running one, so backends new to the process wait for
-    /// their pool's `min_ready`.
-    pub fn build(
-        config: Config,
-        metrics: &Metrics,
-        backends: &Backends,
-        agents: &Agents,
-        warm: bool,
-    ) -> Snapshot {
-        let pools: BTreeMap<String, Arc<Pool>> = config
-            .pools
-            .iter()
-            .map(|(name, p)| {
-                (
-                    name.clone(),
-                    Arc::new(Pool::new(p, metrics, backends, warm)),
-                )
-            })
-            .collect();
-        let routes = config
-            .routes
-            .iter()
-            .filter_map(|r| {
-                // Validation guarantees the pools exist; a missing one drops the route rather
-                // than panicking.
-                let target = match &r.target {
-                    RouteTarget::Pool(p) => Target::Pool(pools.get(p)?.clone()),
-                    RouteTarget::Resource(res) => {
-                        let fallback = match &res.fallback_pool {
-                            Some(p) => Some(pools.get(p)?.clone()),
-                            None => None,
-                        };
-                        Target::Resource(Arc::new(
-                            agents.target(&r.name, res, &config, fallback, metrics),
-                        ))
-                    }
-                    RouteTarget::Heartbeat => Target::Heartbeat,
-                };
-                let terminator = match (&r.quic_terminate, &target) {
-                    (Some(q), Target::Pool(pool)) => {
-                        let m = Arc::new(crate::quic::terminate::TerminatorMetrics {
-                            metrics: Arc::new(metrics.clone()),
-                        });
-                        match crate::quic::terminate::Terminator::start(
-                            &r.name,
-                            q.tls.clone(),
-                            pool.clone(),
-                            m,
-                        ) {
-                            Ok(t) => Some(t),
-                            Err(e) => {
-                                tracing::error!(route = %r.name, error = %e,
-                                    "cannot start the QUIC termination endpoint");
-                                None
-                            }
-                        }
-                    }
-                    _ => None,
-                };
-                let route = Route {
-                    name: r.name.clone(),
-                    target,
-                    terminator,
-                    terminate_configured: r.quic_terminate.is_some(),
-                    idle_timeout: r.idle_timeout,
-                    alpn: r.matcher.alpn.clone(),
-                    bytes_to_backend: metrics
-                        .bytes
-                        .with_label_values(&[r.name.as_str(), "to_backend"]),
-                    bytes_to_client: metrics
-                        .bytes
-                        .with_label_values(&[r.name.as_str(), "to_client"]),
-                    active: metrics.route_active.with_label_values(&[r.name.as_str()]),
-                };
-                Some((r.matcher.clone(), Arc::new(route)))
-            })
-            .collect();
-        Snapshot {
-            config: Arc::new(config),
-            routes: RouteTable::new(routes),
-            pools,
-        }
-    }
-
-    fn backend_set(&self) -> HashSet<*const Backend> {
-        self.pools
-            .values()
-            .flat_map(|p| p.backends().iter().map(Arc::as_ptr).collect::<Vec<_>>())
-            .collect()
-    }
-}
+use crate::quic::terminate::{Terminator, TerminatorMetrics};
+use crate::snapshot::{Snapshot, Snapshots, Target};
+use crate::upstream::discovery;
+use crate::upstream::Backends;
 
 /// What a reload changed, for the log line.
 #[derive(Debug, Default, Serialize)]
@@ -237,10 +70,9 @@ impl State {
 
 pub struct Runtime {
     pub metrics: Metrics,
-    snapshot: ArcSwap<Snapshot>,
+    snapshots: Arc<Snapshots>,
     state: AtomicU8,
     pub started: Instant,
-    next_conn_id: AtomicU64,
     pub global_permits: Arc<Semaphore>,
     max_connections: AtomicUsize,
     /// Every connection task; waited on during a drain.
@@ -250,7 +82,6 @@ pub struct Runtime {
     /// Closes every connection spread over `close_spread` (drain_timeout passed). A child of
     /// `hard_stop`, and the parent of every backend's `retire` token.
     pub close_all: CancellationToken,
-    close_spread_ms: AtomicU64,
     /// Parent of every listener's accept loop.
     pub accepting: CancellationToken,
     listeners: Mutex<Vec<ListenerHandle>>,
@@ -258,15 +89,19 @@ pub struct Runtime {
     quic: Mutex<Vec<Arc<crate::quic::QuicListener>>>,
     /// Listening sockets handed to this process (systemd, an upgrade), by listener name.
     inherited: Mutex<HashMap<String, std::net::TcpListener>>,
-    pub backends: Backends,
+    pub backends: Arc<Backends>,
     /// The heartbeat table and the resource routes' sessions.
-    pub agents: Agents,
+    pub agents: Arc<Agents>,
     /// One reload at a time.
     reload_lock: tokio::sync::Mutex<()>,
     /// Active health checkers, one per (pool, backend).
     checkers: crate::upstream::health::Checkers,
-    /// Idle established connections held without a task.
-    pub parking: crate::edge::parking::Parking,
+    /// What listeners and connections hold (the parking lot lives there).
+    pub edge: Arc<Edge>,
+    /// What the heartbeat API holds.
+    pub api: Arc<Api>,
+    /// What DNS discovery holds.
+    discovery: Arc<discovery::Context>,
 }
 
 impl Runtime {
@@ -283,43 +118,93 @@ impl Runtime {
         metrics.last_reload_success_timestamp.set(unix_now());
         let hard_stop = CancellationToken::new();
         let close_all = hard_stop.child_token();
-        let backends = Backends::new(close_all.clone());
-        let close_spread_ms = config.lifecycle.close_spread.as_millis() as u64;
-        let agents = Agents::new(close_all.clone());
+        let accepting = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let global_permits = Arc::new(Semaphore::new(max_connections));
+        let backends = Arc::new(Backends::new(close_all.clone()));
+        let close_spread = config.lifecycle.close_spread;
+        let agents = Arc::new(Agents::new(close_all.clone()));
         agents.configure(&config);
         let snapshot = Snapshot::build(config, &metrics, &backends, &agents, false);
-        let rt = Runtime {
-            metrics,
-            snapshot: ArcSwap::from_pointee(snapshot),
-            state: AtomicU8::new(State::Starting as u8),
-            started: Instant::now(),
-            next_conn_id: AtomicU64::new(1),
-            global_permits: Arc::new(Semaphore::new(max_connections)),
-            max_connections: AtomicUsize::new(max_connections),
-            tracker: TaskTracker::new(),
-            hard_stop,
-            close_all,
-            close_spread_ms: AtomicU64::new(close_spread_ms),
-            accepting: CancellationToken::new(),
-            listeners: Mutex::new(Vec::new()),
-            quic: Mutex::new(Vec::new()),
-            inherited: Mutex::new(HashMap::new()),
-            backends,
-            agents,
-            reload_lock: tokio::sync::Mutex::new(()),
-            checkers: Default::default(),
-            parking: crate::edge::parking::Parking::new(),
-        };
+        start_terminators(&snapshot, &metrics);
+        let snapshots = Arc::new(Snapshots::new(snapshot));
+        let rt = Arc::new_cyclic(|weak: &Weak<Runtime>| {
+            let bound = weak.clone();
+            let api = Arc::new(Api {
+                agents: agents.clone(),
+                snapshots: snapshots.clone(),
+                metrics: metrics.clone(),
+                tracker: tracker.clone(),
+                accepting: accepting.clone(),
+                close_all: close_all.clone(),
+                bound: Box::new(move || bound.upgrade().map_or_else(Vec::new, |rt| rt.bound())),
+            });
+            let edge = Arc::new(Edge::new(EdgeParts {
+                metrics: metrics.clone(),
+                snapshots: snapshots.clone(),
+                tracker: tracker.clone(),
+                hard_stop: hard_stop.clone(),
+                close_all: close_all.clone(),
+                accepting: accepting.clone(),
+                global_permits: global_permits.clone(),
+                api: api.clone(),
+                close_spread,
+            }));
+            let changed = weak.clone();
+            let discovery = Arc::new(discovery::Context {
+                metrics: metrics.clone(),
+                backends: backends.clone(),
+                changed: Box::new(move || {
+                    if let Some(rt) = changed.upgrade() {
+                        rt.sync_checks();
+                    }
+                }),
+            });
+            Runtime {
+                metrics,
+                snapshots,
+                state: AtomicU8::new(State::Starting as u8),
+                started: Instant::now(),
+                global_permits,
+                max_connections: AtomicUsize::new(max_connections),
+                tracker,
+                hard_stop,
+                close_all,
+                accepting,
+                listeners: Mutex::new(Vec::new()),
+                quic: Mutex::new(Vec::new()),
+                inherited: Mutex::new(HashMap::new()),
+                backends,
+                agents,
+                reload_lock: tokio::sync::Mutex::new(()),
+                checkers: Default::default(),
+                edge,
+                api,
+                discovery,
+            }
+        });
         rt.set_state(State::Starting);
-        Arc::new(rt)
+        rt
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
+        self.snapshots.load()
     }
 
-    pub fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    /// The shared snapshot cell (for tasks that outlive a reload: the agent sweeper).
+    pub fn snapshots(&self) -> Arc<Snapshots> {
+        self.snapshots.clone()
+    }
+
+    /// The addresses the running listeners are bound to.
+    fn bound(&self) -> Vec<std::net::SocketAddr> {
+        let mut v: Vec<std::net::SocketAddr> = self
+            .listener_states()
+            .iter()
+            .map(|l| l.local_addr)
+            .collect();
+        v.extend(self.quic_listeners().iter().map(|q| q.local_addr));
+        v
     }
 
     pub fn state(&self) -> State {
@@ -362,7 +247,7 @@ impl Runtime {
 
     /// The window over which connections still open at a forced close are spread.
     pub fn close_spread(&self) -> Duration {
-        Duration::from_millis(self.close_spread_ms.load(Ordering::Relaxed))
+        self.edge.close_spread()
     }
 
     pub fn listener_states(&self) -> Vec<Arc<ListenerState>> {
@@ -405,8 +290,9 @@ impl Runtime {
                 continue;
             };
             if cfg.discovery.is_some() {
-                tokio::spawn(crate::upstream::discovery::run(
-                    Arc::downgrade(self),
+                tokio::spawn(discovery::run(
+                    Arc::downgrade(&self.discovery),
+                    snap.config.dns.clone(),
                     Arc::downgrade(pool),
                     cfg.clone(),
                     pool.discovery_stop.clone(),
@@ -558,7 +444,7 @@ impl Runtime {
                 }
                 (None, None) => continue,
             };
-            match ListenerHandle::start(self, cfg.clone(), socket, &self.accepting) {
+            match ListenerHandle::start(&self.edge, cfg.clone(), socket, &self.accepting) {
                 Ok(h) => {
                     tracing::info!(listener = %cfg.name, address = %h.state.local_addr, "listening");
                     next.push(h);
@@ -625,7 +511,7 @@ impl Runtime {
         }
         for (cfg, sock) in fresh {
             let name = cfg.name.clone();
-            match crate::quic::QuicListener::start(self, cfg, sock) {
+            match crate::quic::QuicListener::start(&self.edge, cfg, sock) {
                 Ok(q) => {
                     if was.contains(&name) {
                         updated.push(name);
@@ -691,6 +577,7 @@ impl Runtime {
                 &self.agents,
                 true,
             ));
+            start_terminators(&snap, &self.metrics);
             for (name, pool) in &snap.pools {
                 if let (Some(old_pool), Some(new_cfg)) =
                     (old.pools.get(name), snap.config.pools.get(name))
@@ -698,7 +585,7 @@ impl Runtime {
                     crate::upstream::discovery::seed(pool, new_cfg, old_pool);
                 }
             }
-            self.snapshot.store(snap.clone());
+            self.snapshots.store(snap.clone());
             new = Some(snap);
         })?;
         let Some(new) = new else {
@@ -724,8 +611,7 @@ impl Runtime {
             });
         }
         self.metrics.max_connections.set(max as i64);
-        self.close_spread_ms
-            .store(lifecycle_spread.as_millis() as u64, Ordering::Relaxed);
+        self.edge.set_close_spread(lifecycle_spread);
 
         let kept = new.backend_set();
         let before = old.backend_set();
@@ -755,6 +641,35 @@ impl Runtime {
             .with_label_values(&[summary.hash.as_str()])
             .set(1);
         Ok(summary)
+    }
+}
+
+/// Start the QUIC endpoints of the `quic = "terminate"` routes of `snap` and attach them to
+/// their routes (before the snapshot is published). A route whose endpoint cannot start
+/// refuses its QUIC flows rather than passing them through.
+fn start_terminators(snap: &Snapshot, metrics: &Metrics) {
+    for r in &snap.config.routes {
+        let Some(q) = &r.quic_terminate else {
+            continue;
+        };
+        let Some((_, route)) = snap.routes.iter().find(|(_, route)| route.name == r.name) else {
+            continue;
+        };
+        let Target::Pool(pool) = &route.target else {
+            continue;
+        };
+        let m = Arc::new(TerminatorMetrics {
+            metrics: Arc::new(metrics.clone()),
+        });
+        match Terminator::start(&r.name, q.tls.clone(), pool.clone(), m) {
+            Ok(t) => {
+                let _ = route.terminator.set(t);
+            }
+            Err(e) => {
+                tracing::error!(route = %r.name, error = %e,
+                    "cannot start the QUIC termination endpoint");
+            }
+        }
     }
 }
 

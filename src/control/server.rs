@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::control::handover::{self, ControlSocket, Takeover};
 use crate::control::runtime::{Runtime, State};
+use crate::control::systemd;
+use crate::edge::connection::Edge;
 use crate::observe::metrics::Metrics;
 
 /// The admin or heartbeat API's listener: the inherited socket if there is one, else a new
@@ -43,14 +45,6 @@ async fn side_listener(
             .with_context(|| format!("{what}: cannot bind {addr}"))?,
     };
     Ok(Some(Arc::new(l)))
-}
-
-/// Tell systemd (when run under it with `Type=notify`) about a state change. A no-op
-/// elsewhere.
-pub fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::debug!(error = %e, "sd_notify failed");
-    }
 }
 
 pub struct Server {
@@ -105,17 +99,20 @@ impl Server {
         if let Some(l) = &heartbeat {
             tracing::info!(address = %l.local_addr()?, "heartbeat API listening");
             tokio::spawn(crate::agents::api::listen(
-                rt.clone(),
+                rt.api.clone(),
                 l.clone(),
                 stop_admin.clone(),
             ));
         }
         tokio::spawn(crate::edge::parking::run(
-            Arc::downgrade(&rt),
+            Arc::downgrade(&rt.edge),
+            |edge: &Edge| &edge.parking,
             rt.close_all.clone(),
         ));
+        let snapshots = rt.snapshots();
         tokio::spawn(crate::agents::Agents::sweep(
-            Arc::downgrade(&rt),
+            Arc::downgrade(&rt.agents),
+            move || snapshots.load().config.heartbeat.keep_expired,
             rt.hard_stop.clone(),
         ));
 
@@ -126,7 +123,7 @@ impl Server {
             if rt2.state() == State::Starting {
                 rt2.set_state(State::Ready);
                 tracing::info!(min_ready = ?min_ready, "ready");
-                notify_systemd(&[
+                systemd::notify(&[
                     sd_notify::NotifyState::Ready,
                     sd_notify::NotifyState::Status("running"),
                 ]);
@@ -195,7 +192,7 @@ impl Server {
         // After a handover the successor is the service's main process: STOPPING=1 from
         // here would make systemd stop the whole unit, successor included.
         if delay {
-            notify_systemd(&[
+            systemd::notify(&[
                 sd_notify::NotifyState::Stopping,
                 sd_notify::NotifyState::Status("draining"),
             ]);
@@ -296,7 +293,7 @@ impl Server {
             let old = takeover.old_pid;
             match tokio::task::spawn_blocking(move || takeover.finish()).await {
                 Ok(Ok(())) => {
-                    notify_systemd(&[sd_notify::NotifyState::MainPid(std::process::id())]);
+                    systemd::notify(&[sd_notify::NotifyState::MainPid(std::process::id())]);
                     tracing::info!(
                         old_pid = old,
                         "upgrade complete: the old process is draining"

@@ -1,297 +1,126 @@
 //! One client connection, from accept to close.
 //!
-//! Owns: the I/O shell around the hello parser (read until complete, under `hello_timeout`
-//! and `max_hello_size`), the routing decision, the backend connect, replaying the buffered
-//! hello (behind an optional PROXY header), the relay, and the access-log line. A hello that is
-//! malformed, oversized or too slow is closed with a counted reason; it is never routed to a
-//! default pool.
+//! Owns: the connection's two phases. Establishing (`start`, `establish`): read the first
+//! bytes (`hello`), route with the snapshot the connection was accepted under, connect a
+//! backend, replay the buffered hello behind an optional PROXY header. Relaying (`Serve`,
+//! `Relaying`): move bytes until both sides finish, leaving the task for the parking lot
+//! while idle (`Parked`, the park/resume protocol with `parking`). Also the narrow handle
+//! every connection holds (`Edge`) and the listener as its connections know it
+//! (`ListenerState`).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::BufMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::Keepalive;
-use crate::control::runtime::{Route, Runtime, Snapshot, Target};
-use crate::edge::listener::ListenerState;
+use crate::agents::api::Api;
+use crate::config::{Keepalive, ListenerConfig};
+use crate::edge::access_log::{Log, Names};
+use crate::edge::hello::{read_hello, read_proxy_header, Hello};
+use crate::edge::parking::{self, Parking};
 use crate::edge::relay::{self, Relayed};
-use crate::upstream::{ActiveGuard, Backend, Dialed};
+use crate::observe::metrics::Metrics;
+use crate::snapshot::{Route, Snapshot, Snapshots, Target};
+use crate::upstream::{ActiveGuard, Dialed};
 use sluice_core::close::CloseReason;
-use sluice_core::hello::{self, ClientHello, Parse};
-use sluice_core::proxy::{self, HeaderInfo, Origin, Step};
+use sluice_core::proxy::{self, HeaderInfo};
 use sluice_core::route::{Facts, TlsFacts};
 
-/// How reading the first bytes ended.
-enum Hello {
-    Tls(ClientHello),
-    Plain,
-    /// The connection is over; the label is both the hello metric result and the close reason.
-    Rejected(&'static str, String),
+/// What the edge needs of the process: the narrow handle the runtime builds once and every
+/// listener, connection and the parking lot hold (never the runtime itself).
+pub struct Edge {
+    pub metrics: Metrics,
+    pub snapshots: Arc<Snapshots>,
+    /// Every connection task; waited on during a drain.
+    pub tracker: TaskTracker,
+    /// Closes every connection at once (the very end of a drain, a second signal).
+    pub hard_stop: CancellationToken,
+    /// Closes every connection spread over `close_spread` (drain_timeout passed).
+    pub close_all: CancellationToken,
+    /// Parent of every listener's accept loop; cancelled when a drain closes the listeners.
+    pub accepting: CancellationToken,
+    /// The process-wide connection cap (`limits.max_connections`).
+    pub global_permits: Arc<Semaphore>,
+    /// Idle established connections held without a task.
+    pub parking: Parking<Parked>,
+    /// The heartbeat API, for routes with `serve = "heartbeat"`.
+    pub api: Arc<Api>,
+    next_conn_id: AtomicU64,
+    close_spread_ms: AtomicU64,
 }
 
-/// Read and strip an inbound PROXY header per the listener's `accept_proxy` (the policy is
-/// `sluice_core::proxy::inbound`). On success the bytes after the header stay in `buf` (the
-/// start of the hello), with the metric result: `ok` (an origin), `local` (a LOCAL/UNKNOWN
-/// header: the connection's own addresses stand), `absent` (optional mode, no header).
-/// `Err((result, reason, detail))`: the connection is closed.
-async fn read_proxy_header(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    cfg: &crate::config::ListenerConfig,
-    peer: SocketAddr,
-    deadline: tokio::time::Instant,
-) -> Result<(Option<Origin>, &'static str), (&'static str, CloseReason, String)> {
-    let trusted = proxy::is_trusted(&cfg.trusted_proxies, peer.ip());
-    loop {
-        match proxy::inbound(cfg.accept_proxy, trusted, peer, buf) {
-            Step::More => {}
-            Step::Accept {
-                consumed,
-                origin,
-                result,
-            } => {
-                buf.drain(..consumed);
-                return Ok((origin, result));
-            }
-            Step::Refuse {
-                result,
-                reason,
-                detail,
-            } => return Err((result, reason, detail)),
-        }
-        if buf.capacity() == buf.len() {
-            buf.reserve(512);
-        }
-        let room = proxy::MAX_V2_HEADER.saturating_sub(buf.len());
-        match read_more(stream, buf, room, deadline).await {
-            Err(_) => {
-                return Err((
-                    "timeout",
-                    CloseReason::ProxyTimeout,
-                    "no complete PROXY header within hello_timeout".into(),
-                ))
-            }
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return Err((
-                    "eof",
-                    CloseReason::ClientClosedEarly,
-                    "client closed before a complete PROXY header".into(),
-                ))
-            }
-            Ok(Ok(_)) => {}
+/// The shared parts of an `Edge` (the runtime keeps the same handles).
+pub struct EdgeParts {
+    pub metrics: Metrics,
+    pub snapshots: Arc<Snapshots>,
+    pub tracker: TaskTracker,
+    pub hard_stop: CancellationToken,
+    pub close_all: CancellationToken,
+    pub accepting: CancellationToken,
+    pub global_permits: Arc<Semaphore>,
+    pub api: Arc<Api>,
+    pub close_spread: Duration,
+}
+
+impl Edge {
+    pub fn new(p: EdgeParts) -> Edge {
+        Edge {
+            parking: Parking::new(
+                p.metrics.relay_parked.clone(),
+                p.metrics.relay_parks.clone(),
+                p.tracker.clone(),
+            ),
+            metrics: p.metrics,
+            snapshots: p.snapshots,
+            tracker: p.tracker,
+            hard_stop: p.hard_stop,
+            close_all: p.close_all,
+            accepting: p.accepting,
+            global_permits: p.global_permits,
+            api: p.api,
+            next_conn_id: AtomicU64::new(1),
+            close_spread_ms: AtomicU64::new(p.close_spread.as_millis() as u64),
         }
     }
-}
 
-/// Read more of what the client sends first into `buf`, at most `room` bytes, by `deadline`.
-///
-/// The socket is tried before its readiness is awaited, as HAProxy's speculative I/O does: a
-/// connection just accepted nearly always has its hello waiting, but tokio learns a new
-/// socket's readiness only from the poller, so an awaited read would first park the task for
-/// a turn of the poller (and arm the timer) to read bytes that are already there.
-async fn read_more(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    room: usize,
-    deadline: tokio::time::Instant,
-) -> Result<std::io::Result<usize>, tokio::time::error::Elapsed> {
-    if let Some(read) = read_now(stream, buf, room) {
-        return Ok(read);
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.load()
     }
-    tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await
-}
 
-/// One read on the socket, bypassing tokio's readiness; `None` if nothing is there yet.
-fn read_now(stream: &TcpStream, buf: &mut Vec<u8>, room: usize) -> Option<std::io::Result<usize>> {
-    use std::io::Read as _;
-    let start = buf.len();
-    let want = room.min((buf.capacity() - start).max(512));
-    buf.resize(start + want, 0);
-    let read = (&*socket2::SockRef::from(stream)).read(&mut buf[start..]);
-    buf.truncate(start + *read.as_ref().unwrap_or(&0));
-    match read {
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-            ) =>
-        {
-            None
-        }
-        read => Some(read),
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The window over which connections still open at a forced close are spread.
+    pub fn close_spread(&self) -> Duration {
+        Duration::from_millis(self.close_spread_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn set_close_spread(&self, spread: Duration) {
+        self.close_spread_ms
+            .store(spread.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether listeners take new connections (false once a drain closed them).
+    pub fn accepting_new(&self) -> bool {
+        !self.accepting.is_cancelled()
     }
 }
 
-async fn read_hello(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    state: &ListenerState,
-    deadline: tokio::time::Instant,
-) -> Hello {
-    let cap = state.config.max_hello_size;
-    loop {
-        match hello::parse(buf) {
-            Parse::Hello { hello, .. } => return Hello::Tls(hello),
-            Parse::NotTls => return Hello::Plain,
-            Parse::Malformed(m) => {
-                return Hello::Rejected("malformed", format!("malformed ClientHello: {m}"))
-            }
-            Parse::Incomplete { needed_at_least } => {
-                if needed_at_least.is_some_and(|n| n > cap) {
-                    return Hello::Rejected(
-                        "too_large",
-                        format!(
-                            "ClientHello needs at least {} bytes; max_hello_size is {cap}",
-                            needed_at_least.unwrap_or(0)
-                        ),
-                    );
-                }
-                if buf.len() >= cap {
-                    return Hello::Rejected(
-                        "too_large",
-                        format!("ClientHello larger than max_hello_size ({cap} bytes)"),
-                    );
-                }
-            }
-        }
-        let room = cap - buf.len();
-        if buf.len() == buf.capacity() {
-            // Grow by doubling: most hellos fit the first 1 KiB, Chrome's in 2 KiB.
-            buf.reserve(buf.capacity().max(512).min(room));
-        }
-        match read_more(stream, buf, room, deadline).await {
-            Err(_) => {
-                return Hello::Rejected(
-                    "timeout",
-                    format!(
-                        "no complete ClientHello within hello_timeout ({} bytes received)",
-                        buf.len()
-                    ),
-                )
-            }
-            Ok(Ok(0)) => {
-                return Hello::Rejected(
-                    "eof",
-                    format!(
-                        "client closed after {} bytes, before a complete hello",
-                        buf.len()
-                    ),
-                )
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Hello::Rejected("eof", format!("read error before hello: {e}")),
-        }
-    }
-}
-
-/// The hello's SNI and ALPN list as the log prints them, `sni '\n' alpn,alpn` (`-` for
-/// none; empty before a hello is parsed). Inline when it fits, as nearly all do: a parked
-/// connection then holds no allocation of its own (see `parking`).
-enum Names {
-    Inline { len: u8, bytes: [u8; NAMES_INLINE] },
-    Boxed(Box<str>),
-}
-
-/// Room for a long SNI and Teleport's two tunnel ALPN names.
-const NAMES_INLINE: usize = 94;
-
-impl Names {
-    fn new(text: &str) -> Names {
-        if text.len() > NAMES_INLINE {
-            return Names::Boxed(text.into());
-        }
-        let mut bytes = [0; NAMES_INLINE];
-        bytes[..text.len()].copy_from_slice(text.as_bytes());
-        Names::Inline {
-            len: text.len() as u8,
-            bytes,
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        match self {
-            // Copied from a `str` whole: always valid UTF-8.
-            Names::Inline { len, bytes } => {
-                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or("")
-            }
-            Names::Boxed(b) => b,
-        }
-    }
-}
-
-/// The access-log record, filled in as the connection progresses.
-struct Log {
-    id: u64,
-    client: SocketAddr,
-    tls_names: Names,
-    /// Names come from these at emit time: no per-connection string copies.
-    route: Option<Arc<Route>>,
-    backend: Option<Arc<Backend>>,
-    to_backend: u64,
-    to_client: u64,
-    started: Instant,
-    end: CloseReason,
-    detail: String,
-}
-
-impl Log {
-    /// Record the hello's names.
-    fn set_tls_names(&mut self, sni: Option<&str>, alpn: &[String]) {
-        let mut names = String::with_capacity(
-            sni.map_or(1, str::len) + 1 + alpn.iter().map(|a| a.len() + 1).sum::<usize>(),
-        );
-        names.push_str(sni.unwrap_or("-"));
-        names.push('\n');
-        if alpn.is_empty() {
-            names.push('-');
-        }
-        for (i, a) in alpn.iter().enumerate() {
-            if i > 0 {
-                names.push(',');
-            }
-            names.push_str(a);
-        }
-        self.tls_names = Names::new(&names);
-    }
-
-    /// (SNI, ALPN list) as logged.
-    fn tls_names(&self) -> (&str, &str) {
-        self.tls_names
-            .as_str()
-            .split_once('\n')
-            .unwrap_or(("-", "-"))
-    }
-
-    fn route_name(&self) -> &str {
-        self.route.as_ref().map_or("none", |r| r.name.as_str())
-    }
-
-    fn emit(&self, listener: &str) {
-        let (sni, alpn) = self.tls_names();
-        tracing::info!(
-            target: "sluice::access",
-            conn = self.id,
-            client = %self.client,
-            listener,
-            sni,
-            alpn = %alpn,
-            route = self.route_name(),
-            pool = self.route.as_ref().map_or("-", |r| r.pool_name()),
-            backend = self.backend.as_ref().map_or("-", |b| b.name.as_str()),
-            bytes_to_backend = self.to_backend,
-            bytes_to_client = self.to_client,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            end = self.end.label(),
-            detail = %self.detail,
-            "connection closed"
-        );
-    }
+/// A listener as its connections know it.
+pub struct ListenerState {
+    pub config: ListenerConfig,
+    pub local_addr: SocketAddr,
+    pub permits: Option<Arc<Semaphore>>,
+    /// `sluice_connections_active{listener}`, resolved once for all its connections.
+    pub active: prometheus::IntGauge,
 }
 
 /// Serve one accepted connection: the task `listener` spawns. Two phases with different
@@ -300,13 +129,13 @@ impl Log {
 /// second, so it stays small; once idle for `park_idle_after` it leaves its task altogether
 /// for the parking lot (`Parked`; see `parking` and `bench/findings.md`).
 pub fn serve(
-    rt: Arc<Runtime>,
+    edge: Arc<Edge>,
     state: Arc<ListenerState>,
     stream: TcpStream,
     client: SocketAddr,
     permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 ) -> Serve {
-    Serve::Establishing(Box::pin(start(rt, state, stream, client, permits)))
+    Serve::Establishing(Box::pin(start(edge, state, stream, client, permits)))
 }
 
 /// The future of one connection. The size difference between the variants is the point:
@@ -363,8 +192,8 @@ impl std::future::Future for Serve {
                             if let Some(keepalive) = r.relay.take_keepalive() {
                                 arm_keepalive(r.log.id, &r.backend, &keepalive);
                             }
-                            let rt = r.conn.rt.clone();
-                            match crate::edge::parking::Parking::park(&rt, r) {
+                            let edge = r.conn.edge.clone();
+                            match edge.parking.park(r) {
                                 Ok(()) => return Poll::Ready(()),
                                 Err(mut r) => {
                                     r.relay.never_park();
@@ -393,9 +222,7 @@ pub struct Relaying {
 /// Set the backend leg's TCP keepalive; a failure costs the connection its keepalive, not
 /// the connection.
 fn arm_keepalive(conn: u64, backend: &TcpStream, keepalive: &Keepalive) {
-    if let Err(e) =
-        crate::edge::listener::apply_keepalive(&socket2::SockRef::from(backend), keepalive)
-    {
+    if let Err(e) = crate::net::apply_keepalive(&socket2::SockRef::from(backend), keepalive) {
         tracing::warn!(conn, error = %e, "cannot set TCP keepalive on the backend socket");
     }
 }
@@ -405,7 +232,7 @@ fn arm_keepalive(conn: u64, backend: &TcpStream, keepalive: &Keepalive) {
 struct Conn {
     route: Arc<Route>,
     guard: ActiveGuard,
-    rt: Arc<Runtime>,
+    edge: Arc<Edge>,
     state: Arc<ListenerState>,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
@@ -415,7 +242,7 @@ impl Conn {
         let Conn {
             route,
             guard,
-            rt,
+            edge,
             state,
             ..
         } = self;
@@ -427,7 +254,7 @@ impl Conn {
             log.detail = "idle_timeout reached".into();
         }
         drop(guard);
-        closed(&rt, &state, log);
+        closed(&edge, &state, log);
     }
 
     /// Close on an internal failure while parking or resuming (the sockets are already
@@ -446,7 +273,7 @@ impl Conn {
     /// When the connection must close (see `stop_signal`).
     fn stop(&self) -> relay::StopSignal {
         Box::pin(stop_signal(
-            self.rt.clone(),
+            self.edge.clone(),
             self.guard.backend().retire.clone(),
         ))
     }
@@ -465,22 +292,22 @@ fn watched(
     ]
 }
 
-impl Relaying {
-    /// Its backend was retired: it must not park (its stop signal is about to close it).
-    pub(crate) fn retired(&self) -> bool {
+impl parking::Pause for Relaying {
+    type Parked = Parked;
+
+    fn retired(&self) -> bool {
         self.conn.retired()
     }
 
-    /// The sockets the parking lot must watch.
-    pub(crate) fn watched(&self) -> [Option<std::os::fd::RawFd>; 2] {
+    fn watched(&self) -> [Option<std::os::fd::RawFd>; 2] {
         watched(self.relay.reading(), &self.client, &self.backend)
     }
 
     /// Leave the task: both sockets are taken out of tokio's reactor, and the task, its
     /// registrations, its timer and its boxes are freed. What is left is one flat value that
-    /// the lot stores inline. `Err`: a socket could not be deregistered and is lost; the
+    /// the lot stores inline. `None`: a socket could not be deregistered and is lost; the
     /// connection is closed.
-    pub(crate) fn pause(self, tracked: TaskTrackerToken) -> Result<Parked, ()> {
+    fn pause(self, tracked: TaskTrackerToken) -> Option<Parked> {
         let Relaying {
             client,
             backend,
@@ -494,10 +321,10 @@ impl Relaying {
             (Err(e), _) | (_, Err(e)) => {
                 let detail = format!("cannot park the connection: {e}");
                 conn.fail(&mut log, &relay, detail);
-                return Err(());
+                return None;
             }
         };
-        Ok(Parked {
+        Some(Parked {
             client,
             backend,
             relay,
@@ -520,24 +347,20 @@ pub struct Parked {
     _tracked: TaskTrackerToken,
 }
 
-impl Parked {
-    /// The sockets the lot watches.
-    pub(crate) fn watched(&self) -> [Option<std::os::fd::RawFd>; 2] {
+impl parking::Park for Parked {
+    fn watched(&self) -> [Option<std::os::fd::RawFd>; 2] {
         watched(self.relay.reading(), &self.client, &self.backend)
     }
 
-    /// Its backend was retired: the lot must hand it back (its task then closes it).
-    pub(crate) fn retired(&self) -> bool {
+    fn retired(&self) -> bool {
         self.conn.retired()
     }
 
-    /// When its idle timeout passes (the lot must hand it back then); `None`: never.
-    pub(crate) fn idle_deadline(&self) -> Option<tokio::time::Instant> {
+    fn idle_deadline(&self) -> Option<tokio::time::Instant> {
         self.relay.idle_deadline()
     }
 
-    /// Back to a task of its own (inside the runtime), relaying where it left off.
-    pub(crate) fn resume(self) {
+    fn resume(self) {
         let Parked {
             client,
             backend,
@@ -549,8 +372,8 @@ impl Parked {
         match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
             (Ok(client), Ok(backend)) => {
                 let relay = relay.resume(conn.stop());
-                let rt = conn.rt.clone();
-                rt.tracker.spawn(Serve::Relaying(Relaying {
+                let edge = conn.edge.clone();
+                edge.tracker.spawn(Serve::Relaying(Relaying {
                     client,
                     backend,
                     relay,
@@ -567,9 +390,9 @@ impl Parked {
 }
 
 /// Count a connection's end and write its access-log line.
-fn closed(rt: &Runtime, state: &ListenerState, log: &Log) {
+fn closed(edge: &Edge, state: &ListenerState, log: &Log) {
     let listener = state.config.name.as_str();
-    rt.metrics
+    edge.metrics
         .closed
         .with_label_values(&[listener, log.route_name(), log.end.label()])
         .inc();
@@ -579,7 +402,7 @@ fn closed(rt: &Runtime, state: &ListenerState, log: &Log) {
 
 /// The establishing phase: `Some` once the hello is replayed to a backend.
 async fn start(
-    rt: Arc<Runtime>,
+    edge: Arc<Edge>,
     state: Arc<ListenerState>,
     mut stream: TcpStream,
     client: SocketAddr,
@@ -587,7 +410,7 @@ async fn start(
 ) -> Option<Relaying> {
     state.active.inc();
     let mut log = Box::new(Log {
-        id: rt.next_conn_id(),
+        id: edge.next_conn_id(),
         client,
         tls_names: Names::new(""),
         route: None,
@@ -599,8 +422,8 @@ async fn start(
         detail: String::new(),
     });
     // The config this connection lives with, whatever reloads happen later.
-    let snapshot = rt.snapshot();
-    let established = establish(&rt, &state, &mut stream, &snapshot, &mut log).await;
+    let snapshot = edge.snapshot();
+    let established = establish(&edge, &state, &mut stream, &snapshot, &mut log).await;
     let park_after = snapshot.config.limits.park_idle_after;
     drop(snapshot);
     let (backend, keepalive, route, guard) = match established {
@@ -612,7 +435,7 @@ async fn start(
             // Boxed: its future is large, and inline it would make every connection's
             // establishing phase that large too (4.9 KB instead of 1.3).
             let api = Box::pin(crate::agents::api::serve_tls(
-                rt.clone(),
+                edge.api.clone(),
                 crate::agents::api::Rewind::new(hello, stream),
             ));
             match api.await {
@@ -622,11 +445,11 @@ async fn start(
                     log.detail = e;
                 }
             }
-            closed(&rt, &state, &log);
+            closed(&edge, &state, &log);
             return None;
         }
         None => {
-            closed(&rt, &state, &log);
+            closed(&edge, &state, &log);
             return None;
         }
     };
@@ -634,7 +457,7 @@ async fn start(
     let conn = Conn {
         route,
         guard,
-        rt,
+        edge,
         state,
         _permits: permits,
     };
@@ -662,21 +485,21 @@ async fn start(
 /// backend's `removed_drain_timeout`, or the end of a drain, through the runtime's
 /// `close_all`); then it waits a random part of `close_spread`, so that thousands of tunnels
 /// do not all reconnect in the same second. `hard_stop` cuts the wait short.
-async fn stop_signal(rt: Arc<Runtime>, retire: CancellationToken) -> CloseReason {
+async fn stop_signal(edge: Arc<Edge>, retire: CancellationToken) -> CloseReason {
     retire.cancelled().await;
-    let end = if rt.close_all.is_cancelled() {
+    let end = if edge.close_all.is_cancelled() {
         CloseReason::Shutdown
     } else {
         CloseReason::BackendRemoved
     };
-    let spread = rt.close_spread();
-    if !rt.hard_stop.is_cancelled() && !spread.is_zero() {
+    let spread = edge.close_spread();
+    if !edge.hard_stop.is_cancelled() && !spread.is_zero() {
         // Boxed: an idle connection's future only holds the first wait.
         let wait = spread.mul_f64(rand::random::<f64>());
         Box::pin(async {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = rt.hard_stop.cancelled() => {}
+                _ = edge.hard_stop.cancelled() => {}
             }
         })
         .await;
@@ -687,7 +510,7 @@ async fn stop_signal(rt: Arc<Runtime>, retire: CancellationToken) -> CloseReason
 /// Read the hello, route, connect, replay the hello. `None`: the connection is over (the log
 /// says why).
 async fn establish(
-    rt: &Runtime,
+    edge: &Edge,
     state: &ListenerState,
     stream: &mut TcpStream,
     snapshot: &Snapshot,
@@ -704,7 +527,7 @@ async fn establish(
         let result = match &outcome {
             Ok((_, result)) | Err((result, _, _)) => *result,
         };
-        rt.metrics
+        edge.metrics
             .proxy_inbound
             .with_label_values(&[listener, result])
             .inc();
@@ -724,13 +547,13 @@ async fn establish(
             }
         }
     }
-    let hello = read_hello(stream, &mut buf, state, deadline).await;
+    let hello = read_hello(stream, &mut buf, &state.config, deadline).await;
     let result = match &hello {
         Hello::Tls(_) => "ok",
         Hello::Plain => "not_tls",
         Hello::Rejected(result, _) => result,
     };
-    rt.metrics
+    edge.metrics
         .hello
         .with_label_values(&[listener, result])
         .inc();
@@ -763,7 +586,7 @@ async fn establish(
         }),
     };
     let Some(route) = snapshot.routes.select(&facts) else {
-        rt.metrics
+        edge.metrics
             .route_decisions
             .with_label_values(&[listener, "none"])
             .inc();
@@ -775,7 +598,7 @@ async fn establish(
         log.detail = "no route matches this connection".into();
         return None;
     };
-    rt.metrics
+    edge.metrics
         .route_decisions
         .with_label_values(&[listener, route.name.as_str()])
         .inc();
@@ -810,10 +633,10 @@ async fn establish(
         }
     };
     let connected = match &route.target {
-        Target::Pool(pool) => pool.connect(log.client, sni, &first, &rt.metrics).await,
+        Target::Pool(pool) => pool.connect(log.client, sni, &first, &edge.metrics).await,
         Target::Resource(res) => {
             let hello = &first[first.len() - hello_len..];
-            res.connect(log.client, sni, &first, hello, &info, &rt.metrics)
+            res.connect(log.client, sni, &first, hello, &info, &edge.metrics)
                 .await
         }
         // Such a route has no PROXY header: `first` is what the client sent.
@@ -853,20 +676,4 @@ enum Established {
     Relay(TcpStream, Keepalive, Arc<Route>, ActiveGuard),
     /// A `serve = "heartbeat"` route: sluice terminates TLS itself; these bytes were read.
     Api(Vec<u8>),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Names;
-
-    #[test]
-    fn names_are_inline_when_short_and_exact_either_way() {
-        let short = "tunnel.example.com\nteleport-reversetunnelv2,teleport-reversetunnel";
-        assert!(matches!(Names::new(short), Names::Inline { .. }));
-        assert_eq!(Names::new(short).as_str(), short);
-        let long = format!("{}.example.com\nh2", "a".repeat(200));
-        assert!(matches!(Names::new(&long), Names::Boxed(_)));
-        assert_eq!(Names::new(&long).as_str(), long);
-        assert_eq!(Names::new("").as_str(), "");
-    }
 }

@@ -12,13 +12,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Keepalive, ListenerConfig};
-use crate::control::runtime::Runtime;
+use crate::config::ListenerConfig;
+use crate::edge::connection::{Edge, ListenerState};
 
 /// A listening socket for `cfg`: one handed over (systemd socket activation, or the previous
 /// sluice in an upgrade) under the listener's name if there is one, else a new one.
@@ -62,28 +62,6 @@ pub fn bind(cfg: &ListenerConfig) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-pub fn apply_keepalive(sock: &SockRef<'_>, ka: &Keepalive) -> io::Result<()> {
-    match ka.idle {
-        None => sock.set_keepalive(false),
-        Some(idle) => {
-            let params = TcpKeepalive::new()
-                .with_time(idle)
-                .with_interval(ka.interval)
-                .with_retries(ka.count);
-            sock.set_tcp_keepalive(&params)
-        }
-    }
-}
-
-/// A listener as its connections know it.
-pub struct ListenerState {
-    pub config: ListenerConfig,
-    pub local_addr: SocketAddr,
-    pub permits: Option<Arc<Semaphore>>,
-    /// `sluice_connections_active{listener}`, resolved once for all its connections.
-    pub active: prometheus::IntGauge,
-}
-
 /// A running listener: its socket and the accept loop's stop token. Connections never hold
 /// this (only `ListenerState`), so dropping it closes the listening socket while the
 /// connections it accepted live on.
@@ -96,7 +74,7 @@ pub struct ListenerHandle {
 impl ListenerHandle {
     /// Start accepting on `socket`. `parent` stops every listener at once (drain).
     pub fn start(
-        rt: &Arc<Runtime>,
+        edge: &Arc<Edge>,
         config: ListenerConfig,
         socket: Arc<TcpListener>,
         parent: &CancellationToken,
@@ -107,16 +85,19 @@ impl ListenerHandle {
         // connections accepted after it (an inherited socket gets them here too).
         let sock = SockRef::from(&*socket);
         sock.set_tcp_nodelay(true)?;
-        apply_keepalive(&sock, &config.keepalive)?;
+        crate::net::apply_keepalive(&sock, &config.keepalive)?;
         let state = Arc::new(ListenerState {
             local_addr: socket.local_addr()?,
             permits: config.max_connections.map(|n| Arc::new(Semaphore::new(n))),
-            active: rt.metrics.active.with_label_values(&[config.name.as_str()]),
+            active: edge
+                .metrics
+                .active
+                .with_label_values(&[config.name.as_str()]),
             config,
         });
         let stop = parent.child_token();
         tokio::spawn(accept_loop(
-            rt.clone(),
+            edge.clone(),
             state.clone(),
             socket.clone(),
             stop.clone(),
@@ -159,7 +140,7 @@ fn is_resource_exhaustion(e: &io::Error) -> Option<&'static str> {
 
 async fn acquire(
     sem: &Arc<Semaphore>,
-    rt: &Runtime,
+    edge: &Edge,
     listener: &str,
     cap: &'static str,
 ) -> Option<OwnedSemaphorePermit> {
@@ -167,7 +148,7 @@ async fn acquire(
         Ok(p) => Some(p),
         Err(tokio::sync::TryAcquireError::Closed) => None,
         Err(tokio::sync::TryAcquireError::NoPermits) => {
-            rt.metrics
+            edge.metrics
                 .accept_paused
                 .with_label_values(&[listener, cap])
                 .inc();
@@ -180,13 +161,13 @@ async fn acquire(
 /// Accept until `stop` is cancelled. Each connection runs in its own task on the runtime's
 /// tracker, holding its permits until it ends.
 async fn accept_loop(
-    rt: Arc<Runtime>,
+    edge: Arc<Edge>,
     state: Arc<ListenerState>,
     listener: Arc<TcpListener>,
     stop: CancellationToken,
 ) {
     let name = state.config.name.clone();
-    let accepted = rt.metrics.accepted.with_label_values(&[name.as_str()]);
+    let accepted = edge.metrics.accepted.with_label_values(&[name.as_str()]);
     let mut backoff = Duration::from_millis(5);
     loop {
         // Take the slots first: at a cap, the loop waits here and new clients wait in the
@@ -196,10 +177,10 @@ async fn accept_loop(
             _ = stop.cancelled() => break,
             p = async {
                 let local = match &state.permits {
-                    Some(s) => Some(acquire(s, &rt, &name, "listener").await?),
+                    Some(s) => Some(acquire(s, &edge, &name, "listener").await?),
                     None => None,
                 };
-                let global = acquire(&rt.global_permits, &rt, &name, "global").await?;
+                let global = acquire(&edge.global_permits, &edge, &name, "global").await?;
                 Some((global, local))
             } => match p {
                 Some(p) => p,
@@ -215,16 +196,16 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
                 accepted.inc();
-                let rt2 = rt.clone();
+                let edge2 = edge.clone();
                 let st = state.clone();
-                rt.tracker.spawn(crate::edge::connection::serve(
-                    rt2, st, stream, peer, permits,
+                edge.tracker.spawn(crate::edge::connection::serve(
+                    edge2, st, stream, peer, permits,
                 ));
             }
             Err(e) => {
                 drop(permits);
                 if let Some(kind) = is_resource_exhaustion(&e) {
-                    rt.metrics
+                    edge.metrics
                         .accept_errors
                         .with_label_values(&[name.as_str(), kind])
                         .inc();
@@ -237,7 +218,7 @@ async fn accept_loop(
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 } else {
                     // ECONNABORTED and friends: the client gave up; nothing to do.
-                    rt.metrics
+                    edge.metrics
                         .accept_errors
                         .with_label_values(&[name.as_str(), "other"])
                         .inc();

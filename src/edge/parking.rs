@@ -18,6 +18,7 @@
 //! task is never missed. Keys are reused only after both sockets left the epoll set, under
 //! the same lock, so a wake-up never reaches the wrong connection.
 
+use std::os::fd::RawFd;
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
@@ -27,8 +28,33 @@ use slab::Slab;
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::runtime::Runtime;
-use crate::edge::connection::{Parked, Relaying};
+use prometheus::{IntCounter, IntGauge};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
+
+/// A connection that can leave its task (`connection::Relaying`).
+pub trait Pause: Sized {
+    type Parked: Park;
+    /// Its backend was retired: it must not park (its stop signal is about to close it).
+    fn retired(&self) -> bool;
+    /// The sockets the lot must watch.
+    fn watched(&self) -> [Option<RawFd>; 2];
+    /// Leave the task, counted by `tracked` as a connection task for the drain. `None`: the
+    /// connection could not be paused and is closed.
+    fn pause(self, tracked: TaskTrackerToken) -> Option<Self::Parked>;
+}
+
+/// A connection in the lot (`connection::Parked`).
+pub trait Park: Send + 'static {
+    /// The sockets the lot watches.
+    fn watched(&self) -> [Option<RawFd>; 2];
+    /// Its backend was retired: the lot must hand it back (its task then closes it).
+    fn retired(&self) -> bool;
+    /// When its idle timeout passes (the lot must hand it back then); `None`: never.
+    fn idle_deadline(&self) -> Option<tokio::time::Instant>;
+    /// Back to a task of its own, relaying where it left off.
+    fn resume(self);
+}
 
 /// How often parked connections are checked for a retired backend or a passed idle timeout.
 const SWEEP: Duration = Duration::from_secs(1);
@@ -41,15 +67,20 @@ const SCAN_CHUNK: usize = 1024;
 const TRIM_AFTER_PARKS: usize = 256;
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 
-pub struct Parking {
+pub struct Parking<P> {
     /// `None`: no epoll set could be made; connections stay on their tasks.
     registry: Option<mio::Registry>,
     /// The epoll set itself, until `run` takes it.
     poll: Mutex<Option<mio::Poll>>,
-    lot: Mutex<Lot>,
+    lot: Mutex<Lot<P>>,
+    /// `sluice_relay_parked`, `sluice_relay_parks_total`.
+    parked_gauge: IntGauge,
+    parks: IntCounter,
+    /// The runtime's connection tracker: a parked connection still counts for the drain.
+    tracker: TaskTracker,
 }
 
-struct Lot {
+struct Lot<P> {
     /// Connections parked since the last `trim`, and when that was.
     parks_since_trim: usize,
     last_trim: Option<std::time::Instant>,
@@ -57,7 +88,7 @@ struct Lot {
     parks_at_last_sweep: usize,
     /// Inline, not boxed: parked connections live in the slab's few large blocks, not in
     /// small allocations scattered over the heap (which would pin its pages; see `trim`).
-    parked: Slab<Parked>,
+    parked: Slab<P>,
     /// `run` is serving the lot; false before it starts and after the lot closed.
     open: bool,
     /// The earliest idle deadline of a parked connection, or earlier (a connection that
@@ -67,14 +98,8 @@ struct Lot {
     retirements_seen: u64,
 }
 
-impl Default for Parking {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Parking {
-    pub fn new() -> Parking {
+impl<P: Park> Parking<P> {
+    pub fn new(parked_gauge: IntGauge, parks: IntCounter, tracker: TaskTracker) -> Parking<P> {
         let poll = mio::Poll::new().and_then(|p| Ok((p.registry().try_clone()?, p)));
         let (registry, poll) = match poll {
             Ok((r, p)) => (Some(r), Some(p)),
@@ -95,10 +120,13 @@ impl Parking {
                 next_idle_due: None,
                 retirements_seen: crate::upstream::retirements(),
             }),
+            parked_gauge,
+            parks,
+            tracker,
         }
     }
 
-    fn lot(&self) -> std::sync::MutexGuard<'_, Lot> {
+    fn lot(&self) -> std::sync::MutexGuard<'_, Lot<P>> {
         self.lot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -107,11 +135,11 @@ impl Parking {
     // The refused connection goes back into its task by value: boxing it would cost an
     // allocation per parking for a path that is rare.
     #[allow(clippy::result_large_err)]
-    pub fn park(rt: &Runtime, r: Relaying) -> Result<(), Relaying> {
-        let Some(registry) = &rt.parking.registry else {
+    pub fn park<R: Pause<Parked = P>>(&self, r: R) -> Result<(), R> {
+        let Some(registry) = &self.registry else {
             return Err(r);
         };
-        let mut lot = rt.parking.lot();
+        let mut lot = self.lot();
         // A retired backend's connection stays on its task, whose stop signal closes it.
         // Checked under the lock: a retirement after this is seen by the lot's next sweep.
         if !lot.open || r.retired() {
@@ -131,16 +159,16 @@ impl Parking {
                 return Err(r);
             }
         }
-        // On `Err` the connection is closed and logged; closing its sockets removed them
+        // On `None` the connection is closed and logged; closing its sockets removed them
         // from the epoll set.
-        if let Ok(parked) = r.pause(rt.tracker.token()) {
+        if let Some(parked) = r.pause(self.tracker.token()) {
             if let Some(at) = parked.idle_deadline() {
                 lot.next_idle_due = Some(lot.next_idle_due.map_or(at, |due| due.min(at)));
             }
             lot.parked.insert(parked);
             lot.parks_since_trim += 1;
-            rt.metrics.relay_parked.inc();
-            rt.metrics.relay_parks.inc();
+            self.parked_gauge.inc();
+            self.parks.inc();
         }
         Ok(())
     }
@@ -148,7 +176,7 @@ impl Parking {
     /// Hand the connections at the keys `pick` returns (those still there) back to tasks of
     /// their own: out of the lot and the epoll set under the lock (so a key is reused only
     /// once its sockets left the set), resumed outside it.
-    fn hand_back(&self, rt: &Runtime, pick: impl FnOnce(&mut Lot) -> Vec<usize>) {
+    fn hand_back(&self, pick: impl FnOnce(&mut Lot<P>) -> Vec<usize>) {
         let mut taken = Vec::new();
         {
             let mut lot = self.lot();
@@ -164,7 +192,7 @@ impl Parking {
                 taken.push(p);
             }
         }
-        rt.metrics.relay_parked.sub(taken.len() as i64);
+        self.parked_gauge.sub(taken.len() as i64);
         for p in taken {
             p.resume();
         }
@@ -191,8 +219,8 @@ impl Parking {
     }
 
     /// Connections whose sockets woke.
-    fn woken(&self, rt: &Runtime, events: &Events) {
-        self.hand_back(rt, |_| events.iter().map(|e| e.token().0).collect());
+    fn woken(&self, events: &Events) {
+        self.hand_back(|_| events.iter().map(|e| e.token().0).collect());
     }
 
     /// Whether a sweep has anything to look for: a backend retired since the last scan, or
@@ -208,9 +236,9 @@ impl Parking {
     /// timeout): `SCAN_CHUNK` slab keys from `from`, under the lock, handed back outside it.
     /// Returns where the next step starts, `None` when the scan is over. The lock is held for
     /// one step at a time, so parking and waking go on during a scan of a very large lot.
-    fn scan_step(&self, rt: &Runtime, now: tokio::time::Instant, from: usize) -> Option<usize> {
+    fn scan_step(&self, now: tokio::time::Instant, from: usize) -> Option<usize> {
         let mut next_step = None;
-        self.hand_back(rt, |lot| {
+        self.hand_back(|lot| {
             if from == 0 {
                 // A new scan: it recomputes the earliest deadline from what it finds
                 // (connections parked meanwhile add theirs), and sees every retirement
@@ -250,8 +278,8 @@ impl Parking {
 
     /// No more parking; every parked connection goes back to a task, where its stop signal
     /// (already fired) closes it.
-    fn close(&self, rt: &Runtime) {
-        self.hand_back(rt, |lot| {
+    fn close(&self) {
+        self.hand_back(|lot| {
             lot.open = false;
             lot.parked.iter().map(|(k, _)| k).collect()
         });
@@ -260,9 +288,13 @@ impl Parking {
 
 /// Serve the lot until `close_all` (the end of a drain, or a hard stop): wake connections
 /// whose sockets are ready, sweep for due ones every second, then hand back every one.
-pub async fn run(rt: Weak<Runtime>, close_all: CancellationToken) {
-    let Some(poll) = rt.upgrade().and_then(|rt| {
-        rt.parking
+pub async fn run<O, P>(owner: Weak<O>, lot: fn(&O) -> &Parking<P>, close_all: CancellationToken)
+where
+    O: Send + Sync + 'static,
+    P: Park,
+{
+    let Some(poll) = owner.upgrade().and_then(|o| {
+        lot(&o)
             .poll
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -281,8 +313,8 @@ pub async fn run(rt: Weak<Runtime>, close_all: CancellationToken) {
             return;
         }
     };
-    match rt.upgrade() {
-        Some(rt) => rt.parking.lot().open = true,
+    match owner.upgrade() {
+        Some(o) => lot(&o).lot().open = true,
         None => return,
     }
     let mut events = Events::with_capacity(1024);
@@ -292,7 +324,8 @@ pub async fn run(rt: Weak<Runtime>, close_all: CancellationToken) {
         tokio::select! {
             ready = epoll.readable_mut() => {
                 let Ok(mut ready) = ready else { break };
-                let Some(rt) = rt.upgrade() else { return };
+                let Some(o) = owner.upgrade() else { return };
+                let parking = lot(&o);
                 // Until the set is empty: the runtime reports the epoll fd again only for
                 // new readiness.
                 let failed = loop {
@@ -305,7 +338,7 @@ pub async fn run(rt: Weak<Runtime>, close_all: CancellationToken) {
                         ready.clear_ready();
                         break None;
                     }
-                    rt.parking.woken(&rt, &events);
+                    parking.woken(&events);
                     // Thousands of tunnels waking at once: let this worker's other tasks
                     // (the woken ones among them) run between batches.
                     tokio::task::yield_now().await;
@@ -316,26 +349,27 @@ pub async fn run(rt: Weak<Runtime>, close_all: CancellationToken) {
                 }
             }
             _ = sweep.tick() => {
-                let Some(rt) = rt.upgrade() else { return };
-                rt.parking.compact();
+                let Some(o) = owner.upgrade() else { return };
+                let parking = lot(&o);
+                parking.compact();
                 let now = tokio::time::Instant::now();
-                if rt.parking.sweep_due(now) {
+                if parking.sweep_due(now) {
                     // In steps, letting this worker's other tasks run between them.
                     let mut from = 0;
-                    while let Some(next) = rt.parking.scan_step(&rt, now, from) {
+                    while let Some(next) = parking.scan_step(now, from) {
                         from = next;
                         tokio::task::yield_now().await;
                     }
                 }
-                if let Some(parks) = rt.parking.trim_due(std::time::Instant::now()) {
+                if let Some(parks) = parking.trim_due(std::time::Instant::now()) {
                     tokio::task::spawn_blocking(move || trim(parks));
                 }
             }
             _ = close_all.cancelled() => break,
         }
     }
-    if let Some(rt) = rt.upgrade() {
-        rt.parking.close(&rt);
+    if let Some(o) = owner.upgrade() {
+        lot(&o).close();
     }
 }
 
@@ -365,7 +399,30 @@ mod tests {
     use std::time::Instant;
 
     /// Parks since the last trim as each sweep finds them, and what `trim_due` says.
-    fn sweeps(lot: &Parking, start: Instant, parks: &[usize]) -> Vec<Option<usize>> {
+    struct Nothing;
+
+    impl Park for Nothing {
+        fn watched(&self) -> [Option<RawFd>; 2] {
+            [None, None]
+        }
+        fn retired(&self) -> bool {
+            false
+        }
+        fn idle_deadline(&self) -> Option<tokio::time::Instant> {
+            None
+        }
+        fn resume(self) {}
+    }
+
+    fn new_lot() -> Parking<Nothing> {
+        Parking::new(
+            IntGauge::new("parked", "parked").unwrap(),
+            IntCounter::new("parks", "parks").unwrap(),
+            TaskTracker::new(),
+        )
+    }
+
+    fn sweeps(lot: &Parking<Nothing>, start: Instant, parks: &[usize]) -> Vec<Option<usize>> {
         parks
             .iter()
             .enumerate()
@@ -381,16 +438,16 @@ mod tests {
         let t0 = Instant::now();
         // A crowd parking over four seconds: the first trim comes at once, the next one the
         // second after the crowd settled (not ten seconds later).
-        let lot = Parking::new();
+        let lot = new_lot();
         assert_eq!(
             sweeps(&lot, t0, &[300, 2000, 4000, 2700, 0, 0]),
             [Some(300), None, None, None, Some(8700), None]
         );
         // Too few parked: never, settled or not.
-        let lot = Parking::new();
+        let lot = new_lot();
         assert_eq!(sweeps(&lot, t0, &[100, 0, 100, 0]), [None; 4]);
         // Parking that never settles: every ten seconds.
-        let lot = Parking::new();
+        let lot = new_lot();
         let trims = sweeps(&lot, t0, &[300; 21]);
         let at: Vec<usize> = (0..21).filter(|&i| trims[i].is_some()).collect();
         assert_eq!(at, [0, 10, 20]);

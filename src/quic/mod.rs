@@ -22,7 +22,8 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ListenerConfig;
-use crate::control::runtime::{Route, Runtime, Target};
+use crate::edge::connection::Edge;
+use crate::snapshot::{Route, Target};
 use crate::upstream::{clock_ms, ActiveGuard};
 use sluice_core::hello::Parse;
 use sluice_core::quic::packet::{self, CryptoStream, Header, LongType};
@@ -137,16 +138,16 @@ impl QuicListener {
 
     /// Start serving on `socket`.
     pub fn start(
-        rt: &Arc<Runtime>,
+        edge: &Arc<Edge>,
         cfg: ListenerConfig,
         socket: UdpSocket,
     ) -> std::io::Result<Arc<QuicListener>> {
         let name = cfg.name.clone();
-        let m = &rt.metrics;
+        let m = &edge.metrics;
         let l = Arc::new(QuicListener {
             local_addr: socket.local_addr()?,
             socket: Arc::new(socket),
-            stop: rt.hard_stop.child_token(),
+            stop: edge.hard_stop.child_token(),
             accepting: AtomicBool::new(true),
             flows: Mutex::new(Flows::default()),
             m: QuicMetrics {
@@ -160,7 +161,7 @@ impl QuicListener {
             },
             config: ArcSwap::from_pointee(cfg),
         });
-        tokio::spawn(receive(Arc::downgrade(rt), l.clone()));
+        tokio::spawn(receive(Arc::downgrade(edge), l.clone()));
         tokio::spawn(sweep(l.clone()));
         tracing::info!(listener = %name, address = %l.local_addr, "listening (QUIC)");
         Ok(l)
@@ -193,8 +194,8 @@ impl QuicListener {
         self.flows.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn initial(&self, rt: &Runtime, result: &str) {
-        rt.metrics
+    fn initial(&self, edge: &Edge, result: &str) {
+        edge.metrics
             .quic_initials
             .with_label_values(&[&self.config.load().name, result])
             .inc();
@@ -301,7 +302,7 @@ fn forward(l: &QuicListener, flow: &Flow, data: &[u8]) {
 }
 
 /// The receive loop: every datagram from clients.
-async fn receive(rt: std::sync::Weak<Runtime>, l: Arc<QuicListener>) {
+async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (n, peer) = tokio::select! {
@@ -315,14 +316,14 @@ async fn receive(rt: std::sync::Weak<Runtime>, l: Arc<QuicListener>) {
             },
         };
         let data = &buf[..n];
-        let Some(rt) = rt.upgrade() else { break };
+        let Some(edge) = edge.upgrade() else { break };
         let known = {
             let mut flows = l.lock();
             find_flow(&l, &mut flows, peer, data)
         };
         match known {
             Some(flow) => forward(&l, &flow, data),
-            None => new_datagram(&rt, &l, peer, data).await,
+            None => new_datagram(&edge, &l, peer, data).await,
         }
     }
     // Stopped: every flow ends.
@@ -396,24 +397,24 @@ fn remember_cid(flows: &mut Flows, flow: &Arc<Flow>, cid: &[u8]) -> bool {
 
 /// A datagram from an address with no flow: an Initial starts (or continues) a pending flow;
 /// once its hello is complete, the flow is established.
-async fn new_datagram(rt: &Arc<Runtime>, l: &Arc<QuicListener>, peer: SocketAddr, data: &[u8]) {
-    if let Some((pending, hello)) = admit(rt, l, peer, data) {
-        establish(rt, l, peer, pending, hello).await;
+async fn new_datagram(edge: &Arc<Edge>, l: &Arc<QuicListener>, peer: SocketAddr, data: &[u8]) {
+    if let Some((pending, hello)) = admit(edge, l, peer, data) {
+        establish(edge, l, peer, pending, hello).await;
     }
 }
 
 /// The synchronous part of `new_datagram` (the flow table's lock is never held across an
 /// await): `Some` when a hello is complete. A refusal is counted under its reason.
 fn admit(
-    rt: &Arc<Runtime>,
+    edge: &Arc<Edge>,
     l: &Arc<QuicListener>,
     peer: SocketAddr,
     data: &[u8],
 ) -> Option<(Pending, sluice_core::hello::ClientHello)> {
-    match admit_inner(l, peer, data, rt.accepting_new()) {
+    match admit_inner(l, peer, data, edge.accepting_new()) {
         Ok(done) => done,
         Err(reason) => {
-            l.initial(rt, reason);
+            l.initial(edge, reason);
             None
         }
     }
@@ -533,14 +534,14 @@ fn admit_inner(
 
 /// Route a complete hello, open the flow's socket toward its backend, replay what waited.
 async fn establish(
-    rt: &Arc<Runtime>,
+    edge: &Arc<Edge>,
     l: &Arc<QuicListener>,
     peer: SocketAddr,
     pending: Pending,
     hello: sluice_core::hello::ClientHello,
 ) {
     let name = l.name();
-    let snapshot = rt.snapshot();
+    let snapshot = edge.snapshot();
     let facts = Facts {
         listener: &name,
         tls: Some(TlsFacts {
@@ -549,29 +550,29 @@ async fn establish(
         }),
     };
     let Some(route) = snapshot.routes.select(&facts).cloned() else {
-        rt.metrics
+        edge.metrics
             .route_decisions
             .with_label_values(&[&name, "none"])
             .inc();
-        return l.initial(rt, "no_route");
+        return l.initial(edge, "no_route");
     };
-    rt.metrics
+    edge.metrics
         .route_decisions
         .with_label_values(&[&name, &route.name])
         .inc();
     let Target::Pool(pool) = &route.target else {
         tracing::warn!(listener = %name, route = %route.name,
             "a QUIC flow matched a route whose target is not a pool; QUIC goes to pools only");
-        return l.initial(rt, "unsupported_target");
+        return l.initial(edge, "unsupported_target");
     };
     // Terminated: the flow goes to the route's quinn endpoint; else to a backend.
-    let (target, guard, label) = match &route.terminator {
+    let (target, guard, label) = match route.terminator.get() {
         Some(t) => (t.address, None, "sluice (terminated)".to_owned()),
-        None if route.is_terminated() => return l.initial(rt, "backend_error"),
+        None if route.is_terminated() => return l.initial(edge, "backend_error"),
         None => {
             let list = pool.backends();
             let Some(i) = pool.pick(&list, &[], peer, hello.sni.as_deref(), rand::random()) else {
-                return l.initial(rt, "no_backend");
+                return l.initial(edge, "no_backend");
             };
             let b = &list[i];
             (b.address, Some(b.guard()), b.name.clone())
@@ -586,14 +587,14 @@ async fn establish(
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot open a UDP socket toward a QUIC backend");
-            return l.initial(rt, "backend_error");
+            return l.initial(edge, "backend_error");
         }
     };
     if let Err(e) = upstream.connect(target).await {
         tracing::warn!(backend = %label, error = %e, "cannot reach a QUIC backend");
-        return l.initial(rt, "backend_error");
+        return l.initial(edge, "backend_error");
     }
-    let terminator = match (&route.terminator, upstream.local_addr()) {
+    let terminator = match (route.terminator.get(), upstream.local_addr()) {
         (Some(t), Ok(local)) => {
             t.register(local.port(), peer);
             Some((t.clone(), local.port()))
@@ -627,8 +628,8 @@ async fn establish(
     }
     l.m.active.inc();
     route.active.inc();
-    l.initial(rt, "ok");
-    rt.metrics
+    l.initial(edge, "ok");
+    edge.metrics
         .quic_flows
         .with_label_values(&[&name, &route.name])
         .inc();

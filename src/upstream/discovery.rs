@@ -20,7 +20,8 @@ use hickory_resolver::TokioResolver;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendConfig, Discovery, DnsConfig, PoolConfig};
-use crate::control::runtime::Runtime;
+use crate::observe::metrics::Metrics;
+use crate::upstream::Backends;
 use crate::upstream::{Backend, Discovered, Pool};
 
 /// A resolver per the `[dns]` table: explicit nameservers, or the system's configuration.
@@ -104,10 +105,22 @@ async fn lookup_srv(resolver: &TokioResolver, name: &str) -> Answer {
     }
 }
 
-/// Resolve `pool`'s names until `stop` fires or the pool or the runtime is gone. `startup`:
-/// the first answers are ready at once (the process has its own `min_ready`).
+/// What discovery needs of the process: the narrow handle the runtime builds once.
+pub struct Context {
+    pub metrics: Metrics,
+    /// The registry that gives a backend the same object (and connection count) in every
+    /// pool and snapshot.
+    pub backends: Arc<Backends>,
+    /// Called after a pool's backends changed (the runtime matches its health checkers).
+    pub changed: Box<dyn Fn() + Send + Sync>,
+}
+
+/// Resolve `pool`'s names with the resolver `dns` describes, until `stop` fires or the pool
+/// or the runtime (`ctx`) is gone. `startup`: the first answers are ready at once (the
+/// process has its own `min_ready`).
 pub async fn run(
-    rt: Weak<Runtime>,
+    ctx: Weak<Context>,
+    dns: DnsConfig,
     pool: Weak<Pool>,
     cfg: PoolConfig,
     stop: CancellationToken,
@@ -117,8 +130,6 @@ pub async fn run(
         return;
     };
     let resolver = {
-        let Some(rt) = rt.upgrade() else { return };
-        let dns = rt.snapshot().config.dns.clone();
         match resolver(&dns) {
             Ok(r) => r,
             Err(e) => {
@@ -141,7 +152,7 @@ pub async fn run(
                 Query::Name(host, port) => lookup_name(&resolver, host, *port).await,
                 Query::Srv(srv) => lookup_srv(&resolver, srv).await,
             };
-            let Some(rt) = rt.upgrade() else { return };
+            let Some(ctx) = ctx.upgrade() else { return };
             let result = match answer {
                 Answer::Found(addrs, until) => {
                     next = next.min(until.saturating_duration_since(Instant::now()));
@@ -161,7 +172,7 @@ pub async fn run(
                     "error"
                 }
             };
-            rt.metrics
+            ctx.metrics
                 .dns_resolutions
                 .with_label_values(&[cfg.name.as_str(), result])
                 .inc();
@@ -169,14 +180,14 @@ pub async fn run(
         if stop.is_cancelled() {
             return;
         }
-        let (Some(rt), Some(pool)) = (rt.upgrade(), pool.upgrade()) else {
+        let (Some(ctx), Some(pool)) = (ctx.upgrade(), pool.upgrade()) else {
             return;
         };
         let found: BTreeSet<SocketAddr> = last_good.values().flatten().copied().collect();
         pool.set_discovered(last_good.clone());
-        update(&rt, &pool, &cfg, &found, startup && first);
+        update(&ctx, &pool, &cfg, &found, startup && first);
         first = false;
-        drop((rt, pool));
+        drop((ctx, pool));
         let wait = next.clamp(d.min_refresh, d.max_refresh);
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -187,7 +198,7 @@ pub async fn run(
 
 /// The configured backends plus `found`; swap the pool's list if it changed.
 fn update(
-    rt: &Arc<Runtime>,
+    ctx: &Context,
     pool: &Pool,
     cfg: &PoolConfig,
     found: &BTreeSet<SocketAddr>,
@@ -213,7 +224,7 @@ fn update(
                     address: *addr,
                     weight: 1,
                 });
-            rt.backends.obtain(cfg, &bc, &rt.metrics, !startup)
+            ctx.backends.obtain(cfg, &bc, &ctx.metrics, !startup)
         })
         .collect();
     let added: Vec<String> = wanted.difference(&have).map(|a| a.to_string()).collect();
@@ -223,13 +234,13 @@ fn update(
             b.remove(cfg.removed_drain_timeout);
         }
     }
-    rt.metrics
+    ctx.metrics
         .pool_backends
         .with_label_values(&[cfg.name.as_str()])
         .set(list.len() as i64);
     pool.set_backends(list);
     tracing::info!(pool = %cfg.name, added = ?added, removed = ?removed, "DNS: backends changed");
-    rt.sync_checks();
+    (ctx.changed)();
 }
 
 /// One name to resolve, keyed by how the config writes it (`host:port`, or the SRV name).

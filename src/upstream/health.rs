@@ -19,8 +19,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CheckKind, HealthCheck};
-use crate::control::runtime::Snapshot;
 use crate::observe::metrics::Metrics;
+use crate::snapshot::Snapshot;
 use crate::upstream::{Backend, Health};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}

@@ -646,10 +646,7 @@ impl Dialed {
     /// goes idle (or at once when parking is off): keepalive only matters to a connection that
     /// sits idle, and the many that close within seconds spare its four `setsockopt` calls.
     pub fn arm_keepalive(&self) -> io::Result<()> {
-        crate::edge::listener::apply_keepalive(
-            &socket2::SockRef::from(&self.stream),
-            &self.keepalive,
-        )
+        crate::net::apply_keepalive(&socket2::SockRef::from(&self.stream), &self.keepalive)
     }
 }
 

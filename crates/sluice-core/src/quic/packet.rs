@@ -433,7 +433,7 @@ mod tests {
     /// (a CRYPTO frame with the ClientHello, then PADDING), and the hello in it is read.
     #[test]
     fn rfc9001_appendix_a2_client_initial() {
-        let packet = include_bytes!("../../../../tests/fixtures/rfc9001-a2-client-initial.bin");
+        let packet = include_bytes!("../../tests/fixtures/rfc9001-a2-client-initial.bin");
         let hex = |s: &str| -> Vec<u8> {
             (0..s.len())
                 .step_by(2)
