@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use sluice_core::agents::affinity::{Affinity, Pick};
 use sluice_core::balance::{Balance, HashKey};
 pub use sluice_core::proxy::{AcceptProxy, ProxyProtocol};
 use sluice_core::route::{AlpnPattern, Match, SniPattern};
@@ -669,23 +670,6 @@ pub struct ResourceRoute {
     #[serde(with = "human")]
     pub connect_timeout: Duration,
     pub proxy_protocol: ProxyProtocol,
-}
-
-/// What keeps a client on its agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Affinity {
-    ClientIp,
-    ClientIpSni,
-    None,
-}
-
-/// How a new session picks among eligible agents.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Pick {
-    Random,
-    P2c,
 }
 
 #[derive(Debug, Clone, Serialize)]

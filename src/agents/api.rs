@@ -6,7 +6,6 @@
 //! ends or breaks, the agent's records go at once), and goodbyes. Every refusal has a status,
 //! a reason in the body and a count in `sluice_heartbeats_total{result}`. Never logs a token.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -21,7 +20,6 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -31,11 +29,10 @@ use super::Agents;
 use crate::config::HeartbeatConfig;
 use crate::observe::metrics::Metrics;
 use crate::snapshot::{Snapshot, Snapshots};
-use sluice_core::agents::agent_id_ok;
-use sluice_core::agents::auth::{find_token, in_scope, Token};
-use sluice_core::agents::table::{
-    labels_from, Announced, Applied, Heartbeat, Refused, ResourceKey, Version,
-};
+use sluice_core::agents::auth::{find_token, Token};
+use sluice_core::agents::heartbeat::{self, Limits};
+pub use sluice_core::agents::heartbeat::{HeartbeatBody, ResourceBody};
+use sluice_core::agents::table::{Applied, Heartbeat, Refused};
 
 /// What the heartbeat API needs of the process: the narrow handle the runtime builds once.
 pub struct Api {
@@ -56,33 +53,6 @@ impl Api {
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshots.load()
     }
-}
-
-/// One heartbeat as agents send it (and `sluice heartbeat` writes it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HeartbeatBody {
-    pub agent: String,
-    /// Where sluice dials the agent: `IP:port`.
-    pub address: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
-    /// How long the records live without another heartbeat (`"90s"`); capped at `max_ttl`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<String>,
-    #[serde(default)]
-    pub resources: Vec<ResourceBody>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResourceBody {
-    pub kind: String,
-    pub name: String,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub labels: BTreeMap<String, String>,
 }
 
 /// A refused request: status, metric result, reason.
@@ -146,100 +116,31 @@ fn authenticate(
     ))
 }
 
-/// Check a heartbeat against the limits, the credential's scope, and sluice's own addresses.
+/// Check a heartbeat against the limits, the credential's scope, and sluice's own addresses
+/// (the rules are `sluice_core::agents::heartbeat::validate`).
 fn validate(
     body: HeartbeatBody,
     cfg: &HeartbeatConfig,
     cred: &Credential,
     own: &[SocketAddr],
 ) -> Result<Heartbeat, Refusal> {
-    let bad = |m: String| (StatusCode::BAD_REQUEST, "malformed", m + "\n");
-    if !agent_id_ok(&body.agent) {
-        return Err(bad(format!(
-            "`agent` {:?} must be 1 to 256 of [A-Za-z0-9._:-] (it goes in URL paths)",
-            body.agent
-        )));
-    }
-    let address: SocketAddr = body
-        .address
-        .parse()
-        .map_err(|_| bad(format!("`address` {:?} is not IP:port", body.address)))?;
-    if own.iter().any(|o| {
-        o.port() == address.port()
-            && (o.ip() == address.ip() || o.ip().is_unspecified() || address.ip().is_unspecified())
-    }) {
-        return Err(bad(format!(
-            "`address` {address} is one of sluice's own listeners (it would dial itself)"
-        )));
-    }
-    let version = match body.version.as_deref() {
-        None | Some("") => None,
-        Some(v) => Some(
-            Version::parse(v).ok_or_else(|| bad(format!("`version` {v:?} is not a version")))?,
-        ),
+    let limits = Limits {
+        default_ttl: cfg.default_ttl,
+        max_ttl: cfg.max_ttl,
+        max_resources: cfg.max_resources,
     };
-    let ttl = match body.ttl.as_deref() {
-        None => cfg.default_ttl,
-        Some(t) => humantime::parse_duration(t)
-            .map_err(|e| bad(format!("`ttl` {t:?} is not a duration: {e}")))?,
-    };
-    if ttl.is_zero() {
-        return Err(bad("`ttl` must be more than 0".into()));
-    }
-    let ttl = ttl.min(cfg.max_ttl);
-    if body.resources.len() > cfg.max_resources {
-        return Err((
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "too_many_resources",
-            format!(
-                "{} resources; at most {} per agent (heartbeat.max_resources)\n",
-                body.resources.len(),
-                cfg.max_resources
-            ),
-        ));
-    }
-    let mut resources = Vec::with_capacity(body.resources.len());
-    for r in &body.resources {
-        let kind_ok = !r.kind.is_empty()
-            && r.kind.len() <= 64
-            && r.kind
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !kind_ok || !sluice_core::agents::resource_name_ok(&r.name) {
-            return Err(bad(format!(
-                "resource {:?}/{:?}: kind is [A-Za-z0-9._-]{{1,64}}; name is 1 to 253 of [a-z0-9._-] (it is matched against a lowercased SNI)",
-                r.kind, r.name
-            )));
-        }
-        // The scope applies to what the router will see: resource labels over agent labels.
-        let mut merged = body.labels.clone();
-        merged.extend(r.labels.clone());
-        in_scope(cred.token.as_ref(), &r.kind, &merged)
-            .map_err(|m| (StatusCode::FORBIDDEN, "forbidden", m + "\n"))?;
-        resources.push(Announced {
-            key: ResourceKey::new(&r.kind, &r.name),
-            labels: labels_from(&r.labels),
-        });
-    }
-    Ok(Heartbeat {
-        agent: body.agent,
-        address,
-        version,
-        labels: labels_from(&body.labels),
-        ttl: ttl.as_millis() as u64,
-        resources,
-    })
+    heartbeat::validate(body, &limits, cred.token.as_ref(), own).map_err(refusal)
+}
+
+/// The core's refusal as the HTTP layer sends it.
+fn refusal(r: heartbeat::Refusal) -> Refusal {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, r.result, r.message)
 }
 
 /// Parse one heartbeat.
 fn parse(text: &[u8]) -> Result<HeartbeatBody, Refusal> {
-    serde_json::from_slice(text).map_err(|e| {
-        (
-            StatusCode::BAD_REQUEST,
-            "malformed",
-            format!("not a heartbeat: {e}\n"),
-        )
-    })
+    heartbeat::parse(text).map_err(refusal)
 }
 
 /// The addresses agents may not announce: sluice's own listeners and APIs.

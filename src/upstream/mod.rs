@@ -28,6 +28,7 @@ use crate::config::{BackendConfig, Ejection, HealthCheck, Keepalive, PoolConfig,
 use crate::observe::metrics::Metrics;
 use sluice_core::agents::Endpoint;
 use sluice_core::balance::{fnv1a, Balance, Candidate, HashKey, PickContext};
+use sluice_core::eligibility::{self, EjectionRule, Failure, Outlier, Standing};
 
 /// One backend address. Shared by every connection using it, and by successive snapshots:
 /// a reload that keeps a backend keeps this object (its active count, its ready time).
@@ -52,12 +53,8 @@ pub struct Backend {
     /// Fires when its established connections must close (`removed_drain_timeout`, or the end
     /// of a drain: it is a child of the runtime's close token).
     pub retire: CancellationToken,
-    /// Connect failures (refused, timeout) in a row.
-    failures: AtomicU32,
-    /// Ejected until this many ms after `epoch()`; 0: not ejected.
-    ejected_until_ms: AtomicU64,
-    /// Ejections in a row (each doubles the next one's length); reset by a success.
-    ejections: AtomicU32,
+    /// Passive ejection: failures in a row, ejected until when (ms on `epoch()`).
+    outlier: Outlier,
     /// The active health checks' verdict (`Health` as u8).
     health: AtomicU8,
 }
@@ -101,6 +98,9 @@ impl Endpoint for Backend {
     fn address(&self) -> SocketAddr {
         self.address
     }
+    fn active(&self) -> u64 {
+        Backend::active(self)
+    }
 }
 
 impl Backend {
@@ -118,9 +118,7 @@ impl Backend {
             in_service: AtomicBool::new(true),
             generation: Mutex::new(0),
             retire,
-            failures: AtomicU32::new(0),
-            ejected_until_ms: AtomicU64::new(0),
-            ejections: AtomicU32::new(0),
+            outlier: Outlier::default(),
             health: AtomicU8::new(Health::Unknown as u8),
         })
     }
@@ -158,15 +156,11 @@ impl Backend {
 
     /// Time left of its passive ejection (zero when not ejected).
     pub fn ejected_for(&self, now: Instant) -> Duration {
-        let until = self.ejected_until_ms.load(Ordering::Relaxed);
-        Duration::from_millis(until.saturating_sub(ms_since_epoch(now)))
+        self.outlier.ejected_for(ms_since_epoch(now))
     }
 
     fn connected(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        if self.ejected_for(Instant::now()).is_zero() {
-            self.ejections.store(0, Ordering::Relaxed);
-        }
+        self.outlier.succeeded(ms_since_epoch(Instant::now()));
     }
 
     /// A reload removed it: no new connections; after `drain`, close the established ones.
@@ -261,9 +255,7 @@ impl Backends {
             in_service: AtomicBool::new(true),
             generation: Mutex::new(0),
             retire: self.close_all.child_token(),
-            failures: AtomicU32::new(0),
-            ejected_until_ms: AtomicU64::new(0),
-            ejections: AtomicU32::new(0),
+            outlier: Outlier::default(),
             health: AtomicU8::new(Health::Unknown as u8),
         });
         map.insert(key, Arc::downgrade(&backend));
@@ -473,39 +465,27 @@ impl Pool {
         // Unhealthy backends (active checks) rank with ejected ones under
         // all_unhealthy = "fail_open", and are never chosen under "fail_closed".
         let now = Instant::now();
-        let tier = |b: &Backend| -> Option<u8> {
-            let healthy = b.health() != Health::Unhealthy;
-            if !healthy && !self.fail_open {
-                return None;
-            }
-            let usable = healthy && b.ejected_for(now).is_zero();
-            Some(match (b.in_service(), usable, b.is_ready(now)) {
-                (true, true, true) => 3,
-                (true, true, false) => 2,
-                (true, false, _) => 1,
-                (false, _, _) => 0,
-            })
-        };
         // Each backend's state is read once: a reload may change it meanwhile, and two
         // readings could disagree (a backend found the best in service, then weighed 0 as a
         // removed one, would leave nothing to pick; seen under a reload every 100 ms).
         let mut candidates: Vec<Candidate> = Vec::with_capacity(list.len());
         let mut tiers: Vec<Option<u8>> = Vec::with_capacity(list.len());
         for b in list {
-            let weight = b.weight();
-            tiers.push(if weight == 0 { None } else { tier(b) });
+            let standing = Standing {
+                in_service: b.in_service(),
+                healthy: b.health() != Health::Unhealthy,
+                ejected: !b.ejected_for(now).is_zero(),
+                ready: b.is_ready(now),
+                weight: b.weight(),
+            };
+            tiers.push(eligibility::tier(standing, self.fail_open));
             candidates.push(Candidate {
-                weight,
+                weight: standing.weight,
                 active: b.active(),
                 id: b.id,
             });
         }
-        let best = tiers
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !exclude.contains(i))
-            .filter_map(|(_, t)| *t)
-            .max()?;
+        let best = eligibility::best_tier(&tiers, exclude)?;
         for (c, t) in candidates.iter_mut().zip(&tiers) {
             if *t != Some(best) {
                 c.weight = 0;
@@ -591,34 +571,39 @@ impl Pool {
     /// Count a connect failure; eject the backend after `after_failures` in a row, unless
     /// that would eject more than `max_percent` of the pool (one backend always may be).
     fn connect_failed(&self, backend: &Backend) {
-        let failures = backend.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let Some(ej) = self.ejection else { return };
         let now = Instant::now();
-        if failures < ej.after_failures || !backend.ejected_for(now).is_zero() {
-            return;
+        let rule = self.ejection.map(|e| EjectionRule {
+            after_failures: e.after_failures,
+            time: e.time,
+            max_time: e.max_time,
+            max_percent: e.max_percent,
+        });
+        let in_pool = || {
+            let list = self.backends();
+            let ejected = list
+                .iter()
+                .filter(|b| !b.ejected_for(now).is_zero())
+                .count();
+            (ejected, list.len())
+        };
+        match backend
+            .outlier
+            .failed(rule.as_ref(), ms_since_epoch(now), in_pool)
+        {
+            Failure::Counted(_) => {}
+            Failure::CapReached { ejected, .. } => {
+                tracing::warn!(pool = %self.name, backend = %backend.name, ejected,
+                    max_ejected_percent = rule.map_or(0, |r| r.max_percent),
+                    "backend keeps failing but max_ejected_percent is reached; not ejecting");
+            }
+            Failure::Ejected { failures, length } => {
+                self.ejections
+                    .with_label_values(&[self.name.as_str(), backend.name.as_str()])
+                    .inc();
+                tracing::warn!(pool = %self.name, backend = %backend.name, address = %backend.address,
+                    failures, ejected_for = ?length, "backend ejected after consecutive connect failures");
+            }
         }
-        let list = self.backends();
-        let ejected = list
-            .iter()
-            .filter(|b| !b.ejected_for(now).is_zero())
-            .count();
-        if ejected > 0 && (ejected + 1) * 100 > ej.max_percent as usize * list.len() {
-            tracing::warn!(pool = %self.name, backend = %backend.name, ejected,
-                max_ejected_percent = ej.max_percent,
-                "backend keeps failing but max_ejected_percent is reached; not ejecting");
-            return;
-        }
-        let n = backend.ejections.fetch_add(1, Ordering::Relaxed);
-        let length = ej.time.saturating_mul(1u32 << n.min(20)).min(ej.max_time);
-        backend
-            .ejected_until_ms
-            .store(ms_since_epoch(now + length), Ordering::Relaxed);
-        backend.failures.store(0, Ordering::Relaxed);
-        self.ejections
-            .with_label_values(&[self.name.as_str(), backend.name.as_str()])
-            .inc();
-        tracing::warn!(pool = %self.name, backend = %backend.name, address = %backend.address,
-            failures, ejected_for = ?length, "backend ejected after consecutive connect failures");
     }
 }
 

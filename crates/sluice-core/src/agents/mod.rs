@@ -1,7 +1,9 @@
 //! Agents as the edge knows them: the heartbeat table (`table`), the credentials that may feed
-//! it (`auth`), and the names they use.
+//! it (`auth`), which agent a connection goes to (`affinity`), and the names they use.
 
+pub mod affinity;
 pub mod auth;
+pub mod heartbeat;
 pub mod table;
 
 use std::net::SocketAddr;
@@ -13,6 +15,8 @@ pub const ALPN: &str = "sluice-heartbeat";
 /// `Backend` (with its connection count and stop token) is one.
 pub trait Endpoint: Send + Sync {
     fn address(&self) -> SocketAddr;
+    /// Connections open through it now (`pick = "p2c"` prefers the less loaded).
+    fn active(&self) -> u64;
 }
 
 /// A resource name is matched against the lowercased SNI: lowercase host-name characters only.

@@ -631,6 +631,9 @@ mod tests {
         fn address(&self) -> SocketAddr {
             self.0
         }
+        fn active(&self) -> u64 {
+            0
+        }
     }
 
     fn backend(_id: &str, addr: SocketAddr) -> Arc<Dial> {
