@@ -10,9 +10,8 @@
 
 pub mod terminate;
 
-use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,20 +24,15 @@ use crate::config::ListenerConfig;
 use crate::edge::connection::Edge;
 use crate::snapshot::{Route, Target};
 use crate::upstream::{clock_ms, ActiveGuard};
-use sluice_core::hello::Parse;
-use sluice_core::quic::packet::{self, CryptoStream, Header, LongType};
+use sluice_core::quic::flows::{self, FlowState, FlowTable, Found, Limits, Pending};
 use sluice_core::route::{Facts, TlsFacts};
 
-/// Datagrams and bytes a pending flow may hold while its hello is incomplete.
-const PENDING_DATAGRAMS: usize = 16;
-const PENDING_BYTES: usize = 64 * 1024;
-/// Connection IDs remembered per flow (the server may issue several).
-const CIDS_PER_FLOW: usize = 16;
 const MAX_DATAGRAM: usize = 65535;
 
 /// One client's QUIC connection, routed.
 struct Flow {
-    id: u64,
+    /// Its client, connection IDs and last datagram, as the flow table keeps them.
+    state: FlowState,
     route: Arc<Route>,
     /// Counts the flow on its backend (least_conn, p2c, the active gauge); none when sluice
     /// terminates the flow (its streams count on the backends they reach).
@@ -46,50 +40,20 @@ struct Flow {
     /// A terminated flow: its endpoint and this flow's socket port there (for PROXY headers).
     terminator: Option<(Arc<terminate::Terminator>, u16)>,
     upstream: Arc<UdpSocket>,
-    client: Mutex<SocketAddr>,
-    last_seen: AtomicU64,
-    cids: Mutex<Vec<Vec<u8>>>,
     stop: CancellationToken,
 }
 
-impl Flow {
-    fn client(&self) -> SocketAddr {
-        *self.client.lock().unwrap_or_else(|e| e.into_inner())
+impl flows::Flow for Flow {
+    fn state(&self) -> &FlowState {
+        &self.state
     }
 
-    /// The client moved (migration, rebinding).
-    fn set_client(&self, peer: SocketAddr) {
-        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = peer;
+    /// The client moved (migration, rebinding): a terminated flow's endpoint must know.
+    fn moved(&self, peer: SocketAddr) {
         if let Some((t, port)) = &self.terminator {
             t.register(*port, peer);
         }
     }
-}
-
-/// A client whose hello is not complete yet.
-struct Pending {
-    version: u32,
-    dcid: Vec<u8>,
-    keys: rustls::quic::Keys,
-    crypto: CryptoStream,
-    datagrams: Vec<Vec<u8>>,
-    bytes: usize,
-    started: u64,
-}
-
-#[derive(Default)]
-struct Flows {
-    /// Every flow, by id.
-    all: HashMap<u64, Arc<Flow>>,
-    next_id: u64,
-    /// The newest flow of each client address.
-    by_client: HashMap<SocketAddr, Arc<Flow>>,
-    by_cid: HashMap<Vec<u8>, Arc<Flow>>,
-    /// Lengths of the server connection IDs seen (a short header does not say its length).
-    cid_lens: BTreeSet<usize>,
-    /// By client address and the DCID of its first Initial: one address may open several
-    /// connections (one UDP socket, many connections, as quinn's endpoints do).
-    pending: HashMap<(SocketAddr, Vec<u8>), Pending>,
 }
 
 /// A running QUIC listener.
@@ -101,7 +65,7 @@ pub struct QuicListener {
     stop: CancellationToken,
     /// False once a drain or a reload closed it: established flows go on, new ones are refused.
     accepting: AtomicBool,
-    flows: Mutex<Flows>,
+    flows: Mutex<FlowTable<Flow>>,
     m: QuicMetrics,
 }
 
@@ -149,7 +113,7 @@ impl QuicListener {
             socket: Arc::new(socket),
             stop: edge.hard_stop.child_token(),
             accepting: AtomicBool::new(true),
-            flows: Mutex::new(Flows::default()),
+            flows: Mutex::new(FlowTable::default()),
             m: QuicMetrics {
                 active: m.quic_flows_active.with_label_values(&[&name]),
                 packets_in: m.quic_packets.with_label_values(&[&name, "from_client"]),
@@ -187,10 +151,10 @@ impl QuicListener {
     }
 
     pub fn flow_count(&self) -> usize {
-        self.lock().all.len()
+        self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Flows> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FlowTable<Flow>> {
         self.flows.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -201,24 +165,11 @@ impl QuicListener {
             .inc();
     }
 
-    fn remove_flow(&self, flows: &mut Flows, flow: &Arc<Flow>) {
-        if flows.all.remove(&flow.id).is_none() {
+    fn remove_flow(&self, flows: &mut FlowTable<Flow>, flow: &Arc<Flow>) {
+        if !flows.remove(flow) {
             return;
         }
         self.m.active.dec();
-        let client = flow.client();
-        if flows
-            .by_client
-            .get(&client)
-            .is_some_and(|f| Arc::ptr_eq(f, flow))
-        {
-            flows.by_client.remove(&client);
-        }
-        for cid in flow.cids.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            if flows.by_cid.get(cid).is_some_and(|f| Arc::ptr_eq(f, flow)) {
-                flows.by_cid.remove(cid);
-            }
-        }
         flow.route.active.dec();
         if let Some((t, port)) = &flow.terminator {
             t.unregister(*port);
@@ -227,71 +178,8 @@ impl QuicListener {
     }
 }
 
-/// The flow a client datagram belongs to: by its destination connection ID first (a client
-/// may run several connections from one socket, and may move), then by its source address
-/// (a short header with an ID sluice has not learned), then as a port rebinding. A new
-/// Initial from a known address is a new connection: `None`.
-fn find_flow(
-    l: &QuicListener,
-    flows: &mut Flows,
-    peer: SocketAddr,
-    data: &[u8],
-) -> Option<Arc<Flow>> {
-    if let Some(f) = flow_by_cid(flows, data) {
-        let old = f.client();
-        if old != peer {
-            // A known connection from a new address: migration or NAT rebinding. (Only
-            // someone on the path can know a connection ID.)
-            if flows
-                .by_client
-                .get(&old)
-                .is_some_and(|x| Arc::ptr_eq(x, &f))
-            {
-                flows.by_client.remove(&old);
-            }
-            flows.by_client.insert(peer, f.clone());
-            f.set_client(peer);
-            l.m.migrations.inc();
-            tracing::debug!(from = %old, to = %peer, "QUIC flow followed to a new address");
-        }
-        return Some(f);
-    }
-    let long = match packet::parse_header(data) {
-        Ok(Header::Long(long)) => Some(long),
-        _ => None,
-    };
-    if let Some(long) = &long {
-        // A new connection's Initial, or its 0-RTT/Handshake packets while its hello waits.
-        if long.kind == Some(LongType::Initial)
-            || flows.pending.contains_key(&(peer, long.dcid.to_vec()))
-        {
-            return None;
-        }
-    }
-    match flows.by_client.get(&peer).cloned() {
-        Some(f) => {
-            learn_client_cid(flows, &f, data);
-            Some(f)
-        }
-        None => port_rebinding(flows, peer, data).inspect(|_| l.m.migrations.inc()),
-    }
-}
-
-/// The flow a datagram belongs to by its destination connection ID.
-fn flow_by_cid(flows: &Flows, data: &[u8]) -> Option<Arc<Flow>> {
-    match packet::parse_header(data).ok()? {
-        Header::Long(l) => flows.by_cid.get(l.dcid).cloned(),
-        Header::Short => flows
-            .cid_lens
-            .iter()
-            .find_map(|&n| flows.by_cid.get(data.get(1..1 + n)?).cloned()),
-        Header::VersionNegotiation { .. } => None,
-    }
-}
-
 fn forward(l: &QuicListener, flow: &Flow, data: &[u8]) {
-    flow.last_seen
-        .store(clock_ms(Instant::now()), Ordering::Relaxed);
+    flow.state.seen(clock_ms(Instant::now()));
     l.m.packets_in.inc();
     l.m.bytes_in.inc_by(data.len() as u64);
     flow.route.bytes_to_backend.inc_by(data.len() as u64);
@@ -317,82 +205,23 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
         };
         let data = &buf[..n];
         let Some(edge) = edge.upgrade() else { break };
-        let known = {
-            let mut flows = l.lock();
-            find_flow(&l, &mut flows, peer, data)
-        };
-        match known {
-            Some(flow) => forward(&l, &flow, data),
-            None => new_datagram(&edge, &l, peer, data).await,
+        let found = l.lock().find(peer, data);
+        match found {
+            Found::Flow { flow, moved } => {
+                if moved {
+                    l.m.migrations.inc();
+                    tracing::debug!(to = %peer, "QUIC flow followed to a new address");
+                }
+                forward(&l, &flow, data)
+            }
+            Found::None => new_datagram(&edge, &l, peer, data).await,
         }
     }
     // Stopped: every flow ends.
     let mut flows = l.lock();
-    let all: Vec<Arc<Flow>> = flows.all.values().cloned().collect();
-    for f in all {
+    for f in flows.take_all() {
         l.remove_flow(&mut flows, &f);
     }
-    flows.pending.clear();
-}
-
-/// A short header from a new port of an address with exactly one flow, with a connection ID
-/// sluice has not seen: the same client after a NAT (or socket) rebinding that also switched
-/// to a fresh connection ID, as RFC 9000 §9.5 asks of a migrating endpoint. The IDs the
-/// server issued later travel encrypted, so this is the one way to follow such a move without
-/// the server's help. With two flows from that address it is ambiguous and not followed.
-fn port_rebinding(flows: &mut Flows, peer: SocketAddr, data: &[u8]) -> Option<Arc<Flow>> {
-    if data.first().is_none_or(|b| b & 0xc0 != 0x40) {
-        return None;
-    }
-    let mut same_ip = flows.all.values().filter(|f| f.client().ip() == peer.ip());
-    let flow = same_ip.next()?.clone();
-    if same_ip.next().is_some() {
-        return None;
-    }
-    let old = flow.client();
-    if flows
-        .by_client
-        .get(&old)
-        .is_some_and(|f| Arc::ptr_eq(f, &flow))
-    {
-        flows.by_client.remove(&old);
-    }
-    flows.by_client.insert(peer, flow.clone());
-    flow.set_client(peer);
-    tracing::debug!(from = %old, to = %peer, "QUIC flow followed to a new port");
-    Some(flow)
-}
-
-/// A client's short header on its known path may carry a connection ID the server issued
-/// later (NEW_CONNECTION_ID is encrypted): remember it, so a move to a new address that
-/// uses it is still followed. Called when `flow_by_cid` found no known ID in the datagram.
-fn learn_client_cid(flows: &mut Flows, flow: &Arc<Flow>, data: &[u8]) {
-    if data.first().is_none_or(|b| b & 0x80 != 0) {
-        return;
-    }
-    // Only with one known length is the ID's extent certain.
-    if flows.cid_lens.len() != 1 {
-        return;
-    }
-    let n = flows.cid_lens.first().copied().unwrap_or(0);
-    if let Some(cid) = data.get(1..1 + n) {
-        remember_cid(flows, flow, cid);
-    }
-}
-
-/// Map `cid` to `flow`, at most `CIDS_PER_FLOW` per flow; an ID already known stays with its
-/// flow. Returns whether it was added.
-fn remember_cid(flows: &mut Flows, flow: &Arc<Flow>, cid: &[u8]) -> bool {
-    if flows.by_cid.contains_key(cid) {
-        return false;
-    }
-    let mut cids = flow.cids.lock().unwrap_or_else(|e| e.into_inner());
-    if cids.len() >= CIDS_PER_FLOW {
-        return false;
-    }
-    cids.push(cid.to_vec());
-    flows.by_cid.insert(cid.to_vec(), flow.clone());
-    true
 }
 
 /// A datagram from an address with no flow: an Initial starts (or continues) a pending flow;
@@ -427,109 +256,18 @@ fn admit_inner(
     accepting: bool,
 ) -> Result<Option<(Pending, sluice_core::hello::ClientHello)>, &'static str> {
     let cfg = l.config.load();
-    let long = match packet::parse_header(data).map_err(|_| "malformed")? {
-        Header::Long(long) => long,
-        Header::Short => return Err("unknown_flow"),
-        Header::VersionNegotiation { .. } => return Err("not_initial"),
+    let limits = Limits {
+        max_flows: cfg.quic.max_flows,
+        max_pending: cfg.quic.max_pending,
+        max_hello_size: cfg.max_hello_size,
     };
-    let mut flows = l.lock();
-    let key = (peer, long.dcid.to_vec());
-    if long.kind != Some(LongType::Initial) {
-        // 0-RTT or Handshake packets of a client whose hello is still incomplete wait with it.
-        let Some(p) = flows.pending.get_mut(&key) else {
-            return Err(if long.kind.is_none() {
-                "unsupported_version"
-            } else {
-                "not_initial"
-            });
-        };
-        if p.datagrams.len() < PENDING_DATAGRAMS && p.bytes + data.len() <= PENDING_BYTES {
-            p.bytes += data.len();
-            p.datagrams.push(data.to_vec());
-            return Ok(None);
-        }
-        flows.pending.remove(&key);
-        return Err("pending_overflow");
-    }
-    if !l.is_accepting() || !accepting {
-        return Err("draining");
-    }
-    if data.len() < 1200 {
-        // RFC 9000 §14.1: a client pads its Initial datagrams to 1200 bytes.
-        return Err("too_short");
-    }
-    if long.dcid.len() < 8 {
-        return Err("malformed");
-    }
-    if flows
-        .pending
-        .get(&key)
-        .is_some_and(|p| p.version != long.version)
-    {
-        flows.pending.remove(&key);
-    }
-    if !flows.pending.contains_key(&key) {
-        if flows.pending.len() >= cfg.quic.max_pending {
-            return Err("pending_full");
-        }
-        let keys =
-            packet::client_initial_keys(long.version, long.dcid).ok_or("unsupported_version")?;
-        flows.pending.insert(
-            key.clone(),
-            Pending {
-                version: long.version,
-                dcid: long.dcid.to_vec(),
-                keys,
-                crypto: CryptoStream::default(),
-                datagrams: Vec::new(),
-                bytes: 0,
-                started: clock_ms(Instant::now()),
-            },
-        );
-    }
-    let Some(p) = flows.pending.get_mut(&key) else {
-        return Ok(None);
-    };
-    let plain = match packet::decrypt_initial(&data[..long.len], &long, &p.keys) {
-        Ok(plain) => plain,
-        Err(_) => {
-            if p.datagrams.is_empty() {
-                flows.pending.remove(&key);
-            }
-            return Err("decrypt_failed");
-        }
-    };
-    let Ok(frames) = packet::crypto_frames(&plain) else {
-        flows.pending.remove(&key);
-        return Err("malformed");
-    };
-    for (offset, bytes) in frames {
-        if p.crypto.add(offset, bytes, cfg.max_hello_size).is_err() {
-            flows.pending.remove(&key);
-            return Err("too_large");
-        }
-    }
-    if p.datagrams.len() >= PENDING_DATAGRAMS || p.bytes + data.len() > PENDING_BYTES {
-        flows.pending.remove(&key);
-        return Err("pending_overflow");
-    }
-    p.bytes += data.len();
-    p.datagrams.push(data.to_vec());
-    let hello = match packet::parse_hello(&p.crypto.prefix()) {
-        Parse::Incomplete { .. } => return Ok(None),
-        Parse::Hello { hello, .. } => hello,
-        Parse::NotTls | Parse::Malformed(_) => {
-            flows.pending.remove(&key);
-            return Err("malformed");
-        }
-    };
-    let Some(pending) = flows.pending.remove(&key) else {
-        return Ok(None);
-    };
-    if flows.all.len() >= cfg.quic.max_flows {
-        return Err("table_full");
-    }
-    Ok(Some((pending, hello)))
+    l.lock().admit(
+        peer,
+        data,
+        l.is_accepting() && accepting,
+        limits,
+        clock_ms(Instant::now()),
+    )
 }
 
 /// Route a complete hello, open the flow's socket toward its backend, replay what waited.
@@ -601,31 +339,16 @@ async fn establish(
         }
         _ => None,
     };
-    let id = {
-        let mut flows = l.lock();
-        flows.next_id += 1;
-        flows.next_id
-    };
+    let id = l.lock().next_id();
     let flow = Arc::new(Flow {
-        id,
+        state: FlowState::new(id, peer, &pending.dcid, clock_ms(Instant::now())),
         route: route.clone(),
         _guard: guard,
         terminator,
         upstream: Arc::new(upstream),
-        client: Mutex::new(peer),
-        last_seen: AtomicU64::new(clock_ms(Instant::now())),
-        // The client addresses its Initials to this ID until the server answers.
-        cids: Mutex::new(vec![pending.dcid.clone()]),
         stop: l.stop.child_token(),
     });
-    {
-        let mut flows = l.lock();
-        // The address's newest connection answers for it when a datagram carries no known ID;
-        // an older one from the same socket goes on by its connection IDs.
-        flows.all.insert(flow.id, flow.clone());
-        flows.by_client.insert(peer, flow.clone());
-        flows.by_cid.insert(pending.dcid.clone(), flow.clone());
-    }
+    l.lock().insert(flow.clone());
     l.m.active.inc();
     route.active.inc();
     l.initial(edge, "ok");
@@ -676,20 +399,14 @@ async fn from_backend(l: Arc<QuicListener>, flow: Arc<Flow>) {
 /// One datagram from the backend: learn the server's connection ID, send it to the client.
 fn to_client(l: &QuicListener, flow: &Arc<Flow>, data: &[u8]) {
     // Server long headers carry the connection ID the client will address it by.
-    if let Ok(Header::Long(long)) = packet::parse_header(data) {
-        if !long.scid.is_empty() {
-            let mut flows = l.lock();
-            if remember_cid(&mut flows, flow, long.scid) {
-                flows.cid_lens.insert(long.scid.len());
-            }
-        }
+    if data.first().is_some_and(|b| b & 0x80 != 0) {
+        l.lock().from_server(flow, data);
     }
-    flow.last_seen
-        .store(clock_ms(Instant::now()), Ordering::Relaxed);
+    flow.state.seen(clock_ms(Instant::now()));
     l.m.packets_out.inc();
     l.m.bytes_out.inc_by(data.len() as u64);
     flow.route.bytes_to_client.inc_by(data.len() as u64);
-    let to = socket2::SockAddr::from(flow.client());
+    let to = socket2::SockAddr::from(flow.state.client());
     let _ = socket2::SockRef::from(l.socket.as_ref()).send_to(data, &to);
 }
 
@@ -706,21 +423,11 @@ async fn sweep(l: Arc<QuicListener>) {
         let idle = cfg.quic.flow_idle_timeout.as_millis() as u64;
         let hello = cfg.hello_timeout.as_millis() as u64;
         let mut flows = l.lock();
-        let expired: Vec<Arc<Flow>> = flows
-            .all
-            .values()
-            .filter(|f| now.saturating_sub(f.last_seen.load(Ordering::Relaxed)) >= idle)
-            .cloned()
-            .collect();
+        let (expired, timed_out) = flows.expire(now, idle, hello);
         for f in &expired {
             l.remove_flow(&mut flows, f);
         }
-        let before = flows.pending.len();
-        flows
-            .pending
-            .retain(|_, p| now.saturating_sub(p.started) < hello);
-        let timed_out = before - flows.pending.len();
-        let empty = flows.all.is_empty();
+        let empty = flows.is_empty();
         drop(flows);
         l.m.timeouts.inc_by(timed_out as u64);
         if !expired.is_empty() {
