@@ -3,9 +3,10 @@
 # The build context is the repository root; .dockerignore keeps target/ and .git out of it.
 FROM rust:1-bookworm AS builder
 WORKDIR /src
-# The whole workspace: cargo loads every member's manifest (bench/) before it builds one.
+# The whole workspace: cargo loads every member's manifest (crates/, bench/) before it builds one.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY crates ./crates
 COPY bench ./bench
 COPY conf ./conf
 # The registry and target/ are BuildKit cache mounts: a rebuild after a source change

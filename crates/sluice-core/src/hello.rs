@@ -831,7 +831,7 @@ mod tests {
             assert_eq!(parse(bytes), bad(label), "{label}");
         }
         let source = include_str!("hello.rs");
-        let parser = &source[..source.find("pub mod build").unwrap()];
+        let parser = &source[..source.find("#[cfg(any(test, feature").unwrap()];
         let mut labels: Vec<&str> = parser
             .split('"')
             .skip(1)
