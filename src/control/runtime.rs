@@ -143,14 +143,16 @@ impl Snapshot {
                     }
                     RouteTarget::Heartbeat => Target::Heartbeat,
                 };
-                let terminator = match (&r.quic_terminate, &target) {
-                    (Some(q), Target::Pool(pool)) => {
+                // A loaded config has the certificate of every terminating route.
+                let tls = r.quic_terminate.as_ref().and_then(|q| q.tls.as_ref());
+                let terminator = match (tls, &target) {
+                    (Some(tls), Target::Pool(pool)) => {
                         let m = Arc::new(crate::quic::terminate::TerminatorMetrics {
                             metrics: Arc::new(metrics.clone()),
                         });
                         match crate::quic::terminate::Terminator::start(
                             &r.name,
-                            q.tls.clone(),
+                            tls.clone(),
                             pool.clone(),
                             m,
                         ) {
