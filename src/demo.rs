@@ -12,7 +12,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::Config;
 use crate::control::server::Server;
 use crate::tls::testing::server_config;
 
@@ -168,7 +167,8 @@ pub async fn run(port: u16, admin: &str) -> anyhow::Result<()> {
     .await?;
     let client = TaggedBackend::start("client-proxy", any, &["http/1.1"]).await?;
     let text = demo_config(port, admin, tunnel.address, client.address);
-    let config = Config::parse(Path::new("(demo)"), &text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config =
+        crate::config::parse(Path::new("(demo)"), &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let server = Server::start(config).await?;
     let edge = server
         .listener_addr("edge")

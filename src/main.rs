@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sluice::config::Config;
 use sluice::control::handover;
 use sluice::control::server::{RunOptions, Server};
 use sluice::edge::listener;
@@ -83,7 +82,7 @@ fn raise_nofile() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config } => match sluice::config::load(&config) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} listeners, {} routes, {} pools)",
@@ -104,7 +103,7 @@ fn main() -> ExitCode {
         Command::Run { config, upgrade } => {
             let _log = init_logging(cli.log_format, &cli.log_level);
             raise_nofile();
-            let cfg = match Config::load(&config) {
+            let cfg = match sluice::config::load(&config) {
                 Ok(c) => c,
                 Err(errs) => {
                     for e in &errs.0 {

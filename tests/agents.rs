@@ -563,7 +563,7 @@ async fn a_reload_after_rotating_the_tokens_file_applies_the_new_tokens() {
     let path = dir.path().join("sluice.toml");
     let text = config(dir.path(), "", "").replace("{fb}", &fb.address.to_string());
     std::fs::write(&path, text).unwrap();
-    let server = Server::start(sluice::config::Config::load(&path).unwrap())
+    let server = Server::start(sluice::config::load(&path).unwrap())
         .await
         .unwrap();
     let hb = server.heartbeat_addr().unwrap();
@@ -713,7 +713,7 @@ async fn a_token_removed_by_a_reload_ends_the_streams_it_authenticated() {
     let path = dir.path().join("sluice.toml");
     let text = config(dir.path(), "", "").replace("{fb}", &fb.address.to_string());
     std::fs::write(&path, text).unwrap();
-    let server = Server::start(sluice::config::Config::load(&path).unwrap())
+    let server = Server::start(sluice::config::load(&path).unwrap())
         .await
         .unwrap();
     let _agent = agent_process(dir.path(), edge(&server), "a1", a1.address);
@@ -1122,7 +1122,7 @@ async fn a_silent_agent_expires_after_its_ttl_stays_listed_for_keep_expired_then
         std::fs::write(&path, text.replace("{fb}", &fb.address.to_string())).unwrap();
     };
     write("1h");
-    let server = Server::start(sluice::config::Config::load(&path).unwrap())
+    let server = Server::start(sluice::config::load(&path).unwrap())
         .await
         .unwrap();
     let (hb, edge) = (server.heartbeat_addr().unwrap(), edge(&server));

@@ -459,7 +459,7 @@ fn kubernetes_example_is_valid_and_consistent() {
     let (code, out) = check(&path);
     assert_eq!(code, 0, "{out}\n{toml}");
 
-    let cfg = sluice::config::Config::load(&path).unwrap();
+    let cfg = sluice::config::load(&path).unwrap();
     let number = |key: &str| -> u64 {
         yaml.lines()
             .find_map(|l| l.trim().strip_prefix(key))

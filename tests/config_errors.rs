@@ -6,7 +6,7 @@
 //! `sluice run` on bad configs, `sluice heartbeat` on bad agent configs, and
 //! `sluice run --upgrade` when no sluice is there to take the sockets from.
 //!
-//! Most cases are parsed in-process (`Config::parse`), which is fast; each is the small valid
+//! Most cases are parsed in-process (`config::parse`), which is fast; each is the small valid
 //! config `BASE` with one mistake spliced in. The line an error must point at carries the
 //! marker `#<` (a TOML comment), so the expected line is visible in the case itself.
 
@@ -101,7 +101,7 @@ fn marked_line(text: &str) -> usize {
 }
 
 fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
-    Config::parse(Path::new("t.toml"), text).map_err(|e| e.0)
+    sluice::config::parse(Path::new("t.toml"), text).map_err(|e| e.0)
 }
 
 /// Each case must be refused with exactly one error (the case is valid but for its one
@@ -1476,7 +1476,7 @@ address = \"127.0.0.1\"
         (PathBuf::from("main.toml"), main),
         (PathBuf::from("conf.d/10-extra.toml"), extra.to_owned()),
     ];
-    let shown: Vec<String> = Config::parse_files(&files)
+    let shown: Vec<String> = sluice::config::parse_files(&files)
         .unwrap_err()
         .0
         .iter()

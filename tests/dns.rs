@@ -238,7 +238,7 @@ async fn discovered_one() -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_keeps_discovered_backends() {
     let (_a, _zone, text, server) = discovered_one().await;
-    let cfg = sluice::config::Config::parse(
+    let cfg = sluice::config::parse(
         std::path::Path::new("t.toml"),
         &text.replace("retries = 0", "retries = 1"),
     )
@@ -267,7 +267,7 @@ async fn a_reload_during_a_dns_outage_keeps_discovered_backends() {
         .await
     };
     eventually("the outage is seen", || async { errors().await >= 1.0 }).await;
-    let cfg = sluice::config::Config::parse(
+    let cfg = sluice::config::parse(
         std::path::Path::new("t.toml"),
         &text.replace("retries = 0", "retries = 1"),
     )

@@ -291,7 +291,7 @@ async fn a_reload_keeps_the_health_verdicts() {
     let fails =
         || async { metric(&server, "sluice_health_checks_total", &[("result", "fail")]).await };
     assert_eq!(fails().await, 1.0);
-    let cfg = sluice::config::Config::parse(
+    let cfg = sluice::config::parse(
         std::path::Path::new("t.toml"),
         &text.replace("retries = 0", "retries = 1"),
     )

@@ -325,7 +325,7 @@ async fn a_reload_moves_new_flows_and_keeps_established_ones() {
         std::fs::write(&path, text).unwrap();
     };
     write(a);
-    let server = Server::start(sluice::config::Config::load(&path).unwrap())
+    let server = Server::start(sluice::config::load(&path).unwrap())
         .await
         .unwrap();
     let edge = server.quic_addr("quic").unwrap();

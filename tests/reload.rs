@@ -6,7 +6,6 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sluice::config::Config;
 use sluice::control::reload::{self, Outcome};
 use sluice::control::server::Server;
 use support::*;
@@ -35,7 +34,7 @@ impl Setup {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sluice.toml");
         std::fs::write(&path, text).unwrap();
-        let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let cfg = sluice::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let server = Server::start(cfg).await.expect("sluice starts");
         Setup {
             _dir: dir,
@@ -477,7 +476,9 @@ async fn the_watcher_sees_every_way_of_replacing_a_file() {
     std::os::unix::fs::symlink("..v1", k8s.join("..data")).unwrap();
     std::os::unix::fs::symlink("..data/sluice.toml", k8s.join("sluice.toml")).unwrap();
     let path = k8s.join("sluice.toml");
-    let server = Server::start(Config::load(&path).unwrap()).await.unwrap();
+    let server = Server::start(sluice::config::load(&path).unwrap())
+        .await
+        .unwrap();
     let stop = CancellationToken::new();
     let watch = reload::ConfigWatch::start(server.rt.clone()).expect("the config is watched");
     tokio::spawn(watch.run(stop.clone()));
@@ -591,7 +592,7 @@ async fn inherited_sockets_are_matched_by_name_and_strays_closed() {
     let stray = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let (edge_addr, stray_addr) = (edge_sock.local_addr().unwrap(), stray.local_addr().unwrap());
     let text = conf(&[&a], "", "");
-    let cfg = Config::parse(Path::new("t.toml"), &text).unwrap();
+    let cfg = sluice::config::parse(Path::new("t.toml"), &text).unwrap();
     let inherited = [
         ("edge".to_owned(), edge_sock),
         ("old-listener".to_owned(), stray),
@@ -625,7 +626,9 @@ async fn the_watcher_follows_a_symlinked_config_to_its_directory() {
     std::fs::write(&target, conf(&[&a], "", top)).unwrap();
     let link = etc.path().join("sluice.toml");
     std::os::unix::fs::symlink(&target, &link).unwrap();
-    let server = Server::start(Config::load(&link).unwrap()).await.unwrap();
+    let server = Server::start(sluice::config::load(&link).unwrap())
+        .await
+        .unwrap();
     let stop = CancellationToken::new();
     let watch = reload::ConfigWatch::start(server.rt.clone()).expect("the config is watched");
     tokio::spawn(watch.run(stop.clone()));

@@ -17,7 +17,6 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 use crate::control::runtime::{unix_now, ReloadSummary, Runtime, State};
 
 /// How a reload ended.
@@ -41,7 +40,7 @@ pub async fn reload(rt: &Arc<Runtime>, trigger: &str) -> Outcome {
         sd_notify::NotifyState::Reloading,
         sd_notify::NotifyState::Status("reloading"),
     ]);
-    let outcome = match Config::load(&path) {
+    let outcome = match crate::config::load(&path) {
         Err(errs) => {
             for e in &errs.0 {
                 tracing::error!(trigger, error = %e, "reload rejected: config error");

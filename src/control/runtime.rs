@@ -649,7 +649,8 @@ impl Runtime {
 /// refuses its QUIC flows rather than passing them through.
 fn start_terminators(snap: &Snapshot, metrics: &Metrics) {
     for r in &snap.config.routes {
-        let Some(q) = &r.quic_terminate else {
+        // A loaded config has the certificate of every terminating route.
+        let Some(tls) = r.quic_terminate.as_ref().and_then(|q| q.tls.clone()) else {
             continue;
         };
         let Some((_, route)) = snap.routes.iter().find(|(_, route)| route.name == r.name) else {
@@ -661,7 +662,7 @@ fn start_terminators(snap: &Snapshot, metrics: &Metrics) {
         let m = Arc::new(TerminatorMetrics {
             metrics: Arc::new(metrics.clone()),
         });
-        match Terminator::start(&r.name, q.tls.clone(), pool.clone(), m) {
+        match Terminator::start(&r.name, tls, pool.clone(), m) {
             Ok(t) => {
                 let _ = route.terminator.set(t);
             }

@@ -747,7 +747,7 @@ mod tests {
         let text = "[[listener]]\nname = \"e\"\naddress = \"127.0.0.1:0\"\n\
                     [[route]]\nname = \"r\"\npool = \"p\"\n\
                     [pool.p]\nbackends = [\"127.0.0.1:9\"]\n";
-        let cfg = crate::config::Config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), text).unwrap();
         let registry = Backends::new(CancellationToken::new());
         let pool = Pool::new(&cfg.pools["p"], &Metrics::new(), &registry, false);
         let list = pool.backends();

@@ -60,8 +60,8 @@ pub async fn start(config: &str, vars: &[(&str, String)]) -> Server {
     for (k, v) in vars {
         text = text.replace(&format!("{{{k}}}"), v);
     }
-    let cfg =
-        Config::parse(Path::new("test.toml"), &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let cfg = sluice::config::parse(Path::new("test.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
     let server = Server::start(cfg).await.expect("sluice starts");
     server
 }

@@ -130,7 +130,7 @@ backends = ["{}"]
 "#,
         sink.local_addr()?
     );
-    let cfg = sluice::config::Config::parse(std::path::Path::new("quic-bench.toml"), &config)
+    let cfg = sluice::config::parse(std::path::Path::new("quic-bench.toml"), &config)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let server = sluice::control::server::Server::start(cfg).await?;
     let edge = server.quic_addr("quic").context("QUIC listener")?;

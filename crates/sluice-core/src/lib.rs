@@ -18,6 +18,7 @@ pub mod agents;
 pub mod balance;
 pub mod clock;
 pub mod close;
+pub mod config;
 pub mod eligibility;
 pub mod hello;
 pub mod proxy;
