@@ -3,9 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
-
-use super::pending::Pending;
+use std::path::PathBuf;
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,7 +182,7 @@ pub(super) struct Origins {
 
 impl Origins {
     /// The file a merged key path lives in, and the path as that file spells it.
-    fn locate(&self, at: &KeyPath) -> (usize, KeyPath) {
+    pub(super) fn locate(&self, at: &KeyPath) -> (usize, KeyPath) {
         let mut local = at.clone();
         let file = match at.0.as_slice() {
             [Seg::Key(k), Seg::Index(i), ..] if k == "listener" || k == "route" || k == "agent" => {
@@ -230,47 +228,5 @@ impl Place {
             problem: problem.into(),
             fix: fix.into(),
         }
-    }
-}
-
-/// Collects errors during validation, and the work it leaves to the caller (see `Pending`).
-pub(super) struct Errors<'a> {
-    pub(super) files: Vec<(&'a Path, Locator<'a>)>,
-    pub(super) origins: Origins,
-    pub(super) list: Vec<ConfigError>,
-    pub(super) pending: Vec<Pending>,
-}
-
-impl Errors<'_> {
-    /// The file, line and key of a merged key path.
-    pub(super) fn place(&self, at: &KeyPath) -> Place {
-        let (file, local) = self.origins.locate(at);
-        let (path, locator) = &self.files[file.min(self.files.len() - 1)];
-        Place {
-            path: path.to_path_buf(),
-            line: locator.line(&local),
-            key: local.to_string(),
-        }
-    }
-
-    pub(super) fn push(
-        &mut self,
-        at: &KeyPath,
-        problem: impl Into<String>,
-        fix: impl Into<String>,
-    ) {
-        let error = self.place(at).error(problem, fix);
-        self.list.push(error);
-    }
-
-    /// Work validation cannot do without I/O, left to the caller.
-    pub(super) fn later(&mut self, work: Pending) {
-        self.pending.push(work);
-    }
-
-    /// Whether an error was reported at `prefix` or below it (as its key is spelled).
-    pub(super) fn any_under(&self, prefix: &KeyPath) -> bool {
-        let prefix = prefix.to_string();
-        self.list.iter().any(|e| e.key.starts_with(&prefix))
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::error::{Errors, KeyPath};
+use super::collect::Errors;
+use super::error::KeyPath;
 use super::pending::AddrSlot;
 use super::raw::{RawAdmin, RawDns, RawLifecycle, RawLimits, RawReload};
 use super::values::{address, duration, human, human_opt, int_in};

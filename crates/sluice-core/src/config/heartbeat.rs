@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::error::{Errors, KeyPath};
+use super::collect::Errors;
+use super::error::KeyPath;
 use super::pending::{AddrSlot, Pending};
 use super::raw::{RawAgent, RawCluster, RawHeartbeat};
 use super::values::{

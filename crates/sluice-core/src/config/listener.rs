@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::error::{Errors, KeyPath};
-use super::pending::{AddrSlot, Among, Pending};
+use super::collect::Errors;
+use super::error::KeyPath;
+use super::pending::{self, AddrSlot, Among, Pending};
 use super::raw::{RawKeepalive, RawListener};
 use super::values::{
     address, check_name, duration, human, int_in, keepalive, literal_address, name_ok, Keepalive,
@@ -66,12 +67,6 @@ const LISTENER_NAME: NameRule = NameRule {
 };
 
 /// The problem of a listener address used twice (on the second listener).
-pub(super) fn address_taken(address: SocketAddr) -> String {
-    format!("{address} is already used by another listener")
-}
-
-pub(super) const ADDRESS_TAKEN_FIX: &str = "give each listener its own address";
-
 /// Every `[[listener]]`. Whether two addresses collide is checked here when all are IP
 /// literals, and left for after resolution (`Among::Listeners`) when a name is among them.
 pub(super) fn listeners(
@@ -220,8 +215,8 @@ impl RawListener {
         {
             errs.push(
                 &at.key("address"),
-                address_taken(address),
-                ADDRESS_TAKEN_FIX,
+                pending::address_taken(address),
+                pending::ADDRESS_TAKEN_FIX,
             );
         }
         let max_hello_size = int_in(

@@ -17,6 +17,7 @@
 //! ([cluster], [heartbeat], [[agent]]); shared value parsers in `values`, the serde layer in
 //! `raw`, errors and their places in `error`, the pending work in `pending`.
 
+mod collect;
 mod error;
 mod global;
 mod heartbeat;
@@ -46,7 +47,8 @@ pub use self::route::{Affinity, Pick, QuicTerminate, ResourceRoute, RouteConfig,
 pub use self::values::{literal_address, AddressError, Keepalive};
 pub use crate::proxy::{AcceptProxy, ProxyProtocol};
 
-use self::error::{Errors, KeyPath, Locator, Origins};
+use self::collect::Errors;
+use self::error::{KeyPath, Locator, Origins};
 use self::raw::{parse_raw, RawConfig};
 
 /// Hard ceiling for `max_hello_size`: a TLS handshake message split over records can in

@@ -129,10 +129,7 @@ impl Config {
                         .any(|e| e.address == l.address && e.protocol == l.protocol);
                     if l.address.port() != 0 && taken {
                         if let Some(at) = places.get(i) {
-                            found.push(at.error(
-                                super::listener::address_taken(l.address),
-                                super::listener::ADDRESS_TAKEN_FIX,
-                            ));
+                            found.push(at.error(address_taken(l.address), ADDRESS_TAKEN_FIX));
                         }
                     }
                 }
@@ -151,10 +148,7 @@ impl Config {
                         continue;
                     }
                     if let Some(at) = places.get(i) {
-                        found.push(at.error(
-                            super::pool::backend_twice(&b.name, b.address),
-                            super::pool::BACKEND_TWICE_FIX,
-                        ));
+                        found.push(at.error(backend_twice(&b.name, b.address), BACKEND_TWICE_FIX));
                     }
                 }
             }
@@ -162,3 +156,17 @@ impl Config {
         found
     }
 }
+
+/// The duplicate messages, the same whether the core or the loader finds the duplicate.
+pub(super) fn address_taken(address: SocketAddr) -> String {
+    format!("{address} is already used by another listener")
+}
+
+pub(super) const ADDRESS_TAKEN_FIX: &str = "give each listener its own address";
+
+pub(super) fn backend_twice(text: &str, address: SocketAddr) -> String {
+    format!("backend `{text}` ({address}) is listed twice")
+}
+
+pub(super) const BACKEND_TWICE_FIX: &str =
+    "remove the duplicate, or use `weight` to give it more traffic";

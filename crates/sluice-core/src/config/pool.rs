@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::error::{Errors, KeyPath};
-use super::pending::{AddrSlot, Among, Pending};
+use super::collect::Errors;
+use super::error::KeyPath;
+use super::pending::{self, AddrSlot, Among, Pending};
 use super::raw::{RawBackend, RawHealth, RawKeepalive, RawPool};
 use super::values::{
     address, check_name, connect_timeout, duration, human, human_opt, int_in, keepalive, name_ok,
@@ -132,13 +133,6 @@ const POOL_NAME: NameRule = NameRule {
 };
 
 /// The problem of a backend listed twice (its second entry).
-pub(super) fn backend_twice(text: &str, address: SocketAddr) -> String {
-    format!("backend `{text}` ({address}) is listed twice")
-}
-
-pub(super) const BACKEND_TWICE_FIX: &str =
-    "remove the duplicate, or use `weight` to give it more traffic";
-
 impl RawPool {
     pub(super) fn build(
         mut self,
@@ -352,7 +346,11 @@ impl RawPool {
             let mut seen = HashSet::new();
             for (b, bat) in backends.iter().zip(&places) {
                 if !seen.insert(b.address) {
-                    errs.push(bat, backend_twice(&b.name, b.address), BACKEND_TWICE_FIX);
+                    errs.push(
+                        bat,
+                        pending::backend_twice(&b.name, b.address),
+                        pending::BACKEND_TWICE_FIX,
+                    );
                 }
             }
         }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::error::{Errors, KeyPath};
+use super::collect::Errors;
+use super::error::KeyPath;
 use super::listener::ListenerConfig;
 use super::pending::Pending;
 use super::pool::PoolConfig;
