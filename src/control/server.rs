@@ -406,3 +406,108 @@ fn start_upgrade(config: &Config, command: &Option<(PathBuf, Vec<OsString>)>) {
             "SIGUSR2: cannot start the new sluice"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The lifecycle's phases on tokio's paused clock: what happens when, to the second,
+    //! without waiting for it.
+    use super::*;
+    use tokio::time::Instant;
+
+    async fn server(lifecycle: &str) -> Server {
+        let text = format!(
+            "[admin]\naddress = \"\"\n[lifecycle]\n{lifecycle}\n\
+             [[listener]]\nname = \"edge\"\naddress = \"127.0.0.1:0\"\n\
+             [[route]]\nname = \"all\"\npool = \"p\"\n\
+             [pool.p]\nbackends = [\"127.0.0.1:9\"]\n"
+        );
+        let config = crate::config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        Server::start(config).await.unwrap()
+    }
+
+    /// A connection that ends when its stop signal fires (as a tunnel does at close_all).
+    fn tunnel(s: &Server) -> tokio::sync::oneshot::Receiver<Instant> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let close_all = s.rt.close_all.clone();
+        s.rt.tracker.spawn(async move {
+            close_all.cancelled().await;
+            let _ = tx.send(Instant::now());
+        });
+        rx
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_after_min_ready_then_drain_in_four_phases() {
+        let s = server("min_ready = \"3s\"\ndrain_delay = \"5s\"\ndrain_timeout = \"30s\"\nclose_spread = \"0s\"").await;
+        let t0 = Instant::now();
+        assert_eq!(s.rt.state(), State::Starting);
+        s.ready().await;
+        let ready = t0.elapsed();
+        assert!(
+            ready >= Duration::from_secs(3) && ready < Duration::from_millis(3100),
+            "{ready:?}"
+        );
+
+        let closed = tunnel(&s);
+        let t1 = Instant::now();
+        let rt = s.rt.clone();
+        let phases = tokio::spawn(async move {
+            // Phase 1: unready but accepting for drain_delay.
+            tokio::time::sleep(Duration::from_millis(4900)).await;
+            let during_delay = (rt.state(), rt.edge.accepting_new());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            (during_delay, (rt.state(), rt.edge.accepting_new()))
+        });
+        s.drain(std::future::pending(), true).await;
+        let (during_delay, after_delay) = phases.await.unwrap();
+        assert_eq!(during_delay, (State::Draining, true));
+        assert_eq!(after_delay, (State::Closing, false));
+        // Phase 3 at drain_delay + drain_timeout: the remaining connection is closed.
+        let at = closed.await.unwrap() - t1;
+        assert!(
+            at >= Duration::from_secs(35) && at < Duration::from_millis(35_100),
+            "{at:?}"
+        );
+        assert!(s.rt.hard_stop.is_cancelled());
+        assert_eq!(s.rt.tracker.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_signal_skips_to_the_end() {
+        let s =
+            server("drain_delay = \"5s\"\ndrain_timeout = \"10m\"\nclose_spread = \"10s\"").await;
+        s.ready().await;
+        let closed = tunnel(&s);
+        let t1 = Instant::now();
+        s.drain(tokio::time::sleep(Duration::from_secs(2)), true)
+            .await;
+        // Everything closed at the second signal, 2 s in: no drain_delay, drain_timeout or
+        // close_spread waited for.
+        let at = closed.await.unwrap() - t1;
+        assert!(
+            at >= Duration::from_secs(2) && at < Duration::from_millis(2100),
+            "{at:?}"
+        );
+        assert!(t1.elapsed() < Duration::from_secs(5));
+        assert!(s.rt.hard_stop.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_with_no_connections_left_ends_after_drain_delay() {
+        let s = server("drain_delay = \"5s\"\ndrain_timeout = \"10m\"").await;
+        s.ready().await;
+        let t1 = Instant::now();
+        s.drain(std::future::pending(), true).await;
+        let took = t1.elapsed();
+        assert!(
+            took >= Duration::from_secs(5) && took < Duration::from_secs(6),
+            "{took:?}"
+        );
+        // After an upgrade handover there is no delay at all.
+        let s = server("drain_delay = \"5s\"").await;
+        s.ready().await;
+        let t1 = Instant::now();
+        s.drain(std::future::pending(), false).await;
+        assert!(t1.elapsed() < Duration::from_secs(1));
+    }
+}
