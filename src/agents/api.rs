@@ -490,25 +490,49 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
+/// Why a heartbeat API connection ended early (the access log's detail).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the heartbeat API has no certificate configured")]
+    NoCertificate,
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    #[error("TLS handshake took over 10s")]
+    HandshakeTimeout,
+    #[error("heartbeat API connection: {0}")]
+    Http(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    /// Whose fault it was, for labels.
+    pub fn class(&self) -> sluice_core::close::ErrorClass {
+        use sluice_core::close::ErrorClass;
+        match self {
+            ApiError::NoCertificate => ErrorClass::Config,
+            _ => ErrorClass::Client,
+        }
+    }
+}
+
 /// Terminate TLS on `io` and serve the API until the client leaves or sluice closes its
 /// connections. `Err` says why the connection ended early (for the access log).
-pub async fn serve_tls<IO>(api: Arc<Api>, io: IO) -> Result<(), String>
+pub async fn serve_tls<IO>(api: Arc<Api>, io: IO) -> Result<(), ApiError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(tls) = api.snapshot().config.heartbeat.tls.clone() else {
-        return Err("the heartbeat API has no certificate configured".into());
+        return Err(ApiError::NoCertificate);
     };
     let accept = tokio_rustls::TlsAcceptor::from(tls).accept(io);
     let stream = match tokio::time::timeout(Duration::from_secs(10), accept).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             count(&api, "tls_error");
-            return Err(format!("TLS handshake failed: {e}"));
+            return Err(ApiError::Handshake(e));
         }
         Err(_) => {
             count(&api, "tls_error");
-            return Err("TLS handshake took over 10s".into());
+            return Err(ApiError::HandshakeTimeout);
         }
     };
     let cert = stream
@@ -548,7 +572,7 @@ where
     let mut shutting = false;
     loop {
         tokio::select! {
-            r = conn.as_mut() => return r.map_err(|e| format!("heartbeat API connection: {e}")),
+            r = conn.as_mut() => return r.map_err(ApiError::Http),
             // Draining (or handing over to a new binary): streams end themselves with 503.
             _ = api.accepting.cancelled(), if !shutting => {
                 shutting = true;

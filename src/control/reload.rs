@@ -51,8 +51,8 @@ pub async fn reload(rt: &Arc<Runtime>, trigger: &str) -> Outcome {
         Ok(config) => match rt.apply(config).await {
             Ok(summary) => Outcome::Applied(summary),
             Err(e) => {
-                tracing::error!(trigger, error = %e, "reload rejected");
-                Outcome::Rejected(e)
+                tracing::error!(trigger, error = %e, class = e.class().label(), "reload rejected");
+                Outcome::Rejected(e.to_string())
             }
         },
     };

@@ -30,6 +30,33 @@ use crate::snapshot::{Snapshot, Snapshots, Target};
 use crate::upstream::discovery;
 use crate::upstream::Backends;
 
+/// Why a config could not be applied (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("sluice is draining: listeners are closed")]
+    Draining,
+    #[error("listener `{listener}`: cannot bind {protocol}{address}: {source}")]
+    Bind {
+        listener: String,
+        /// `""` for TCP, `"UDP "` for QUIC.
+        protocol: &'static str,
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl ApplyError {
+    /// Whose fault it was, for labels: a bind failure is the config's (an address in use or
+    /// not on this machine).
+    pub fn class(&self) -> sluice_core::close::ErrorClass {
+        use sluice_core::close::ErrorClass;
+        match self {
+            ApplyError::Draining => ErrorClass::Internal,
+            ApplyError::Bind { .. } => ErrorClass::Config,
+        }
+    }
+}
+
 /// What a reload changed, for the log line.
 #[derive(Debug, Default, Serialize)]
 pub struct ReloadSummary {
@@ -324,10 +351,9 @@ impl Runtime {
 
     /// Open the listeners of the running config (at startup). Fails, serving nothing, if
     /// one cannot be bound.
-    pub fn open_listeners(self: &Arc<Self>) -> anyhow::Result<()> {
+    pub fn open_listeners(self: &Arc<Self>) -> Result<(), ApplyError> {
         let cfgs = self.snapshot().config.listeners.clone();
-        self.sync_listeners(&cfgs, &mut ReloadSummary::default(), || {})
-            .map_err(|e| anyhow::anyhow!(e))?;
+        self.sync_listeners(&cfgs, &mut ReloadSummary::default(), || {})?;
         self.checkers.sync(&self.snapshot(), &self.metrics);
         self.start_discovery(&self.snapshot(), true);
         // A handed-over socket no listener claims would queue clients nobody accepts.
@@ -342,16 +368,17 @@ impl Runtime {
     /// Make the running listeners match `cfgs`: bind new ones first (any failure changes
     /// nothing), run `commit` (the snapshot swap, so new listeners route by the new
     /// config), then start them, restart the accept loops of changed ones on the same
-    /// socket, and stop removed ones. The names go into `summary`.
-    fn sync_listeners(
+    /// socket, and stop removed ones. The names go into `summary`; `commit`'s result is
+    /// returned.
+    fn sync_listeners<T>(
         self: &Arc<Self>,
         cfgs: &[ListenerConfig],
         summary: &mut ReloadSummary,
-        commit: impl FnOnce(),
-    ) -> Result<(), String> {
+        commit: impl FnOnce() -> T,
+    ) -> Result<T, ApplyError> {
         let mut current = self.lock_listeners();
         if self.accepting.is_cancelled() {
-            return Err("sluice is draining: listeners are closed".into());
+            return Err(ApplyError::Draining);
         }
         let (quic_cfgs, tcp_cfgs): (Vec<ListenerConfig>, Vec<ListenerConfig>) = cfgs
             .iter()
@@ -373,11 +400,13 @@ impl Runtime {
                 }
                 match crate::quic::QuicListener::bind(cfg) {
                     Ok(sock) => quic_fresh.push((cfg.clone(), sock)),
-                    Err(e) => {
-                        return Err(format!(
-                            "listener `{}`: cannot bind UDP {}: {e}",
-                            cfg.name, cfg.address
-                        ))
+                    Err(source) => {
+                        return Err(ApplyError::Bind {
+                            listener: cfg.name.clone(),
+                            protocol: "UDP ",
+                            address: cfg.address,
+                            source,
+                        })
                     }
                 }
             }
@@ -394,16 +423,18 @@ impl Runtime {
                 }
                 match listener::open(cfg, &mut inherited) {
                     Ok(l) => fresh.push((cfg.clone(), Arc::new(l))),
-                    Err(e) => {
-                        return Err(format!(
-                            "listener `{}`: cannot bind {}: {e}",
-                            cfg.name, cfg.address
-                        ))
+                    Err(source) => {
+                        return Err(ApplyError::Bind {
+                            listener: cfg.name.clone(),
+                            protocol: "",
+                            address: cfg.address,
+                            source,
+                        })
                     }
                 }
             }
         }
-        commit();
+        let committed = commit();
         let ReloadSummary {
             listeners_added: added,
             listeners_removed: removed,
@@ -465,7 +496,7 @@ impl Runtime {
         *current = next;
         drop(current);
         self.sync_quic(&quic_cfgs, quic_fresh, added, removed, updated);
-        Ok(())
+        Ok(committed)
     }
 
     /// Make the running QUIC listeners match `cfgs`, with the sockets bound for new ones.
@@ -530,7 +561,7 @@ impl Runtime {
 
     /// Replace the running config with `config`. Established connections keep what they
     /// have; only new connections see the change. On error nothing changes.
-    pub async fn apply(self: &Arc<Self>, config: Config) -> Result<ReloadSummary, String> {
+    pub async fn apply(self: &Arc<Self>, config: Config) -> Result<ReloadSummary, ApplyError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let old = self.snapshot();
         let mut summary = ReloadSummary {
@@ -567,8 +598,7 @@ impl Runtime {
             .max_connections
             .unwrap_or_else(default_max_connections);
         let old_hash = old.config.hash.clone();
-        let mut new = None;
-        self.sync_listeners(&listeners, &mut summary, || {
+        let new = self.sync_listeners(&listeners, &mut summary, || {
             self.agents.configure(&config);
             let snap = Arc::new(Snapshot::build(
                 config,
@@ -586,11 +616,8 @@ impl Runtime {
                 }
             }
             self.snapshots.store(snap.clone());
-            new = Some(snap);
+            snap
         })?;
-        let Some(new) = new else {
-            return Err("internal: the new snapshot was not built".into());
-        };
         for pool in old.pools.values() {
             pool.discovery_stop.cancel();
         }

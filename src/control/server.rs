@@ -16,33 +16,56 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::control::handover::{self, ControlSocket, Takeover};
-use crate::control::runtime::{Runtime, State};
+use crate::control::runtime::{ApplyError, Runtime, State};
 use crate::control::systemd;
 use crate::edge::connection::Edge;
 use crate::observe::metrics::Metrics;
 
+/// Why sluice could not start serving (nothing is served then).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Listeners(#[from] ApplyError),
+    #[error("{what}: cannot bind {address}: {source}")]
+    Bind {
+        what: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: the inherited socket cannot be used: {source}")]
+    Inherited {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
 /// The admin or heartbeat API's listener: the inherited socket if there is one, else a new
 /// one on `addr`; none without an address.
 async fn side_listener(
-    what: &str,
+    what: &'static str,
     addr: Option<SocketAddr>,
     inherited: Option<std::net::TcpListener>,
-) -> anyhow::Result<Option<Arc<TcpListener>>> {
+) -> Result<Option<Arc<TcpListener>>, StartError> {
     let l = match (addr, inherited) {
         (None, _) => return Ok(None),
-        (Some(_), Some(sock)) => {
-            sock.set_nonblocking(true)?;
-            TcpListener::from_std(sock)?
+        (Some(_), Some(sock)) => sock
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(sock))
+            .map_err(|source| StartError::Inherited { what, source })?,
+        (Some(address), None) => {
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what,
+                    address,
+                    source,
+                })?
         }
-        (Some(addr), None) => TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("{what}: cannot bind {addr}"))?,
     };
     Ok(Some(Arc::new(l)))
 }
@@ -67,7 +90,7 @@ pub struct RunOptions {
 impl Server {
     /// Bind every listener and the admin API, then start serving. Fails without serving
     /// anything if any address cannot be bound.
-    pub async fn start(config: Config) -> anyhow::Result<Server> {
+    pub async fn start(config: Config) -> Result<Server, StartError> {
         Self::start_with(config, HashMap::new()).await
     }
 
@@ -76,7 +99,7 @@ impl Server {
     pub async fn start_with(
         config: Config,
         mut inherited: HashMap<String, std::net::TcpListener>,
-    ) -> anyhow::Result<Server> {
+    ) -> Result<Server, StartError> {
         let admin_addr = config.admin.address;
         let heartbeat_addr = config.heartbeat.address;
         let min_ready = config.lifecycle.min_ready;
@@ -89,7 +112,7 @@ impl Server {
         let heartbeat = side_listener("heartbeat", heartbeat_addr, heartbeat_inherited).await?;
         let stop_admin = CancellationToken::new();
         if let Some(l) = &admin {
-            tracing::info!(address = %l.local_addr()?, "admin API listening");
+            tracing::info!(address = %l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "admin API listening");
             tokio::spawn(crate::control::admin::serve(
                 rt.clone(),
                 l.clone(),
@@ -97,7 +120,7 @@ impl Server {
             ));
         }
         if let Some(l) = &heartbeat {
-            tracing::info!(address = %l.local_addr()?, "heartbeat API listening");
+            tracing::info!(address = %l.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "heartbeat API listening");
             tokio::spawn(crate::agents::api::listen(
                 rt.api.clone(),
                 l.clone(),

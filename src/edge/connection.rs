@@ -442,7 +442,7 @@ async fn start(
                 Ok(()) => log.end = CloseReason::HeartbeatApi,
                 Err(e) => {
                     log.end = CloseReason::HeartbeatApiError;
-                    log.detail = e;
+                    log.detail = e.to_string();
                 }
             }
             closed(&edge, &state, &log);

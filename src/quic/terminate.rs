@@ -19,6 +19,24 @@ use crate::observe::metrics::Metrics;
 use crate::upstream::Pool;
 use sluice_core::proxy::{self, HeaderInfo};
 
+/// Why a route's QUIC endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the certificate's TLS config cannot serve QUIC: {0}")]
+    Tls(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("cannot open the QUIC endpoint: {0}")]
+    Endpoint(#[from] std::io::Error),
+}
+
+/// Why a stream's bridge ended early.
+#[derive(Debug, thiserror::Error)]
+enum BridgeError {
+    #[error(transparent)]
+    Connect(#[from] crate::upstream::ConnectError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 pub struct Terminator {
     /// Where the QUIC listener sends this route's flows.
     pub address: SocketAddr,
@@ -41,7 +59,7 @@ impl Terminator {
         tls: Arc<rustls::ServerConfig>,
         pool: Arc<Pool>,
         metrics: Arc<TerminatorMetrics>,
-    ) -> anyhow::Result<Arc<Terminator>> {
+    ) -> Result<Arc<Terminator>, StartError> {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         let endpoint = quinn::Endpoint::server(cfg, SocketAddr::from(([127, 0, 0, 1], 0)))?;
@@ -145,7 +163,7 @@ async fn bridge(
     m: &TerminatorMetrics,
     sni: Option<String>,
     alpn: Option<String>,
-) -> anyhow::Result<()> {
+) -> Result<(), BridgeError> {
     // Nothing to send first: the PROXY header names this connection's own local address.
     let (dialed, _guard) = pool
         .connect(client, sni.as_deref(), &[], &m.metrics)

@@ -24,11 +24,19 @@ use crate::observe::metrics::Metrics;
 use crate::upstream::Backends;
 use crate::upstream::{Backend, Discovered, Pool};
 
+/// Why DNS discovery cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolverError {
+    #[error("cannot read the system resolver configuration: {0}")]
+    System(hickory_resolver::net::NetError),
+    #[error("cannot build the resolver: {0}")]
+    Build(hickory_resolver::net::NetError),
+}
+
 /// A resolver per the `[dns]` table: explicit nameservers, or the system's configuration.
-pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
+pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, ResolverError> {
     let mut builder = match &cfg.nameservers {
-        None => TokioResolver::builder_tokio()
-            .map_err(|e| format!("cannot read the system resolver configuration: {e}"))?,
+        None => TokioResolver::builder_tokio().map_err(ResolverError::System)?,
         Some(list) => {
             let servers = list
                 .iter()
@@ -49,9 +57,7 @@ pub fn resolver(cfg: &DnsConfig) -> Result<TokioResolver, String> {
     let opts = builder.options_mut();
     opts.timeout = cfg.timeout;
     opts.attempts = 2;
-    builder
-        .build()
-        .map_err(|e| format!("cannot build the resolver: {e}"))
+    builder.build().map_err(ResolverError::Build)
 }
 
 /// What one round of lookups found for one name.
