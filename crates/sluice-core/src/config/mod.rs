@@ -12,10 +12,11 @@
 //! `file:line: key: problem — fix` shape, so a typo in a host name still fails the check
 //! instead of the first connection.
 //!
-//! One file per section, the checks beside the types they build: `global` ([admin],
-//! [lifecycle], [limits], [reload], [dns]), `listener`, `route`, `pool`, `heartbeat`
-//! ([cluster], [heartbeat], [[agent]]); shared value parsers in `values`, the serde layer in
-//! `raw`, errors and their places in `error`, the pending work in `pending`.
+//! One file per section, the checks beside the types they build: `global` (`[admin]`,
+//! `[lifecycle]`, `[limits]`, `[reload]`, `[dns]`), `listener`, `route`, `pool`, `heartbeat`
+//! (`[cluster]`, `[heartbeat]`, `[[agent]]`); shared value parsers in `values`, the serde
+//! layer in `raw`, errors and their places in `error`, the collector validation writes to in
+//! `collect`, the pending work in `pending`.
 
 mod collect;
 mod error;
