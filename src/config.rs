@@ -103,7 +103,7 @@ pub fn parse_files(files: &[(PathBuf, String)]) -> Result<Config, ConfigErrors> 
                 tokens_too,
                 fix,
             } => {
-                match crate::agents::auth::server_tls(&cert, &key, client_ca.as_deref(), tokens_too)
+                match crate::tls::server::server_tls(&cert, &key, client_ca.as_deref(), tokens_too)
                 {
                     Ok(tls) => config.heartbeat.tls = Some(tls),
                     Err(problem) => errors.push(at.error(problem, fix)),
@@ -116,7 +116,7 @@ pub fn parse_files(files: &[(PathBuf, String)]) -> Result<Config, ConfigErrors> 
                 key,
                 alpn,
                 fix,
-            } => match crate::agents::auth::server_tls(&cert, &key, None, false) {
+            } => match crate::tls::server::server_tls(&cert, &key, None, false) {
                 Ok(tls) => {
                     let mut tls = (*tls).clone();
                     // The route's exact ALPN names are what sluice can negotiate.

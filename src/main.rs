@@ -1,4 +1,6 @@
-//! The `sluice` command: run, check, demo.
+//! The `sluice` command: `run` (serve, reload, drain, upgrade), `check` (validate a config),
+//! `heartbeat` (announce agents, as an agent would), `resources` (read the heartbeat table),
+//! `demo` (a self-contained edge with its own backends).
 
 #![forbid(unsafe_code)]
 

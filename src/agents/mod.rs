@@ -7,7 +7,6 @@
 //! `auth` (tokens, scope); `api` is the HTTP shell.
 
 pub mod api;
-pub mod auth;
 pub mod client;
 pub mod router;
 

@@ -72,6 +72,10 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
     match req.uri().path() {
         "/metrics" => {
             rt.agents.export(&rt.snapshot().config, &rt.metrics);
+            rt.metrics.mirror_relay(
+                crate::edge::splice::open_pipes(),
+                crate::edge::splice::spliced_bytes(),
+            );
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",

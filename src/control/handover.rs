@@ -1,8 +1,8 @@
 //! Listening sockets that come from outside the process: systemd socket activation, and the
 //! zero-downtime upgrade in which a new sluice takes the sockets of the running one.
 //!
-//! Owns: turning raw descriptors into sockets (the only `unsafe` in sluice, two lines, each
-//! with its reason), and the upgrade conversation over a Unix socket:
+//! Owns: turning raw descriptors into sockets (two `unsafe` lines, each with its reason; the
+//! crate's other `unsafe` is in `edge::splice` and `edge::parking`), and the upgrade conversation over a Unix socket:
 //!
 //! ```text
 //! new → old   TAKEOVER\n

@@ -331,7 +331,8 @@ impl Runtime {
 
     /// Match the health checkers to the backends now (after DNS changed a pool).
     pub fn sync_checks(&self) {
-        self.checkers.sync(&self.snapshot(), &self.metrics);
+        self.checkers
+            .sync(self.snapshot().pools.values(), &self.metrics);
     }
 
     /// Stop the active health checks (the end of a drain).
@@ -354,7 +355,8 @@ impl Runtime {
     pub fn open_listeners(self: &Arc<Self>) -> Result<(), ApplyError> {
         let cfgs = self.snapshot().config.listeners.clone();
         self.sync_listeners(&cfgs, &mut ReloadSummary::default(), || {})?;
-        self.checkers.sync(&self.snapshot(), &self.metrics);
+        self.checkers
+            .sync(self.snapshot().pools.values(), &self.metrics);
         self.start_discovery(&self.snapshot(), true);
         // A handed-over socket no listener claims would queue clients nobody accepts.
         let mut inherited = self.inherited.lock().unwrap_or_else(|e| e.into_inner());
@@ -622,7 +624,7 @@ impl Runtime {
             pool.discovery_stop.cancel();
         }
         self.start_discovery(&new, false);
-        self.checkers.sync(&new, &self.metrics);
+        self.checkers.sync(new.pools.values(), &self.metrics);
 
         let was = self.max_connections.swap(max, Ordering::Relaxed);
         if max > was {

@@ -62,7 +62,7 @@ pub struct Metrics {
     pub registry: Registry,
     /// Mirrors `logging::dropped_lines()` at each scrape.
     log_lines_dropped: IntCounter,
-    /// Mirror `splice::open_pipes()` and `splice::spliced_bytes()` at each scrape.
+    /// Mirror the relay's pipe count and spliced bytes at each scrape (`mirror_relay`).
     relay_pipes: IntGauge,
     relay_spliced_bytes: IntCounter,
     /// Connections in the parking lot now, and parkings so far (see `parking`).
@@ -432,6 +432,16 @@ impl Metrics {
         }
     }
 
+    /// Mirror the relay's process-wide figures (`edge::splice`): pipes open now, bytes
+    /// spliced so far. The admin API calls it before each `render`.
+    pub fn mirror_relay(&self, open_pipes: usize, spliced_bytes: u64) {
+        self.relay_pipes.set(open_pipes as i64);
+        let seen = self.relay_spliced_bytes.get();
+        if spliced_bytes > seen {
+            self.relay_spliced_bytes.inc_by(spliced_bytes - seen);
+        }
+    }
+
     /// The Prometheus text exposition of everything registered.
     pub fn render(&self) -> String {
         // Counters kept outside the registry (process-wide atomics), mirrored here.
@@ -445,12 +455,6 @@ impl Metrics {
             &self.log_lines_dropped,
             crate::observe::logging::dropped_lines(),
         );
-        mirror(
-            &self.relay_spliced_bytes,
-            crate::edge::splice::spliced_bytes(),
-        );
-        self.relay_pipes
-            .set(crate::edge::splice::open_pipes() as i64);
         let mut out = Vec::new();
         let families = self.registry.gather();
         // Encoding into a Vec cannot fail for well-formed families.

@@ -3,4 +3,5 @@
 //! stand up real TLS peers.
 
 pub mod client;
+pub mod server;
 pub mod testing;

@@ -20,8 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{CheckKind, HealthCheck};
 use crate::observe::metrics::Metrics;
-use crate::snapshot::Snapshot;
-use crate::upstream::{Backend, Health};
+use crate::upstream::{Backend, Health, Pool};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -210,12 +209,12 @@ pub struct Checkers {
 }
 
 impl Checkers {
-    /// Make the running checkers match `snap`: start new ones, stop those whose backend or
-    /// check is gone or changed.
-    pub fn sync(&self, snap: &Snapshot, metrics: &Metrics) {
+    /// Make the running checkers match `pools` (the running snapshot's): start new ones, stop
+    /// those whose backend or check is gone or changed.
+    pub fn sync<'a>(&self, pools: impl IntoIterator<Item = &'a Arc<Pool>>, metrics: &Metrics) {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let mut keep = HashMap::new();
-        for pool in snap.pools.values() {
+        for pool in pools {
             let Some(check) = pool.health.clone() else {
                 continue;
             };

@@ -1,5 +1,6 @@
-//! The heartbeat API's TLS server config: its certificate, and client certificates verified
-//! against a CA by rustls. Tokens and scopes are pure and live in `sluice_core::agents::auth`.
+//! TLS server configs sluice terminates with: the heartbeat API's (its certificate, and client
+//! certificates verified against a CA by rustls) and a `quic = "terminate"` route's. Tokens
+//! and scopes are pure and live in `sluice_core::agents::auth`.
 
 use std::path::Path;
 use std::sync::Arc;
