@@ -86,7 +86,7 @@ fn epoch() -> Instant {
 }
 
 fn ms_since_epoch(t: Instant) -> u64 {
-    t.saturating_duration_since(epoch()).as_millis() as u64
+    sluice_core::clock::millis_since(epoch(), t)
 }
 
 /// Milliseconds on the process clock (the agent table keeps its times this way).

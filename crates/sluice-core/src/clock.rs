@@ -1,40 +1,15 @@
-//! Time, injected. Nothing in this crate reads the clock: every time-based decision (backend
-//! ejection and readiness, agent expiry and readiness, QUIC flow expiry) takes `now` as an
-//! argument, as quinn-proto does. Components of the binary that keep time hold a `Clock`, so
-//! a test can drive them with `ManualClock`.
+//! Time, injected. Nothing in this crate reads the clock (`clippy.toml` forbids
+//! `Instant::now` and `SystemTime::now` here): every time-based decision takes the time as an
+//! argument, as quinn-proto does — backend readiness and passive ejection
+//! (`eligibility::Outlier`), agent expiry, readiness and sweeping (`agents::table`), QUIC flow
+//! expiry and pending hellos (`quic::flows`). Times are milliseconds on the caller's
+//! monotonic clock (`millis_since` a fixed epoch), so they fit the atomics the tables keep them
+//! in, and a test passes made-up ones.
 
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// A monotonic clock.
-pub trait Clock: Send + Sync {
-    fn now(&self) -> Instant;
-}
-
-/// A clock that moves only when told to.
-#[derive(Debug)]
-pub struct ManualClock(Mutex<Instant>);
-
-impl ManualClock {
-    /// Starts at `start` (a test takes it from the real clock once).
-    pub fn new(start: Instant) -> ManualClock {
-        ManualClock(Mutex::new(start))
-    }
-
-    pub fn advance(&self, by: Duration) {
-        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *t += by;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Instant {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Milliseconds since `epoch`, saturating at zero: the compact timestamps the agent table and
-/// the QUIC flow table store in atomics.
+/// Milliseconds from `epoch` to `t`, zero if `t` is earlier: the compact timestamps the
+/// tables store.
 pub fn millis_since(epoch: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(epoch).as_millis() as u64
 }

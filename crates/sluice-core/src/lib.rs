@@ -2,15 +2,15 @@
 //!
 //! The edge binary (`sluice`) reads sockets, files, DNS and the clock, and hands what it read
 //! to the functions here: the TLS ClientHello parser (`hello`), the PROXY protocol codec and
-//! inbound trust policy (`proxy`), the route table (`route`), backend selection and ejection
-//! arithmetic (`balance`), the heartbeat table with sessions and affinity (`agents`), QUIC
-//! Initial decoding and the QUIC flow table (`quic`), the config model with its validation
-//! (`config`), the close reasons shared by the access log and the metrics (`close`), and the
-//! clock every time-based decision takes as an argument (`clock`).
+//! inbound trust policy (`proxy`), the route table (`route`), the balancers (`balance`),
+//! backend eligibility and passive ejection (`eligibility`), the heartbeat table, affinity
+//! ranking and heartbeat rules (`agents`), QUIC Initial decoding and the QUIC flow table
+//! (`quic`), the config model with its validation (`config`), and the close reasons shared by
+//! the access log and the metrics (`close`).
 //!
 //! This crate depends on no async runtime, socket, resolver or metrics library; `clippy.toml`
-//! keeps `Instant::now` and `SystemTime::now` out of it, so every decision is testable with a
-//! fake clock.
+//! keeps `Instant::now` and `SystemTime::now` out of it: every time-based decision takes the
+//! time as an argument (`clock`), so tests pass made-up times.
 
 #![forbid(unsafe_code)]
 
