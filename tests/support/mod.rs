@@ -16,8 +16,10 @@ pub use sluice::demo::TaggedBackend;
 
 pub mod metrics;
 pub mod process;
+pub mod simple;
 
 pub use metrics::{scrape, Scrape};
+pub use simple::{backend_closes_first, closed_cleanly_once, simple, Simple};
 
 /// A config with one listener `edge` on 127.0.0.1:0 and one catch-all route `all`, without
 /// an idle timeout, to pool `p`. `admin` is the admin address ("" for none), `top` goes above
@@ -144,6 +146,62 @@ pub async fn dead_address() -> SocketAddr {
     a
 }
 
+/// A loopback address that never answers a SYN: a listener with a full accept queue that
+/// never accepts (the kernel drops further SYNs).
+pub async fn black_hole() -> (socket2::Socket, Vec<TcpStream>, std::net::SocketAddr) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    (sock, fillers, addr)
+}
+
+/// A backend on a free port that greets each connection with "echo" and then hands it to
+/// `serve` (`echo_backend`; `echo_later_backend` in parking.rs).
+pub async fn greeting_backend<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let serve = std::sync::Arc::new(serve);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                s.write_all(b"echo\n").await.unwrap();
+                serve(s).await;
+            });
+        }
+    });
+    address
+}
+
+/// A backend that says "echo" and then sends back everything it receives.
+pub async fn echo_backend() -> std::net::SocketAddr {
+    greeting_backend(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
 /// Read one line (up to `\n`) within 5 s.
 pub async fn read_line<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
     let mut out = Vec::new();
@@ -252,6 +310,27 @@ pub async fn open_tunnel(addr: SocketAddr) -> (TcpStream, String) {
     (s, name)
 }
 
+/// A tunnel through sluice to an echo backend (`echo_backend`, or `echo_later_backend` in
+/// parking.rs): its greeting read and its hello echoed back whole.
+pub async fn open_echoed_tunnel(server: &sluice::control::server::Server) -> TcpStream {
+    let hello = tunnel_hello();
+    let mut s = TcpStream::connect(edge(server)).await.unwrap();
+    s.write_all(&hello).await.unwrap();
+    assert_eq!(read_line(&mut s).await, "echo");
+    let mut echoed = vec![0; hello.len()];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, hello);
+    s
+}
+
+/// Bytes `from..from + len` of a pattern that depends on the position, so that data shifted
+/// or lost on the way does not match.
+pub fn pattern(from: usize, len: usize) -> Vec<u8> {
+    (from..from + len)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 9)) as u8)
+        .collect()
+}
+
 /// The value of one series of `server`'s `/metrics`, scraped over HTTP from its admin API as
 /// Prometheus does, e.g. `metric(&s, "sluice_hello_total", &[("result", "ok")])`. Labels may
 /// be given in any order and must pick one series. A series not (yet) exported reads as 0,
@@ -296,6 +375,17 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// `[limits] park_idle_after` short enough for tests.
+pub const PARK_FAST: &str = "[limits]\npark_idle_after = \"100ms\"";
+
+/// Wait until `n` connections are parked.
+pub async fn parked(server: &sluice::control::server::Server, n: f64) {
+    eventually(&format!("{n} parked"), || async {
+        metric(server, "sluice_relay_parked", &[]).await == n
+    })
+    .await;
 }
 
 pub fn fixture(name: &str) -> Vec<u8> {
