@@ -130,6 +130,7 @@ impl Balance {
     }
 }
 
+#[inline]
 fn unreachable_last(candidates: &[Candidate], eligible: &dyn Fn(usize) -> bool) -> usize {
     // Only reached through rounding; positions are always < total.
     (0..candidates.len())
@@ -138,16 +139,19 @@ fn unreachable_last(candidates: &[Candidate], eligible: &dyn Fn(usize) -> bool) 
         .unwrap_or(0)
 }
 
+#[inline]
 fn load(c: &Candidate) -> f64 {
     c.active as f64 / c.weight.max(1) as f64
 }
 
 /// FNV-1a: stable across builds and processes, so hashing survives restarts and upgrades.
+#[inline]
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     fnv1a_continue(0xcbf2_9ce4_8422_2325, bytes)
 }
 
 /// FNV-1a over `bytes`, starting from the hash of what came before.
+#[inline]
 pub fn fnv1a_continue(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         h ^= b as u64;
@@ -156,6 +160,7 @@ pub fn fnv1a_continue(mut h: u64, bytes: &[u8]) -> u64 {
     h
 }
 
+#[inline]
 fn mix(mut x: u64) -> u64 {
     // splitmix64 finaliser
     x ^= x >> 30;
@@ -166,6 +171,7 @@ fn mix(mut x: u64) -> u64 {
 }
 
 /// Weighted rendezvous score: w / -ln(u), u uniform in (0, 1).
+#[inline]
 fn rendezvous(key_hash: u64, c: &Candidate) -> f64 {
     let h = mix(key_hash ^ mix(c.id));
     let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;

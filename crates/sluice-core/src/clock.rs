@@ -10,6 +10,7 @@ use std::time::Instant;
 
 /// Milliseconds from `epoch` to `t`, zero if `t` is earlier: the compact timestamps the
 /// tables store.
+#[inline]
 pub fn millis_since(epoch: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(epoch).as_millis() as u64
 }

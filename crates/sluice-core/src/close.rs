@@ -37,6 +37,7 @@ macro_rules! reasons {
             pub const ALL: &'static [CloseReason] = &[$(CloseReason::$variant,)*];
 
             /// The label of the access log's `end` field and of the metric.
+            #[inline]
             pub fn label(self) -> &'static str {
                 match self {
                     $(CloseReason::$variant => $label,)*

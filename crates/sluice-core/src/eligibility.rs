@@ -27,6 +27,7 @@ pub struct Standing {
 /// from. 3: in service, usable and ready; 2: warming; 1: ejected or unhealthy (every backend
 /// failing: try anyway, as Envoy's panic mode does); 0: removed (only for a connection routed
 /// just before the reload). `None`: never — weight 0, or unhealthy under `fail_open = false`.
+#[inline]
 pub fn tier(s: Standing, fail_open: bool) -> Option<u8> {
     if s.weight == 0 || (!s.healthy && !fail_open) {
         return None;
@@ -41,6 +42,7 @@ pub fn tier(s: Standing, fail_open: bool) -> Option<u8> {
 }
 
 /// The best tier among the backends not in `exclude`; `None`: nothing may be picked.
+#[inline]
 pub fn best_tier(tiers: &[Option<u8>], exclude: &[usize]) -> Option<u8> {
     tiers
         .iter()
@@ -102,12 +104,14 @@ pub struct Outlier {
 
 impl Outlier {
     /// Time left of its ejection at `now_ms` (zero when not ejected).
+    #[inline]
     pub fn ejected_for(&self, now_ms: u64) -> Duration {
         let until = self.ejected_until_ms.load(Ordering::Relaxed);
         Duration::from_millis(until.saturating_sub(now_ms))
     }
 
     /// A connect succeeded at `now_ms`.
+    #[inline]
     pub fn succeeded(&self, now_ms: u64) {
         self.failures.store(0, Ordering::Relaxed);
         if self.ejected_for(now_ms).is_zero() {

@@ -25,6 +25,7 @@ impl AlpnPattern {
         }
     }
 
+    #[inline]
     pub fn matches(&self, offered: &str) -> bool {
         match self {
             AlpnPattern::Exact(p) => p == offered,
@@ -96,6 +97,7 @@ impl SniPattern {
     }
 
     /// `name` must already be lowercase without a trailing dot (the hello parser does that).
+    #[inline]
     pub fn matches(&self, name: &str) -> bool {
         match self {
             SniPattern::Exact(p) => p == name,
@@ -153,6 +155,7 @@ impl Match {
         self.listeners.is_none() && self.alpn.is_none() && self.sni.is_none()
     }
 
+    #[inline]
     pub fn matches(&self, facts: &Facts<'_>) -> bool {
         if let Some(ls) = &self.listeners {
             if !ls.iter().any(|l| l == facts.listener) {
@@ -270,6 +273,7 @@ impl SniIndex {
     /// Every list of positions whose SNI pattern matches `name`: the exact entry, then one
     /// per suffix and prefix of `name` cut at a dot (a pattern must leave at least one byte
     /// of the name outside it, as `SniPattern::matches` requires).
+    #[inline]
     fn lists<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [usize]> + 'a {
         let dots = |map: &'a FxHashMap<String, Vec<usize>>| {
             let used = !map.is_empty();
