@@ -1721,3 +1721,86 @@ async fn agents_get_a_proxy_header_with_the_real_client_address() {
     drop((s1, s2));
     server.shutdown().await;
 }
+
+/// Two edges with the same agents and `pick = "rendezvous"` send each client to the same agent,
+/// and fail over in the same order; a joining agent moves no pinned session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendezvous_picks_the_same_agent_on_every_edge() {
+    let dir = secrets();
+    let agents = [
+        RawBackend::start("a1", false).await,
+        RawBackend::start("a2", false).await,
+        RawBackend::start("a3", false).await,
+    ];
+    let fb = RawBackend::start("fallback", false).await;
+    let routes = resource_route("rdv", "pick = \"rendezvous\"");
+    let mut edges = Vec::new();
+    for _ in 0..2 {
+        let server = start_routes(dir.path(), &routes, &fb).await;
+        let hb = server.heartbeat_addr().unwrap();
+        for (i, b) in agents.iter().enumerate() {
+            let id = format!("a{}", i + 1);
+            let (status, body) = post(hb, &heartbeat(&id, b.address, "17.2.0", &["myapp"])).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        edges.push(server);
+    }
+    let sni = "myapp.rdv.example.com";
+    let mut chosen = HashSet::new();
+    let mut first_of = Vec::new();
+    for i in 0..30u8 {
+        let client = Ipv4Addr::new(127, 0, 9, 10 + i);
+        let on_a = visit(edge(&edges[0]), client, sni).await;
+        let on_b = visit(edge(&edges[1]), client, sni).await;
+        assert_eq!(on_a, on_b, "{client}: the edges disagree");
+        chosen.insert(on_a.clone());
+        first_of.push((client, on_a));
+    }
+    assert_eq!(
+        chosen.len(),
+        3,
+        "30 clients spread over the three agents: {chosen:?}"
+    );
+
+    // A fourth agent joins both edges: clients with a session keep their agent on each edge,
+    // and new clients still agree between the edges.
+    let a4 = RawBackend::start("a4", false).await;
+    for e in &edges {
+        let (status, body) = post(
+            e.heartbeat_addr().unwrap(),
+            &heartbeat("a4", a4.address, "17.2.0", &["myapp"]),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for (client, first) in &first_of {
+        for e in &edges {
+            assert_eq!(&visit(edge(e), *client, sni).await, first, "{client} moved");
+        }
+    }
+    let mut took_a4 = 0;
+    for i in 0..40u8 {
+        let client = Ipv4Addr::new(127, 0, 10, 10 + i);
+        let on_a = visit(edge(&edges[0]), client, sni).await;
+        assert_eq!(on_a, visit(edge(&edges[1]), client, sni).await, "{client}");
+        took_a4 += usize::from(on_a == "a4");
+    }
+    assert!(
+        took_a4 > 0,
+        "new clients rank the new agent first for some keys"
+    );
+
+    // The agent a client ranks first leaves both edges: it fails over to the same next one.
+    let (client, first) = first_of[0].clone();
+    for e in &edges {
+        let path = format!("/v1/agents/{first}");
+        let hb = e.heartbeat_addr().unwrap();
+        assert_eq!(api(hb, "DELETE", &path, Some(TOKEN), "").await.0, 200);
+    }
+    let next_a = visit(edge(&edges[0]), client, sni).await;
+    assert_ne!(next_a, first);
+    assert_eq!(next_a, visit(edge(&edges[1]), client, sni).await);
+    for e in edges {
+        e.shutdown().await;
+    }
+}

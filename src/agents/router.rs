@@ -178,7 +178,13 @@ impl ResourceTarget {
         }
         let skey = session_key(self.affinity, &key, client, sni);
         let pinned = skey.and_then(|k| self.sessions.get(k));
-        let plan = plan(eligible, pinned.as_deref(), self.pick, &mut rand::rng());
+        let plan = plan(
+            eligible,
+            pinned.as_deref(),
+            skey,
+            self.pick,
+            &mut rand::rng(),
+        );
         if plan.repinned {
             self.repins.inc();
         }

@@ -160,6 +160,13 @@ pub fn fnv1a_continue(mut h: u64, bytes: &[u8]) -> u64 {
     h
 }
 
+/// The rendezvous (highest-random-weight) score of `id` for `key`: who ranks first for a key
+/// depends only on the key and the candidates' ids, so every process agrees.
+#[inline]
+pub fn hrw(key: u64, id: &[u8]) -> u64 {
+    mix(fnv1a_continue(key, id))
+}
+
 #[inline]
 fn mix(mut x: u64) -> u64 {
     // splitmix64 finaliser

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::table::{Record, ResourceKey};
 use super::Endpoint;
+use crate::balance::hrw;
 
 /// What keeps a client on its agent (`resource.affinity`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -25,8 +26,15 @@ pub enum Affinity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pick {
+    /// Uniform, as Teleport's proxy does. Edge-local: two edges pick independently.
     Random,
+    /// The less loaded of two random agents. Edge-local (each edge counts its own
+    /// connections).
     P2c,
+    /// Rendezvous (highest-random-weight) hashing of the session key over the eligible agents:
+    /// every edge with the same agents picks the same one for the same key, and tries the
+    /// others in the same order; an agent leaving moves only the keys it ranked first.
+    Rendezvous,
 }
 
 /// Why a connection found no agent. The label of `sluice_resource_misses_total`.
@@ -82,21 +90,38 @@ pub fn session_key(
 }
 
 /// The order to try agents in: the session's agent if it is still eligible, else one chosen
-/// by `pick`; then the other eligible ones in random order. `repinned`: the session pointed
-/// at an agent that is no longer eligible.
+/// by `pick`; then the other eligible ones, in random order, or in rendezvous order for
+/// `Pick::Rendezvous` (the same on every edge). `repinned`: the session pointed at an agent
+/// that is no longer eligible.
 pub struct Plan<'a, B> {
     pub order: Vec<&'a Record<B>>,
     pub repinned: bool,
 }
 
+///
+/// `key` is the session key (`session_key`); without one (`affinity = "none"`) rendezvous has
+/// nothing to hash and the order is random.
 pub fn plan<'a, B: Endpoint>(
     eligible: Vec<&'a Record<B>>,
     session: Option<&str>,
+    key: Option<u64>,
     pick: Pick,
     rng: &mut impl Rng,
 ) -> Plan<'a, B> {
     let mut order = eligible;
-    order.shuffle(rng);
+    match (pick, key) {
+        (Pick::Rendezvous, Some(key)) => {
+            // Highest score first; ties (a 64-bit collision) broken by id, so still the
+            // same order everywhere.
+            order.sort_by_cached_key(|r| {
+                (
+                    std::cmp::Reverse(hrw(key, r.agent.id.as_bytes())),
+                    r.agent.id.clone(),
+                )
+            });
+        }
+        _ => order.shuffle(rng),
+    }
     let mut repinned = false;
     let first = match session {
         Some(id) => match order.iter().position(|r| &*r.agent.id == id) {
@@ -109,8 +134,8 @@ pub fn plan<'a, B: Endpoint>(
         None => None,
     };
     let first = first.or_else(|| match pick {
-        // The shuffle already made the first one a uniform choice.
-        Pick::Random => None,
+        // The shuffle already made the first one a uniform choice; rendezvous ranked them.
+        Pick::Random | Pick::Rendezvous => None,
         Pick::P2c if order.len() >= 2 => {
             // The shuffle's first two are a random pair; the one with fewer connections.
             Some(usize::from(
@@ -120,7 +145,8 @@ pub fn plan<'a, B: Endpoint>(
         Pick::P2c => None,
     });
     if let Some(i) = first {
-        order.swap(0, i);
+        // The others keep their order (rendezvous: the failover order every edge shares).
+        order[..=i].rotate_right(1);
     }
     Plan { order, repinned }
 }
@@ -220,13 +246,19 @@ mod tests {
         let recs = t.lookup(&ResourceKey::new("app", "myapp")).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for _ in 0..50 {
-            let p = plan(recs.iter().collect(), Some("a2"), Pick::Random, &mut rng);
+            let p = plan(
+                recs.iter().collect(),
+                Some("a2"),
+                None,
+                Pick::Random,
+                &mut rng,
+            );
             assert_eq!(first_id(&p), "a2");
             assert!(!p.repinned);
             assert_eq!(p.order.len(), 3, "the others follow, for dial fallback");
         }
         let without_a2: Vec<&Record<Dial>> = recs.iter().filter(|r| &*r.agent.id != "a2").collect();
-        let p = plan(without_a2, Some("a2"), Pick::Random, &mut rng);
+        let p = plan(without_a2, Some("a2"), None, Pick::Random, &mut rng);
         assert!(p.repinned);
         assert_ne!(first_id(&p), "a2");
     }
@@ -238,7 +270,13 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let firsts = (0..1000)
             .filter(|_| {
-                first_id(&plan(recs.iter().collect(), None, Pick::Random, &mut rng)) == "a1"
+                first_id(&plan(
+                    recs.iter().collect(),
+                    None,
+                    None,
+                    Pick::Random,
+                    &mut rng,
+                )) == "a1"
             })
             .count();
         assert!(
@@ -255,8 +293,92 @@ mod tests {
         busy.backend.1.store(5, Ordering::Relaxed);
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         for _ in 0..50 {
-            let p = plan(recs.iter().collect(), None, Pick::P2c, &mut rng);
+            let p = plan(recs.iter().collect(), None, None, Pick::P2c, &mut rng);
             assert_eq!(first_id(&p), "a2");
         }
+    }
+
+    fn ids_of(p: &Plan<'_, Dial>) -> Vec<String> {
+        p.order.iter().map(|r| r.agent.id.to_string()).collect()
+    }
+
+    #[test]
+    fn rendezvous_gives_every_edge_the_same_order() {
+        // Two edges whose tables learned the agents in different orders.
+        let a = table_with(&["a1", "a2", "a3", "a4"]);
+        let b = table_with(&["a4", "a2", "a1", "a3"]);
+        let key = ResourceKey::new("app", "myapp");
+        let (ra, rb) = (a.lookup(&key).unwrap(), b.lookup(&key).unwrap());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut firsts = std::collections::HashMap::new();
+        for k in 0..3000u64 {
+            let sk = Some(k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let pa = plan(ra.iter().collect(), None, sk, Pick::Rendezvous, &mut rng);
+            let pb = plan(rb.iter().collect(), None, sk, Pick::Rendezvous, &mut rng);
+            assert_eq!(ids_of(&pa), ids_of(&pb), "key {k}");
+            *firsts.entry(first_id(&pa)).or_insert(0) += 1;
+        }
+        // Spread evenly: each of four agents first for about a quarter of the keys.
+        for (id, n) in &firsts {
+            assert!((600..=900).contains(n), "{id} first for {n} of 3000");
+        }
+    }
+
+    #[test]
+    fn an_agent_leaving_moves_only_its_own_keys() {
+        let t = table_with(&["a1", "a2", "a3"]);
+        let recs = t.lookup(&ResourceKey::new("app", "myapp")).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        for k in 0..1000u64 {
+            let all = plan(
+                recs.iter().collect(),
+                None,
+                Some(k),
+                Pick::Rendezvous,
+                &mut rng,
+            );
+            let without: Vec<&Record<Dial>> =
+                recs.iter().filter(|r| &*r.agent.id != "a2").collect();
+            let after = plan(without, None, Some(k), Pick::Rendezvous, &mut rng);
+            // The failover order without a2 is the old order without a2.
+            let expected: Vec<String> = ids_of(&all).into_iter().filter(|i| i != "a2").collect();
+            assert_eq!(ids_of(&after), expected, "key {k}");
+        }
+    }
+
+    #[test]
+    fn a_pinned_session_outranks_rendezvous_and_keeps_the_failover_order() {
+        let t = table_with(&["a1", "a2", "a3"]);
+        let recs = t.lookup(&ResourceKey::new("app", "myapp")).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let ranked = ids_of(&plan(
+            recs.iter().collect(),
+            None,
+            Some(42),
+            Pick::Rendezvous,
+            &mut rng,
+        ));
+        let pinned = ranked[2].clone();
+        let p = plan(
+            recs.iter().collect(),
+            Some(&pinned),
+            Some(42),
+            Pick::Rendezvous,
+            &mut rng,
+        );
+        assert!(!p.repinned);
+        assert_eq!(
+            ids_of(&p),
+            vec![pinned, ranked[0].clone(), ranked[1].clone()]
+        );
+        // Without a session key (affinity = "none") there is nothing to hash: any order.
+        let p = plan(
+            recs.iter().collect(),
+            None,
+            None,
+            Pick::Rendezvous,
+            &mut rng,
+        );
+        assert_eq!(p.order.len(), 3);
     }
 }

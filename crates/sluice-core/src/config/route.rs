@@ -363,11 +363,12 @@ impl RawRoute {
             let pick = match rr.pick.as_deref() {
                 None | Some("random") => Pick::Random,
                 Some("p2c") => Pick::P2c,
+                Some("rendezvous") => Pick::Rendezvous,
                 Some(other) => {
                     errs.push(
                         &at.key("pick"),
                         format!("unknown pick `{other}`"),
-                        "use random (uniform, as Teleport) or p2c (fewer active connections of two)",
+                        "use random (uniform, as Teleport), p2c (fewer active connections of two) or rendezvous (the same agent for a session key on every edge)",
                     );
                     Pick::Random
                 }
