@@ -596,7 +596,7 @@ fn resource_route_errors() {
                 "[[route]]\nname = \"apps\"\nresource = { kind = \"app\", sni = \"*.apps.example.com\" }\npick = \"first\" #<",
                 "route[1].pick",
                 "unknown pick `first`",
-                "use random (uniform, as Teleport) or p2c",
+                "p2c (fewer active connections of two) or rendezvous",
             ),
             case(
                 End,
