@@ -992,6 +992,18 @@ async fn an_oversized_or_malformed_stream_line_ends_the_stream_and_takes_its_age
     let (status, body) = stream_end(answer).await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("a line over 2048 bytes"), "{body}");
+    // A whole heartbeat over max_body_bytes, newline included, in one frame: refused the
+    // same way, not applied.
+    let (tx4, answer) = announced("whole").await;
+    let padded = format!(
+        "{{\"agent\": \"whole\", \"address\": \"{}\", \"labels\": {{\"pad\": \"{}\"}}, \"resources\": [{{\"kind\": \"app\", \"name\": \"whole-app\"}}, {{\"kind\": \"app\", \"name\": \"padded-app\"}}]}}",
+        a.address,
+        "x".repeat(3000)
+    );
+    tx4.send(line(padded)).await.unwrap();
+    let (status, body) = stream_end(answer).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("a line over 2048 bytes"), "{body}");
     // A line that is not a heartbeat.
     let (tx2, answer) = announced("garbled").await;
     tx2.send(line("{\"agent\": 7}".into())).await.unwrap();
@@ -1011,10 +1023,17 @@ async fn an_oversized_or_malformed_stream_line_ends_the_stream_and_takes_its_age
     let (status, body) = stream_end(answer).await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("one stream carries one agent"), "{body}");
-    drop((tx, tx2, tx3));
+    drop((tx, tx2, tx3, tx4));
 
     // Every stream's agent went with it (their ttl is 60 s), and `second` never came.
-    for app in ["big-app", "garbled-app", "first-app", "second-app"] {
+    for app in [
+        "big-app",
+        "whole-app",
+        "padded-app",
+        "garbled-app",
+        "first-app",
+        "second-app",
+    ] {
         assert!(agents_for(&server, app).is_empty(), "{app}");
         assert_eq!(
             visit(
@@ -1030,10 +1049,10 @@ async fn an_oversized_or_malformed_stream_line_ends_the_stream_and_takes_its_age
     assert_eq!(server.rt.agents.table.agent_count(), 0);
     let s = scrape(server.admin_addr().unwrap()).await;
     for (result, n) in [
-        ("ok", 3.0),
-        ("too_large", 1.0),
+        ("ok", 4.0),
+        ("too_large", 2.0),
         ("malformed", 2.0),
-        ("stream_ended", 3.0),
+        ("stream_ended", 4.0),
     ] {
         assert_eq!(
             s.value("sluice_heartbeats_total", &[("result", result)]),
@@ -1041,7 +1060,7 @@ async fn an_oversized_or_malformed_stream_line_ends_the_stream_and_takes_its_age
             "{result}"
         );
     }
-    assert_eq!(a.connections().len(), 3, "one client per announced agent");
+    assert_eq!(a.connections().len(), 4, "one client per announced agent");
     server.shutdown().await;
 }
 

@@ -358,6 +358,11 @@ async fn stream(api: Arc<Api>, cred: Credential, mut body: Incoming) -> Response
         while let Some(nl) = pending[scanned..].iter().position(|&b| b == b'\n') {
             let end = scanned + nl;
             scanned = end + 1;
+            if end - start > cfg.max_body_bytes {
+                // A whole line that came in one frame is held to the same limit as one
+                // still arriving.
+                return refuse(&api, line_too_large(cfg.max_body_bytes));
+            }
             let line = pending[start..end].trim_ascii();
             start = scanned;
             if line.is_empty() {
@@ -396,23 +401,22 @@ async fn stream(api: Arc<Api>, cred: Credential, mut body: Incoming) -> Response
         pending.drain(..start);
         scanned -= start;
         if pending.len() > cfg.max_body_bytes {
-            return refuse(
-                &api,
-                (
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    format!(
-                        "a line over {} bytes (heartbeat.max_body_bytes)\n",
-                        cfg.max_body_bytes
-                    ),
-                ),
-            );
+            return refuse(&api, line_too_large(cfg.max_body_bytes));
         }
     }
     drop(owner);
     reply(
         StatusCode::OK,
         format!("stream ended after {applied} heartbeats\n"),
+    )
+}
+
+/// A stream line over `heartbeat.max_body_bytes`.
+fn line_too_large(max: usize) -> Refusal {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("a line over {max} bytes (heartbeat.max_body_bytes)\n"),
     )
 }
 
