@@ -394,3 +394,72 @@ async fn non_tls_is_closed_unless_a_route_takes_it() {
     assert_eq!(read_line(&mut t).await, "tls");
     server.shutdown().await;
 }
+
+/// A host name with an empty label (`a.secret.example.com..`, `a..secret.example.com`) is
+/// malformed: it reaches neither the wildcard route it would belong to nor the catch-all behind
+/// it. One trailing dot is the same name and takes the wildcard route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_with_an_empty_label_never_falls_past_its_route() {
+    let secret = RawBackend::start("secret", false).await;
+    let rest = RawBackend::start("rest", false).await;
+    let server = start(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+
+[[route]]
+name = "secret"
+sni = ["*.secret.example.com"]
+pool = "secret"
+
+[[route]]
+name = "rest"
+pool = "rest"
+
+[pool.secret]
+backends = ["{secret}"]
+
+[pool.rest]
+backends = ["{rest}"]
+"#,
+        &[
+            ("secret", secret.address.to_string()),
+            ("rest", rest.address.to_string()),
+        ],
+    )
+    .await;
+    for name in [
+        "a.secret.example.com..",
+        "a..secret.example.com",
+        ".secret.example.com",
+    ] {
+        let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+        s.write_all(&build::hello(Some(name), &["h2"]))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_to_end(&mut s, Duration::from_secs(3)).await,
+            Some(vec![]),
+            "{name}"
+        );
+    }
+    let mut s = TcpStream::connect(edge(&server)).await.unwrap();
+    s.write_all(&build::hello(Some("a.secret.example.com."), &["h2"]))
+        .await
+        .unwrap();
+    assert_eq!(read_line(&mut s).await, "secret");
+    eventually("three malformed hellos counted", || async {
+        metric(&server, "sluice_hello_total", &[("result", "malformed")]).await == 3.0
+    })
+    .await;
+    assert!(
+        rest.connections().is_empty(),
+        "nothing fell to the catch-all"
+    );
+    assert_eq!(secret.connections().len(), 1);
+    server.shutdown().await;
+}

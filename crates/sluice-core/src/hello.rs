@@ -308,7 +308,9 @@ fn parse_sni(mut data: Reader<'_>) -> Result<Option<String>, Malformed> {
 }
 
 /// Lowercase ASCII host name without a trailing dot; anything else is malformed so that logs
-/// and route matching only ever see clean names.
+/// and route matching only ever see clean names. One trailing dot (the root) is dropped; an
+/// empty label anywhere else (`a..b`, `.a`, `a..`) is malformed: such a name could otherwise
+/// slip past a wildcard route it belongs under.
 fn normalize_host(name: &[u8]) -> Result<String, Malformed> {
     let name = name.strip_suffix(b".").unwrap_or(name);
     if name.is_empty() || name.len() > 253 {
@@ -319,6 +321,9 @@ fn normalize_host(name: &[u8]) -> Result<String, Malformed> {
         .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
     if !ok {
         return Err(Malformed("bad_sni_character"));
+    }
+    if name.split(|&b| b == b'.').any(<[u8]>::is_empty) {
+        return Err(Malformed("empty_sni_label"));
     }
     Ok(String::from_utf8_lossy(name).to_ascii_lowercase())
 }
@@ -601,6 +606,28 @@ mod tests {
     }
 
     #[test]
+    fn host_names_with_empty_labels_are_malformed() {
+        for name in [
+            "a..secret.example.com",
+            "a.secret.example.com..",
+            "..",
+            ".secret.example.com",
+        ] {
+            assert_eq!(
+                parse(&hello(Some(name), &["h2"])),
+                Parse::Malformed(Malformed("empty_sni_label")),
+                "{name}"
+            );
+        }
+        // One trailing dot is the root: the same name.
+        let Parse::Hello { hello: h, .. } = parse(&hello(Some("A.Secret.example.com."), &["h2"]))
+        else {
+            panic!("a trailing dot is allowed")
+        };
+        assert_eq!(h.sni.as_deref(), Some("a.secret.example.com"));
+    }
+
+    #[test]
     fn rejects_bad_framing() {
         let mut buf = hello(Some("a.b"), &["h2"]);
         buf[5] = 2; // ServerHello
@@ -813,6 +840,10 @@ mod tests {
             (
                 "bad_sni_character",
                 with_exts(&ext(0, &v16(&[0, 0, 3, b'a', b' ', b'b']))),
+            ),
+            (
+                "empty_sni_label",
+                with_exts(&ext(0, &v16(&[0, 0, 4, b'a', b'.', b'.', b'b']))),
             ),
             ("truncated_alpn", with_exts(&ext(16, &[0, 5, 1]))),
             (
