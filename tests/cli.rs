@@ -694,19 +694,30 @@ fn access_log_lines_carry_every_field_in_both_formats() {
         }
     };
     let (sent, received) = one_relayed_one_refused(&edge);
+    // A client whose ALPN carries a newline and terminal escapes: still one line, escaped.
+    let evil = "h2\nconn=1 end=\"closed\" \u{1b}[31m\u{1b}]0;owned\u{7}";
+    let mut s = std::net::TcpStream::connect(&edge).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&sluice_core::hello::build::hello(
+        Some("evil.example.com"),
+        &[evil],
+    ))
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = std::io::Read::read_to_end(&mut s, &mut Vec::new());
     let mut access = Vec::new();
-    while access.len() < 2 {
+    while access.len() < 3 {
         line.clear();
         assert!(stderr.read_line(&mut line).unwrap() > 0, "sluice exited");
         if line.contains("sluice::access") {
             access.push(line.clone());
         }
     }
-    // (tracing quotes string fields and prints the Display ones, ALPN and detail, bare.)
+    // Every client-controlled value is a quoted, escaped string.
     for field in [
         "listener=\"edge\"".to_owned(),
         "sni=\"agent.example.com\"".to_owned(),
-        "alpn=teleport-reversetunnel".to_owned(),
+        "alpn=\"teleport-reversetunnel\"".to_owned(),
         "route=\"all\"".to_owned(),
         "pool=\"p\"".to_owned(),
         format!("backend=\"{backend}\""),
@@ -721,9 +732,26 @@ fn access_log_lines_carry_every_field_in_both_formats() {
     }
     assert!(access[1].contains("end=\"not_tls\""), "{}", access[1]);
     assert!(
-        access[1].contains("detail=no route matches this connection"),
+        access[1].contains("detail=\"no route matches this connection\""),
         "{}",
         access[1]
+    );
+    let evil_line = &access[2];
+    assert!(
+        evil_line.contains("sni=\"evil.example.com\""),
+        "{evil_line}"
+    );
+    assert!(
+        evil_line.contains(r#"alpn="h2\nconn=1 end=\"closed\" \u{1b}[31m"#),
+        "{evil_line}"
+    );
+    assert!(
+        !evil_line.trim_end().contains('\n'),
+        "one line: {evil_line}"
+    );
+    assert!(
+        !evil_line.contains('\u{1b}'),
+        "no raw escape: {evil_line:?}"
     );
     signal(child.id(), "TERM");
     assert!(exits_within(&mut child, Duration::from_secs(20)).success());

@@ -1,6 +1,8 @@
 //! The access-log record of a TCP connection: filled in as the connection progresses,
 //! written once when it closes (target `sluice::access`), with the same `CloseReason` the
-//! metric counts.
+//! metric counts. Every client-controlled value is recorded as a string field, which both
+//! formats escape (text: quoted with `\n`, `\"` and `\u{1b}`; JSON: string escaping), so a
+//! client can never forge a line or reach the terminal.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -100,7 +102,7 @@ impl Log {
             client = %self.client,
             listener,
             sni,
-            alpn = %alpn,
+            alpn,
             route = self.route_name(),
             pool = self.route.as_ref().map_or("-", |r| r.pool_name()),
             backend = self.backend.as_ref().map_or("-", |b| b.name.as_str()),
@@ -108,7 +110,7 @@ impl Log {
             bytes_to_client = self.to_client,
             duration_ms = self.started.elapsed().as_millis() as u64,
             end = self.end.label(),
-            detail = %self.detail,
+            detail = self.detail.as_str(),
             "connection closed"
         );
     }

@@ -539,7 +539,8 @@ async fn establish(
             Ok((None, _)) => {}
             Err((result, end, detail)) => {
                 if result != "eof" {
-                    tracing::warn!(conn = log.id, peer = %log.client, listener, reason = result, "{detail}");
+                    tracing::warn!(conn = log.id, peer = %log.client, listener, reason = result,
+                        detail = detail.as_str(), "PROXY header refused");
                 }
                 log.end = end;
                 log.detail = detail;
@@ -568,7 +569,8 @@ async fn establish(
                 _ => CloseReason::ClientClosedEarly,
             };
             if result != "eof" {
-                tracing::warn!(conn = log.id, client = %log.client, listener, reason = result, "{detail}");
+                tracing::warn!(conn = log.id, client = %log.client, listener, reason = result,
+                    detail = detail.as_str(), "hello refused");
             }
             log.detail = detail;
             return None;
