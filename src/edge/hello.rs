@@ -125,8 +125,10 @@ pub async fn read_hello(
     deadline: tokio::time::Instant,
 ) -> Hello {
     let cap = cfg.max_hello_size;
+    // Resumes where the last read stopped: linear in the bytes however they are split.
+    let mut reassembly = hello::Reassembly::default();
     loop {
-        match hello::parse(buf) {
+        match reassembly.parse(buf) {
             Parse::Hello { hello, .. } => return Hello::Tls(hello),
             Parse::NotTls => return Hello::Plain,
             Parse::Malformed(m) => {

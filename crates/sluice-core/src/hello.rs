@@ -9,7 +9,6 @@
 //! a duplicate extension, two host names, an empty ALPN name — is `Malformed`, because a
 //! parser that is lenient where the backend is strict is how SNI rules get bypassed.
 
-use std::borrow::Cow;
 use std::fmt;
 
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -68,87 +67,135 @@ fn bad(reason: &'static str) -> Parse {
     Parse::Malformed(Malformed(reason))
 }
 
-/// Parse a ClientHello from the start of `buf`.
-pub fn parse(buf: &[u8]) -> Parse {
-    if buf.is_empty() {
-        return Parse::Incomplete {
-            needed_at_least: None,
-        };
-    }
-    if buf[0] != CONTENT_HANDSHAKE {
-        // SSLv2-compatible hellos (first bit set) are TLS-ish but carry no extensions; nothing
-        // modern sends them, and routing them anywhere would be a guess.
-        if buf[0] & 0x80 != 0 && buf.len() >= 3 && buf[2] == 1 {
-            return bad("sslv2_hello");
-        }
-        return Parse::NotTls;
-    }
-    if buf.len() >= 2 && buf[1] != 3 {
-        return Parse::NotTls;
-    }
+/// Records one hello may be split into. Real clients send one (a post-quantum hello: one or
+/// two); this still takes a 2 KB hello split into one-byte records, and refuses a longer flood
+/// of tiny records instead of reassembling it (each costs a record header for one byte).
+pub const MAX_RECORDS: usize = 4096;
 
-    // Walk records, gathering handshake bytes until the ClientHello message is complete. A
-    // hello in one record (nearly all) is parsed where it lies; only one split over records
-    // is copied together.
-    let mut handshake: Cow<'_, [u8]> = Cow::Borrowed(&[]);
-    let mut pos = 0;
-    let mut needed: Option<usize> = None; // handshake bytes the message needs (header + body)
-    loop {
-        if let Some(n) = needed {
-            if handshake.len() >= n {
-                if handshake.len() > n {
+/// Parse a ClientHello from the start of `buf` (everything the client sent so far).
+pub fn parse(buf: &[u8]) -> Parse {
+    Reassembly::default().parse(buf)
+}
+
+/// `parse` for a buffer that grows: call it with the whole buffer each time more bytes
+/// arrived, and it resumes at the first record it has not seen whole, so parsing a hello costs
+/// time linear in its bytes however the client splits it into records and segments. The
+/// answer for a buffer is the same as `parse`'s.
+#[derive(Debug, Default)]
+pub struct Reassembly {
+    /// Where the first record not yet taken starts.
+    pos: usize,
+    /// Handshake bytes of the records taken, when the hello spans more than one record.
+    handshake: Vec<u8>,
+    /// Handshake bytes the message needs (header and body), once known.
+    needed: Option<usize>,
+    records: usize,
+}
+
+impl Reassembly {
+    pub fn parse(&mut self, buf: &[u8]) -> Parse {
+        if buf.is_empty() {
+            return Parse::Incomplete {
+                needed_at_least: None,
+            };
+        }
+        if buf[0] != CONTENT_HANDSHAKE {
+            // SSLv2-compatible hellos (first bit set) are TLS-ish but carry no extensions;
+            // nothing modern sends them, and routing them anywhere would be a guess. Whether
+            // one is needs three bytes: until then the answer waits, so that it never depends
+            // on how the bytes were split.
+            if buf[0] & 0x80 != 0 {
+                if buf.len() < 3 {
+                    return Parse::Incomplete {
+                        needed_at_least: None,
+                    };
+                }
+                if buf[2] == 1 {
+                    return bad("sslv2_hello");
+                }
+            }
+            return Parse::NotTls;
+        }
+        if buf.len() >= 2 && buf[1] != 3 {
+            return Parse::NotTls;
+        }
+        // Walk the records not taken yet, gathering handshake bytes until the ClientHello
+        // message is complete. A hello in one record (nearly all) is parsed where it lies;
+        // only one split over records is copied together, each byte once.
+        loop {
+            let have = self.handshake.len();
+            let rest = &buf[self.pos..];
+            if rest.len() < RECORD_HEADER {
+                return incomplete(self.pos, self.needed, have);
+            }
+            if rest[0] != CONTENT_HANDSHAKE {
+                return bad("interleaved_record");
+            }
+            if rest[1] != 3 {
+                return bad("record_version");
+            }
+            let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+            if len == 0 {
+                return bad("empty_record");
+            }
+            if len > MAX_RECORD {
+                return bad("record_overflow");
+            }
+            if self.records >= MAX_RECORDS {
+                return bad("too_many_records");
+            }
+            let frag_end = RECORD_HEADER + len;
+            let available = rest.len().min(frag_end);
+            let frag = &rest[RECORD_HEADER..available];
+            // The message header, from what is taken and this record (whole or not).
+            let needed = match self.needed {
+                Some(n) => Some(n),
+                None => {
+                    let mut head = [0u8; 4];
+                    let known = self
+                        .handshake
+                        .iter()
+                        .chain(frag)
+                        .take(4)
+                        .enumerate()
+                        .map(|(i, &b)| head[i] = b)
+                        .count();
+                    if known >= 1 && head[0] != HANDSHAKE_CLIENT_HELLO {
+                        return bad("not_client_hello");
+                    }
+                    (known == 4)
+                        .then(|| 4 + u32::from_be_bytes([0, head[1], head[2], head[3]]) as usize)
+                }
+            };
+            if available < frag_end {
+                // A partial record: wait for the rest of it (nothing of it is taken).
+                return incomplete(self.pos, needed, have);
+            }
+            self.needed = needed;
+            self.records += 1;
+            let total = have + frag.len();
+            if let Some(n) = needed.filter(|&n| total >= n) {
+                if total > n {
                     // Another handshake message follows in the same flight: not a client's
                     // first flight.
                     return bad("trailing_handshake_data");
                 }
-                break;
+                let consumed = self.pos + frag_end;
+                let body = if have == 0 {
+                    // The whole message in this one record: parsed where it lies.
+                    parse_body(&frag[4..n])
+                } else {
+                    self.handshake.extend_from_slice(frag);
+                    parse_body(&self.handshake[4..n])
+                };
+                return match body {
+                    Ok(hello) => Parse::Hello { hello, consumed },
+                    Err(m) => Parse::Malformed(m),
+                };
             }
+            self.handshake.extend_from_slice(frag);
+            self.pos += frag_end;
         }
-        let rest = &buf[pos..];
-        if rest.len() < RECORD_HEADER {
-            return incomplete(pos, needed, handshake.len());
-        }
-        if rest[0] != CONTENT_HANDSHAKE {
-            return bad("interleaved_record");
-        }
-        if rest[1] != 3 {
-            return bad("record_version");
-        }
-        let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
-        if len == 0 {
-            return bad("empty_record");
-        }
-        if len > MAX_RECORD {
-            return bad("record_overflow");
-        }
-        let frag_end = RECORD_HEADER + len;
-        let available = rest.len().min(frag_end);
-        let frag = &rest[RECORD_HEADER..available];
-        if handshake.is_empty() {
-            handshake = Cow::Borrowed(frag);
-        } else {
-            handshake.to_mut().extend_from_slice(frag);
-        }
-        if needed.is_none() && handshake.len() >= 4 {
-            if handshake[0] != HANDSHAKE_CLIENT_HELLO {
-                return bad("not_client_hello");
-            }
-            let body = u32::from_be_bytes([0, handshake[1], handshake[2], handshake[3]]) as usize;
-            needed = Some(4 + body);
-        }
-        if available < frag_end {
-            // A partial record: wait for the rest of it.
-            return incomplete(pos, needed, handshake.len() - frag.len());
-        }
-        pos += frag_end;
-    }
-    let n = needed.unwrap_or(0);
-    match parse_body(&handshake[4..n]) {
-        Ok(hello) => Parse::Hello {
-            hello,
-            consumed: pos,
-        },
-        Err(m) => Parse::Malformed(m),
     }
 }
 
@@ -606,6 +653,59 @@ mod tests {
     }
 
     #[test]
+    fn reassembly_resumes_and_answers_as_parse_for_every_split() {
+        // Chromium's 2 KB hello re-framed into 41 records, fed as it trickles in: each prefix,
+        // through one `Reassembly` that resumes, gives what a fresh `parse` of it gives.
+        let hs = handshake(&Spec {
+            sni: Some("www.example.com".into()),
+            alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            extra: vec![(0x11ec, vec![7; 1900])],
+            ..Spec::default()
+        });
+        let buf = records(&hs, 50);
+        let mut r = Reassembly::default();
+        for i in 0..=buf.len() {
+            assert_eq!(r.parse(&buf[..i]), parse(&buf[..i]), "prefix {i}");
+        }
+        assert!(matches!(parse(&buf), Parse::Hello { .. }));
+        // An SSLv2-style hello is refused whatever its first segment holds (its first byte
+        // alone used to read as "not TLS").
+        let v2 = [0x80, 0x2e, 0x01, 0x03, 0x01];
+        for i in 1..3 {
+            assert!(matches!(parse(&v2[..i]), Parse::Incomplete { .. }), "{i}");
+        }
+        for i in 3..=v2.len() {
+            assert_eq!(parse(&v2[..i]), bad("sslv2_hello"), "{i}");
+        }
+    }
+
+    #[test]
+    fn a_flood_of_one_byte_records_is_refused_at_the_record_limit() {
+        // A 10 KB hello in one-byte records (60 KB on the wire), read 6 bytes at a time: every
+        // read resumes where the last stopped, and the hello is refused at the record limit.
+        let hs = handshake(&Spec {
+            extra: vec![(0x11ec, vec![7; 10_000])],
+            ..Spec::default()
+        });
+        let buf = records(&hs, 1);
+        let mut r = Reassembly::default();
+        let mut last = Parse::Incomplete {
+            needed_at_least: None,
+        };
+        let mut end = 0;
+        while end < buf.len() && matches!(last, Parse::Incomplete { .. }) {
+            end = (end + 6).min(buf.len());
+            last = r.parse(&buf[..end]);
+        }
+        assert_eq!(last, bad("too_many_records"));
+        assert_eq!(
+            end,
+            6 * MAX_RECORDS + 6,
+            "refused at the record over the limit"
+        );
+    }
+
+    #[test]
     fn host_names_with_empty_labels_are_malformed() {
         for name in [
             "a..secret.example.com",
@@ -786,6 +886,16 @@ mod tests {
                 [records(&hs[..10], 1 << 14), vec![22, 2, 0, 0, 1, 0]].concat(),
             ),
             ("empty_record", vec![22, 3, 1, 0, 0]),
+            (
+                "too_many_records",
+                records(
+                    &handshake(&Spec {
+                        extra: vec![(0x11ec, vec![7; 5000])],
+                        ..Spec::default()
+                    }),
+                    1,
+                ),
+            ),
             ("record_overflow", vec![22, 3, 1, 0xff, 0xff]),
             ("not_client_hello", records(&[2, 0, 0, 1, 0], 1 << 14)),
             ("truncated_version", framed(&[3])),
