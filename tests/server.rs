@@ -256,3 +256,57 @@ async fn ipv6_listener_and_backend() {
     assert_eq!(read_line(&mut s).await, "v6 backend saw ::1");
     server.shutdown().await;
 }
+
+/// Slowloris on the admin port: connections that never send a request, or trickle a request
+/// head, are closed within seconds, more of them than the cap do not lock Prometheus out, and
+/// /readyz and /metrics keep answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_slowloris_is_closed_within_seconds_and_metrics_still_answer() {
+    let b = RawBackend::start("b", false).await;
+    let server = simple(Simple {
+        backends: vec![b.address.to_string()],
+        ..Simple::default()
+    })
+    .await;
+    let admin = server.admin_addr().unwrap();
+    let start = tokio::time::Instant::now();
+    let mut idle = Vec::new();
+    for i in 0..600 {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        if i % 2 == 1 {
+            // A request head that never ends.
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        idle.push(s);
+    }
+    // More than the cap (512) are open: a scrape still gets through within seconds.
+    let (status, body) = tokio::time::timeout(Duration::from_secs(10), http_get(admin, "/readyz"))
+        .await
+        .expect("/readyz answers under slowloris");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("sluice_connections_accepted_total"));
+    // Every idle connection was closed by sluice, within seconds.
+    for mut s in idle {
+        let mut buf = [0u8; 512];
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "an idle admin connection was held");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+    server.shutdown().await;
+}

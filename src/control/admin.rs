@@ -7,12 +7,13 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -182,16 +183,42 @@ async fn reload(rt: &Arc<Runtime>, req: &Request<Incoming>) -> Response<Body> {
 }
 
 /// Serve the admin API on `listener` until `stop` fires.
+/// Admin connections served at once; at the cap, new ones wait in the listen backlog until
+/// a slot frees (idle and slow connections free theirs within seconds).
+const MAX_CONNECTIONS: usize = 512;
+/// A connection must send a complete request head within this long (a slowloris is closed).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection with no request in flight for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: CancellationToken) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::debug!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -199,9 +226,14 @@ pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancellat
         let rt = rt.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            // Requests in flight, and when the last one ended (or the connection opened).
+            let activity = Arc::new(Activity::default());
+            let seen = activity.clone();
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let rt = rt.clone();
+                let (rt, seen) = (rt.clone(), seen.clone());
                 async move {
+                    let _busy = seen.start();
                     let resp = if req.uri().path() == "/-/reload" {
                         reload(&rt, &req).await
                     } else {
@@ -210,12 +242,80 @@ pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancellat
                     Ok::<_, Infallible>(resp)
                 }
             });
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "admin connection error");
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "admin connection error");
+                        }
+                        return;
+                    }
+                    _ = tick.tick() => {
+                        // No request yet within HEADER_TIMEOUT (any protocol, before hyper
+                        // knows which), or idle past IDLE_TIMEOUT: close.
+                        if let Some(idle) = activity.idle() {
+                            let limit = if activity.served() { IDLE_TIMEOUT } else { HEADER_TIMEOUT };
+                            if idle >= limit {
+                                return;
+                            }
+                        }
+                    }
+                }
             }
         });
+    }
+}
+
+/// What an admin connection is doing: requests in flight, and since when it has been idle.
+struct Activity {
+    inflight: std::sync::atomic::AtomicUsize,
+    served: std::sync::atomic::AtomicBool,
+    idle_since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            inflight: Default::default(),
+            served: Default::default(),
+            idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    /// A request starts; the guard marks its end.
+    fn start(self: &Arc<Self>) -> Busy {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inflight.fetch_add(1, Relaxed);
+        self.served.store(true, Relaxed);
+        Busy(self.clone())
+    }
+
+    /// How long no request has been in flight; `None` while one is.
+    fn idle(&self) -> Option<Duration> {
+        if self.inflight.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        Some(since.elapsed())
+    }
+
+    fn served(&self) -> bool {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = tokio::time::Instant::now();
+        self.0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
