@@ -293,8 +293,13 @@ impl Client {
         let r = sender
             .send_request(self.request("DELETE", &path, Full::new(Bytes::new()))?)
             .await?;
-        tracing::info!(status = %r.status(), "said goodbye");
-        Ok(())
+        match goodbye_outcome(r.status().as_u16()) {
+            Ok(how) => {
+                tracing::info!(status = %r.status(), "said goodbye{how}");
+                Ok(())
+            }
+            Err(e) => Err(anyhow!(e)),
+        }
     }
 
     async fn run(&self) {
@@ -338,6 +343,16 @@ impl Client {
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
+    }
+}
+
+/// What the edge's answer to a goodbye means. 404 is success too: the agent is already gone,
+/// because its heartbeat stream ended first (the normal order when a streaming agent stops).
+fn goodbye_outcome(status: u16) -> Result<&'static str, String> {
+    match status {
+        200 => Ok(""),
+        404 => Ok(" (already gone: its stream ended first)"),
+        other => Err(format!("the edge answered {other}")),
     }
 }
 
@@ -420,4 +435,17 @@ pub async fn print_resources(admin: &str) -> anyhow::Result<String> {
     }
     out.push_str(&format!("{} resources\n", list.len()));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_goodbye_after_the_stream_ended_is_a_success() {
+        assert_eq!(goodbye_outcome(200), Ok(""));
+        assert!(goodbye_outcome(404).is_ok());
+        assert_eq!(goodbye_outcome(403), Err("the edge answered 403".into()));
+        assert!(goodbye_outcome(503).is_err());
+    }
 }
