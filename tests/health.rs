@@ -310,3 +310,48 @@ async fn a_reload_keeps_the_health_verdicts() {
     assert_eq!(fails().await, 1.0, "the reload restarted the checks");
     server.shutdown().await;
 }
+
+/// A backend that, like Teleport with `proxy_protocol: on`, answers only after a PROXY v2
+/// header: the HTTP check sends the pool's header and finds it healthy; with
+/// `send_proxy = false` it does not, and finds it unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_send_the_pools_proxy_header() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = [0u8; 16];
+                if s.read_exact(&mut head).await.is_err() || &head[..12] != b"\r\n\r\n\0\r\nQUIT\n"
+                {
+                    return; // no PROXY header: closed without an answer
+                }
+                let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+                if s.read_exact(&mut rest).await.is_err() {
+                    return;
+                }
+                let mut req = [0u8; 1024];
+                let _ = s.read(&mut req).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    let check = |extra: &str| {
+        format!(
+            "proxy_protocol = \"v2\"\n[pool.p.health]\nkind = \"http\"\npath = \"/\"\ninterval = \"100ms\"\nrise = 1\nfall = 1\n{extra}"
+        )
+    };
+    let with = start(&conf(&[backend], &check("")), &[]).await;
+    let without = start(&conf(&[backend], &check("send_proxy = false")), &[]).await;
+    eventually("verdicts with and without the header", || async {
+        healthy(&with, backend).await == Some(1.0) && healthy(&without, backend).await == Some(0.0)
+    })
+    .await;
+    with.shutdown().await;
+    without.shutdown().await;
+}

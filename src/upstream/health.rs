@@ -18,9 +18,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CheckKind, HealthCheck};
+use crate::config::{CheckKind, HealthCheck, ProxyProtocol};
 use crate::observe::metrics::Metrics;
 use crate::upstream::{Backend, Health, Pool};
+use sluice_core::proxy::{self, HeaderInfo};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -33,10 +34,29 @@ fn host_of(name: &str) -> &str {
 
 /// One probe. `Err` says why it failed.
 async fn probe(check: &HealthCheck, addr: SocketAddr, name: &str) -> Result<(), String> {
-    let tcp = TcpStream::connect(addr)
+    let mut tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    // The pool's PROXY header first, naming this probe's own addresses (a backend that
+    // requires one refuses a connection without it).
+    if check.proxy_protocol != ProxyProtocol::None {
+        let info = HeaderInfo {
+            client: tcp
+                .local_addr()
+                .map_err(|e| format!("local address: {e}"))?,
+            local: addr,
+            alpn: None,
+            sni: None,
+        };
+        if let Some(header) =
+            proxy::encode(check.proxy_protocol, &info).map_err(|e| format!("PROXY header: {e}"))?
+        {
+            tcp.write_all(&header)
+                .await
+                .map_err(|e| format!("PROXY header: {e}"))?;
+        }
+    }
     if check.kind == CheckKind::Tcp {
         return Ok(());
     }

@@ -92,6 +92,9 @@ pub struct HealthCheck {
     pub host: Option<String>,
     /// Accepted status codes, inclusive.
     pub expect_status: (u16, u16),
+    /// The PROXY header each probe sends first: the pool's (backends that require one refuse
+    /// a connection without it), unless `send_proxy = false`.
+    pub proxy_protocol: ProxyProtocol,
 }
 
 /// Backends found in DNS, re-resolved as the records' TTLs run out.
@@ -194,7 +197,7 @@ impl RawPool {
         let health = self
             .health
             .as_ref()
-            .and_then(|h| health_check(errs, &at.key("health"), h));
+            .and_then(|h| health_check(errs, &at.key("health"), h, proxy_protocol));
         PoolConfig {
             discovery,
             ejection,
@@ -414,7 +417,12 @@ fn discovery(errs: &mut Errors<'_>, at: &KeyPath, rp: &RawPool) -> Option<Discov
     })
 }
 
-fn health_check(errs: &mut Errors<'_>, at: &KeyPath, raw: &RawHealth) -> Option<HealthCheck> {
+fn health_check(
+    errs: &mut Errors<'_>,
+    at: &KeyPath,
+    raw: &RawHealth,
+    pool_proxy: ProxyProtocol,
+) -> Option<HealthCheck> {
     let kind = match raw.kind.as_deref() {
         Some("tcp") => CheckKind::Tcp,
         Some("tls") => CheckKind::Tls,
@@ -536,5 +544,9 @@ fn health_check(errs: &mut Errors<'_>, at: &KeyPath, raw: &RawHealth) -> Option<
         path,
         host: raw.host.clone(),
         expect_status,
+        proxy_protocol: match raw.send_proxy {
+            Some(false) => ProxyProtocol::None,
+            _ => pool_proxy,
+        },
     })
 }

@@ -283,6 +283,7 @@ pub(super) struct RawHealth {
     pub(super) path: Option<String>,
     pub(super) host: Option<String>,
     pub(super) expect_status: Option<String>,
+    pub(super) send_proxy: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
