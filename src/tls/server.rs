@@ -23,6 +23,12 @@ pub fn server_tls(
     if certs.is_empty() {
         return Err(format!("{} holds no certificate", cert_file.display()));
     }
+    if is_ca(&certs[0]) {
+        return Err(format!(
+            "{} is a CA certificate (basicConstraints cA); clients refuse it as a server's",
+            cert_file.display()
+        ));
+    }
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("{}: no usable private key: {e}", key_file.display()))?;
     let builder = rustls::ServerConfig::builder();
@@ -60,4 +66,50 @@ pub fn server_tls(
         b"http/1.1".to_vec(),
     ];
     Ok(Arc::new(cfg))
+}
+
+/// Whether `cert` says it is a certificate authority: TLS clients refuse such a certificate as
+/// a server's own (webpki: `CaUsedAsEndEntity`), so the check says so at load rather than every
+/// agent at its handshake. webpki checks basic constraints before it looks for an issuer, so
+/// no trust anchor is needed to find out.
+fn is_ca(cert: &CertificateDer<'_>) -> bool {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let checked = ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &[],
+        &[],
+        rustls::pki_types::UnixTime::now(),
+        webpki::KeyUsage::server_auth(),
+        None,
+        None,
+    );
+    matches!(checked, Err(webpki::Error::CaUsedAsEndEntity))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_certificate_is_refused_as_the_servers_and_a_leaf_is_not() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["ca.example.com".into()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        assert!(is_ca(ca.der()));
+        let leaf = rcgen::generate_simple_self_signed(vec!["api.example.com".into()]).unwrap();
+        assert!(!is_ca(leaf.cert.der()));
+
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, keyf) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, ca.pem()).unwrap();
+        std::fs::write(&keyf, key.serialize_pem()).unwrap();
+        let err = server_tls(&cert, &keyf, None, false).unwrap_err();
+        assert!(err.contains("is a CA certificate"), "{err}");
+        std::fs::write(&cert, leaf.cert.pem()).unwrap();
+        std::fs::write(&keyf, leaf.key_pair.serialize_pem()).unwrap();
+        assert!(server_tls(&cert, &keyf, None, false).is_ok());
+    }
 }
