@@ -184,6 +184,19 @@ async fn passthrough_routes_by_sni_and_by_alpn_end_to_end() {
         1.0
     );
     assert_eq!(metric(&server, "sluice_quic_flows_active", &q).await, 2.0);
+    // /debug/listeners lists the QUIC listener with its flows.
+    let (status, body) = http_get(server.admin_addr().unwrap(), "/debug/listeners").await;
+    assert_eq!(status, 200);
+    let views: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let quic = views
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["protocol"] == "quic")
+        .unwrap_or_else(|| panic!("no QUIC listener in {body}"));
+    assert_eq!(quic["bound"], edge.to_string());
+    assert_eq!(quic["flows"], 2);
+    assert_eq!(quic["accepting"], true);
     assert!(
         metric(
             &server,

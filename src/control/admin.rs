@@ -45,10 +45,20 @@ fn json<T: Serialize>(value: &T) -> Response<Body> {
 #[derive(Serialize)]
 struct ListenerView {
     name: String,
+    /// `tcp` or `quic`.
+    protocol: &'static str,
     configured: SocketAddr,
     bound: SocketAddr,
     max_connections: Option<usize>,
     available_slots: Option<usize>,
+    /// QUIC: flows open now, the cap, and whether new flows are taken (false once a reload
+    /// removed or moved the listener: it serves its flows until they are idle).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    flows: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_flows: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    accepting: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -142,11 +152,29 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
                 .iter()
                 .map(|l| ListenerView {
                     name: l.config.name.clone(),
+                    protocol: "tcp",
                     configured: l.config.address,
                     bound: l.local_addr,
                     max_connections: l.config.max_connections,
                     available_slots: l.permits.as_ref().map(|p| p.available_permits()),
+                    flows: None,
+                    max_flows: None,
+                    accepting: None,
                 })
+                .chain(rt.quic_listeners().iter().map(|q| {
+                    let cfg = q.config.load();
+                    ListenerView {
+                        name: cfg.name.clone(),
+                        protocol: "quic",
+                        configured: cfg.address,
+                        bound: q.local_addr,
+                        max_connections: None,
+                        available_slots: None,
+                        flows: Some(q.flow_count()),
+                        max_flows: Some(cfg.quic.max_flows),
+                        accepting: Some(q.is_accepting()),
+                    }
+                }))
                 .collect();
             json(&views)
         }
