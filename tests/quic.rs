@@ -434,6 +434,69 @@ proxy_protocol = "v2"
     server.shutdown().await;
 }
 
+/// A terminated stream whose backend cannot be reached is reset with sluice's error code,
+/// not finished as if the backend had answered nothing, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_stream_whose_backend_fails_is_reset_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["t.example.com".to_owned()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), ck.key_pair.serialize_pem()).unwrap();
+    let refused = support::dead_address().await;
+    let config = format!(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+
+[[listener]]
+name = "quic"
+address = "127.0.0.1:0"
+protocol = "quic"
+
+[[route]]
+name = "term"
+listener = "quic"
+sni = ["t.example.com"]
+alpn = ["agent-tunnel"]
+pool = "down"
+quic = "terminate"
+cert_file = "{d}/cert.pem"
+key_file = "{d}/key.pem"
+
+[pool.down]
+backends = ["{refused}"]
+retries = 0
+"#,
+        d = dir.path().display(),
+    );
+    let server = start(&config, &[]).await;
+    let ep = client_endpoint(&["agent-tunnel"]);
+    let conn = connect(&ep, server.quic_addr("quic").unwrap(), "t.example.com").await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("a stream");
+    send.write_all(b"hello").await.unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20))
+        .await
+        .expect("an end in time");
+    match read {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => assert_eq!(
+            code.into_inner(),
+            u64::from(sluice::quic::terminate::RESET_BACKEND_UNAVAILABLE)
+        ),
+        other => panic!("expected a reset, got {other:?}"),
+    }
+    eventually("the reset counted", || async {
+        metric(
+            &server,
+            "sluice_quic_stream_resets_total",
+            &[("route", "term"), ("reason", "backend_unavailable")],
+        )
+        .await
+            == 1.0
+    })
+    .await;
+    server.shutdown().await;
+}
+
 /// rustls' in-memory session store, which says when a TLS 1.3 ticket arrives.
 #[derive(Debug)]
 struct TicketStore {

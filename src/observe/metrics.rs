@@ -56,6 +56,7 @@ pub const QUIC_INITIALS: &str = "sluice_quic_initials_total";
 pub const QUIC_PACKETS: &str = "sluice_quic_packets_total";
 pub const QUIC_BYTES: &str = "sluice_quic_bytes_total";
 pub const QUIC_MIGRATIONS: &str = "sluice_quic_migrations_total";
+pub const QUIC_STREAM_RESETS: &str = "sluice_quic_stream_resets_total";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -142,6 +143,9 @@ pub struct Metrics {
     pub quic_bytes: IntCounterVec,
     /// {listener}
     pub quic_migrations: IntCounterVec,
+    /// {route, reason}: streams of terminated QUIC connections sluice reset because their
+    /// backend failed: `backend_unavailable` (no connect), `backend_error` (broke mid-stream)
+    pub quic_stream_resets: IntCounterVec,
 }
 
 /// Register a metric as its `new` built it, and return it. Definitions are constants, so
@@ -306,6 +310,12 @@ impl Metrics {
                 QUIC_MIGRATIONS,
                 "QUIC flows followed to a new client address by connection ID (migration, NAT rebinding).",
                 &["listener"],
+            ),
+            quic_stream_resets: counter(
+                &r,
+                QUIC_STREAM_RESETS,
+                "Streams of terminated QUIC connections reset because their backend failed, by reason.",
+                &["route", "reason"],
             ),
             agent_connect_failures: counter(
                 &r,

@@ -28,13 +28,35 @@ pub enum StartError {
     Endpoint(#[from] std::io::Error),
 }
 
-/// Why a stream's bridge ended early.
+/// Why a stream's bridge ended early. The stream is then reset (and its receiving side
+/// stopped) with `code()`, so the client can tell a failed stream from a finished one.
 #[derive(Debug, thiserror::Error)]
 enum BridgeError {
     #[error(transparent)]
     Connect(#[from] crate::upstream::ConnectError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+/// The application error code of a stream reset because no backend could be connected.
+pub const RESET_BACKEND_UNAVAILABLE: u32 = 0x5301;
+/// ...because the backend connection failed after it was established.
+pub const RESET_BACKEND_ERROR: u32 = 0x5302;
+
+impl BridgeError {
+    fn code(&self) -> u32 {
+        match self {
+            BridgeError::Connect(_) => RESET_BACKEND_UNAVAILABLE,
+            BridgeError::Io(_) => RESET_BACKEND_ERROR,
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            BridgeError::Connect(_) => "backend_unavailable",
+            BridgeError::Io(_) => "backend_error",
+        }
+    }
 }
 
 pub struct Terminator {
@@ -143,9 +165,15 @@ async fn accept(
             tracing::debug!(%client, route = %route, ?sni, ?alpn, "QUIC connection terminated");
             while let Ok((send, recv)) = conn.accept_bi().await {
                 let (pool, m, sni, alpn) = (pool.clone(), m.clone(), sni.clone(), alpn.clone());
+                let route = route.clone();
                 tokio::spawn(async move {
                     if let Err(e) = bridge(send, recv, client, &pool, &m, sni, alpn).await {
-                        tracing::debug!(%client, error = %e, "QUIC stream bridge ended");
+                        m.metrics
+                            .quic_stream_resets
+                            .with_label_values(&[route.as_str(), e.reason()])
+                            .inc();
+                        tracing::debug!(%client, route = %route, error = %e,
+                            "QUIC stream reset: its backend failed");
                     }
                 });
             }
@@ -154,10 +182,29 @@ async fn accept(
     // Open connections keep the endpoint's driver alive until they close.
 }
 
-/// One QUIC stream ↔ one new TCP connection to a backend of the pool.
+/// One QUIC stream ↔ one new TCP connection to a backend of the pool. On a backend failure
+/// the stream is reset with the failure's code rather than finished.
 async fn bridge(
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    client: SocketAddr,
+    pool: &Pool,
+    m: &TerminatorMetrics,
+    sni: Option<String>,
+    alpn: Option<String>,
+) -> Result<(), BridgeError> {
+    let result = relay(&mut send, &mut recv, client, pool, m, sni, alpn).await;
+    if let Err(e) = &result {
+        let code = quinn::VarInt::from_u32(e.code());
+        let _ = send.reset(code);
+        let _ = recv.stop(code);
+    }
+    result
+}
+
+async fn relay(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
     client: SocketAddr,
     pool: &Pool,
     m: &TerminatorMetrics,
@@ -179,6 +226,8 @@ async fn bridge(
     if let Some(header) = proxy::encode(pool.proxy_protocol, &info)? {
         tcp.write_all(&header).await?;
     }
+    // Both directions ending cleanly finishes the stream (copy_bidirectional shuts the
+    // writing side down).
     let mut quic = tokio::io::join(recv, send);
     tokio::io::copy_bidirectional(&mut quic, &mut tcp).await?;
     Ok(())
