@@ -355,3 +355,39 @@ async fn health_checks_send_the_pools_proxy_header() {
     with.shutdown().await;
     without.shutdown().await;
 }
+
+/// A backend a reload removes takes its per-backend series with it once its connections are
+/// gone: no `sluice_backend_healthy{backend=...}` left behind for an alert to fire on forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_backends_series_go_with_it() {
+    let a = RawBackend::start("a", false).await;
+    let b = RawBackend::start("b", false).await;
+    let check = "[pool.p.health]\nkind = \"tcp\"\ninterval = \"100ms\"\nrise = 1\nfall = 1";
+    let text = conf(&[a.address, b.address], check);
+    let server = start(&text, &[]).await;
+    eventually("both checked", || async {
+        healthy(&server, a.address).await == Some(1.0)
+            && healthy(&server, b.address).await == Some(1.0)
+    })
+    .await;
+    let cfg =
+        sluice::config::parse(std::path::Path::new("t.toml"), &conf(&[a.address], check)).unwrap();
+    server.rt.apply(cfg).await.unwrap();
+    let admin = server.admin_addr().unwrap();
+    let series = |s: &support::metrics::Scrape, name: &str, backend: SocketAddr| {
+        s.get(name, &[("pool", "p"), ("backend", &backend.to_string())])
+    };
+    eventually("b's series are gone", || async {
+        let s = scrape(admin).await;
+        series(&s, "sluice_backend_healthy", b.address).is_none()
+            && series(&s, "sluice_backend_connections_active", b.address).is_none()
+    })
+    .await;
+    let s = scrape(admin).await;
+    assert_eq!(series(&s, "sluice_backend_healthy", a.address), Some(1.0));
+    assert_eq!(
+        series(&s, "sluice_backend_connections_active", a.address),
+        Some(0.0)
+    );
+    server.shutdown().await;
+}

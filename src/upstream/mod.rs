@@ -43,6 +43,9 @@ pub struct Backend {
     /// `sluice_backend_connections_active{pool, backend}`; none for agents (their number is
     /// unbounded, so they are not metric labels).
     active_gauge: Option<IntGauge>,
+    /// Its per-backend series, deleted when the last backend object of that (pool, name) is
+    /// gone (a reload removed it and its connections ended, or DNS stopped answering it).
+    _series: Option<SeriesUse>,
     /// It takes new connections from this moment on (the pool's `min_ready` after it appeared).
     ready_at: Instant,
     /// False once a reload removed it: it takes no new connections.
@@ -114,6 +117,7 @@ impl Backend {
             id: fnv1a(id.as_bytes()),
             active: AtomicU64::new(0),
             active_gauge: None,
+            _series: None,
             ready_at: epoch(),
             in_service: AtomicBool::new(true),
             generation: Mutex::new(0),
@@ -198,9 +202,61 @@ pub fn retirements() -> u64 {
     RETIREMENTS.load(Ordering::Acquire)
 }
 
+/// Live backend objects per (pool, backend name): a removed backend draining its connections
+/// and its replacement share their series, which go when the last of them does.
+type SeriesUsers = Arc<Mutex<HashMap<(String, String), usize>>>;
+
+/// One backend object's use of its per-backend series.
+struct SeriesUse {
+    users: SeriesUsers,
+    key: (String, String),
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for SeriesUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SeriesUse").field(&self.key).finish()
+    }
+}
+
+impl SeriesUse {
+    fn new(users: &SeriesUsers, metrics: &Metrics, key: (String, String)) -> SeriesUse {
+        *users
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default() += 1;
+        SeriesUse {
+            users: users.clone(),
+            key,
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+impl Drop for SeriesUse {
+    fn drop(&mut self) {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(n) = users.get_mut(&self.key) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        users.remove(&self.key);
+        let labels = [self.key.0.as_str(), self.key.1.as_str()];
+        let m = &self.metrics;
+        let _ = m.backend_active.remove_label_values(&labels);
+        let _ = m.backend_healthy.remove_label_values(&labels);
+        let _ = m.ejections.remove_label_values(&labels);
+    }
+}
+
 /// Every live backend object, keyed by (pool, address), so a reload finds the ones it keeps.
 pub struct Backends {
     map: Mutex<HashMap<(String, SocketAddr), Weak<Backend>>>,
+    series: SeriesUsers,
     /// Parent of every backend's `retire` token.
     close_all: CancellationToken,
 }
@@ -210,6 +266,7 @@ impl Backends {
         epoch();
         Backends {
             map: Mutex::new(HashMap::new()),
+            series: Default::default(),
             close_all,
         }
     }
@@ -251,6 +308,11 @@ impl Backends {
                     .backend_active
                     .with_label_values(&[pool.name.as_str(), b.name.as_str()]),
             ),
+            _series: Some(SeriesUse::new(
+                &self.series,
+                metrics,
+                (pool.name.clone(), b.name.clone()),
+            )),
             ready_at: Instant::now() + if warm { pool.min_ready } else { Duration::ZERO },
             in_service: AtomicBool::new(true),
             generation: Mutex::new(0),
