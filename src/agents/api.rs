@@ -602,26 +602,10 @@ const MAX_CONNECTIONS: usize = 10_000;
 /// Serve the API on its own listener (`[heartbeat] address`) until `stop`.
 pub async fn listen(api: Arc<Api>, listener: Arc<TcpListener>, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        // At the cap, connections wait in the kernel's backlog.
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(error = %e, "heartbeat accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    // At the cap, connections wait in the kernel's backlog.
+    while let Some((permit, stream, peer)) =
+        crate::net::accept_capped(&listener, &slots, &stop, "heartbeat").await
+    {
         let _ = stream.set_nodelay(true);
         let _ = crate::net::apply_keepalive(
             &socket2::SockRef::from(&stream),
