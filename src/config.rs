@@ -136,6 +136,21 @@ pub fn parse_files(files: &[(PathBuf, String)]) -> Result<Config, ConfigErrors> 
                 let content = std::fs::read(&path).unwrap_or_default();
                 hashed.push((path, content));
             }
+            Pending::ReadFile {
+                at,
+                path,
+                slot,
+                fix,
+            } => match std::fs::read(&path) {
+                Ok(content) => {
+                    if let Err(problem) = config.set_file(slot, content) {
+                        errors.push(at.error(format!("{} {problem}", path.display()), fix));
+                    }
+                }
+                Err(e) => {
+                    errors.push(at.error(format!("cannot read {}: {e}", path.display()), fix))
+                }
+            },
         }
     }
     if !errors.is_empty() {

@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::process::{Command, Stdio};
@@ -14,13 +14,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sluice::control::server::Server;
 use support::process::Running;
+use support::heartbeats::{api, heartbeat, visit, visit_open};
 use support::*;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 const TOKEN: &str = "agents-token-0123456789";
@@ -82,64 +83,6 @@ backends = ["{fb}"]
 
 async fn start_with(dir: &Path, extra: &str, fallback: &str, fb: SocketAddr) -> Server {
     start(&config(dir, extra, fallback), &[("fb", fb.to_string())]).await
-}
-
-/// One HTTP/1.1 request over TLS (ALPN sluice-heartbeat) to a heartbeat API address.
-async fn api(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: &str,
-) -> (u16, String) {
-    let tls = sluice::tls::testing::insecure_client_config(&["sluice-heartbeat"]);
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("sluice.test").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .expect("TLS to the heartbeat API");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "sluice.test");
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&text).into_owned())
-}
-
-fn heartbeat(agent: &str, address: SocketAddr, version: &str, apps: &[&str]) -> String {
-    let resources: Vec<String> = apps
-        .iter()
-        .map(|a| format!(r#"{{"kind":"app","name":"{a}"}}"#))
-        .collect();
-    format!(
-        r#"{{"agent":"{agent}","address":"{address}","version":"{version}","ttl":"60s","resources":[{}]}}"#,
-        resources.join(",")
-    )
-}
-
-/// Connect from `source` with a hello for `sni`; the backend's first line (its tag), or ""
-/// when sluice closes the connection.
-async fn visit(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> String {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
-    let mut s = sock.connect(edge).await.unwrap();
-    s.write_all(&sluice_core::hello::build::hello(Some(sni), &["h2"]))
-        .await
-        .unwrap();
-    read_line(&mut s).await
 }
 
 fn agents_for(server: &Server, name: &str) -> Vec<String> {
@@ -777,28 +720,9 @@ async fn post(hb: SocketAddr, body: &str) -> (u16, String) {
     api(hb, "POST", "/v1/heartbeats", Some(TOKEN), body).await
 }
 
-/// `visit`, keeping the connection open: the stream and the agent's first line.
-async fn visit_open(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> (TcpStream, String) {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
-    let mut s = sock.connect(edge).await.unwrap();
-    s.write_all(&sluice_core::hello::build::hello(Some(sni), &["h2"]))
-        .await
-        .unwrap();
-    let tag = read_line(&mut s).await;
-    (s, tag)
-}
-
 /// An agent as `/debug/agents` lists it; `None` when it is not listed.
 async fn listed(server: &Server, id: &str) -> Option<serde_json::Value> {
-    let (status, body) = http_get(server.admin_addr().unwrap(), "/debug/agents").await;
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v.as_array()
-        .expect("/debug/agents is a list")
-        .iter()
-        .find(|a| a["id"] == id)
-        .cloned()
+    support::heartbeats::listed(server.admin_addr().unwrap(), id).await
 }
 
 /// One series of `/metrics` that must be there.

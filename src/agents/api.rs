@@ -32,6 +32,7 @@ use crate::snapshot::{Snapshot, Snapshots};
 use sluice_core::agents::auth::{find_token, Token};
 use sluice_core::agents::heartbeat::{self, Limits};
 pub use sluice_core::agents::heartbeat::{HeartbeatBody, ResourceBody};
+use super::store::{Store, WriteError};
 use sluice_core::agents::table::{Applied, Heartbeat, Refused};
 
 /// What the heartbeat API needs of the process: the narrow handle the runtime builds once.
@@ -159,41 +160,88 @@ fn own_addresses(api: &Api) -> Vec<SocketAddr> {
     v
 }
 
-/// Validate and apply one heartbeat.
-fn apply(
+/// The table's refusal as the HTTP layer sends it.
+fn refused(e: Refused) -> Refusal {
+    match e {
+        Refused::Owned(_) | Refused::Static(_) => {
+            (StatusCode::FORBIDDEN, "forbidden", format!("{e}\n"))
+        }
+        Refused::Full(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "table_full",
+            format!("{e} (heartbeat.max_agents)\n"),
+        ),
+    }
+}
+
+/// A failed store write as the HTTP layer sends it: 503 and `store_unavailable` tell the
+/// agent to try another edge.
+fn write_error(e: WriteError) -> Refusal {
+    match e {
+        WriteError::Refused(r) => refused(r),
+        WriteError::Unavailable(why) => {
+            tracing::warn!(reason = %why, "heartbeat not stored");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("store_unavailable: {why}\n"),
+            )
+        }
+    }
+}
+
+/// Validate and apply one heartbeat: the agent, what applying did, and the heartbeat's TTL.
+async fn apply(
     api: &Api,
     cfg: &HeartbeatConfig,
     cred: &Credential,
     body: HeartbeatBody,
     stream: u64,
-) -> Result<(String, Applied), Refusal> {
+) -> Result<(String, Applied, Duration), Refusal> {
     let hb = validate(body, cfg, cred, &own_addresses(api))?;
     let id = hb.agent.clone();
+    let ttl = Duration::from_millis(hb.ttl);
     let agents = &api.agents;
-    let applied = agents
-        .table
-        .apply(
-            hb,
-            &cred.owner,
-            cred.scoped(),
-            stream,
-            Agents::now(),
-            &|id, a| agents.new_backend(id, a),
-        )
-        .map_err(|e| match e {
-            Refused::Owned(_) | Refused::Static(_) => {
-                (StatusCode::FORBIDDEN, "forbidden", format!("{e}\n"))
-            }
-            Refused::Full(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "table_full",
-                format!("{e} (heartbeat.max_agents)\n"),
-            ),
-        })?;
+    let applied = match &agents.store {
+        Store::Memory => agents
+            .table
+            .apply(
+                hb,
+                &cred.owner,
+                cred.scoped(),
+                stream,
+                Agents::now(),
+                &|id, a| agents.new_backend(id, a),
+            )
+            .map_err(refused)?,
+        Store::Etcd(store) => store
+            .heartbeat(
+                hb,
+                &cred.owner,
+                cred.scoped(),
+                (stream != 0).then_some(stream),
+                cfg.max_agents,
+            )
+            .await
+            .map_err(write_error)?,
+    };
     if applied == Applied::Joined {
         tracing::info!(agent = %id, owner = %cred.owner, "agent joined");
     }
-    Ok((id, applied))
+    Ok((id, applied, ttl))
+}
+
+/// Remove an agent (a goodbye, or `stream` ending); `Ok(false)`: no such agent.
+async fn remove(
+    api: &Api,
+    id: &str,
+    stream: Option<u64>,
+    owner: Option<(&str, bool)>,
+) -> Result<bool, Refusal> {
+    match &api.agents.store {
+        Store::Memory => api.agents.table.remove(id, stream, owner).map_err(refused),
+        Store::Etcd(store) => store.remove(id, stream, owner).await.map_err(write_error),
+    }
 }
 
 fn count(api: &Api, result: &str) {
@@ -206,11 +254,32 @@ fn refuse(api: &Api, (status, result, message): Refusal) -> Response<Full<Bytes>
     reply(status, message)
 }
 
+/// Whether this edge takes heartbeats now (`GET /readyz` here, `/readyz/heartbeat` on the
+/// admin API): not while draining, nor while the shared store is unreachable or not yet
+/// listed (agents should heartbeat to another edge).
+pub fn readiness(api: &Api) -> Result<(), &'static str> {
+    if api.accepting.is_cancelled() {
+        return Err("draining");
+    }
+    match &api.agents.store {
+        Store::Etcd(e) if !e.listed() => Err("store_unavailable (the first list of the heartbeat store is not done)"),
+        Store::Etcd(e) if !e.connected() => Err("store_unavailable (the heartbeat store is unreachable)"),
+        _ => Ok(()),
+    }
+}
+
 /// Route one request.
 async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<Full<Bytes>> {
     let snap = api.snapshot();
     let cfg = &snap.config.heartbeat;
     let path = req.uri().path().to_owned();
+    if req.method() == Method::GET && path == "/readyz" {
+        // Unauthenticated: a load balancer's health check of the heartbeat port.
+        return match readiness(&api) {
+            Ok(()) => reply(StatusCode::OK, "ready\n"),
+            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        };
+    }
     let known = matches!(
         (req.method(), path.as_str()),
         (&Method::POST, "/v1/heartbeats") | (&Method::POST, "/v1/heartbeats/stream")
@@ -218,7 +287,7 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<F
     if !known {
         return reply(
             StatusCode::NOT_FOUND,
-            "POST /v1/heartbeats, POST /v1/heartbeats/stream, DELETE /v1/agents/{id}\n",
+            "POST /v1/heartbeats, POST /v1/heartbeats/stream, DELETE /v1/agents/{id}, GET /readyz\n",
         );
     }
     let cred = match authenticate(cfg, &req, cert) {
@@ -227,18 +296,14 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<F
     };
     if req.method() == Method::DELETE {
         let id = path.trim_start_matches("/v1/agents/");
-        return match api
-            .agents
-            .table
-            .remove(id, None, Some((&cred.owner, cred.scoped())))
-        {
+        return match remove(&api, id, None, Some((&cred.owner, cred.scoped()))).await {
             Ok(true) => {
                 count(&api, "goodbye");
                 tracing::info!(agent = %id, owner = %cred.owner, "agent said goodbye");
                 reply(StatusCode::OK, "removed\n")
             }
             Ok(false) => reply(StatusCode::NOT_FOUND, format!("no agent `{id}`\n")),
-            Err(e) => refuse(&api, (StatusCode::FORBIDDEN, "forbidden", format!("{e}\n"))),
+            Err(r) => refuse(&api, r),
         };
     }
     if path == "/v1/heartbeats" {
@@ -271,8 +336,12 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<F
                 )
             }
         };
-        return match parse(&body).and_then(|b| apply(&api, cfg, &cred, b, 0)) {
-            Ok((_, applied)) => {
+        let result = match parse(&body) {
+            Ok(b) => apply(&api, cfg, &cred, b, 0).await,
+            Err(r) => Err(r),
+        };
+        return match result {
+            Ok((_, applied, _)) => {
                 count(&api, "ok");
                 reply(StatusCode::OK, format!("{applied:?}\n").to_lowercase())
             }
@@ -294,9 +363,34 @@ struct StreamOwner {
 impl Drop for StreamOwner {
     fn drop(&mut self) {
         let Some(id) = self.agent.take() else { return };
-        if let Ok(true) = self.api.agents.table.remove(&id, Some(self.stream), None) {
-            count(&self.api, "stream_ended");
+        let (api, stream) = (self.api.clone(), self.stream);
+        let ended = |api: &Api, id: &str| {
+            count(api, "stream_ended");
             tracing::info!(agent = %id, "heartbeat stream ended: the agent's records are gone");
+        };
+        match &api.agents.store {
+            Store::Memory => {
+                if let Ok(true) = api.agents.table.remove(&id, Some(stream), None) {
+                    ended(&api, &id);
+                }
+            }
+            // This edge is draining: the agent reconnects to another edge, which takes the
+            // record over; deleting it would make every edge forget the agent meanwhile. Its
+            // lease removes it if it does not come back.
+            Store::Etcd(_) if api.accepting.is_cancelled() => {
+                tracing::info!(agent = %id, "heartbeat stream closed by the drain: the record stays for its lease");
+            }
+            Store::Etcd(_) => {
+                tokio::spawn(async move {
+                    match remove(&api, &id, Some(stream), None).await {
+                        Ok(true) => ended(&api, &id),
+                        Ok(false) => {}
+                        Err((_, _, why)) => {
+                            tracing::warn!(agent = %id, reason = why.trim_end(), "heartbeat stream ended but its record could not be removed: it goes with its lease");
+                        }
+                    }
+                });
+            }
         }
     }
 }
@@ -385,12 +479,9 @@ async fn stream(api: Arc<Api>, cred: Credential, mut body: Incoming) -> Response
                     ),
                 );
             }
-            match apply(&api, cfg, &cred, parsed, owner.stream) {
-                Ok((id, _)) => {
-                    if let Some(a) = api.agents.table.agent(&id) {
-                        let left = a.expires().saturating_sub(Agents::now());
-                        ttl = Duration::from_millis(left.max(1000));
-                    }
+            match apply(&api, cfg, &cred, parsed, owner.stream).await {
+                Ok((id, _, hb_ttl)) => {
+                    ttl = hb_ttl.max(Duration::from_secs(1));
                     owner.agent = Some(id);
                     applied += 1;
                     count(&api, "ok");

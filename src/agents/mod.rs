@@ -9,6 +9,7 @@
 pub mod api;
 pub mod client;
 pub mod router;
+pub mod store;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,10 +19,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ResourceRoute};
+use crate::config::{Config, ResourceRoute, StoreKind};
 use crate::observe::metrics::Metrics;
 use crate::upstream::{clock_ms, Backend, Pool};
 use router::{ResourceTarget, Sessions};
+use store::Store;
 use sluice_core::agents::table::{self, AgentState, Announced, Heartbeat, ResourceKey, Rules};
 
 pub use sluice_core::agents::ALPN;
@@ -39,15 +41,34 @@ pub struct Agents {
     next_stream: AtomicU64,
     /// Parent of every agent backend's `retire` (the runtime's close-all token).
     close_all: CancellationToken,
+    /// Where the table lives (read at start: `[store]` changes need a restart).
+    pub store: Store,
 }
 
 impl Agents {
-    pub fn new(close_all: CancellationToken) -> Agents {
+    pub fn new(close_all: CancellationToken, config: &Config, metrics: &Metrics) -> Agents {
+        let table = Arc::new(AgentTable::default());
+        let store = match config.store.kind {
+            StoreKind::Memory => Store::Memory,
+            StoreKind::Etcd => {
+                let parent = close_all.clone();
+                let new_backend: store::NewBackend =
+                    Arc::new(move |id, address| Backend::for_agent(id, address, parent.child_token()));
+                Store::Etcd(store::Etcd::new(
+                    &config.store,
+                    &config.cluster.name,
+                    table.clone(),
+                    new_backend,
+                    metrics.clone(),
+                ))
+            }
+        };
         Agents {
-            table: Arc::new(AgentTable::default()),
+            table,
             sessions: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(1),
             close_all,
+            store,
         }
     }
 
@@ -162,6 +183,9 @@ impl Agents {
                 .set(counts.get(&s).copied().unwrap_or(0));
         }
         metrics.resources.set(self.table.resource_count() as i64);
+        if let Store::Etcd(e) = &self.store {
+            e.export();
+        }
         metrics.sessions_active.reset();
         for (route, s) in self.lock_sessions().iter() {
             metrics

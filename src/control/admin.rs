@@ -96,7 +96,22 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         "/debug/agents" => json(&rt.agents.agents_view(&rt.snapshot().config)),
         "/debug/resources" => json(&rt.agents.resources_view(&rt.snapshot().config)),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz/heartbeat" => match crate::agents::api::readiness(&rt.api) {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n"),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/debug/store" => json(&rt.agents.store.view(rt.agents.table.agent_count())),
         "/readyz" => match rt.state() {
+            // Routing from half a table would send clients to `unknown_resource`.
+            State::Ready if !rt.agents.store.listed() => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready: the heartbeat store has not been listed yet\n",
+            ),
             State::Ready => reply(StatusCode::OK, "text/plain", "ready\n"),
             s => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -181,7 +196,7 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners /debug/process /debug/agents /debug/resources, POST /-/reload\n",
+            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners /debug/process /debug/agents /debug/resources /debug/store /readyz/heartbeat, POST /-/reload\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

@@ -150,7 +150,7 @@ impl Runtime {
         let global_permits = Arc::new(Semaphore::new(max_connections));
         let backends = Arc::new(Backends::new(close_all.clone()));
         let close_spread = config.lifecycle.close_spread;
-        let agents = Arc::new(Agents::new(close_all.clone()));
+        let agents = Arc::new(Agents::new(close_all.clone(), &config, &metrics));
         agents.configure(&config);
         let snapshot = Snapshot::build(config, &metrics, &backends, &agents, false);
         start_terminators(&snapshot, &metrics);
@@ -581,6 +581,16 @@ impl Runtime {
                 "heartbeat.address",
                 format!("{:?}", old.config.heartbeat.address),
                 format!("{:?}", config.heartbeat.address),
+            ),
+            (
+                "store",
+                (!old.config.store.same_as(&config.store)).then_some("changed").unwrap_or_default().to_owned(),
+                String::new(),
+            ),
+            (
+                "cluster.name",
+                old.config.cluster.name.clone(),
+                config.cluster.name.clone(),
             ),
             (
                 "lifecycle.upgrade_socket",

@@ -132,6 +132,9 @@ impl Server {
             |edge: &Edge| &edge.parking,
             rt.close_all.clone(),
         ));
+        if let crate::agents::store::Store::Etcd(store) = &rt.agents.store {
+            store.start(rt.hard_stop.clone());
+        }
         let snapshots = rt.snapshots();
         tokio::spawn(crate::agents::Agents::sweep(
             Arc::downgrade(&rt.agents),

@@ -57,6 +57,10 @@ pub const QUIC_PACKETS: &str = "sluice_quic_packets_total";
 pub const QUIC_BYTES: &str = "sluice_quic_bytes_total";
 pub const QUIC_MIGRATIONS: &str = "sluice_quic_migrations_total";
 pub const QUIC_STREAM_RESETS: &str = "sluice_quic_stream_resets_total";
+pub const STORE_CONNECTED: &str = "sluice_store_connected";
+pub const STORE_OPERATIONS: &str = "sluice_store_operations_total";
+pub const STORE_RELISTS: &str = "sluice_store_relists_total";
+pub const STORE_LAST_EVENT_AGE: &str = "sluice_store_last_event_age_seconds";
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -146,6 +150,17 @@ pub struct Metrics {
     /// {route, reason}: streams of terminated QUIC connections sluice reset because their
     /// backend failed: `backend_unavailable` (no connect), `backend_error` (broke mid-stream)
     pub quic_stream_resets: IntCounterVec,
+    /// 1 while the shared store's watch is live (`store.kind = "etcd"`).
+    pub store_connected: IntGauge,
+    /// {op, result}: op is list, watch, get, txn, grant, keepalive, revoke; result is ok,
+    /// error, timeout, conflict (a guarded write lost to another edge's).
+    pub store_operations: IntCounterVec,
+    /// Full relists of the store (at start, after a compaction, after a break too long to
+    /// resume).
+    pub store_relists: IntCounter,
+    /// Seconds since the store's watch last delivered anything (an event or a progress
+    /// notification), set at each scrape.
+    pub store_last_event_age: prometheus::Gauge,
 }
 
 /// Register a metric as its `new` built it, and return it. Definitions are constants, so
@@ -316,6 +331,33 @@ impl Metrics {
                 QUIC_STREAM_RESETS,
                 "Streams of terminated QUIC connections reset because their backend failed, by reason.",
                 &["route", "reason"],
+            ),
+            store_connected: registered(
+                &r,
+                IntGauge::new(
+                    STORE_CONNECTED,
+                    "1 while the shared heartbeat store (etcd) is connected and watched.",
+                ),
+            ),
+            store_operations: counter(
+                &r,
+                STORE_OPERATIONS,
+                "Operations on the shared heartbeat store, by kind and result.",
+                &["op", "result"],
+            ),
+            store_relists: registered(
+                &r,
+                IntCounter::new(
+                    STORE_RELISTS,
+                    "Full lists of the shared heartbeat store (start, compaction, resume impossible).",
+                ),
+            ),
+            store_last_event_age: registered(
+                &r,
+                prometheus::Gauge::new(
+                    STORE_LAST_EVENT_AGE,
+                    "Seconds since the store's watch last delivered an event or a progress notification.",
+                ),
             ),
             agent_connect_failures: counter(
                 &r,

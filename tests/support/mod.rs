@@ -14,6 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use sluice::demo::TaggedBackend;
 
+pub mod etcd;
+pub mod heartbeats;
 pub mod metrics;
 pub mod process;
 pub mod simple;

@@ -16,7 +16,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::table::{labels_from, Announced, Heartbeat, ResourceKey, Version};
+use super::table::{labels_from, Agent, Announced, Heartbeat, ResourceKey, StoreMeta, Version};
+use super::Endpoint;
 
 /// The keys of one cluster under a prefix (`[store] prefix`, `[cluster] name`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +137,8 @@ impl Record {
         previous: Option<&Record>,
         now_unix_ms: u64,
     ) -> Record {
+        let mut hb = hb.clone();
+        hb.normalize();
         Record {
             address: hb.address,
             version: hb.version.map(|v| v.to_string()),
@@ -164,6 +167,46 @@ impl Record {
         }
     }
 
+    /// What an agent the store announced holds, as its key does (`None`: not the store's).
+    pub fn of_agent<B: Endpoint>(agent: &Agent<B>) -> Option<Record> {
+        let meta = agent.stored.as_deref()?;
+        let map = |labels: &[(Box<str>, Box<str>)]| {
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        Some(Record {
+            address: agent.backend.address(),
+            version: agent.version.map(|v| v.to_string()),
+            labels: map(&agent.labels),
+            resources: agent
+                .resources
+                .iter()
+                .map(|r| StoredResource {
+                    kind: r.key.kind().to_owned(),
+                    name: r.key.name().to_owned(),
+                    labels: map(&r.labels),
+                })
+                .collect(),
+            ttl_ms: meta.ttl_ms,
+            owner: agent.owner.to_string(),
+            first_seen_unix_ms: meta.first_seen_unix_ms,
+            stream: meta.stream.clone(),
+        })
+    }
+
+    /// The table's view of this record at `mod_revision` on `lease`.
+    pub fn meta(&self, mod_revision: i64, lease: i64) -> StoreMeta {
+        StoreMeta {
+            mod_revision,
+            lease,
+            ttl_ms: self.ttl_ms,
+            first_seen_unix_ms: self.first_seen_unix_ms,
+            stream: self.stream.clone(),
+        }
+    }
+
     /// The heartbeat this record stands for, for the edge's own table (`agent` is the id the
     /// key names).
     pub fn heartbeat(&self, agent: &str) -> Option<Heartbeat> {
@@ -171,6 +214,12 @@ impl Record {
             Some(v) => Some(Version::parse(v)?),
             None => None,
         };
+        let names_ok = self.resources.iter().all(|r| {
+            super::resource_name_ok(&r.name) && !r.kind.is_empty() && !r.kind.contains('\0')
+        });
+        if !super::agent_id_ok(agent) || !names_ok || self.ttl_ms == 0 {
+            return None;
+        }
         Some(Heartbeat {
             agent: agent.to_owned(),
             address: self.address,
@@ -232,9 +281,10 @@ pub enum Change<'a> {
     Expired(&'a str),
 }
 
-/// The changes of one revision's events (`(deleted?, key)` in their order): a deleted agent
-/// key is a goodbye when the same revision wrote its `gone` marker, else an expiry.
-pub fn changes<'a>(keys: &Keys, events: &[(bool, &'a [u8])]) -> Vec<Change<'a>> {
+/// The changes of one revision's events (`(deleted?, key)` in their order), each with the
+/// index of its event: a deleted agent key is a goodbye when the same revision wrote its
+/// `gone` marker, else an expiry.
+pub fn changes<'a>(keys: &Keys, events: &[(bool, &'a [u8])]) -> Vec<(usize, Change<'a>)> {
     let marked: Vec<&str> = events
         .iter()
         .filter(|(deleted, _)| !deleted)
@@ -245,13 +295,27 @@ pub fn changes<'a>(keys: &Keys, events: &[(bool, &'a [u8])]) -> Vec<Change<'a>> 
         .collect();
     events
         .iter()
-        .filter_map(|&(deleted, k)| match keys.parse(k) {
-            Key::Agent(id) if !deleted => Some(Change::Put(id)),
-            Key::Agent(id) if marked.contains(&id) => Some(Change::Left(id)),
-            Key::Agent(id) => Some(Change::Expired(id)),
+        .enumerate()
+        .filter_map(|(i, &(deleted, k))| match keys.parse(k) {
+            Key::Agent(id) if !deleted => Some((i, Change::Put(id))),
+            Key::Agent(id) if marked.contains(&id) => Some((i, Change::Left(id))),
+            Key::Agent(id) => Some((i, Change::Expired(id))),
             _ => None,
         })
         .collect()
+}
+
+/// The end of the key range of everything under `prefix` (etcd's "prefix end").
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): everything from the prefix on.
+    vec![0]
 }
 
 #[cfg(test)]
@@ -356,12 +420,14 @@ mod tests {
         ];
         assert_eq!(
             changes(&k, &events),
-            vec![Change::Left("a1"), Change::Expired("a2")]
+            vec![(0, Change::Left("a1")), (2, Change::Expired("a2"))]
         );
         assert_eq!(
             changes(&k, &[(false, a2.as_bytes())]),
-            vec![Change::Put("a2")]
+            vec![(0, Change::Put("a2"))]
         );
+        assert_eq!(prefix_end(b"/sluice/prod/"), b"/sluice/prod0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
         // The marker expiring later means nothing.
         assert_eq!(changes(&k, &[(true, g1.as_bytes())]), vec![]);
         // A record another version of sluice wrote with fields this one does not know is

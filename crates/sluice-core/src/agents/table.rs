@@ -134,6 +134,24 @@ pub struct Agent<B> {
     stream: AtomicU64,
     /// What it announced, sorted.
     pub resources: Box<[Announced]>,
+    /// Where it stands in a shared store (`None`: this edge's own, or static).
+    pub stored: Option<Box<StoreMeta>>,
+}
+
+/// What an agent announced through a shared store carries besides its heartbeat: the key's
+/// revision and lease, and the fields every edge must agree on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreMeta {
+    /// The revision that last wrote the agent's key: writes are guarded on it, and older
+    /// events are ignored.
+    pub mod_revision: i64,
+    pub lease: i64,
+    /// The heartbeat's TTL (the lease's), ms.
+    pub ttl_ms: u64,
+    /// First announced, on the first edge's wall clock (ms since the Unix epoch).
+    pub first_seen_unix_ms: u64,
+    /// The edge and stream that announced it, when it came on a stream.
+    pub stream: Option<super::store::StreamOwner>,
 }
 
 impl<B: Endpoint> fmt::Debug for Agent<B> {
@@ -284,7 +302,7 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     /// Resources sorted by key, each once: the form an `Agent` keeps them in.
-    fn normalize(&mut self) {
+    pub fn normalize(&mut self) {
         self.resources.sort_by(|a, b| a.key.cmp(&b.key));
         self.resources.dedup_by(|a, b| a.key == b.key);
     }
@@ -448,6 +466,7 @@ impl<B: Endpoint> AgentTable<B> {
             expires: AtomicU64::new(expires),
             stream: AtomicU64::new(stream),
             resources: hb.resources.into_boxed_slice(),
+            stored: None,
         });
         let applied = if old.is_some() {
             Applied::Changed
@@ -579,6 +598,74 @@ impl<B: Endpoint> AgentTable<B> {
         n
     }
 
+    /// Install what the shared store says of an agent (a watched put, or this edge's own
+    /// write once the store took it): it never expires by this edge's clock, and counts as
+    /// first seen when the store says (`now_unix`: the wall clock at `now`). Ignored when the
+    /// table already holds that revision or a later one, or a static agent of that id.
+    pub fn put_stored(
+        &self,
+        mut hb: Heartbeat,
+        owner: &str,
+        meta: StoreMeta,
+        (now, now_unix): (u64, u64),
+        new_backend: NewBackend<'_, B>,
+    ) -> Option<Applied> {
+        let _w = self.writer(&hb.agent);
+        let old = self.agent(&hb.agent);
+        if let Some(o) = &old {
+            if o.source == Source::Static
+                || o.stored.as_ref().is_some_and(|m| m.mod_revision >= meta.mod_revision)
+            {
+                return None;
+            }
+        }
+        hb.normalize();
+        let backend = Agent::backend_for(old.as_deref(), &hb, new_backend);
+        let age = now_unix.saturating_sub(meta.first_seen_unix_ms);
+        let since = now.saturating_sub(age);
+        let agent = Arc::new(Agent {
+            id: hb.agent.into_boxed_str(),
+            backend,
+            version: hb.version,
+            labels: hb.labels,
+            source: Source::Heartbeat,
+            owner: owner.into(),
+            ready_at: since.saturating_add(self.min_ready.load(Ordering::Relaxed)),
+            since,
+            expires: AtomicU64::new(u64::MAX),
+            stream: AtomicU64::new(0),
+            resources: hb.resources.into_boxed_slice(),
+            stored: Some(Box::new(meta)),
+        });
+        let applied = if old.is_some() {
+            Applied::Changed
+        } else {
+            Applied::Joined
+        };
+        self.install(agent, old.as_deref());
+        Some(applied)
+    }
+
+    /// The store deleted an agent's key at `revision`: gone at once when it `left` (goodbye,
+    /// stream end), else expired from `now` (listed as expired for `keep_expired`). Ignored
+    /// when the table holds a later revision, or an agent that is not the store's.
+    pub fn delete_stored(&self, id: &str, revision: i64, left: bool, now: u64) -> bool {
+        let _w = self.writer(id);
+        let Some(agent) = self.agent(id) else {
+            return false;
+        };
+        match &agent.stored {
+            Some(m) if m.mod_revision < revision => {}
+            _ => return false,
+        }
+        if left {
+            self.evict(&agent);
+        } else if agent.expires() > now {
+            agent.expires.store(now, Ordering::Relaxed);
+        }
+        true
+    }
+
     /// Make the static agents exactly `agents` (a config load): new ones join, changed ones
     /// are replaced, ones no longer configured leave. A heartbeat agent with the same id is
     /// replaced by the static one.
@@ -614,6 +701,7 @@ impl<B: Endpoint> AgentTable<B> {
                 expires: AtomicU64::new(u64::MAX),
                 stream: AtomicU64::new(0),
                 resources: hb.resources.into_boxed_slice(),
+                stored: None,
             });
             self.install(agent, old.as_deref());
         }
@@ -881,5 +969,72 @@ mod tests {
         );
         assert!(!recs[0].selected_by(&sel(&[("region", "east")])));
         assert!(!recs[0].selected_by(&sel(&[("team", "x")])));
+    }
+
+    fn meta(rev: i64) -> StoreMeta {
+        StoreMeta {
+            mod_revision: rev,
+            lease: 7,
+            ttl_ms: 1000,
+            first_seen_unix_ms: 50_000,
+            stream: None,
+        }
+    }
+
+    #[test]
+    fn the_store_orders_by_revision_and_decides_expiry() {
+        let t: AgentTable<Dial> = AgentTable::new(10, 2_000);
+        let put = |rev, names: &[&str], now| {
+            t.put_stored(
+                hb("a1", 1, "17.0.0", 1000, names),
+                "east",
+                meta(rev),
+                (now, 60_000),
+                &backend,
+            )
+        };
+        assert_eq!(put(5, &["x"], 100_000), Some(Applied::Joined));
+        let a = t.agent("a1").unwrap();
+        // First seen 10 s ago by the store's wall clock: the warm-up is over already.
+        assert_eq!(a.since, 90_000);
+        assert_eq!(a.ready_at, 92_000);
+        // Never expires by this edge's clock.
+        assert_eq!(a.expires(), u64::MAX);
+        // An older event after a newer write is ignored.
+        assert_eq!(put(4, &["y"], 100_000), None);
+        assert_eq!(ids(&t, "x"), ["a1"]);
+        assert_eq!(put(6, &["y"], 100_000), Some(Applied::Changed));
+        assert_eq!(ids(&t, "y"), ["a1"]);
+        assert!(ids(&t, "x").is_empty());
+        // A deletion older than the record means nothing; a lease expiry lists it expired.
+        assert!(!t.delete_stored("a1", 6, false, 101_000));
+        assert!(t.delete_stored("a1", 7, false, 101_000));
+        let rules = Rules {
+            cluster_version: None,
+        };
+        assert_eq!(
+            rules.state(&t.agent("a1").unwrap(), 101_000),
+            AgentState::Expired
+        );
+        assert_eq!(t.sweep(101_500, 1_000), 0);
+        assert_eq!(t.sweep(102_000, 1_000), 1);
+        // A goodbye removes at once.
+        put(8, &["y"], 103_000);
+        assert!(t.delete_stored("a1", 9, true, 103_000));
+        assert!(t.agent("a1").is_none());
+        // The config's agent wins over the store's.
+        t.set_static(vec![hb("a2", 2, "17.0.0", 0, &["z"])], 0, &backend);
+        assert_eq!(
+            t.put_stored(
+                hb("a2", 3, "17.0.0", 1000, &["z"]),
+                "east",
+                meta(10),
+                (0, 0),
+                &backend
+            ),
+            None
+        );
+        assert!(!t.delete_stored("a2", 11, true, 0));
+        assert_eq!(t.agent("a2").unwrap().source, Source::Static);
     }
 }

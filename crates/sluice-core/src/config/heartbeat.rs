@@ -18,8 +18,11 @@ use super::values::{
 };
 use crate::agents::table::Version;
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ClusterConfig {
+    /// One etcd can hold several clusters: this one's keys are under
+    /// `<store.prefix><name>/`.
+    pub name: String,
     /// Agents newer than this, or more than one major version older, get no sessions.
     pub version: Option<crate::agents::table::Version>,
 }
@@ -97,7 +100,15 @@ impl RawCluster {
             }
             parsed
         });
-        ClusterConfig { version }
+        let name = self.name.clone().unwrap_or_else(|| "default".into());
+        if !super::store::store_name_ok(&name) {
+            errs.push(
+                &root.key("cluster").key("name"),
+                format!("`{name}` is not a cluster name"),
+                "use 1 to 128 of [A-Za-z0-9._-], e.g. name = \"prod\"",
+            );
+        }
+        ClusterConfig { name, version }
     }
 }
 

@@ -27,6 +27,7 @@ mod pending;
 mod pool;
 mod raw;
 mod route;
+mod store;
 mod values;
 
 #[cfg(test)]
@@ -42,7 +43,8 @@ pub use self::error::{ConfigError, ConfigErrors, Place};
 pub use self::global::{AdminConfig, DnsConfig, LifecycleConfig, LimitsConfig, ReloadConfig};
 pub use self::heartbeat::{ClusterConfig, HeartbeatConfig, StaticAgent, StaticResource};
 pub use self::listener::{ListenerConfig, ListenerProtocol, QuicSettings};
-pub use self::pending::{AddrSlot, Among, Pending};
+pub use self::pending::{AddrSlot, Among, FileSlot, Pending};
+pub use self::store::{store_name_ok, StoreConfig, StoreKind, StoreSecrets};
 pub use self::pool::{BackendConfig, CheckKind, Discovery, Ejection, HealthCheck, PoolConfig};
 pub use self::route::{Affinity, Pick, QuicTerminate, ResourceRoute, RouteConfig, RouteTarget};
 pub use self::values::{literal_address, AddressError, Keepalive};
@@ -85,6 +87,7 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     pub cluster: ClusterConfig,
     pub heartbeat: HeartbeatConfig,
+    pub store: StoreConfig,
     /// `[[agent]]`: agents and resources known without heartbeats.
     pub agents: Vec<StaticAgent>,
 }
@@ -264,7 +267,12 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         .map(|(name, rp)| (name.clone(), rp.build(errs, &root, name)))
         .collect();
     let listeners = listener::listeners(errs, &root, raw.listeners);
-    let routes = route::routes(errs, &root, raw.routes, &listeners, &pools);
+    let store = raw.store.build(errs, &root);
+    let default_pick = match store.kind {
+        StoreKind::Etcd => Pick::Rendezvous,
+        StoreKind::Memory => Pick::Random,
+    };
+    let routes = route::routes(errs, &root, raw.routes, &listeners, &pools, default_pick);
     let cluster = raw.cluster.build(errs, &root);
     let served = routes
         .iter()
@@ -285,6 +293,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         pools,
         cluster,
         heartbeat,
+        store,
         agents,
     }
 }

@@ -57,6 +57,27 @@ pub enum Pending {
     /// config files, in the order these items come: a reload after rotating a certificate or
     /// the tokens must not be skipped as "unchanged".
     Hash { path: PathBuf },
+    /// Read `path` and put its content in `slot` (`Config::set_file`); a failure is reported
+    /// at `at` with `fix`.
+    ReadFile {
+        at: Place,
+        path: PathBuf,
+        slot: FileSlot,
+        fix: &'static str,
+    },
+}
+
+/// Where a file read by the loader goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileSlot {
+    /// `store.ca_file`
+    StoreCa,
+    /// `store.cert_file`
+    StoreCert,
+    /// `store.key_file`
+    StoreKey,
+    /// `store.password_file` (trailing white space dropped, as `etcdctl` users write it)
+    StorePassword,
 }
 
 /// Where a resolved address goes.
@@ -84,6 +105,25 @@ pub enum Among {
 }
 
 impl Config {
+    /// Put a file's content where `slot` says; `Err` names what is wrong with it.
+    pub fn set_file(&mut self, slot: FileSlot, content: Vec<u8>) -> Result<(), String> {
+        let s = &mut self.store.secrets;
+        match slot {
+            FileSlot::StoreCa => s.ca = Some(content),
+            FileSlot::StoreCert => s.cert = Some(content),
+            FileSlot::StoreKey => s.key = Some(content),
+            FileSlot::StorePassword => {
+                let text = String::from_utf8(content).map_err(|_| "is not UTF-8 text")?;
+                let password = text.trim_end_matches(['\n', '\r', ' ', '\t']);
+                if password.is_empty() {
+                    return Err("is empty".into());
+                }
+                s.password = Some(password.to_owned());
+            }
+        }
+        Ok(())
+    }
+
     /// Put a resolved address where `slot` says.
     pub fn set_address(&mut self, slot: &AddrSlot, addr: SocketAddr) {
         match slot {

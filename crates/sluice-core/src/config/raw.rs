@@ -31,6 +31,8 @@ pub(super) struct RawConfig {
     pub(super) cluster: RawCluster,
     #[serde(default)]
     pub(super) heartbeat: RawHeartbeat,
+    #[serde(default)]
+    pub(super) store: RawStore,
     #[serde(default, rename = "agent")]
     pub(super) agents: Vec<RawAgent>,
 }
@@ -38,7 +40,23 @@ pub(super) struct RawConfig {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCluster {
+    pub(super) name: Option<String>,
     pub(super) version: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStore {
+    pub(super) kind: Option<String>,
+    pub(super) endpoints: Option<Vec<String>>,
+    pub(super) prefix: Option<String>,
+    pub(super) edge_id: Option<String>,
+    pub(super) ca_file: Option<String>,
+    pub(super) cert_file: Option<String>,
+    pub(super) key_file: Option<String>,
+    pub(super) username: Option<String>,
+    pub(super) password_file: Option<String>,
+    pub(super) timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -148,8 +166,22 @@ impl RawConfig {
         if self.dns.nameservers.is_some() || self.dns.timeout.is_some() {
             v.push("dns");
         }
-        if self.cluster.version.is_some() {
+        if self.cluster.version.is_some() || self.cluster.name.is_some() {
             v.push("cluster");
+        }
+        let st = &self.store;
+        if st.kind.is_some()
+            || st.endpoints.is_some()
+            || st.prefix.is_some()
+            || st.edge_id.is_some()
+            || st.ca_file.is_some()
+            || st.cert_file.is_some()
+            || st.key_file.is_some()
+            || st.username.is_some()
+            || st.password_file.is_some()
+            || st.timeout.is_some()
+        {
+            v.push("store");
         }
         let hb = &self.heartbeat;
         if hb.address.is_some()

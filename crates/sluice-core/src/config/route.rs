@@ -104,6 +104,7 @@ pub(super) fn routes(
     raw: Vec<RawRoute>,
     listeners: &[ListenerConfig],
     pools: &BTreeMap<String, PoolConfig>,
+    default_pick: Pick,
 ) -> Vec<RouteConfig> {
     if raw.is_empty() {
         errs.push(
@@ -121,6 +122,7 @@ pub(super) fn routes(
             listeners,
             &routes,
             pools,
+            default_pick,
         );
         routes.push(route);
     }
@@ -136,6 +138,7 @@ impl RawRoute {
         listeners: &[ListenerConfig],
         routes: &[RouteConfig],
         pools: &BTreeMap<String, PoolConfig>,
+        default_pick: Pick,
     ) -> RouteConfig {
         let rr = &mut self;
         let name = rr.name.take().unwrap_or_else(|| format!("route{i}"));
@@ -211,7 +214,7 @@ impl RawRoute {
                 "remove alpn/sni from this route, or remove tls = false",
             );
         }
-        let target = rr.target(errs, at, pools, &name);
+        let target = rr.target(errs, at, pools, &name, default_pick);
         let idle = duration(
             errs,
             &at.key("idle_timeout"),
@@ -265,6 +268,7 @@ impl RawRoute {
         at: &KeyPath,
         pools: &BTreeMap<String, PoolConfig>,
         name: &str,
+        default_pick: Pick,
     ) -> RouteTarget {
         let rr = self;
         let pool_ref = |errs: &mut Errors<'_>, key: &str, p: &str| {
@@ -361,7 +365,8 @@ impl RawRoute {
                 }
             };
             let pick = match rr.pick.as_deref() {
-                None | Some("random") => Pick::Random,
+                None => default_pick,
+                Some("random") => Pick::Random,
                 Some("p2c") => Pick::P2c,
                 Some("rendezvous") => Pick::Rendezvous,
                 Some(other) => {

@@ -1,0 +1,95 @@
+//! Speaking to the heartbeat API and to resource routes as agents and clients do: one
+//! request over TLS, a heartbeat's JSON, a client connecting from a chosen source address.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::read_line;
+
+/// One HTTP/1.1 request over TLS (ALPN sluice-heartbeat) to a heartbeat API address.
+pub async fn api(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let tls = sluice::tls::testing::insecure_client_config(&["sluice-heartbeat"]);
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("sluice.test").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the heartbeat API");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "sluice.test");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = sender
+        .send_request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&text).into_owned())
+}
+
+pub fn heartbeat(agent: &str, address: SocketAddr, version: &str, apps: &[&str]) -> String {
+    let resources: Vec<String> = apps
+        .iter()
+        .map(|a| format!(r#"{{"kind":"app","name":"{a}"}}"#))
+        .collect();
+    format!(
+        r#"{{"agent":"{agent}","address":"{address}","version":"{version}","ttl":"60s","resources":[{}]}}"#,
+        resources.join(",")
+    )
+}
+
+/// Connect from `source` with a hello for `sni`; the backend's first line (its tag), or ""
+/// when sluice closes the connection.
+pub async fn visit(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> String {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
+    let mut s = sock.connect(edge).await.unwrap();
+    s.write_all(&sluice_core::hello::build::hello(Some(sni), &["h2"]))
+        .await
+        .unwrap();
+    read_line(&mut s).await
+}
+
+/// `visit`, keeping the connection open: the stream and the agent's first line.
+pub async fn visit_open(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> (TcpStream, String) {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
+    let mut s = sock.connect(edge).await.unwrap();
+    s.write_all(&sluice_core::hello::build::hello(Some(sni), &["h2"]))
+        .await
+        .unwrap();
+    let tag = read_line(&mut s).await;
+    (s, tag)
+}
+
+/// An agent as `/debug/agents` lists it; `None` when it is not listed.
+pub async fn listed(admin: SocketAddr, id: &str) -> Option<serde_json::Value> {
+    let (status, body) = super::http_get(admin, "/debug/agents").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v.as_array()
+        .expect("/debug/agents is a list")
+        .iter()
+        .find(|a| a["id"] == id)
+        .cloned()
+}
+
