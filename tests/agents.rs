@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sluice::control::server::Server;
-use support::process::Running;
-use support::heartbeats::{api, heartbeat, visit, visit_open};
+use support::heartbeats::{agent_process, api, heartbeat, heartbeat_process, visit, visit_open};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -96,47 +95,6 @@ fn agents_for(server: &Server, name: &str) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
-}
-
-/// `sluice heartbeat` for one agent, announcing `myapp` through the edge's main port.
-fn agent_process(dir: &Path, edge: SocketAddr, id: &str, dial: SocketAddr) -> Running {
-    let cfg = dir.join(format!("{id}.toml"));
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"
-server = "{edge}"
-server_name = "sluice.test"
-insecure = true
-token_file = "{d}/token"
-agent = "{id}"
-address = "{dial}"
-version = "17.1.0"
-ttl = "60s"
-interval = "200ms"
-
-[[resource]]
-kind = "app"
-name = "myapp"
-"#,
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    heartbeat_process(&cfg)
-}
-
-/// `sluice heartbeat --config CFG`, a real second process (killed when the test ends).
-fn heartbeat_process(cfg: &Path) -> Running {
-    Running(
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["heartbeat", "--config"])
-            .arg(cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sluice heartbeat starts"),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::store::{Store, WriteError};
 use super::Agents;
 use crate::config::HeartbeatConfig;
 use crate::observe::metrics::Metrics;
@@ -32,7 +33,6 @@ use crate::snapshot::{Snapshot, Snapshots};
 use sluice_core::agents::auth::{find_token, Token};
 use sluice_core::agents::heartbeat::{self, Limits};
 pub use sluice_core::agents::heartbeat::{HeartbeatBody, ResourceBody};
-use super::store::{Store, WriteError};
 use sluice_core::agents::table::{Applied, Heartbeat, Refused};
 
 /// What the heartbeat API needs of the process: the narrow handle the runtime builds once.
@@ -262,8 +262,12 @@ pub fn readiness(api: &Api) -> Result<(), &'static str> {
         return Err("draining");
     }
     match &api.agents.store {
-        Store::Etcd(e) if !e.listed() => Err("store_unavailable (the first list of the heartbeat store is not done)"),
-        Store::Etcd(e) if !e.connected() => Err("store_unavailable (the heartbeat store is unreachable)"),
+        Store::Etcd(e) if !e.listed() => {
+            Err("store_unavailable (the first list of the heartbeat store is not done)")
+        }
+        Store::Etcd(e) if !e.connected() => {
+            Err("store_unavailable (the heartbeat store is unreachable)")
+        }
         _ => Ok(()),
     }
 }
@@ -277,7 +281,10 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<F
         // Unauthenticated: a load balancer's health check of the heartbeat port.
         return match readiness(&api) {
             Ok(()) => reply(StatusCode::OK, "ready\n"),
-            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         };
     }
     let known = matches!(

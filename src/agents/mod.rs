@@ -23,8 +23,8 @@ use crate::config::{Config, ResourceRoute, StoreKind};
 use crate::observe::metrics::Metrics;
 use crate::upstream::{clock_ms, Backend, Pool};
 use router::{ResourceTarget, Sessions};
-use store::Store;
 use sluice_core::agents::table::{self, AgentState, Announced, Heartbeat, ResourceKey, Rules};
+use store::Store;
 
 pub use sluice_core::agents::ALPN;
 
@@ -52,8 +52,9 @@ impl Agents {
             StoreKind::Memory => Store::Memory,
             StoreKind::Etcd => {
                 let parent = close_all.clone();
-                let new_backend: store::NewBackend =
-                    Arc::new(move |id, address| Backend::for_agent(id, address, parent.child_token()));
+                let new_backend: store::NewBackend = Arc::new(move |id, address| {
+                    Backend::for_agent(id, address, parent.child_token())
+                });
                 Store::Etcd(store::Etcd::new(
                     &config.store,
                     &config.cluster.name,

@@ -584,7 +584,10 @@ impl Runtime {
             ),
             (
                 "store",
-                (!old.config.store.same_as(&config.store)).then_some("changed").unwrap_or_default().to_owned(),
+                (!old.config.store.same_as(&config.store))
+                    .then_some("changed")
+                    .unwrap_or_default()
+                    .to_owned(),
                 String::new(),
             ),
             (

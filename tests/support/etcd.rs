@@ -97,7 +97,11 @@ impl EtcdCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         for m in self.members.iter().filter(|m| m.child.is_some()) {
             while !m.healthy() {
-                assert!(Instant::now() < deadline, "etcd {} never became healthy", m.name);
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd {} never became healthy",
+                    m.name
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }

@@ -2,6 +2,8 @@
 //! request over TLS, a heartbeat's JSON, a client connecting from a chosen source address.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -9,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
+use super::process::Running;
 use super::read_line;
 
 /// One HTTP/1.1 request over TLS (ALPN sluice-heartbeat) to a heartbeat API address.
@@ -93,3 +96,43 @@ pub async fn listed(admin: SocketAddr, id: &str) -> Option<serde_json::Value> {
         .cloned()
 }
 
+/// `sluice heartbeat` for one agent, announcing `myapp` through the edge's main port.
+pub fn agent_process(dir: &Path, edge: SocketAddr, id: &str, dial: SocketAddr) -> Running {
+    let cfg = dir.join(format!("{id}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+server = "{edge}"
+server_name = "sluice.test"
+insecure = true
+token_file = "{d}/token"
+agent = "{id}"
+address = "{dial}"
+version = "17.1.0"
+ttl = "60s"
+interval = "200ms"
+
+[[resource]]
+kind = "app"
+name = "myapp"
+"#,
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    heartbeat_process(&cfg)
+}
+
+/// `sluice heartbeat --config CFG`, a real second process (killed when the test ends).
+pub fn heartbeat_process(cfg: &Path) -> Running {
+    Running(
+        Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["heartbeat", "--config"])
+            .arg(cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sluice heartbeat starts"),
+    )
+}

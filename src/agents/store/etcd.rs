@@ -221,7 +221,12 @@ impl Etcd {
         if let (Some(user), Some(password)) = (&self.config.username, &s.password) {
             options = options.with_user(user.clone(), password.clone());
         }
-        if self.config.endpoints.iter().any(|e| e.starts_with("https://")) {
+        if self
+            .config
+            .endpoints
+            .iter()
+            .any(|e| e.starts_with("https://"))
+        {
             let mut tls = etcd_client::TlsOptions::new();
             if let Some(ca) = &s.ca {
                 tls = tls.ca_certificate(etcd_client::Certificate::from_pem(ca));
@@ -279,13 +284,10 @@ impl Etcd {
 
     fn install(&self, hb: Heartbeat, record: &Record, meta: StoreMeta) {
         let owner = record.owner.clone();
-        self.table.put_stored(
-            hb,
-            &owner,
-            meta,
-            (Agents::now(), unix_ms()),
-            &|id, a| (self.new_backend)(id, a),
-        );
+        self.table
+            .put_stored(hb, &owner, meta, (Agents::now(), unix_ms()), &|id, a| {
+                (self.new_backend)(id, a)
+            });
     }
 
     /// Write a heartbeat from credential `owner` (`scoped`: it may not take over another
@@ -344,7 +346,9 @@ impl Etcd {
                     };
                     let granted = Some(lease) != old_lease;
                     let guard = match &current {
-                        Some(c) => Compare::mod_revision(key.clone(), CompareOp::Equal, c.mod_revision),
+                        Some(c) => {
+                            Compare::mod_revision(key.clone(), CompareOp::Equal, c.mod_revision)
+                        }
                         None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
                     };
                     let txn = Txn::new()

@@ -70,7 +70,9 @@ async fn list(store: &Etcd, client: &Client) -> Result<(), String> {
         if revision > 0 {
             options = options.with_revision(revision);
         }
-        let mut resp = store.op("list", kv.get(from.clone(), Some(options))).await?;
+        let mut resp = store
+            .op("list", kv.get(from.clone(), Some(options)))
+            .await?;
         if revision == 0 {
             revision = resp.header().map_or(0, |h| h.revision());
         }
@@ -93,7 +95,11 @@ async fn list(store: &Etcd, client: &Client) -> Result<(), String> {
     if !store.listed.swap(true, Ordering::Relaxed) {
         tracing::info!(agents = store.table.agent_count(), revision, edge_id = %store.edge_id, "heartbeat store listed: this edge's table is complete");
     } else {
-        tracing::info!(agents = store.table.agent_count(), revision, "heartbeat store listed again");
+        tracing::info!(
+            agents = store.table.agent_count(),
+            revision,
+            "heartbeat store listed again"
+        );
     }
     Ok(())
 }
@@ -164,7 +170,9 @@ async fn watch(store: &Etcd, client: &Client, need_list: &mut bool) -> Result<()
         .with_start_revision(from)
         .with_progress_notify();
     let mut watcher = client.watch_client();
-    let stream = store.op("watch", watcher.watch(prefix, Some(options))).await?;
+    let stream = store
+        .op("watch", watcher.watch(prefix, Some(options)))
+        .await?;
     let (mut requests, mut responses) = stream.split();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut heard = Agents::now();

@@ -614,7 +614,9 @@ impl<B: Endpoint> AgentTable<B> {
         let old = self.agent(&hb.agent);
         if let Some(o) = &old {
             if o.source == Source::Static
-                || o.stored.as_ref().is_some_and(|m| m.mod_revision >= meta.mod_revision)
+                || o.stored
+                    .as_ref()
+                    .is_some_and(|m| m.mod_revision >= meta.mod_revision)
             {
                 return None;
             }

@@ -44,9 +44,9 @@ pub use self::global::{AdminConfig, DnsConfig, LifecycleConfig, LimitsConfig, Re
 pub use self::heartbeat::{ClusterConfig, HeartbeatConfig, StaticAgent, StaticResource};
 pub use self::listener::{ListenerConfig, ListenerProtocol, QuicSettings};
 pub use self::pending::{AddrSlot, Among, FileSlot, Pending};
-pub use self::store::{store_name_ok, StoreConfig, StoreKind, StoreSecrets};
 pub use self::pool::{BackendConfig, CheckKind, Discovery, Ejection, HealthCheck, PoolConfig};
 pub use self::route::{Affinity, Pick, QuicTerminate, ResourceRoute, RouteConfig, RouteTarget};
+pub use self::store::{store_name_ok, StoreConfig, StoreKind, StoreSecrets};
 pub use self::values::{literal_address, AddressError, Keepalive};
 pub use crate::proxy::{AcceptProxy, ProxyProtocol};
 

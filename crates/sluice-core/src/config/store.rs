@@ -166,8 +166,11 @@ impl RawStore {
             );
         }
         let path = |p: &Option<String>| p.as_deref().filter(|s| !s.is_empty()).map(PathBuf::from);
-        let (ca_file, cert_file, key_file) =
-            (path(&self.ca_file), path(&self.cert_file), path(&self.key_file));
+        let (ca_file, cert_file, key_file) = (
+            path(&self.ca_file),
+            path(&self.cert_file),
+            path(&self.key_file),
+        );
         let password_file = path(&self.password_file);
         let username = self.username.clone().filter(|s| !s.is_empty());
         if cert_file.is_some() != key_file.is_some() {
