@@ -2,6 +2,10 @@
 # Multi-stage build: compile in the Rust image, run from a slim Debian as a non-root user.
 # The build context is the repository root; .dockerignore keeps target/ and .git out of it.
 FROM rust:1-bookworm AS builder
+# etcd-client's gRPC code is generated at build time by protoc.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends protobuf-compiler \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # The whole workspace: cargo loads every member's manifest (crates/, bench/) before it builds one.
 COPY Cargo.toml Cargo.lock ./

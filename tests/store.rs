@@ -252,6 +252,21 @@ async fn what_one_edge_is_told_every_edge_knows_and_routes_by() {
             >= 1.0
     );
     assert_eq!(metric(&edges[0], "sluice_store_connected", &[]).await, 1.0);
+    // Each edge wrote through guarded transactions and renewed leases on its stream; the
+    // watch hears from etcd every second (progress notifications).
+    let ops = |op: &'static str| [("op", op), ("result", "ok")];
+    assert!(metric(&edges[0], "sluice_store_operations_total", &ops("txn")).await >= 1.0);
+    assert!(
+        metric(
+            &edges[2],
+            "sluice_store_operations_total",
+            &ops("keepalive")
+        )
+        .await
+            >= 1.0
+    );
+    let age = metric(&edges[1], "sluice_store_last_event_age_seconds", &[]).await;
+    assert!((0.0..3.0).contains(&age), "last event {age} s ago");
     for e in edges {
         e.shutdown().await;
     }

@@ -584,11 +584,8 @@ impl Runtime {
             ),
             (
                 "store",
-                (!old.config.store.same_as(&config.store))
-                    .then_some("changed")
-                    .unwrap_or_default()
-                    .to_owned(),
-                String::new(),
+                serde_json::to_string(&old.config.store).unwrap_or_default(),
+                serde_json::to_string(&config.store).unwrap_or_default(),
             ),
             (
                 "cluster.name",

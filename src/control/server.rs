@@ -133,7 +133,7 @@ impl Server {
             rt.close_all.clone(),
         ));
         if let crate::agents::store::Store::Etcd(store) = &rt.agents.store {
-            store.start(rt.hard_stop.clone());
+            crate::agents::store::start(store, rt.hard_stop.clone());
         }
         let snapshots = rt.snapshots();
         tokio::spawn(crate::agents::Agents::sweep(

@@ -20,7 +20,6 @@ use std::time::Duration;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
-use tokio_util::sync::CancellationToken;
 
 use super::lease::KeepAlives;
 use super::{StoreView, WriteError};
@@ -384,7 +383,7 @@ impl Etcd {
                     if granted {
                         self.revoke_later(&client, lease);
                     }
-                    current = self.from_else(&id, &resp.op_responses());
+                    current = self.in_else(&id, &resp.op_responses());
                 }
             }
         }
@@ -394,7 +393,7 @@ impl Etcd {
     }
 
     /// The record an `or_else` get found.
-    fn from_else(&self, id: &str, responses: &[TxnOpResponse]) -> Option<Current> {
+    fn in_else(&self, id: &str, responses: &[TxnOpResponse]) -> Option<Current> {
         responses.iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| self.current(id, kv)),
             _ => None,
@@ -482,16 +481,11 @@ impl Etcd {
             }
             self.count("txn", "conflict");
             self.revoke_later(&client, marker);
-            current = self.from_else(id, &resp.op_responses());
+            current = self.in_else(id, &resp.op_responses());
         }
         Err(WriteError::Unavailable(format!(
             "agent `{id}` kept changing under this goodbye (another edge writing it)"
         )))
-    }
-
-    /// Start the watch (and keep it, reconnecting) until `stop`.
-    pub fn start(self: &Arc<Self>, stop: CancellationToken) {
-        tokio::spawn(super::watch::run(self.clone(), stop));
     }
 
     /// Drop the client (after a failure the transport did not recover from).

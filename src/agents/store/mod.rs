@@ -24,6 +24,11 @@ pub enum Store {
     Etcd(Arc<Etcd>),
 }
 
+/// Start the store's watch (and keep it, reconnecting) until `stop`.
+pub fn start(store: &Arc<Etcd>, stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(watch::run(store.clone(), stop));
+}
+
 impl Store {
     /// Ready to serve heartbeats and route from a complete table: always for memory; for
     /// etcd, once the first full list has been applied.

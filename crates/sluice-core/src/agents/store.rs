@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+pub use super::table::StreamOwner;
 use super::table::{labels_from, Agent, Announced, Heartbeat, ResourceKey, StoreMeta, Version};
 use super::Endpoint;
 
@@ -108,14 +109,6 @@ pub struct Record {
     /// end removes it (another edge may have taken the agent over meanwhile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamOwner>,
-}
-
-/// A heartbeat stream, named across edges.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StreamOwner {
-    pub edge: String,
-    pub id: u64,
 }
 
 /// What a heartbeat asks of the store, given the agent's stored record.

@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::Endpoint;
 
@@ -151,7 +151,15 @@ pub struct StoreMeta {
     /// First announced, on the first edge's wall clock (ms since the Unix epoch).
     pub first_seen_unix_ms: u64,
     /// The edge and stream that announced it, when it came on a stream.
-    pub stream: Option<super::store::StreamOwner>,
+    pub stream: Option<StreamOwner>,
+}
+
+/// A heartbeat stream, named across edges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOwner {
+    pub edge: String,
+    pub id: u64,
 }
 
 impl<B: Endpoint> fmt::Debug for Agent<B> {

@@ -121,8 +121,7 @@ pub(super) fn routes(
             i,
             listeners,
             &routes,
-            pools,
-            default_pick,
+            (pools, default_pick),
         );
         routes.push(route);
     }
@@ -137,8 +136,7 @@ impl RawRoute {
         i: usize,
         listeners: &[ListenerConfig],
         routes: &[RouteConfig],
-        pools: &BTreeMap<String, PoolConfig>,
-        default_pick: Pick,
+        (pools, default_pick): (&BTreeMap<String, PoolConfig>, Pick),
     ) -> RouteConfig {
         let rr = &mut self;
         let name = rr.name.take().unwrap_or_else(|| format!("route{i}"));

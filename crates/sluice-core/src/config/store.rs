@@ -74,23 +74,6 @@ impl Default for StoreConfig {
     }
 }
 
-impl StoreConfig {
-    /// What a restart is needed for: everything but the file contents (a rotated
-    /// certificate is read at the next connect).
-    pub fn same_as(&self, other: &StoreConfig) -> bool {
-        self.kind == other.kind
-            && self.endpoints == other.endpoints
-            && self.prefix == other.prefix
-            && self.edge_id == other.edge_id
-            && self.ca_file == other.ca_file
-            && self.cert_file == other.cert_file
-            && self.key_file == other.key_file
-            && self.username == other.username
-            && self.password_file == other.password_file
-            && self.timeout == other.timeout
-    }
-}
-
 /// An etcd endpoint: `http(s)://host:port`, nothing after the port.
 fn endpoint_ok(text: &str) -> bool {
     let Some(rest) = text
@@ -194,6 +177,13 @@ impl RawStore {
                 &at.key("endpoints"),
                 "some endpoints are https and some http",
                 "use one scheme for every member",
+            );
+        }
+        if https && ca_file.is_none() {
+            errs.push(
+                &at.key("ca_file"),
+                "https endpoints need the CA that signed the etcd members' certificates",
+                "set ca_file = \"/etc/sluice/etcd-ca.pem\"",
             );
         }
         if !https && (ca_file.is_some() || cert_file.is_some()) {

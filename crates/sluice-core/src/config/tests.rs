@@ -534,3 +534,97 @@ fn the_hash_covers_the_files_in_order() {
     assert_ne!(a, b, "the path counts");
     assert_eq!(a.len(), 16);
 }
+
+#[test]
+fn the_store_is_memory_by_default_and_etcd_makes_rendezvous_the_default_pick() {
+    let resource = "\n[[route]]\nname = \"apps\"\nresource = { kind = \"app\", sni = \"*.apps.example.com\" }\n";
+    let memory = parse(&format!("{resource}{GOOD}")).unwrap();
+    assert_eq!(memory.store.kind, StoreKind::Memory);
+    assert_eq!(memory.cluster.name, "default");
+    let pick = |c: &Config| match &c.routes[0].target {
+        RouteTarget::Resource(r) => r.pick,
+        _ => panic!("a resource route"),
+    };
+    assert_eq!(pick(&memory), Pick::Random);
+    let etcd = format!(
+        "[cluster]\nname = \"prod\"\n[store]\nkind = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\nedge_id = \"edge-a\"\n{resource}{GOOD}"
+    );
+    let v = validated(&etcd);
+    assert_eq!(v.config.store.kind, StoreKind::Etcd);
+    assert_eq!(v.config.store.prefix, "/sluice/");
+    assert_eq!(v.config.store.timeout, Duration::from_secs(3));
+    assert_eq!(v.config.cluster.name, "prod");
+    assert_eq!(pick(&v.config), Pick::Rendezvous);
+    // An explicit pick stays.
+    let random = etcd.replace(
+        "*.apps.example.com\" }\n",
+        "*.apps.example.com\" }\npick = \"random\"\n",
+    );
+    assert_eq!(pick(&parse(&random).unwrap()), Pick::Random);
+}
+
+#[test]
+fn store_mistakes_are_errors_at_their_keys() {
+    let cases = [
+        (
+            "kind = \"etcd\"",
+            "store.endpoints",
+            "needs the etcd members",
+        ),
+        ("kind = \"redis\"", "store.kind", "unknown store kind"),
+        (
+            "endpoints = [\"10.0.0.1:2379\"]",
+            "store.endpoints[0]",
+            "not an etcd endpoint",
+        ),
+        ("prefix = \"/sluice\"", "store.prefix", "not a key prefix"),
+        ("edge_id = \"a b\"", "store.edge_id", "not an edge id"),
+        (
+            "username = \"sluice\"",
+            "store.password_file",
+            "go together",
+        ),
+        (
+            "endpoints = [\"https://10.0.0.1:2379\"]",
+            "store.ca_file",
+            "need the CA",
+        ),
+        (
+            "endpoints = [\"http://10.0.0.1:2379\"]\nca_file = \"/ca.pem\"",
+            "store.ca_file",
+            "endpoints are http",
+        ),
+        ("timeout = \"10ms\"", "store.timeout", "100ms to 60s"),
+    ];
+    for (keys, key, problem) in cases {
+        let text = format!("[store]\n{keys}\n{GOOD}");
+        let errs = parse(&text).unwrap_err().0;
+        assert!(
+            errs.iter()
+                .any(|e| e.key == key && e.problem.contains(problem)),
+            "{keys}: {errs:?}"
+        );
+    }
+    let bad_cluster = format!("[cluster]\nname = \"a/b\"\n{GOOD}");
+    let errs = parse(&bad_cluster).unwrap_err().0;
+    assert_eq!(errs[0].key, "cluster.name", "{errs:?}");
+    // The files are read by the loader, with their place.
+    let tls = format!("[store]\nkind = \"etcd\"\nendpoints = [\"https://e:2379\"]\nca_file = \"/ca.pem\"\nusername = \"u\"\npassword_file = \"/pw\"\n{GOOD}");
+    let v = validated(&tls);
+    let reads: Vec<FileSlot> = v
+        .pending
+        .iter()
+        .filter_map(|p| match p {
+            Pending::ReadFile { slot, .. } => Some(*slot),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reads, [FileSlot::StoreCa, FileSlot::StorePassword]);
+    let mut c = v.config;
+    assert_eq!(
+        c.set_file(FileSlot::StorePassword, b"secret\n".to_vec()),
+        Ok(())
+    );
+    assert_eq!(c.store.secrets.password.as_deref(), Some("secret"));
+    assert!(c.set_file(FileSlot::StorePassword, b"\n".to_vec()).is_err());
+}
