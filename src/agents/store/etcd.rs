@@ -175,25 +175,43 @@ impl Etcd {
             .inc();
     }
 
-    /// Run one store operation with the store's timeout, counting it.
-    pub(super) async fn op<T, E: std::fmt::Display>(
+    /// Run one store operation, counting it: retried after an error (another member may
+    /// answer: the client's balancer can pick a member that is down) until `store.timeout`
+    /// has passed. Retrying is safe: writes are guarded on revisions, and a lease granted
+    /// twice expires by itself.
+    pub(super) async fn op<T, E, F>(
         &self,
         op: &'static str,
-        f: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, String> {
-        match tokio::time::timeout(self.config.timeout, f).await {
-            Ok(Ok(v)) => {
-                self.count(op, "ok");
-                Ok(v)
+        mut f: impl FnMut() -> F,
+    ) -> Result<T, String>
+    where
+        E: std::fmt::Display,
+        F: Future<Output = Result<T, E>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let mut last = String::from("no answer");
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, f()).await {
+                Ok(Ok(v)) => {
+                    self.count(op, "ok");
+                    return Ok(v);
+                }
+                Ok(Err(e)) => {
+                    self.count(op, "error");
+                    last = e.to_string();
+                }
+                Err(_) => {
+                    self.count(op, "timeout");
+                    return Err(format!("{op}: {last} within {:?}", self.config.timeout));
+                }
             }
-            Ok(Err(e)) => {
-                self.count(op, "error");
-                Err(format!("{op}: {e}"))
+            let pause = Duration::from_millis(50)
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            if pause.is_zero() {
+                return Err(format!("{op}: {last}"));
             }
-            Err(_) => {
-                self.count(op, "timeout");
-                Err(format!("{op}: no answer within {:?}", self.config.timeout))
-            }
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -244,8 +262,13 @@ impl Etcd {
 
     /// What the store holds for `id` now (a read at the leader).
     async fn get(&self, client: &Client, id: &str) -> Result<Option<Current>, String> {
-        let mut kv = client.kv_client();
-        let resp = self.op("get", kv.get(self.keys.agent(id), None)).await?;
+        let key = self.keys.agent(id);
+        let resp = self
+            .op("get", || {
+                let (mut kv, key) = (client.kv_client(), key.clone());
+                async move { kv.get(key, None).await }
+            })
+            .await?;
         Ok(resp.kvs().first().and_then(|kv| self.current(id, kv)))
     }
 
@@ -322,7 +345,7 @@ impl Etcd {
                 Write::KeepAlive => {
                     let lease = current.as_ref().map_or(0, |c| c.lease);
                     let ttl = self
-                        .op("keepalive", self.keep_alives.renew(&client, lease))
+                        .op("keepalive", || self.keep_alives.renew(&client, lease))
                         .await
                         .map_err(WriteError::Unavailable)?;
                     if ttl > 0 {
@@ -358,9 +381,11 @@ impl Etcd {
                             Some(PutOptions::new().with_lease(lease)),
                         )])
                         .or_else([TxnOp::get(key.clone(), None)]);
-                    let mut kv = client.kv_client();
                     let resp = self
-                        .op("txn", kv.txn(txn))
+                        .op("txn", || {
+                            let (mut kv, txn) = (client.kv_client(), txn.clone());
+                            async move { kv.txn(txn).await }
+                        })
                         .await
                         .map_err(WriteError::Unavailable)?;
                     if resp.succeeded() {
@@ -402,11 +427,13 @@ impl Etcd {
 
     async fn grant(&self, client: &Client, ttl_ms: u64) -> Result<i64, WriteError> {
         let secs = ttl_ms.div_ceil(1000).max(1) as i64;
-        let mut leases = client.lease_client();
-        self.op("grant", leases.grant(secs, None))
-            .await
-            .map(|r| r.id())
-            .map_err(WriteError::Unavailable)
+        self.op("grant", || {
+            let mut leases = client.lease_client();
+            async move { leases.grant(secs, None).await }
+        })
+        .await
+        .map(|r| r.id())
+        .map_err(WriteError::Unavailable)
     }
 
     /// Revoke a lease no key needs any more, without making the request wait (if it fails,
@@ -466,9 +493,11 @@ impl Etcd {
                     ),
                 ])
                 .or_else([TxnOp::get(key.clone(), None)]);
-            let mut kv = client.kv_client();
             let resp = self
-                .op("txn", kv.txn(txn))
+                .op("txn", || {
+                    let (mut kv, txn) = (client.kv_client(), txn.clone());
+                    async move { kv.txn(txn).await }
+                })
                 .await
                 .map_err(WriteError::Unavailable)?;
             if resp.succeeded() {

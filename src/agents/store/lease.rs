@@ -1,11 +1,13 @@
-//! Lease keep-alives for every agent on one gRPC stream.
+//! Lease keep-alives for every agent on a few shared gRPC streams.
 //!
 //! `etcd-client`'s `LeaseKeeper` opens one stream per lease; 100,000 agents would be 100,000
-//! streams. etcd's keep-alive stream takes any lease id, and answers each request in order,
-//! so one stream serves them all: requests go out through the stream's sender (a
-//! `LeaseKeeper` made for each id, sharing it), answers come back by lease id. The stream is
-//! opened on the edge's own lease (agents' leases may come and go), which the stream also
-//! keeps alive.
+//! streams. etcd's keep-alive stream takes any lease id and answers each request in order, so
+//! one stream serves many leases: requests go out through the stream's sender (a
+//! `LeaseKeeper` made for each id, sharing it), answers come back by lease id. etcd handles
+//! one stream's requests one after another (a renewal that reaches a follower is forwarded to
+//! the leader), so an edge opens `STREAMS` of them and spreads the leases by id. Each stream
+//! is opened on a lease of the edge's own (agents' leases come and go), which it also keeps
+//! alive.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -18,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 /// The edge's own lease: what the shared stream is opened on.
 const EDGE_LEASE_TTL: i64 = 10;
 
+/// Keep-alive streams per edge: renewals in flight at once.
+const STREAMS: usize = 8;
+
 type Waiting = Arc<Mutex<HashMap<i64, VecDeque<oneshot::Sender<i64>>>>>;
 
 struct Open {
@@ -26,9 +31,16 @@ struct Open {
     closed: CancellationToken,
 }
 
-#[derive(Default)]
 pub struct KeepAlives {
-    open: tokio::sync::Mutex<Option<Open>>,
+    streams: [tokio::sync::Mutex<Option<Open>>; STREAMS],
+}
+
+impl Default for KeepAlives {
+    fn default() -> Self {
+        KeepAlives {
+            streams: std::array::from_fn(|_| tokio::sync::Mutex::new(None)),
+        }
+    }
 }
 
 fn lock(w: &Waiting) -> std::sync::MutexGuard<'_, HashMap<i64, VecDeque<oneshot::Sender<i64>>>> {
@@ -40,7 +52,8 @@ impl KeepAlives {
     pub async fn renew(&self, client: &Client, lease: i64) -> Result<i64, String> {
         let (tx, rx) = oneshot::channel();
         {
-            let mut open = self.open.lock().await;
+            let slot = lease.rem_euclid(STREAMS as i64) as usize;
+            let mut open = self.streams[slot].lock().await;
             if open.as_ref().is_none_or(|o| o.closed.is_cancelled()) {
                 *open = Some(Self::open(client).await?);
             }
@@ -125,10 +138,12 @@ impl KeepAlives {
         })
     }
 
-    /// Close the stream (the store's client is going away).
+    /// Close the streams (the store's client is going away).
     pub async fn close(&self) {
-        if let Some(o) = self.open.lock().await.take() {
-            o.closed.cancel();
+        for s in &self.streams {
+            if let Some(o) = s.lock().await.take() {
+                o.closed.cancel();
+            }
         }
     }
 }

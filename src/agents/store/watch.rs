@@ -57,37 +57,64 @@ pub async fn run(store: Arc<Etcd>, stop: CancellationToken) {
     }
 }
 
-/// List every key of the cluster at one revision and bring the table to it.
+/// List every key of the cluster at one revision and bring the table to it. Pages are
+/// applied as they come (each agent goes from its old record to its new one; memory holds
+/// one page, not the whole list); agents absent from the list are then expired, or removed
+/// at once when their goodbye marker is listed.
 async fn list(store: &Etcd, client: &Client) -> Result<(), String> {
     let prefix = store.keys.cluster_prefix().as_bytes().to_vec();
     let end = prefix_end(&prefix);
-    let mut kv = client.kv_client();
+    let kv = client.kv_client();
     let mut from = prefix.clone();
     let mut revision = 0;
-    let mut kvs: Vec<KeyValue> = Vec::new();
+    let mut present: HashSet<String> = HashSet::new();
+    let mut gone: HashSet<String> = HashSet::new();
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
         if revision > 0 {
             options = options.with_revision(revision);
         }
         let mut resp = store
-            .op("list", kv.get(from.clone(), Some(options)))
+            .op("list", || {
+                let (mut kv, from, options) = (kv.clone(), from.clone(), options.clone());
+                async move { kv.get(from, Some(options)).await }
+            })
             .await?;
         if revision == 0 {
             revision = resp.header().map_or(0, |h| h.revision());
         }
         let more = resp.more();
         let page = resp.take_kvs();
+        for kv in &page {
+            match store.keys.parse(kv.key()) {
+                Key::Agent(id) => {
+                    present.insert(id.to_owned());
+                    put(store, id, kv);
+                }
+                Key::Gone(id) => {
+                    gone.insert(id.to_owned());
+                }
+                Key::Other => {}
+            }
+        }
         if let Some(last) = page.last() {
             from = last.key().to_vec();
             from.push(0);
         }
-        kvs.extend(page);
-        if !more {
+        if !more || page.is_empty() {
             break;
         }
     }
-    apply_list(store, &kvs, revision);
+    let now = Agents::now();
+    for agent in store.table.agents() {
+        if agent.stored.is_some() && !present.contains(&*agent.id) {
+            // Deleted since this edge last saw it (at or before `revision`).
+            let left = gone.contains(&*agent.id);
+            store
+                .table
+                .delete_stored(&agent.id, revision + 1, left, now);
+        }
+    }
     store.revision.store(revision, Ordering::Relaxed);
     store.last_event.store(Agents::now(), Ordering::Relaxed);
     store.relists.fetch_add(1, Ordering::Relaxed);
@@ -102,34 +129,6 @@ async fn list(store: &Etcd, client: &Client) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-/// Bring the table to a full list taken at `revision`.
-fn apply_list(store: &Etcd, kvs: &[KeyValue], revision: i64) {
-    let mut present = HashSet::new();
-    let mut gone = HashSet::new();
-    for kv in kvs {
-        match store.keys.parse(kv.key()) {
-            Key::Agent(id) => {
-                present.insert(id.to_owned());
-                put(store, id, kv);
-            }
-            Key::Gone(id) => {
-                gone.insert(id.to_owned());
-            }
-            Key::Other => {}
-        }
-    }
-    let now = Agents::now();
-    for agent in store.table.agents() {
-        if agent.stored.is_some() && !present.contains(&*agent.id) {
-            // Deleted since this edge last saw it (at or before `revision`).
-            let left = gone.contains(&*agent.id);
-            store
-                .table
-                .delete_stored(&agent.id, revision + 1, left, now);
-        }
-    }
 }
 
 /// Install one agent's key.
@@ -169,9 +168,12 @@ async fn watch(store: &Etcd, client: &Client, need_list: &mut bool) -> Result<()
         .with_range(prefix_end(&prefix))
         .with_start_revision(from)
         .with_progress_notify();
-    let mut watcher = client.watch_client();
+    let watcher = client.watch_client();
     let stream = store
-        .op("watch", watcher.watch(prefix, Some(options)))
+        .op("watch", || {
+            let (mut w, prefix, options) = (watcher.clone(), prefix.clone(), options.clone());
+            async move { w.watch(prefix, Some(options)).await }
+        })
         .await?;
     let (mut requests, mut responses) = stream.split();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
