@@ -27,7 +27,7 @@ fi
 SYSTEMS=(sluice haproxy nginx direct)
 
 ulimit -n 20000
-for tool in haproxy nginx curl python3; do
+for tool in haproxy nginx curl python3 etcd; do
   command -v "$tool" >/dev/null || { echo "bench/run.sh: $tool is needed" >&2; exit 1; }
 done
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] ||
@@ -297,6 +297,15 @@ if [ "$SMOKE" = 1 ]; then QUIC_ARGS="--bytes 4194304 --rounds 1 --flows 200"; el
 "$ROOT/target/$PROFILE/quic-bench" $QUIC_ARGS | tee "$RUN/quic.jsonl" | cut -c1-150 | sed 's/^/   /'
 echo "target/$PROFILE/quic-bench $QUIC_ARGS" >>"$COMMANDS"
 
+# Several edges sharing the heartbeat table through etcd (issue 20): a three-member etcd (its
+# data on tmpfs) and three `sluice run` processes, then a fresh edge listing a big table.
+echo "== several edges"
+if [ "$SMOKE" = 1 ]; then EDGES_ARGS="--agents 2000 --samples 20 --seconds 1"; else EDGES_ARGS="--agents 100000 --resources 10 --samples 500 --seconds 10"; fi
+# shellcheck disable=SC2086
+"$ROOT/target/$PROFILE/edges" --sluice "$ROOT/target/$PROFILE/sluice" $EDGES_ARGS | tee "$RUN/edges.jsonl" \
+  | cut -c1-150 | sed 's/^/   /'
+echo "target/$PROFILE/edges --sluice target/$PROFILE/sluice $EDGES_ARGS" >>"$COMMANDS"
+
 OUT=$ROOT/bench/RESULTS.md
 [ "$SMOKE" = 1 ] && OUT=$RUN/RESULTS.md
 python3 bench/report.py "$RESULTS" "$COMMANDS" "$MICRO" >"$OUT"
@@ -329,6 +338,7 @@ for r in rows:
     t = ", ".join(f"{x:.2f}" for x in r["sluice_gbit_per_s"])
     print(f"| {r['bytes']:,} | {d} | {t} | {r['ratio_sluice_to_direct']:.2f} | {r['idle_flows_open']:,} | {r['bytes_per_idle_flow']:.0f} |")
 EOF
+python3 bench/edges_report.py "$RUN/edges.jsonl" >>"$OUT"
 # The raw figures beside the report: `python3 bench/report.py bench/results.jsonl
 # bench/commands.txt` writes it again (e.g. after editing findings.md).
 [ "$SMOKE" = 1 ] || cp "$RESULTS" "$COMMANDS" bench/
