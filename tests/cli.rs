@@ -438,10 +438,12 @@ fn systemd_units_pass_systemd_analyze_verify() {
 
 /// The Kubernetes example: its embedded config passes `sluice check`, and the pod's grace
 /// period covers preStop + drain_delay + drain_timeout + close_spread.
-#[test]
-fn kubernetes_example_is_valid_and_consistent() {
+/// A Kubernetes example and the `sluice.toml` of its ConfigMap.
+fn manifest(name: &str) -> (String, String) {
     let yaml = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/kubernetes/sluice.yaml"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("conf/kubernetes")
+            .join(name),
     )
     .unwrap();
     let toml: String = yaml
@@ -451,6 +453,48 @@ fn kubernetes_example_is_valid_and_consistent() {
         .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
         .collect();
+    (yaml, toml)
+}
+
+/// The several-edges example: three replicas on the etcd store, a config `sluice check`
+/// accepts once its cluster-only names and secrets are given.
+#[test]
+fn kubernetes_several_edges_example_is_valid() {
+    let (yaml, toml) = manifest("several-edges.yaml");
+    assert!(yaml.contains("replicas: 3"), "three edges");
+    let dir = support::secrets("kube-example-token-0123456789 name=agents\n");
+    let d = dir.path().display().to_string();
+    let toml = toml
+        .replace("teleport-proxy.teleport.svc.cluster.local", "127.0.0.1")
+        .replace("/etc/sluice-tls/tls.crt", &format!("{d}/cert.pem"))
+        .replace("/etc/sluice-tls/tls.key", &format!("{d}/key.pem"))
+        .replace("/etc/sluice-tokens/tokens", &format!("{d}/tokens"));
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let (code, out) = check(&path);
+    assert_eq!(code, 0, "{out}\n{toml}");
+    let cfg = sluice::config::load(&path).unwrap();
+    assert_eq!(cfg.store.kind, sluice::config::StoreKind::Etcd);
+    assert_eq!(cfg.store.endpoints.len(), 3);
+    assert_eq!(cfg.cluster.name, "prod");
+    let apps = cfg
+        .routes
+        .iter()
+        .find(|r| r.name == "apps")
+        .expect("a resource route");
+    match &apps.target {
+        sluice::config::RouteTarget::Resource(r) => {
+            assert_eq!(r.pick, sluice::config::Pick::Rendezvous)
+        }
+        _ => panic!("apps is a resource route"),
+    }
+    // The heartbeat port has its own readiness probe.
+    assert!(yaml.contains("path: /readyz/heartbeat") || yaml.contains("healthcheck-path: /readyz"));
+}
+
+#[test]
+fn kubernetes_example_is_valid_and_consistent() {
+    let (yaml, toml) = manifest("sluice.yaml");
     // Backend names resolve inside the cluster only.
     let toml = toml.replace("teleport-proxy.teleport.svc.cluster.local", "127.0.0.1");
     let dir = tempfile::tempdir().unwrap();
