@@ -178,6 +178,9 @@ async fn what_one_edge_is_told_every_edge_knows_and_routes_by() {
     assert_eq!(view["connected"], true);
     assert_eq!(view["edge_id"], "edge-1");
     assert_eq!(view["agents"], 3);
+    let a1 = listed(edges[1].admin_addr().unwrap(), "a1").await.unwrap();
+    assert_eq!(a1["source"], "store");
+    assert!(a1["expires_in_seconds"].is_null(), "etcd decides: {a1}");
     assert!(view["revision"].as_i64().unwrap() > 0);
 
     // Rendezvous is the default with etcd: every client gets the same agent on every edge.

@@ -414,8 +414,17 @@ pub async fn print_resources(admin: &str) -> anyhow::Result<String> {
                 a.address.clone(),
                 a.version.clone().unwrap_or_else(|| "-".into()),
                 a.state.clone(),
-                a.expires_in_seconds
-                    .map_or("never".into(), |s| format!("{s:.0}s")),
+                a.expires_in_seconds.map_or_else(
+                    || {
+                        if a.source == "store" {
+                            "lease"
+                        } else {
+                            "never"
+                        }
+                        .into()
+                    },
+                    |s| format!("{s:.0}s"),
+                ),
                 a.active_connections.to_string(),
             ]);
         }

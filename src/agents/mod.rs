@@ -275,7 +275,8 @@ pub struct AgentView {
     pub state: String,
     pub source: String,
     pub labels: std::collections::BTreeMap<String, String>,
-    /// Seconds until it expires (negative: expired; absent: never, a static agent).
+    /// Seconds until it expires (negative: expired; absent: never, a static agent, or when
+    /// etcd's lease runs out, `source = "store"`).
     pub expires_in_seconds: Option<f64>,
     pub ready_for_seconds: f64,
     pub active_connections: u64,
@@ -290,7 +291,12 @@ impl AgentView {
             address: a.backend.address.to_string(),
             version: a.version.map(|v| v.to_string()),
             state: state.label().to_owned(),
-            source: format!("{:?}", a.source).to_lowercase(),
+            // An agent from the shared store expires when etcd says: no deadline here.
+            source: if a.stored.is_some() {
+                "store".to_owned()
+            } else {
+                format!("{:?}", a.source).to_lowercase()
+            },
             labels: a
                 .labels
                 .iter()
