@@ -17,7 +17,10 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sluice::control::server::Server;
-use support::heartbeats::{agent_process, api, heartbeat, heartbeat_process, visit, visit_open};
+use support::heartbeats::{
+    agent_process, api, heartbeat, heartbeat_process, line, open_stream, stream_end, visit,
+    visit_open,
+};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -695,73 +698,6 @@ async fn series(server: &Server, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// early only if it ended 1 ms inside the span, and a late one may come 1 ms short of it.
 const CLOCK_MS: Duration = Duration::from_millis(1);
 
-/// A request body fed from a channel: the lines of a heartbeat stream, sent when the test says.
-struct Feed(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for Feed {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
-    }
-}
-
-/// A heartbeat stream opened as `sluice heartbeat` opens one (HTTP/2 over TLS, ALPN
-/// sluice-heartbeat, the test token). Lines go in through the sender (dropping it ends the
-/// body); the task yields sluice's answer, status and body, when sluice ends the stream.
-async fn open_stream(
-    hb: SocketAddr,
-) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<(u16, String)>) {
-    let tls = sluice::tls::testing::insecure_client_config(&["sluice-heartbeat"]);
-    let tcp = TcpStream::connect(hb).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("sluice.test").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
-        .connect(name, tcp)
-        .await
-        .expect("TLS to the heartbeat API");
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("HTTP/2 to the heartbeat API");
-    tokio::spawn(conn);
-    let (tx, rx) = mpsc::channel(8);
-    let req = hyper::Request::post("https://sluice.test/v1/heartbeats/stream")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(Feed(rx))
-        .unwrap();
-    let answer = tokio::spawn(async move {
-        let resp = sender
-            .send_request(req)
-            .await
-            .expect("sluice answers the stream");
-        let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.expect("the answer's body");
-        (
-            status,
-            String::from_utf8_lossy(&body.to_bytes()).into_owned(),
-        )
-    });
-    (tx, answer)
-}
-
-/// Wait (at most 10 s) for sluice to end a stream; its status and body.
-async fn stream_end(answer: tokio::task::JoinHandle<(u16, String)>) -> (u16, String) {
-    tokio::time::timeout(Duration::from_secs(10), answer)
-        .await
-        .expect("sluice ends the stream within 10 s")
-        .expect("the stream's task")
-}
-
-/// One heartbeat as a line of a stream.
-fn line(body: String) -> Bytes {
-    Bytes::from(body + "\n")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_heartbeat_stream_is_closed_after_its_ttl_and_counted() {
     let dir = secrets();
@@ -778,9 +714,9 @@ async fn a_silent_heartbeat_stream_is_closed_after_its_ttl_and_counted() {
 
     // A stream that never sends a line.
     let mute_opened = Instant::now();
-    let (_mute, mute_answer) = open_stream(hb).await;
+    let (_mute, mute_answer) = open_stream(hb, TOKEN).await;
     // A stream that announces `quiet` (ttl 1s) once, then falls silent.
-    let (tx, answer) = open_stream(hb).await;
+    let (tx, answer) = open_stream(hb, TOKEN).await;
     let sent = Instant::now();
     let hello = heartbeat("quiet", quiet.address, "17.2.0", &["quietapp"]).replace("60s", "1s");
     tx.send(line(hello)).await.unwrap();
@@ -847,7 +783,7 @@ async fn an_oversized_or_malformed_stream_line_ends_the_stream_and_takes_its_age
     let announced = |id: &'static str| {
         let server = &server;
         async move {
-            let (tx, answer) = open_stream(hb).await;
+            let (tx, answer) = open_stream(hb, TOKEN).await;
             let app = format!("{id}-app");
             tx.send(line(heartbeat(id, a.address, "17.2.0", &[&app])))
                 .await
@@ -964,7 +900,7 @@ async fn a_full_table_refuses_new_agents_with_503_until_one_leaves() {
     let (status, body) = post(hb, &heartbeat("a3", a.address, "17.2.0", &["a3-app"])).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("the table is full (2 agents)"), "{body}");
-    let (tx, answer) = open_stream(hb).await;
+    let (tx, answer) = open_stream(hb, TOKEN).await;
     tx.send(line(heartbeat("a3", a.address, "17.2.0", &["a3-app"])))
         .await
         .unwrap();

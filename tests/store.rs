@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use sluice::control::server::Server;
 use support::etcd::EtcdCluster;
-use support::heartbeats::{agent_process, api, heartbeat, listed, visit};
+use support::heartbeats::{
+    agent_process, api, heartbeat, line, listed, open_stream, stream_end, visit,
+};
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -606,4 +608,46 @@ async fn an_edge_lists_before_it_is_ready_and_relists_after_a_compaction() {
     );
     e0.shutdown().await;
     e1.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_another_edge_took_over_is_not_ended_by_the_first_edge() {
+    let Some(etcd) = EtcdCluster::start(1) else {
+        return;
+    };
+    let dir = secrets();
+    let fb = RawBackend::start("fallback", false).await;
+    let a1 = RawBackend::start("a1", false).await;
+    let edges = [
+        start_edge(dir.path(), &etcd.endpoints(), "edge-0", fb.address).await,
+        start_edge(dir.path(), &etcd.endpoints(), "edge-1", fb.address).await,
+    ];
+    let beat = || line(heartbeat("roamer", a1.address, "17.2.0", &["myapp"]));
+    let (first, first_end) = open_stream(edges[0].heartbeat_addr().unwrap(), TOKEN).await;
+    first.send(beat()).await.unwrap();
+    on_every(&edges, "is listed", "roamer", Some("ready")).await;
+    let owner = || etcd.ctl(&["get", "/sluice/test/agents/roamer", "--print-value-only"]);
+    assert!(owner().contains(r#""edge":"edge-0""#), "{}", owner());
+
+    // The agent reconnects through edge 1 before edge 0 noticed its first stream died.
+    let (second, second_end) = open_stream(edges[1].heartbeat_addr().unwrap(), TOKEN).await;
+    second.send(beat()).await.unwrap();
+    eventually("edge 1's stream owns the record", || async {
+        owner().contains(r#""edge":"edge-1""#)
+    })
+    .await;
+    // The first stream ends now: the record is edge 1's, so it stays on every edge.
+    drop(first);
+    assert_eq!(stream_end(first_end).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for e in &edges {
+        assert_eq!(state(e, "roamer").await.as_deref(), Some("ready"));
+    }
+    // Its own stream's end removes it everywhere.
+    drop(second);
+    assert_eq!(stream_end(second_end).await.0, 200);
+    on_every(&edges, "is gone", "roamer", None).await;
+    for e in edges {
+        e.shutdown().await;
+    }
 }

@@ -3,13 +3,17 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::pin::Pin;
 use std::process::{Command, Stdio};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 
 use super::process::Running;
 use super::read_line;
@@ -135,4 +139,72 @@ pub fn heartbeat_process(cfg: &Path) -> Running {
             .spawn()
             .expect("sluice heartbeat starts"),
     )
+}
+
+/// A request body fed from a channel: the lines of a heartbeat stream, sent when the test says.
+pub struct Feed(pub mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Feed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// A heartbeat stream opened as `sluice heartbeat` opens one (HTTP/2 over TLS, ALPN
+/// sluice-heartbeat, the test token). Lines go in through the sender (dropping it ends the
+/// body); the task yields sluice's answer, status and body, when sluice ends the stream.
+pub async fn open_stream(
+    hb: SocketAddr,
+    token: &str,
+) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<(u16, String)>) {
+    let tls = sluice::tls::testing::insecure_client_config(&["sluice-heartbeat"]);
+    let tcp = TcpStream::connect(hb).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("sluice.test").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("TLS to the heartbeat API");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 to the heartbeat API");
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel(8);
+    let req = hyper::Request::post("https://sluice.test/v1/heartbeats/stream")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Feed(rx))
+        .unwrap();
+    let answer = tokio::spawn(async move {
+        let resp = sender
+            .send_request(req)
+            .await
+            .expect("sluice answers the stream");
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.expect("the answer's body");
+        (
+            status,
+            String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+        )
+    });
+    (tx, answer)
+}
+
+/// Wait (at most 10 s) for sluice to end a stream; its status and body.
+pub async fn stream_end(answer: tokio::task::JoinHandle<(u16, String)>) -> (u16, String) {
+    tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("sluice ends the stream within 10 s")
+        .expect("the stream's task")
+}
+
+/// One heartbeat as a line of a stream.
+pub fn line(body: String) -> Bytes {
+    Bytes::from(body + "\n")
 }
