@@ -651,3 +651,89 @@ async fn a_stream_another_edge_took_over_is_not_ended_by_the_first_edge() {
         e.shutdown().await;
     }
 }
+
+/// A CA, etcd's server certificate for 127.0.0.1 and a client certificate for user `sluice`.
+fn etcd_certs(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "etcd CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    for (name, san, usage) in [
+        ("server", "127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
+        ("client", "sluice", ExtendedKeyUsagePurpose::ClientAuth),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec![san.to_owned()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, san);
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &ca_cert, &ca_key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_reaches_etcd_over_tls_with_a_client_certificate_and_a_password() {
+    let certs = tempfile::tempdir().unwrap();
+    etcd_certs(certs.path());
+    let Some(mut etcd) = EtcdCluster::start_tls(certs.path()) else {
+        return;
+    };
+    // Authentication on: sluice's user may read and write its cluster's keys only.
+    etcd.ctl(&["user", "add", "root", "--new-user-password=root-pw"]);
+    etcd.ctl(&["user", "add", "sluice", "--new-user-password=edge-pw"]);
+    etcd.ctl(&["role", "add", "edge"]);
+    etcd.ctl(&[
+        "role",
+        "grant-permission",
+        "edge",
+        "--prefix=true",
+        "readwrite",
+        "/sluice/test/",
+    ]);
+    etcd.ctl(&["user", "grant-role", "sluice", "edge"]);
+    etcd.ctl(&["auth", "enable"]);
+    etcd.user = Some("root:root-pw".into());
+
+    let dir = secrets();
+    let c = certs.path().display();
+    std::fs::write(dir.path().join("etcd-password"), "edge-pw\n").unwrap();
+    let fb = RawBackend::start("fallback", false).await;
+    let a1 = RawBackend::start("a1", false).await;
+    let secure = |password_file: &str| {
+        config(dir.path(), &etcd.endpoints(), "edge-tls", fb.address).replace(
+            "timeout = \"1s\"",
+            &format!(
+                "timeout = \"1s\"\nca_file = \"{c}/ca.pem\"\ncert_file = \"{c}/client.pem\"\nkey_file = \"{c}/client-key.pem\"\nusername = \"sluice\"\npassword_file = \"{}/{password_file}\"",
+                dir.path().display()
+            ),
+        )
+    };
+    let text = secure("etcd-password");
+    let e = start(&text, &[]).await;
+    let admin = e.admin_addr().unwrap();
+    eventually("the TLS edge lists the store", || async {
+        get_status(admin, "/readyz").await == 200
+    })
+    .await;
+    let body = heartbeat("a1", a1.address, "17.2.0", &["myapp"]);
+    assert_eq!(post(&e, TOKEN, &body).await.0, 200);
+    let stored = etcd.ctl(&["get", "/sluice/test/agents/a1", "--print-value-only"]);
+    assert!(stored.contains("\"owner\":\"agents\""), "{stored}");
+    e.shutdown().await;
+
+    // A wrong password: the edge never lists, so it is never ready.
+    std::fs::write(dir.path().join("wrong-password"), "nope\n").unwrap();
+    let e = start(&secure("wrong-password"), &[]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(get_status(e.admin_addr().unwrap(), "/readyz").await, 503);
+    let view: serde_json::Value =
+        serde_json::from_str(&http_get(e.admin_addr().unwrap(), "/debug/store").await.1).unwrap();
+    assert_eq!(view["connected"], false);
+    e.shutdown().await;
+}

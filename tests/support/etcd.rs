@@ -13,6 +13,11 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     initial: String,
     token: String,
+    /// TLS on the client port: a directory with `ca.pem`, `server.pem`, `server-key.pem`
+    /// (etcd's) and `client.pem`, `client-key.pem` (etcdctl's); client certificates required.
+    tls: Option<std::path::PathBuf>,
+    /// `--user` for etcdctl once authentication is on.
+    pub user: Option<String>,
 }
 
 pub struct Member {
@@ -33,14 +38,24 @@ fn free_port() -> u16 {
 impl EtcdCluster {
     /// `None` (the test is skipped) when etcd is not installed, outside CI.
     pub fn start(n: usize) -> Option<EtcdCluster> {
+        Self::start_with(n, None)
+    }
+
+    /// One member serving clients over TLS with client certificates (see `tls`).
+    pub fn start_tls(certs: &std::path::Path) -> Option<EtcdCluster> {
+        Self::start_with(1, Some(certs.to_path_buf()))
+    }
+
+    fn start_with(n: usize, tls: Option<std::path::PathBuf>) -> Option<EtcdCluster> {
         if !have("etcd") {
             return None;
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: format!("http://127.0.0.1:{}", free_port()),
+                client: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer: format!("http://127.0.0.1:{}", free_port()),
                 child: None,
             })
@@ -55,6 +70,8 @@ impl EtcdCluster {
             dir,
             initial,
             token: format!("sluice-test-{}-{}", std::process::id(), free_port()),
+            tls,
+            user: None,
         };
         for i in 0..n {
             cluster.spawn(i);
@@ -66,7 +83,17 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize) {
         let m = &self.members[i];
         let data = self.dir.path().join(&m.name);
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(t.join("server.pem"))
+                .arg("--key-file")
+                .arg(t.join("server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(t.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
@@ -96,7 +123,7 @@ impl EtcdCluster {
     pub fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         for m in self.members.iter().filter(|m| m.child.is_some()) {
-            while !m.healthy() {
+            while !self.healthy(m) {
                 assert!(
                     Instant::now() < deadline,
                     "etcd {} never became healthy",
@@ -134,9 +161,8 @@ impl EtcdCluster {
             .filter(|m| m.child.is_some())
             .map(|m| m.client.as_str())
             .collect();
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", endpoints.join(",")))
+        let out = self
+            .etcdctl(&endpoints.join(","))
             .args(args)
             .output()
             .expect("etcdctl runs");
@@ -146,6 +172,33 @@ impl EtcdCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn etcdctl(&self, endpoints: &str) -> Command {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoints}"));
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.join("ca.pem").display()))
+                .arg(format!("--cert={}", t.join("client.pem").display()))
+                .arg(format!("--key={}", t.join("client-key.pem").display()));
+        }
+        if let Some(u) = &self.user {
+            cmd.arg(format!("--user={u}"));
+        }
+        cmd
+    }
+
+    fn healthy(&self, m: &Member) -> bool {
+        if self.tls.is_none() {
+            return m.healthy();
+        }
+        self.etcdctl(&m.client)
+            .args(["endpoint", "health"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     /// The member that leads now (its index), asked of a running member.
