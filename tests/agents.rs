@@ -8,14 +8,10 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::pin::Pin;
 use std::process::Command;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use sluice::control::server::Server;
 use support::heartbeats::{
     agent_process, api, heartbeat, heartbeat_process, line, open_stream, stream_end, visit,
@@ -24,7 +20,6 @@ use support::heartbeats::{
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 const TOKEN: &str = "agents-token-0123456789";
 const SCOPED: &str = "scoped-token-0123456789";
