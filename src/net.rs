@@ -22,6 +22,7 @@ pub async fn accept_capped(
     slots: &Arc<Semaphore>,
     stop: &CancellationToken,
     what: &str,
+    permits: impl Fn(std::net::IpAddr) -> bool,
 ) -> Option<(OwnedSemaphorePermit, TcpStream, SocketAddr)> {
     let permit = tokio::select! {
         _ = stop.cancelled() => return None,
@@ -31,6 +32,10 @@ pub async fn accept_capped(
         tokio::select! {
             _ = stop.cancelled() => return None,
             r = listener.accept() => match r {
+                // A refused source is closed at once, without a byte read or written.
+                Ok((_, peer)) if !permits(peer.ip()) => {
+                    tracing::debug!(%peer, "{what}: source refused by its allow list");
+                }
                 Ok((stream, peer)) => return Some((permit, stream, peer)),
                 Err(e) => {
                     tracing::debug!(error = %e, "{what} accept failed");

@@ -58,6 +58,8 @@ pub struct Route {
     /// the runtime once it started it.
     pub terminator: OnceLock<Arc<Terminator>>,
     terminate_configured: bool,
+    /// Sources this route serves (`allow`/`deny`).
+    pub acl: sluice_core::acl::Acl,
 }
 
 impl Route {
@@ -161,6 +163,7 @@ impl Snapshot {
                     target,
                     terminator: OnceLock::new(),
                     terminate_configured: r.quic_terminate.is_some(),
+                    acl: r.acl.clone(),
                     idle_timeout: r.idle_timeout,
                     alpn: r.matcher.alpn.clone(),
                     bytes_to_backend: metrics

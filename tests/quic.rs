@@ -903,3 +903,61 @@ async fn quic_v2_initials_are_routed_and_relayed_both_ways() {
     );
     server.shutdown().await;
 }
+
+/// `allow`/`deny` on a QUIC listener and on a route: a refused source's Initials are dropped
+/// and counted; an allowed one connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_sources_get_no_flow() {
+    let (a, _) = quic_backend("A", "a.example.com", &["h3", "proto-b"]).await;
+    let (b, _) = quic_backend("B", "b.example.com", &["h3", "proto-b"]).await;
+    let config = CONFIG
+        .replace(
+            "hello_timeout = \"2s\"",
+            "hello_timeout = \"2s\"\ndeny = [\"127.0.0.9\"]",
+        )
+        .replace(
+            "sni = [\"a.example.com\"]",
+            "sni = [\"a.example.com\"]\nallow = [\"127.0.0.1\"]",
+        );
+    let server = start(&config, &[("a", a.to_string()), ("b", b.to_string())]).await;
+    let edge = server.quic_addr("quic").unwrap();
+    let from = |ip: &str| {
+        let tls = sluice::tls::testing::insecure_client_config(&["h3"]);
+        let mut ep = quinn::Endpoint::client(format!("{ip}:0").parse().unwrap()).unwrap();
+        ep.set_default_client_config(client_config(tls));
+        ep
+    };
+    let ok = connect(&from("127.0.0.1"), edge, "a.example.com").await;
+    assert_eq!(ask(&ok, "1").await, "A:1");
+    for (ip, scope, name) in [
+        ("127.0.0.9", "listener", "quic"),
+        ("127.0.0.5", "route", "by-sni"),
+    ] {
+        let refused = tokio::time::timeout(
+            Duration::from_secs(1),
+            from(ip).connect(edge, "a.example.com").unwrap(),
+        )
+        .await;
+        assert!(!matches!(refused, Ok(Ok(_))), "{ip} got a flow");
+        assert!(
+            metric(
+                &server,
+                "sluice_access_denied_total",
+                &[("scope", scope), ("name", name)]
+            )
+            .await
+                >= 1.0,
+            "{ip}: counted under {scope} {name}"
+        );
+    }
+    assert!(
+        metric(
+            &server,
+            "sluice_quic_initials_total",
+            &[("listener", "quic"), ("result", "denied")]
+        )
+        .await
+            >= 2.0
+    );
+    server.shutdown().await;
+}

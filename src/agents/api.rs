@@ -702,7 +702,18 @@ pub async fn listen(api: Arc<Api>, listener: Arc<TcpListener>, stop: Cancellatio
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     // At the cap, connections wait in the kernel's backlog.
     while let Some((permit, stream, peer)) =
-        crate::net::accept_capped(&listener, &slots, &stop, "heartbeat").await
+        crate::net::accept_capped(&listener, &slots, &stop, "heartbeat", |ip| {
+            let ok = api.snapshot().config.heartbeat.allow.permits(ip);
+            if !ok {
+                let denied = api
+                    .metrics
+                    .access_denied
+                    .with_label_values(&["heartbeat", "heartbeat"]);
+                denied.inc();
+            }
+            ok
+        })
+        .await
     {
         let _ = stream.set_nodelay(true);
         let _ = crate::net::apply_keepalive(

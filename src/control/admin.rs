@@ -248,7 +248,18 @@ pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancellat
     let builder = Arc::new(builder);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     while let Some((permit, stream, _)) =
-        crate::net::accept_capped(&listener, &slots, &stop, "admin").await
+        crate::net::accept_capped(&listener, &slots, &stop, "admin", |ip| {
+            let ok = rt.snapshot().config.admin.allow.permits(ip);
+            if !ok {
+                let denied = rt
+                    .metrics
+                    .access_denied
+                    .with_label_values(&["admin", "admin"]);
+                denied.inc();
+            }
+            ok
+        })
+        .await
     {
         let rt = rt.clone();
         let builder = builder.clone();

@@ -548,6 +548,11 @@ async fn establish(
             }
         }
     }
+    // The real client's address is known: refuse it before reading anything more.
+    if !state.config.acl.permits(log.client.ip()) {
+        deny(edge, log, "listener", listener);
+        return None;
+    }
     let hello = read_hello(stream, &mut buf, &state.config, deadline).await;
     let result = match &hello {
         Hello::Tls(_) => "ok",
@@ -605,6 +610,10 @@ async fn establish(
         .with_label_values(&[listener, route.name.as_str()])
         .inc();
     log.route = Some(route.clone());
+    if !route.acl.permits(log.client.ip()) {
+        deny(edge, log, "route", &route.name);
+        return None;
+    }
 
     let sni = tls.as_ref().and_then(|h| h.sni.as_deref());
     // What the backend gets first: the PROXY header if the pool wants one, then what the
@@ -670,6 +679,17 @@ async fn establish(
     route.bytes_to_backend.inc_by(first.len() as u64);
     log.to_backend = first.len() as u64;
     Some(Established::Relay(stream, keepalive, route.clone(), guard))
+}
+
+/// Refuse a connection by an `allow`/`deny` list of `scope` (`listener` or `route`) `name`.
+fn deny(edge: &Edge, log: &mut Log, scope: &str, name: &str) {
+    edge.metrics
+        .access_denied
+        .with_label_values(&[scope, name])
+        .inc();
+    log.end = CloseReason::Denied;
+    log.detail = format!("source refused by the {scope} `{name}` allow/deny list");
+    tracing::debug!(conn = log.id, client = %log.client, scope, name, "source refused");
 }
 
 /// How the establishing phase ended, when the connection goes on.

@@ -57,6 +57,7 @@ pub const QUIC_PACKETS: &str = "sluice_quic_packets_total";
 pub const QUIC_BYTES: &str = "sluice_quic_bytes_total";
 pub const QUIC_MIGRATIONS: &str = "sluice_quic_migrations_total";
 pub const QUIC_STREAM_RESETS: &str = "sluice_quic_stream_resets_total";
+pub const ACCESS_DENIED: &str = "sluice_access_denied_total";
 pub const STORE_CONNECTED: &str = "sluice_store_connected";
 pub const STORE_OPERATIONS: &str = "sluice_store_operations_total";
 pub const STORE_RELISTS: &str = "sluice_store_relists_total";
@@ -150,6 +151,9 @@ pub struct Metrics {
     /// {route, reason}: streams of terminated QUIC connections sluice reset because their
     /// backend failed: `backend_unavailable` (no connect), `backend_error` (broke mid-stream)
     pub quic_stream_resets: IntCounterVec,
+    /// {scope, name}: connections refused by an `allow`/`deny` list: scope `listener` or
+    /// `route` (name: its name), `admin`, `heartbeat` (the API's own listener).
+    pub access_denied: IntCounterVec,
     /// 1 while the shared store's watch is live (`store.kind = "etcd"`).
     pub store_connected: IntGauge,
     /// {op, result}: op is list, watch, get, txn, grant, keepalive, revoke; result is ok,
@@ -331,6 +335,12 @@ impl Metrics {
                 QUIC_STREAM_RESETS,
                 "Streams of terminated QUIC connections reset because their backend failed, by reason.",
                 &["route", "reason"],
+            ),
+            access_denied: counter(
+                &r,
+                ACCESS_DENIED,
+                "Connections refused by a source address allow/deny list, before any byte was relayed.",
+                &["scope", "name"],
             ),
             store_connected: registered(
                 &r,

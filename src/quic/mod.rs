@@ -227,6 +227,16 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
 /// A datagram from an address with no flow: an Initial starts (or continues) a pending flow;
 /// once its hello is complete, the flow is established.
 async fn new_datagram(edge: &Arc<Edge>, l: &Arc<QuicListener>, peer: SocketAddr, data: &[u8]) {
+    let refused = !l.config.load().acl.permits(peer.ip());
+    if refused {
+        let name = l.name();
+        let denied = edge
+            .metrics
+            .access_denied
+            .with_label_values(&["listener", &name]);
+        denied.inc();
+        return l.initial(edge, "denied");
+    }
     if let Some((pending, hello)) = admit(edge, l, peer, data) {
         establish(edge, l, peer, pending, hello).await;
     }
@@ -298,6 +308,14 @@ async fn establish(
         .route_decisions
         .with_label_values(&[&name, &route.name])
         .inc();
+    if !route.acl.permits(peer.ip()) {
+        let denied = edge
+            .metrics
+            .access_denied
+            .with_label_values(&["route", &route.name]);
+        denied.inc();
+        return l.initial(edge, "denied");
+    }
     let Target::Pool(pool) = &route.target else {
         tracing::warn!(listener = %name, route = %route.name,
             "a QUIC flow matched a route whose target is not a pool; QUIC goes to pools only");

@@ -78,6 +78,8 @@ reasons! {
     HeartbeatApiError = "heartbeat_api_error", Some(Client);
     /// A PROXY header from a source outside `trusted_proxies`, or none from it where required.
     ProxyUntrusted = "proxy_untrusted", Some(Client);
+    /// The client's address is refused by the listener's or the route's `allow`/`deny`.
+    Denied = "denied", Some(Client);
     /// No PROXY header where the listener requires one.
     ProxyMissing = "proxy_missing", Some(Client);
     /// A PROXY header that does not parse, is too large or is of the wrong version.

@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod agents;
 pub mod balance;
 pub mod clock;

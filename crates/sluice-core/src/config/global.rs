@@ -18,6 +18,8 @@ use super::{DEFAULT_PARK_IDLE_AFTER, MIN_PARK_IDLE_AFTER};
 pub struct AdminConfig {
     /// `None` when `address = ""`: no admin server.
     pub address: Option<SocketAddr>,
+    /// `admin.allow`: sources that may use the admin API (empty: every source, as before).
+    pub allow: crate::acl::Acl,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -79,7 +81,15 @@ impl RawAdmin {
             )
             .or_unresolved(),
         };
-        AdminConfig { address }
+        let allow = crate::acl::Acl {
+            allow: super::values::cidrs(
+                errs,
+                &root.key("admin").key("allow"),
+                self.allow.as_deref(),
+            ),
+            deny: Vec::new(),
+        };
+        AdminConfig { address, allow }
     }
 }
 

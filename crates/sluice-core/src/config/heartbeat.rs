@@ -31,6 +31,9 @@ pub struct ClusterConfig {
 pub struct HeartbeatConfig {
     /// Its own TLS listener (besides routes with `serve = "heartbeat"` on the main port).
     pub address: Option<SocketAddr>,
+    /// `heartbeat.allow`: sources that may connect to that listener (empty: every source).
+    /// On the main port, the `serve = "heartbeat"` route's own `allow`/`deny` apply.
+    pub allow: crate::acl::Acl,
     pub cert_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub tokens_file: Option<PathBuf>,
@@ -210,8 +213,13 @@ impl RawHeartbeat {
         {
             errs.later(Pending::Hash { path: file.clone() });
         }
+        let allow = crate::acl::Acl {
+            allow: super::values::cidrs(errs, &at.key("allow"), raw.allow.as_deref()),
+            deny: Vec::new(),
+        };
         HeartbeatConfig {
             address,
+            allow,
             cert_file,
             key_file,
             tokens_file,

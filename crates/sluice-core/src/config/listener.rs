@@ -35,6 +35,8 @@ pub struct ListenerConfig {
     pub quic: QuicSettings,
     /// Sources allowed to send a PROXY header.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Sources that may connect (the real client address, after a trusted PROXY header).
+    pub acl: crate::acl::Acl,
 }
 
 /// What a listener speaks.
@@ -267,20 +269,12 @@ impl RawListener {
                 AcceptProxy::None
             }
         };
-        let mut trusted_proxies = Vec::new();
-        for (j, text) in rl.trusted_proxies.iter().flatten().enumerate() {
-            let parsed = text
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-            match parsed {
-                Ok(net) => trusted_proxies.push(net),
-                Err(_) => errs.push(
-                    &at.key("trusted_proxies").index(j),
-                    format!("`{text}` is not an address or CIDR block"),
-                    "write e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\"",
-                ),
-            }
-        }
+        let trusted_proxies = super::values::cidrs(
+            errs,
+            &at.key("trusted_proxies"),
+            rl.trusted_proxies.as_deref(),
+        );
+        let acl = super::values::acl(errs, at, rl.allow.as_deref(), rl.deny.as_deref());
         if accept_proxy != AcceptProxy::None && rl.trusted_proxies.is_none() {
             errs.push(
                 &at.key("accept_proxy"),
@@ -306,6 +300,7 @@ impl RawListener {
             keepalive,
             accept_proxy,
             trusted_proxies,
+            acl,
             protocol,
             quic,
         }

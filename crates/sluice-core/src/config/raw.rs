@@ -63,6 +63,7 @@ pub(super) struct RawStore {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawHeartbeat {
     pub(super) address: Option<String>,
+    pub(super) allow: Option<Vec<String>>,
     pub(super) cert_file: Option<String>,
     pub(super) key_file: Option<String>,
     pub(super) tokens_file: Option<String>,
@@ -108,6 +109,7 @@ pub(super) struct RawResourceTarget {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub(super) address: Option<String>,
+    pub(super) allow: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -145,7 +147,7 @@ impl RawConfig {
     /// The process-wide tables, which only the main file may set.
     pub(super) fn global_tables(&self) -> Vec<&'static str> {
         let mut v = Vec::new();
-        if self.admin.address.is_some() {
+        if self.admin.address.is_some() || self.admin.allow.is_some() {
             v.push("admin");
         }
         let lc = &self.lifecycle;
@@ -185,6 +187,7 @@ impl RawConfig {
         }
         let hb = &self.heartbeat;
         if hb.address.is_some()
+            || hb.allow.is_some()
             || hb.cert_file.is_some()
             || hb.key_file.is_some()
             || hb.tokens_file.is_some()
@@ -218,6 +221,8 @@ pub(super) struct RawListener {
     pub(super) keepalive_count: Option<i64>,
     pub(super) accept_proxy: Option<String>,
     pub(super) trusted_proxies: Option<Vec<String>>,
+    pub(super) allow: Option<Vec<String>>,
+    pub(super) deny: Option<Vec<String>>,
     pub(super) protocol: Option<String>,
     pub(super) flow_idle_timeout: Option<String>,
     pub(super) max_flows: Option<i64>,
@@ -270,6 +275,8 @@ pub(super) struct RawRoute {
     pub(super) quic: Option<String>,
     pub(super) cert_file: Option<String>,
     pub(super) key_file: Option<String>,
+    pub(super) allow: Option<Vec<String>>,
+    pub(super) deny: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -78,6 +78,9 @@ pub struct RouteConfig {
     /// `None`: never time out (tunnels).
     #[serde(with = "human_opt")]
     pub idle_timeout: Option<Duration>,
+    /// Sources this route serves; others matching it are refused (they do not fall through
+    /// to later routes).
+    pub acl: crate::acl::Acl,
 }
 
 const ROUTE_NAME: NameRule = NameRule {
@@ -249,12 +252,14 @@ impl RawRoute {
             );
         }
         let quic_terminate = rr.quic_terminate(errs, at, i, &target, matcher.alpn.as_deref());
+        let acl = super::values::acl(errs, at, rr.allow.as_deref(), rr.deny.as_deref());
         RouteConfig {
             name,
             target,
             quic_terminate,
             matcher,
             idle_timeout: (!idle.is_zero()).then_some(idle),
+            acl,
         }
     }
 

@@ -628,3 +628,28 @@ fn store_mistakes_are_errors_at_their_keys() {
     assert_eq!(c.store.secrets.password.as_deref(), Some("secret"));
     assert!(c.set_file(FileSlot::StorePassword, b"\n".to_vec()).is_err());
 }
+
+#[test]
+fn allow_and_deny_lists_parse_and_bad_entries_are_errors_at_their_index() {
+    let text = GOOD
+        .replace(
+            "address = \"127.0.0.1:0\"\n",
+            "address = \"127.0.0.1:0\"\nallow = [\"10.0.0.0/8\", \"192.0.2.7\"]\ndeny = [\"10.9.0.0/16\"]\n",
+        )
+        .replace("name = \"clients\"\n", "name = \"clients\"\ndeny = [\"2001:db8::/32\"]\n");
+    let c = parse(&format!("[admin]\nallow = [\"127.0.0.1\"]\n{text}")).unwrap();
+    let l = &c.listeners[0].acl;
+    assert_eq!((l.allow.len(), l.deny.len()), (2, 1));
+    assert!(l.permits("10.1.1.1".parse().unwrap()));
+    assert!(!l.permits("10.9.1.1".parse().unwrap()));
+    assert_eq!(c.routes[1].acl.deny.len(), 1);
+    assert!(c.admin.allow.permits("127.0.0.1".parse().unwrap()));
+    assert!(!c.admin.allow.permits("127.0.0.2".parse().unwrap()));
+    let bad = GOOD.replace(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nallow = [\"10.0.0.0/8\", \"ten\"]\n",
+    );
+    let errs = parse(&bad).unwrap_err().0;
+    assert_eq!(errs[0].key, "listener[0].allow[1]", "{errs:?}");
+    assert!(errs[0].problem.contains("not an address or CIDR block"));
+}

@@ -295,3 +295,39 @@ impl Address {
         }
     }
 }
+
+/// A list of CIDR blocks (or single addresses) at `at`; each bad entry is an error at its index.
+pub(super) fn cidrs(
+    errs: &mut Errors<'_>,
+    at: &KeyPath,
+    list: Option<&[String]>,
+) -> Vec<ipnet::IpNet> {
+    let mut nets = Vec::new();
+    for (j, text) in list.into_iter().flatten().enumerate() {
+        let parsed = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match parsed {
+            Ok(net) => nets.push(net),
+            Err(_) => errs.push(
+                &at.index(j),
+                format!("`{text}` is not an address or CIDR block"),
+                "write e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\"",
+            ),
+        }
+    }
+    nets
+}
+
+/// `allow` and `deny` under `at`.
+pub(super) fn acl(
+    errs: &mut Errors<'_>,
+    at: &KeyPath,
+    allow: Option<&[String]>,
+    deny: Option<&[String]>,
+) -> crate::acl::Acl {
+    crate::acl::Acl {
+        allow: cidrs(errs, &at.key("allow"), allow),
+        deny: cidrs(errs, &at.key("deny"), deny),
+    }
+}
