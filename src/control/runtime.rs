@@ -150,6 +150,10 @@ impl Runtime {
         let global_permits = Arc::new(Semaphore::new(max_connections));
         let backends = Arc::new(Backends::new(close_all.clone()));
         let close_spread = config.lifecycle.close_spread;
+        let pending_caps = (
+            config.limits.pending_cap(max_connections),
+            config.limits.max_pending_hellos_per_source,
+        );
         let agents = Arc::new(Agents::new(close_all.clone(), &config, &metrics));
         agents.configure(&config);
         let snapshot = Snapshot::build(config, &metrics, &backends, &agents, false);
@@ -176,6 +180,7 @@ impl Runtime {
                 global_permits: global_permits.clone(),
                 api: api.clone(),
                 close_spread,
+                pending_caps,
             }));
             let changed = weak.clone();
             let discovery = Arc::new(discovery::Context {
@@ -651,6 +656,11 @@ impl Runtime {
         }
         self.metrics.max_connections.set(max as i64);
         self.edge.set_close_spread(lifecycle_spread);
+        let limits = &new.config.limits;
+        self.edge.pending.set_limits(
+            limits.pending_cap(max),
+            limits.max_pending_hellos_per_source,
+        );
 
         let kept = new.backend_set();
         let before = old.backend_set();

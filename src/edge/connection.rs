@@ -50,6 +50,8 @@ pub struct Edge {
     pub global_permits: Arc<Semaphore>,
     /// Idle established connections held without a task.
     pub parking: Parking<Parked>,
+    /// Connections that have not sent their hello yet (their own caps).
+    pub pending: super::pending::Pending,
     /// The heartbeat API, for routes with `serve = "heartbeat"`.
     pub api: Arc<Api>,
     next_conn_id: AtomicU64,
@@ -67,6 +69,8 @@ pub struct EdgeParts {
     pub global_permits: Arc<Semaphore>,
     pub api: Arc<Api>,
     pub close_spread: Duration,
+    /// `(max_pending_hellos, max_pending_hellos_per_source)`, resolved.
+    pub pending_caps: (usize, usize),
 }
 
 impl Edge {
@@ -76,6 +80,12 @@ impl Edge {
                 p.metrics.relay_parked.clone(),
                 p.metrics.relay_parks.clone(),
                 p.tracker.clone(),
+            ),
+            pending: super::pending::Pending::new(
+                p.pending_caps.0,
+                p.pending_caps.1,
+                p.metrics.pending_hellos.clone(),
+                p.metrics.pending_evictions.clone(),
             ),
             metrics: p.metrics,
             snapshots: p.snapshots,
@@ -423,7 +433,24 @@ async fn start(
     });
     // The config this connection lives with, whatever reloads happen later.
     let snapshot = edge.snapshot();
-    let established = establish(&edge, &state, &mut stream, &snapshot, &mut log).await;
+    // Pending until its hello is read: a newer connection may need its place.
+    let (pending, evicted) = edge.pending.register(log.id, client.ip());
+    let outcome = tokio::select! {
+        r = establish(&edge, &state, &mut stream, &snapshot, &mut log, &pending) => Ok(r),
+        Ok(why) = evicted => Err(why),
+    };
+    drop(pending);
+    let established = match outcome {
+        Ok(r) => r,
+        Err(why) => {
+            log.end = CloseReason::PendingEvicted;
+            log.detail = format!(
+                "no hello yet when a newer connection needed its place ({})",
+                why.label()
+            );
+            None
+        }
+    };
     let park_after = snapshot.config.limits.park_idle_after;
     drop(snapshot);
     let (backend, keepalive, route, guard) = match established {
@@ -515,6 +542,7 @@ async fn establish(
     stream: &mut TcpStream,
     snapshot: &Snapshot,
     log: &mut Log,
+    pending: &super::pending::PendingGuard<'_>,
 ) -> Option<Established> {
     let listener = state.config.name.as_str();
     // TCP_NODELAY and keepalive come from the listening socket (see `ListenerHandle::start`).
@@ -535,6 +563,7 @@ async fn establish(
             Ok((Some(origin), _)) => {
                 log.client = origin.client;
                 local = origin.local;
+                pending.moved_to(origin.client.ip());
             }
             Ok((None, _)) => {}
             Err((result, end, detail)) => {
@@ -554,6 +583,7 @@ async fn establish(
         return None;
     }
     let hello = read_hello(stream, &mut buf, &state.config, deadline).await;
+    pending.done();
     let result = match &hello {
         Hello::Tls(_) => "ok",
         Hello::Plain => "not_tls",

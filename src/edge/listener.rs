@@ -180,7 +180,13 @@ async fn accept_loop(
                     Some(s) => Some(acquire(s, &edge, &name, "listener").await?),
                     None => None,
                 };
-                let global = acquire(&edge.global_permits, &edge, &name, "global").await?;
+                // At the connection cap with connections still waiting for their hello, a
+                // new connection is accepted anyway: the oldest of them gives it its slot.
+                let global = match edge.global_permits.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(tokio::sync::TryAcquireError::NoPermits) if !edge.pending.is_empty() => None,
+                    Err(_) => Some(acquire(&edge.global_permits, &edge, &name, "global").await?),
+                };
                 Some((global, local))
             } => match p {
                 Some(p) => p,
@@ -195,6 +201,16 @@ async fn accept_loop(
         match accepted_conn {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(5);
+                let permits = match permits {
+                    (Some(global), local) => (global, local),
+                    (None, local) => {
+                        edge.pending.evict_oldest();
+                        let Ok(global) = edge.global_permits.clone().acquire_owned().await else {
+                            break;
+                        };
+                        (global, local)
+                    }
+                };
                 accepted.inc();
                 let edge2 = edge.clone();
                 let st = state.clone();

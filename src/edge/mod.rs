@@ -8,5 +8,6 @@ pub mod connection;
 pub mod hello;
 pub mod listener;
 pub mod parking;
+pub mod pending;
 pub mod relay;
 pub mod splice;

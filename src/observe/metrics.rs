@@ -57,6 +57,8 @@ pub const QUIC_PACKETS: &str = "sluice_quic_packets_total";
 pub const QUIC_BYTES: &str = "sluice_quic_bytes_total";
 pub const QUIC_MIGRATIONS: &str = "sluice_quic_migrations_total";
 pub const QUIC_STREAM_RESETS: &str = "sluice_quic_stream_resets_total";
+pub const PENDING_HELLOS: &str = "sluice_pending_hellos";
+pub const PENDING_EVICTIONS: &str = "sluice_pending_hello_evictions_total";
 pub const ACCESS_DENIED: &str = "sluice_access_denied_total";
 pub const STORE_CONNECTED: &str = "sluice_store_connected";
 pub const STORE_OPERATIONS: &str = "sluice_store_operations_total";
@@ -151,6 +153,11 @@ pub struct Metrics {
     /// {route, reason}: streams of terminated QUIC connections sluice reset because their
     /// backend failed: `backend_unavailable` (no connect), `backend_error` (broke mid-stream)
     pub quic_stream_resets: IntCounterVec,
+    /// Connections waiting for their hello (or PROXY header) now.
+    pub pending_hellos: IntGauge,
+    /// {reason}: pending connections closed to make room: pending_cap, source_cap,
+    /// connection_cap.
+    pub pending_evictions: IntCounterVec,
     /// {scope, name}: connections refused by an `allow`/`deny` list: scope `listener` or
     /// `route` (name: its name), `admin`, `heartbeat` (the API's own listener).
     pub access_denied: IntCounterVec,
@@ -335,6 +342,19 @@ impl Metrics {
                 QUIC_STREAM_RESETS,
                 "Streams of terminated QUIC connections reset because their backend failed, by reason.",
                 &["route", "reason"],
+            ),
+            pending_hellos: registered(
+                &r,
+                IntGauge::new(
+                    PENDING_HELLOS,
+                    "Connections that have not sent their hello (or PROXY header) yet.",
+                ),
+            ),
+            pending_evictions: counter(
+                &r,
+                PENDING_EVICTIONS,
+                "Pending connections closed to make room for a new one, by the cap reached.",
+                &["reason"],
             ),
             access_denied: counter(
                 &r,

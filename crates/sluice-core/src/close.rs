@@ -80,6 +80,9 @@ reasons! {
     ProxyUntrusted = "proxy_untrusted", Some(Client);
     /// The client's address is refused by the listener's or the route's `allow`/`deny`.
     Denied = "denied", Some(Client);
+    /// It had not sent its hello when a newer connection needed its place (a pending cap, or
+    /// the connection cap).
+    PendingEvicted = "pending_evicted", Some(Client);
     /// No PROXY header where the listener requires one.
     ProxyMissing = "proxy_missing", Some(Client);
     /// A PROXY header that does not parse, is too large or is of the wrong version.
@@ -124,7 +127,7 @@ mod tests {
             );
             assert_eq!(r.to_string(), l);
         }
-        assert_eq!(seen.len(), 20);
+        assert_eq!(seen.len(), 22);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod close;
 pub mod config;
 pub mod eligibility;
 pub mod hello;
+pub mod pending;
 pub mod proxy;
 pub mod quic;
 pub mod route;

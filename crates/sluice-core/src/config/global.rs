@@ -55,6 +55,22 @@ pub struct LimitsConfig {
     /// the parking lot (see `parking`); `None` never parks.
     #[serde(with = "human_opt")]
     pub park_idle_after: Option<Duration>,
+    /// Connections that have not sent their hello (or PROXY header) yet, at most; `None`:
+    /// a quarter of `max_connections` (see `pending_cap`).
+    pub max_pending_hellos: Option<usize>,
+    /// Pending connections from one source (the address after a trusted PROXY header).
+    pub max_pending_hellos_per_source: usize,
+}
+
+/// `max_pending_hellos_per_source` when not set.
+pub const DEFAULT_PENDING_PER_SOURCE: usize = 128;
+
+impl LimitsConfig {
+    /// The pending cap for a connection cap of `max_connections`.
+    pub fn pending_cap(&self, max_connections: usize) -> usize {
+        self.max_pending_hellos
+            .unwrap_or((max_connections / 4).max(16))
+    }
 }
 
 /// The resolver DNS discovery uses.
@@ -193,6 +209,24 @@ impl RawLimits {
                     10_000_000,
                 ) as usize
             }),
+            max_pending_hellos: self.max_pending_hellos.map(|_| {
+                int_in(
+                    errs,
+                    &root.key("limits").key("max_pending_hellos"),
+                    self.max_pending_hellos,
+                    0,
+                    1,
+                    10_000_000,
+                ) as usize
+            }),
+            max_pending_hellos_per_source: int_in(
+                errs,
+                &root.key("limits").key("max_pending_hellos_per_source"),
+                self.max_pending_hellos_per_source,
+                DEFAULT_PENDING_PER_SOURCE as i64,
+                1,
+                10_000_000,
+            ) as usize,
             park_idle_after: {
                 let at = root.key("limits").key("park_idle_after");
                 let d = duration(

@@ -127,6 +127,8 @@ pub(super) struct RawLifecycle {
 pub(super) struct RawLimits {
     pub(super) max_connections: Option<i64>,
     pub(super) park_idle_after: Option<String>,
+    pub(super) max_pending_hellos: Option<i64>,
+    pub(super) max_pending_hellos_per_source: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -159,7 +161,12 @@ impl RawConfig {
         {
             v.push("lifecycle");
         }
-        if self.limits.max_connections.is_some() || self.limits.park_idle_after.is_some() {
+        let lim = &self.limits;
+        if lim.max_connections.is_some()
+            || lim.park_idle_after.is_some()
+            || lim.max_pending_hellos.is_some()
+            || lim.max_pending_hellos_per_source.is_some()
+        {
             v.push("limits");
         }
         if self.reload.watch.is_some() || self.reload.debounce.is_some() {
