@@ -108,10 +108,7 @@ impl PendingSet {
     /// Close room for one more from `source`.
     fn make_room_for(&mut self, source: IpAddr) -> Vec<(u64, Eviction)> {
         let mut out = Vec::new();
-        loop {
-            let Some(ids) = self.by_source.get(&source) else {
-                break;
-            };
+        while let Some(ids) = self.by_source.get(&source) {
             if ids.len() < self.per_source {
                 break;
             }
