@@ -1,13 +1,16 @@
 //! Socket helpers: the options both legs of a connection share (the client's, set on the
 //! listening socket and inherited by accepted ones, and the backend's), and the capped accept
-//! loop of the admin and heartbeat APIs' listeners.
+//! loop of the admin and heartbeat APIs' listeners, and lingering close for refused uploads.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -56,6 +59,95 @@ pub fn apply_keepalive(sock: &SockRef<'_>, ka: &Keepalive) -> io::Result<()> {
                 .with_interval(ka.interval)
                 .with_retries(ka.count);
             sock.set_tcp_keepalive(&params)
+        }
+    }
+}
+
+/// An HTTP/1.1 connection that closes while its client is still sending (a refused upload)
+/// lingers, as nginx's `lingering_close` does: after its last write, its read side is drained
+/// and discarded (at most `LINGER_BYTES`, `LINGER_TIME`) before the socket closes, so that
+/// the close does not reset the connection before the client has read the answer. `linger`
+/// says whether this close needs it (set by whoever decided to refuse).
+pub struct Linger<S> {
+    inner: S,
+    pub linger: Arc<std::sync::atomic::AtomicBool>,
+    draining: Option<(std::pin::Pin<Box<tokio::time::Sleep>>, usize)>,
+}
+
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1 << 20;
+
+impl<S> Linger<S> {
+    pub fn new(inner: S) -> Linger<S> {
+        Linger {
+            inner,
+            linger: Arc::default(),
+            draining: None,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Linger<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if !this.linger.load(std::sync::atomic::Ordering::Relaxed) {
+            return std::pin::Pin::new(&mut this.inner).poll_shutdown(cx);
+        }
+        if this.draining.is_none() {
+            // The answer is out (flushed, our side closed); now drain what still comes.
+            std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.draining = Some((Box::pin(tokio::time::sleep(LINGER_TIME)), LINGER_BYTES));
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            let Some((deadline, left)) = this.draining.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            if *left == 0 || deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                    *left = left.saturating_sub(buf.filled().len());
+                }
+                // EOF or an error: the client stopped.
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

@@ -1636,3 +1636,91 @@ async fn rendezvous_picks_the_same_agent_on_every_edge() {
         e.shutdown().await;
     }
 }
+
+/// A body over `max_body_bytes` is answered 413 as soon as the limit is passed, while the
+/// client goes on uploading (declared by Content-Length, or found in a chunked body), and the
+/// client reads that answer rather than a reset: the close lingers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_refused_while_the_upload_goes_on() {
+    let dir = secrets();
+    let fb = RawBackend::start("fallback", false).await;
+    let server = start_with(dir.path(), "", "", fb.address).await;
+    let hb = server.heartbeat_addr().unwrap();
+    for chunked in [false, true] {
+        let tls = sluice::tls::testing::insecure_client_config(&["http/1.1"]);
+        let tcp = TcpStream::connect(hb).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("sluice.test").unwrap();
+        let s = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (mut r, mut w) = tokio::io::split(s);
+        let framing = if chunked {
+            "transfer-encoding: chunked"
+        } else {
+            "content-length: 8388608"
+        };
+        let head = format!(
+            "POST /v1/heartbeats HTTP/1.1\r\nhost: sluice.test\r\nauthorization: Bearer {TOKEN}\r\n{framing}\r\n\r\n"
+        );
+        // 8 MiB of a body (the limit here is 2048), written at full speed while the
+        // answer is read.
+        let upload = tokio::spawn(async move {
+            w.write_all(head.as_bytes()).await?;
+            let part = vec![b'x'; 16384];
+            for _ in 0..512 {
+                if chunked {
+                    w.write_all(format!("{:x}\r\n", part.len()).as_bytes())
+                        .await?;
+                }
+                w.write_all(&part).await?;
+                if chunked {
+                    w.write_all(b"\r\n").await?;
+                }
+            }
+            std::io::Result::Ok(())
+        });
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut r, &mut answer),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "chunked={chunked}: {read:?} {text}"
+        );
+        assert!(text.contains("heartbeat.max_body_bytes"), "{text}");
+        upload.abort();
+    }
+    // A declared length over the limit is refused before any of the body arrives (a slow
+    // uploader does not hold the connection until it has sent 2 KiB).
+    let tls = sluice::tls::testing::insecure_client_config(&["http/1.1"]);
+    let tcp = TcpStream::connect(hb).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("sluice.test").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v1/heartbeats HTTP/1.1\r\nhost: sluice.test\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: 8388608\r\n\r\n{{\"agent\""
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut answer),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 413"), "{read:?} {text}");
+    let refused = series(
+        &server,
+        "sluice_heartbeats_total",
+        &[("result", "too_large")],
+    )
+    .await;
+    assert!(refused >= 3.0, "{refused}");
+    server.shutdown().await;
+}

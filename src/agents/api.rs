@@ -314,23 +314,30 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<F
         };
     }
     if path == "/v1/heartbeats" {
-        let body = match Limited::new(req.into_body(), cfg.max_body_bytes)
-            .collect()
-            .await
-        {
+        let http1 = req.version() < hyper::Version::HTTP_2;
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let mut body = req.into_body();
+        let too_large = || {
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "body over {} bytes (heartbeat.max_body_bytes)\n",
+                    cfg.max_body_bytes
+                ),
+            )
+        };
+        // A declared length over the limit is refused before its body is read.
+        if declared.is_some_and(|n| n > cfg.max_body_bytes as u64) {
+            return too_large_now(&api, http1, too_large());
+        }
+        let body = match Limited::new(&mut body, cfg.max_body_bytes).collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return refuse(
-                    &api,
-                    (
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "too_large",
-                        format!(
-                            "body over {} bytes (heartbeat.max_body_bytes)\n",
-                            cfg.max_body_bytes
-                        ),
-                    ),
-                )
+                return too_large_now(&api, http1, too_large());
             }
             Err(e) => {
                 return refuse(
@@ -357,6 +364,20 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<F
     }
     drop(snap);
     stream(api.clone(), cred, req.into_body()).await
+}
+
+/// Answer 413 while the client may still be uploading, and close (over HTTP/1.1 the rest of
+/// the body is never read, so the connection cannot carry another request); the close
+/// lingers (`net::Linger`) so that the client reads the answer instead of a reset.
+fn too_large_now(api: &Api, http1: bool, refusal: Refusal) -> Response<Full<Bytes>> {
+    let mut resp = refuse(api, refusal);
+    if http1 {
+        resp.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 /// Removes the stream's agent when the stream ends, however it ends (the handler returning,
@@ -642,6 +663,8 @@ where
         .1
         .peer_certificates()
         .is_some_and(|c| !c.is_empty());
+    let stream = crate::net::Linger::new(stream);
+    let linger = stream.linger.clone();
     // Idle connections close: an agent keeps requests in flight (a stream) or reconnects;
     // anyone else holding a TLS connection open without a request is let go.
     let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -650,9 +673,18 @@ where
     let (inflight2, last2) = (inflight.clone(), last.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (api, inflight, last) = (api2.clone(), inflight2.clone(), last2.clone());
+        let linger = linger.clone();
         async move {
             inflight.fetch_add(1, Ordering::Relaxed);
             let resp = handle(api, req, cert).await;
+            if resp
+                .headers()
+                .get(hyper::header::CONNECTION)
+                .is_some_and(|v| v == "close")
+            {
+                // A refused upload: let the client read the answer before the socket closes.
+                linger.store(true, Ordering::Relaxed);
+            }
             inflight.fetch_sub(1, Ordering::Relaxed);
             last.store(Agents::now(), Ordering::Relaxed);
             Ok::<_, Infallible>(resp)
