@@ -961,3 +961,65 @@ async fn refused_sources_get_no_flow() {
     );
     server.shutdown().await;
 }
+
+/// Everything logged, as JSON lines (the process's subscriber; nextest runs each test in its
+/// own process).
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+/// A QUIC flow gets one access-log line when it ends, as a TCP connection does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_flow_has_an_access_log_line() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(captured.clone())
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        return; // another test of this process took the subscriber (plain `cargo test`)
+    }
+    let (server, edge, _, _) = setup().await;
+    let conn = connect(&client_endpoint(&["h3"]), edge, "a.example.com").await;
+    assert_eq!(ask(&conn, "hello").await, "A:hello");
+    conn.close(0u32.into(), b"done");
+    // flow_idle_timeout is 1 s: the flow expires and is logged.
+    let line = || {
+        let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+        text.lines()
+            .filter(|l| l.contains("\"protocol\":\"quic\""))
+            .map(str::to_owned)
+            .next()
+    };
+    eventually("the flow's access-log line", || async { line().is_some() }).await;
+    let v: serde_json::Value = serde_json::from_str(&line().unwrap()).unwrap();
+    assert_eq!(v["target"], "sluice::access", "{v}");
+    assert_eq!(v["listener"], "quic");
+    assert_eq!(v["sni"], "a.example.com");
+    assert_eq!(v["alpn"], "h3");
+    assert_eq!(v["route"], "by-sni");
+    assert_eq!(v["pool"], "a");
+    assert_eq!(v["end"], "idle_timeout");
+    assert!(v["bytes_to_backend"].as_u64().unwrap() > 1200, "{v}");
+    assert!(v["bytes_to_client"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["client"].as_str().unwrap().starts_with("127.0.0.1:"));
+    server.shutdown().await;
+}

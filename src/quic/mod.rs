@@ -11,7 +11,7 @@
 pub mod terminate;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,7 @@ use crate::config::ListenerConfig;
 use crate::edge::connection::Edge;
 use crate::snapshot::{Route, Target};
 use crate::upstream::{clock_ms, ActiveGuard};
+use sluice_core::close::CloseReason;
 use sluice_core::quic::flows::{self, FlowState, FlowTable, Found, Limits, Pending};
 use sluice_core::route::{Facts, TlsFacts};
 
@@ -41,6 +42,41 @@ struct Flow {
     terminator: Option<(Arc<terminate::Terminator>, u16)>,
     upstream: Arc<UdpSocket>,
     stop: CancellationToken,
+    /// For its access-log line.
+    log: FlowLog,
+}
+
+/// What a flow's access-log line says besides its state: written once, when it ends.
+struct FlowLog {
+    started: Instant,
+    /// `sni '\n' alpn,alpn`, as the TCP record keeps them.
+    names: Box<str>,
+    backend: Box<str>,
+    to_backend: AtomicU64,
+    to_client: AtomicU64,
+}
+
+impl Flow {
+    fn emit(&self, listener: &str, end: CloseReason) {
+        let (sni, alpn) = self.log.names.split_once('\n').unwrap_or(("-", "-"));
+        tracing::info!(
+            target: "sluice::access",
+            flow = self.state.id(),
+            protocol = "quic",
+            client = %self.state.client(),
+            listener,
+            sni,
+            alpn,
+            route = self.route.name.as_str(),
+            pool = self.route.pool_name(),
+            backend = &*self.log.backend,
+            bytes_to_backend = self.log.to_backend.load(Ordering::Relaxed),
+            bytes_to_client = self.log.to_client.load(Ordering::Relaxed),
+            duration_ms = self.log.started.elapsed().as_millis() as u64,
+            end = end.label(),
+            "QUIC flow closed"
+        );
+    }
 }
 
 impl flows::Flow for Flow {
@@ -165,10 +201,11 @@ impl QuicListener {
             .inc();
     }
 
-    fn remove_flow(&self, flows: &mut FlowTable<Flow>, flow: &Arc<Flow>) {
+    fn remove_flow(&self, flows: &mut FlowTable<Flow>, flow: &Arc<Flow>, end: CloseReason) {
         if !flows.remove(flow) {
             return;
         }
+        flow.emit(&self.config.load().name, end);
         self.m.active.dec();
         flow.route.active.dec();
         if let Some((t, port)) = &flow.terminator {
@@ -183,6 +220,9 @@ fn forward(l: &QuicListener, flow: &Flow, data: &[u8]) {
     l.m.packets_in.inc();
     l.m.bytes_in.inc_by(data.len() as u64);
     flow.route.bytes_to_backend.inc_by(data.len() as u64);
+    flow.log
+        .to_backend
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
     // UDP: a full send buffer drops the datagram, as the network would. The syscall is made
     // directly: tokio's `try_send` answers WouldBlock until its reactor has seen the new
     // socket writable, which dropped the first Initial of new flows.
@@ -220,7 +260,7 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
     // Stopped: every flow ends.
     let mut flows = l.lock();
     for f in flows.take_all() {
-        l.remove_flow(&mut flows, &f);
+        l.remove_flow(&mut flows, &f, CloseReason::Shutdown);
     }
 }
 
@@ -365,6 +405,22 @@ async fn establish(
         terminator,
         upstream: Arc::new(upstream),
         stop: l.stop.child_token(),
+        log: FlowLog {
+            started: Instant::now(),
+            names: format!(
+                "{}\n{}",
+                hello.sni.as_deref().unwrap_or("-"),
+                if hello.alpn.is_empty() {
+                    "-".to_owned()
+                } else {
+                    hello.alpn.join(",")
+                }
+            )
+            .into_boxed_str(),
+            backend: label.clone().into_boxed_str(),
+            to_backend: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+        },
     });
     l.lock().insert(flow.clone());
     l.m.active.inc();
@@ -424,6 +480,9 @@ fn to_client(l: &QuicListener, flow: &Arc<Flow>, data: &[u8]) {
     l.m.packets_out.inc();
     l.m.bytes_out.inc_by(data.len() as u64);
     flow.route.bytes_to_client.inc_by(data.len() as u64);
+    flow.log
+        .to_client
+        .fetch_add(data.len() as u64, Ordering::Relaxed);
     let to = socket2::SockAddr::from(flow.state.client());
     let _ = socket2::SockRef::from(l.socket.as_ref()).send_to(data, &to);
 }
@@ -443,7 +502,7 @@ async fn sweep(l: Arc<QuicListener>) {
         let mut flows = l.lock();
         let (expired, timed_out) = flows.expire(now, idle, hello);
         for f in &expired {
-            l.remove_flow(&mut flows, f);
+            l.remove_flow(&mut flows, f, CloseReason::IdleTimeout);
         }
         let empty = flows.is_empty();
         drop(flows);
