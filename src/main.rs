@@ -86,6 +86,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match sluice::config::load(&config) {
             Ok(c) => {
+                // It may run on another machine: a warning, with this machine's numbers.
+                let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(_, h)| h);
+                if let Err(why) = c.check_fd_budget(hard) {
+                    eprintln!("{}: warning: {why}", config.display());
+                }
                 println!(
                     "{}: ok ({} listeners, {} routes, {} pools)",
                     config.display(),
@@ -114,6 +119,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
+            // As HAProxy does: a cap the open-file limit cannot honour is refused at start,
+            // rather than discovered as failed connections under load.
+            if let Err(why) = cfg.check_fd_budget(sluice::net::nofile()) {
+                eprintln!("sluice: {}: {why}", config.display());
+                return ExitCode::from(1);
+            }
             let mut inherited = match handover::from_systemd() {
                 Ok(s) => s,
                 Err(e) => {

@@ -49,6 +49,23 @@ pub async fn accept_capped(
     }
 }
 
+/// The open-file limit this process runs with (its soft limit, raised to the hard one at
+/// start by `sluice run`).
+pub fn nofile() -> u64 {
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024)
+}
+
+/// Errors that mean the process (or the system) is out of descriptors or memory, not that
+/// the peer failed.
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Turn TCP keepalive on with `ka`'s timings, or off when it has no idle time.
 pub fn apply_keepalive(sock: &SockRef<'_>, ka: &Keepalive) -> io::Result<()> {
     match ka.idle {

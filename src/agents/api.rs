@@ -726,12 +726,13 @@ where
 /// A heartbeat API connection with no request in flight for this long is closed.
 const IDLE_MS: u64 = 15_000;
 
-/// Connections the heartbeat API's own listener serves at once.
-const MAX_CONNECTIONS: usize = 10_000;
-
 /// Serve the API on its own listener (`[heartbeat] address`) until `stop`.
 pub async fn listen(api: Arc<Api>, listener: Arc<TcpListener>, stop: CancellationToken) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let cap = sluice_core::fds::Budget {
+        nofile: crate::net::nofile(),
+    }
+    .heartbeat_connections();
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     // At the cap, connections wait in the kernel's backlog.
     while let Some((permit, stream, peer)) =
         crate::net::accept_capped(&listener, &slots, &stop, "heartbeat", |ip| {

@@ -64,6 +64,13 @@ impl Sessions {
 }
 
 /// A route's resource target, compiled.
+/// Why no agent took a connection: a miss (counted, maybe the fallback pool's turn), or
+/// sluice out of local resources.
+enum Failed {
+    Miss(Miss, String),
+    Local(String),
+}
+
 pub struct ResourceTarget {
     pub route: String,
     pub kind: String,
@@ -99,7 +106,8 @@ impl ResourceTarget {
     ) -> Result<(Dialed, ActiveGuard), ConnectError> {
         let miss = match self.try_agents(client, sni, first).await {
             Ok(ok) => return Ok(ok),
-            Err(miss) => miss,
+            Err(Failed::Local(e)) => return Err(ConnectError::LocalResources(e)),
+            Err(Failed::Miss(miss, detail)) => (miss, detail),
         };
         self.misses
             .with_label_values(&[self.route.as_str(), miss.0.label()])
@@ -136,9 +144,9 @@ impl ResourceTarget {
         client: SocketAddr,
         sni: Option<&str>,
         first: &[u8],
-    ) -> Result<(Dialed, ActiveGuard), (Miss, String)> {
+    ) -> Result<(Dialed, ActiveGuard), Failed> {
         let Some(name) = resource_name(sni, &self.suffix) else {
-            return Err((
+            return Err(Failed::Miss(
                 Miss::NoName,
                 format!(
                     "SNI {:?} does not name a resource under *{}",
@@ -149,7 +157,7 @@ impl ResourceTarget {
         };
         let key = ResourceKey::new(&self.kind, name);
         let Some(records) = self.table.lookup(&key) else {
-            return Err((
+            return Err(Failed::Miss(
                 Miss::UnknownResource,
                 format!("no agent announces {} `{name}`", self.kind),
             ));
@@ -167,7 +175,7 @@ impl ResourceTarget {
                 .iter()
                 .map(|r| format!("{}={}", r.agent.id, self.rules.state(&r.agent, now).label()))
                 .collect();
-            return Err((
+            return Err(Failed::Miss(
                 Miss::NoEligibleAgent,
                 format!(
                     "no eligible agent for {} `{name}` ({}; label selector applied)",
@@ -207,6 +215,11 @@ impl ResourceTarget {
                     }
                     return Ok((dialed, agent.backend.guard()));
                 }
+                Err(e) if crate::net::is_local_exhaustion(&e) => {
+                    tracing::error!(route = %self.route, error = %e,
+                        "cannot open a socket to dial an agent: out of local resources");
+                    return Err(Failed::Local(e.to_string()));
+                }
                 Err(e) => {
                     let reason = crate::upstream::failure_reason(&e);
                     self.connect_failures
@@ -222,7 +235,7 @@ impl ResourceTarget {
         if let Some(k) = skey {
             self.sessions.forget(k);
         }
-        Err((
+        Err(Failed::Miss(
             Miss::AllFailed,
             format!(
                 "every eligible agent for {} `{name}` failed ({} tried); last: {last}",

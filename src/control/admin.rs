@@ -86,6 +86,7 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
             rt.metrics.mirror_relay(
                 crate::edge::splice::open_pipes(),
                 crate::edge::splice::spliced_bytes(),
+                crate::edge::splice::unavailable(),
             );
             reply(
                 StatusCode::OK,
@@ -228,7 +229,14 @@ async fn reload(rt: &Arc<Runtime>, req: &Request<Incoming>) -> Response<Body> {
 /// Serve the admin API on `listener` until `stop` fires.
 /// Admin connections served at once; at the cap, new ones wait in the listen backlog until
 /// a slot frees (idle and slow connections free theirs within seconds).
-const MAX_CONNECTIONS: usize = 512;
+/// Connections served at once: 512, less with a small open-file limit (the budget of
+/// `sluice_core::fds` counts them).
+fn budget_connections() -> usize {
+    sluice_core::fds::Budget {
+        nofile: crate::net::nofile(),
+    }
+    .admin_connections()
+}
 /// A connection must send a complete request head within this long (a slowloris is closed).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection with no request in flight for this long is closed.
@@ -246,7 +254,7 @@ pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancellat
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(tokio::sync::Semaphore::new(budget_connections()));
     while let Some((permit, stream, _)) =
         crate::net::accept_capped(&listener, &slots, &stop, "admin", |ip| {
             let ok = rt.snapshot().config.admin.allow.permits(ip);

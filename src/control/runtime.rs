@@ -35,6 +35,9 @@ use crate::upstream::Backends;
 pub enum ApplyError {
     #[error("sluice is draining: listeners are closed")]
     Draining,
+    /// An explicit `max_connections` beyond what the open-file limit allows.
+    #[error("{0}")]
+    FdBudget(String),
     #[error("listener `{listener}`: cannot bind {protocol}{address}: {source}")]
     Bind {
         listener: String,
@@ -52,7 +55,7 @@ impl ApplyError {
         use sluice_core::close::ErrorClass;
         match self {
             ApplyError::Draining => ErrorClass::Internal,
-            ApplyError::Bind { .. } => ErrorClass::Config,
+            ApplyError::Bind { .. } | ApplyError::FdBudget(_) => ErrorClass::Config,
         }
     }
 }
@@ -136,8 +139,9 @@ impl Runtime {
         let max_connections = config
             .limits
             .max_connections
-            .unwrap_or_else(default_max_connections);
+            .unwrap_or_else(|| default_max_connections(&config));
         metrics.max_connections.set(max_connections as i64);
+        crate::edge::splice::set_max_pipes(sluice_core::fds::Budget::pipes(max_connections));
         metrics
             .config_info
             .with_label_values(&[&config.hash])
@@ -570,6 +574,9 @@ impl Runtime {
     /// have; only new connections see the change. On error nothing changes.
     pub async fn apply(self: &Arc<Self>, config: Config) -> Result<ReloadSummary, ApplyError> {
         let _one_at_a_time = self.reload_lock.lock().await;
+        config
+            .check_fd_budget(crate::net::nofile())
+            .map_err(ApplyError::FdBudget)?;
         let old = self.snapshot();
         let mut summary = ReloadSummary {
             hash: config.hash.clone(),
@@ -613,7 +620,7 @@ impl Runtime {
         let max = config
             .limits
             .max_connections
-            .unwrap_or_else(default_max_connections);
+            .unwrap_or_else(|| default_max_connections(&config));
         let old_hash = old.config.hash.clone();
         let new = self.sync_listeners(&listeners, &mut summary, || {
             self.agents.configure(&config);
@@ -655,6 +662,7 @@ impl Runtime {
             });
         }
         self.metrics.max_connections.set(max as i64);
+        crate::edge::splice::set_max_pipes(sluice_core::fds::Budget::pipes(max));
         self.edge.set_close_spread(lifecycle_spread);
         let limits = &new.config.limits;
         self.edge.pending.set_limits(
@@ -744,9 +752,10 @@ pub fn unix_now() -> i64 {
 
 /// Half the open-file limit (each relayed connection holds two descriptors), less a reserve
 /// for listeners, logs and the admin API — the same rule HAProxy uses for its default maxconn.
-fn default_max_connections() -> usize {
-    let soft = rlimit::getrlimit(rlimit::Resource::NOFILE)
-        .map(|(soft, _)| soft)
-        .unwrap_or(1024);
-    (soft.saturating_sub(64) / 2).clamp(16, 10_000_000) as usize
+/// `max_connections` when the config does not set it: what the open-file budget allows.
+fn default_max_connections(config: &Config) -> usize {
+    sluice_core::fds::Budget {
+        nofile: crate::net::nofile(),
+    }
+    .max_connections(config.fd_shape())
 }

@@ -694,7 +694,10 @@ async fn establish(
     ) = match connected {
         Ok(ok) => ok,
         Err(e) => {
-            log.end = CloseReason::BackendUnavailable;
+            log.end = match e {
+                crate::upstream::ConnectError::LocalResources(_) => CloseReason::LocalResources,
+                _ => CloseReason::BackendUnavailable,
+            };
             log.detail = e.to_string();
             return None;
         }

@@ -2,8 +2,10 @@
 //! pipe into the other socket, so the bytes never cross into user space (HAProxy's
 //! `splice-auto`). A pipe costs two file descriptors, so a direction takes one only while it
 //! is moving bulk data (a read filled the whole scratch buffer) and gives it back, empty, as
-//! soon as it goes idle; idle tunnels hold none. Pipes are pooled, and at most `MAX_PIPES`
-//! exist at once: past that, a direction just keeps copying.
+//! soon as it goes idle; idle tunnels hold none. Pipes are pooled, and at most a quarter of
+//! `max_connections` exist at once (HAProxy's `maxpipes` default; the open-file budget of
+//! `sluice_core::fds` counts them): past that, a direction just keeps copying, counted in
+//! `sluice_relay_pipes_unavailable_total`.
 
 #![allow(unsafe_code)]
 
@@ -12,8 +14,20 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Pipes in use or pooled, at most (2 descriptors each).
-pub const MAX_PIPES: usize = 1024;
+/// Pipes in use or pooled, at most (2 descriptors each); set from `max_connections`.
+static MAX_PIPES: AtomicUsize = AtomicUsize::new(1024);
+/// Times a relay wanted a pipe and got none (it copied instead).
+static UNAVAILABLE: AtomicU64 = AtomicU64::new(0);
+
+/// The pipe cap (start, reload). Pipes above a lowered cap are closed as they come back.
+pub fn set_max_pipes(n: usize) {
+    MAX_PIPES.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Times a relay found no pipe and copied instead, since start.
+pub fn unavailable() -> u64 {
+    UNAVAILABLE.load(Ordering::Relaxed)
+}
 /// Empty pipes kept for reuse.
 const POOL: usize = 64;
 /// What one splice asks for: the pipe's capacity (set with F_SETPIPE_SZ where allowed).
@@ -37,14 +51,16 @@ impl Pipe {
         if let Some(p) = POOLED.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Some(p);
         }
-        if OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES {
+        if OPEN.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES.load(Ordering::Relaxed) {
             OPEN.fetch_sub(1, Ordering::Relaxed);
+            UNAVAILABLE.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let mut fds = [0 as RawFd; 2];
         // SAFETY: pipe2 writes two descriptors into `fds` on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             OPEN.fetch_sub(1, Ordering::Relaxed);
+            UNAVAILABLE.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         // SAFETY: both descriptors are new and owned by nobody else.

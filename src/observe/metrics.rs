@@ -41,6 +41,7 @@ pub const DNS_RESOLUTIONS: &str = "sluice_dns_resolutions_total";
 pub const LOG_LINES_DROPPED: &str = "sluice_log_lines_dropped_total";
 pub const RELAY_PIPES: &str = "sluice_relay_pipes";
 pub const RELAY_SPLICED_BYTES: &str = "sluice_relay_spliced_bytes_total";
+pub const RELAY_PIPES_UNAVAILABLE: &str = "sluice_relay_pipes_unavailable_total";
 pub const RELAY_PARKED: &str = "sluice_relay_parked";
 pub const RELAY_PARKS: &str = "sluice_relay_parks_total";
 pub const AGENTS: &str = "sluice_agents";
@@ -73,6 +74,8 @@ pub struct Metrics {
     /// Mirror the relay's pipe count and spliced bytes at each scrape (`mirror_relay`).
     relay_pipes: IntGauge,
     relay_spliced_bytes: IntCounter,
+    /// Times a bulk relay found no splice pipe (the cap, or the system refused) and copied.
+    relay_pipes_unavailable: IntCounter,
     /// Connections in the parking lot now, and parkings so far (see `parking`).
     pub relay_parked: IntGauge,
     pub relay_parks: IntCounter,
@@ -251,6 +254,13 @@ impl Metrics {
                 "Relayed bytes moved with splice(2), without a copy through sluice's memory.",
             ),
         );
+        let relay_pipes_unavailable = registered(
+            &r,
+            IntCounter::new(
+                RELAY_PIPES_UNAVAILABLE,
+                "Times a bulk relay found no splice pipe (at the cap, a quarter of max_connections, or refused by the system) and copied instead.",
+            ),
+        );
         let relay_parked = registered(
             &r,
             IntGauge::new(
@@ -273,6 +283,7 @@ impl Metrics {
             log_lines_dropped,
             relay_pipes,
             relay_spliced_bytes,
+            relay_pipes_unavailable,
             relay_parked,
             relay_parks,
             resources,
@@ -516,8 +527,12 @@ impl Metrics {
 
     /// Mirror the relay's process-wide figures (`edge::splice`): pipes open now, bytes
     /// spliced so far. The admin API calls it before each `render`.
-    pub fn mirror_relay(&self, open_pipes: usize, spliced_bytes: u64) {
+    pub fn mirror_relay(&self, open_pipes: usize, spliced_bytes: u64, no_pipe: u64) {
         self.relay_pipes.set(open_pipes as i64);
+        let seen = self.relay_pipes_unavailable.get();
+        if no_pipe > seen {
+            self.relay_pipes_unavailable.inc_by(no_pipe - seen);
+        }
         let seen = self.relay_spliced_bytes.get();
         if spliced_bytes > seen {
             self.relay_spliced_bytes.inc_by(spliced_bytes - seen);

@@ -393,6 +393,10 @@ pub enum ConnectError {
         reason: &'static str,
         detail: String,
     },
+    /// sluice itself is out of descriptors or memory: not the backend's fault (no failure
+    /// counted against it, no ejection, no other backend tried).
+    #[error("no local resources to open a connection: {0} (see limits.max_connections and the open-file limit)")]
+    LocalResources(String),
 }
 
 #[derive(Serialize)]
@@ -602,6 +606,11 @@ impl Pool {
                     self.connect_seconds
                         .observe(started.elapsed().as_secs_f64());
                     return Ok((dialed, ActiveGuard::new(backend.clone())));
+                }
+                Err(e) if crate::net::is_local_exhaustion(&e) => {
+                    tracing::error!(pool = %self.name, error = %e,
+                        "cannot open a socket to connect a backend: out of local resources");
+                    return Err(ConnectError::LocalResources(e.to_string()));
                 }
                 Err(e) => {
                     let reason = failure_reason(&e);

@@ -83,6 +83,9 @@ reasons! {
     /// It had not sent its hello when a newer connection needed its place (a pending cap, or
     /// the connection cap).
     PendingEvicted = "pending_evicted", Some(Client);
+    /// sluice had no descriptor (or memory) left to open the backend connection: the
+    /// open-file limit is too low for the load (`limits.max_connections`).
+    LocalResources = "local_resources", Some(Internal);
     /// No PROXY header where the listener requires one.
     ProxyMissing = "proxy_missing", Some(Client);
     /// A PROXY header that does not parse, is too large or is of the wrong version.
@@ -127,7 +130,7 @@ mod tests {
             );
             assert_eq!(r.to_string(), l);
         }
-        assert_eq!(seen.len(), 22);
+        assert_eq!(seen.len(), 23);
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod clock;
 pub mod close;
 pub mod config;
 pub mod eligibility;
+pub mod fds;
 pub mod hello;
 pub mod pending;
 pub mod proxy;

@@ -126,6 +126,41 @@ impl Validation {
 }
 
 impl Config {
+    /// What the open-file budget is made of (see `fds`).
+    pub fn fd_shape(&self) -> crate::fds::Shape {
+        let quic = |l: &&ListenerConfig| l.protocol == ListenerProtocol::Quic;
+        crate::fds::Shape {
+            listeners: self.listeners.iter().filter(|l| !quic(l)).count() as u64,
+            quic_flows: self
+                .listeners
+                .iter()
+                .filter(quic)
+                .map(|l| l.quic.max_flows as u64)
+                .sum(),
+            heartbeat_listener: self.heartbeat.address.is_some(),
+        }
+    }
+
+    /// The open-file budget's verdict on an explicit `limits.max_connections` with `nofile`
+    /// descriptors: `Err` names both numbers and the fix.
+    pub fn check_fd_budget(&self, nofile: u64) -> Result<(), String> {
+        let Some(mc) = self.limits.max_connections else {
+            return Ok(());
+        };
+        let budget = crate::fds::Budget { nofile };
+        let needed = budget.needed(self.fd_shape(), mc);
+        if needed <= nofile {
+            return Ok(());
+        }
+        Err(format!(
+            "limits.max_connections = {mc} needs about {needed} open files (2 per connection, \
+             splice pipes, listeners, QUIC flows, the APIs), but the open-file limit is {nofile}: \
+             raise it (LimitNOFILE= in the systemd unit, ulimit -n) to at least {needed}, or \
+             lower max_connections to {} (or remove it: sluice derives it from the limit)",
+            budget.max_connections(self.fd_shape())
+        ))
+    }
+
     /// Parse and validate config text; `path` is only used in messages.
     pub fn parse(path: &Path, text: &str) -> Result<Validated, ConfigErrors> {
         Self::parse_files(&[(path.to_path_buf(), text.to_owned())])
