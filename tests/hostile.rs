@@ -323,3 +323,237 @@ async fn past_the_pipe_cap_bulk_relays_copy_and_are_counted() {
     assert!(metric(&server, "sluice_relay_spliced_bytes_total", &[]).await > 0.0);
     server.shutdown().await;
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The process's CPU time so far (user + system), in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on Linux.
+    ticks * 10_000
+}
+
+/// A soak of hostile input against the release binary while 200 tunnels are held:
+/// slowloris on the edge and the admin port, hellos in 1-byte records and oversized ones,
+/// forged PROXY headers, bad heartbeats. Every tunnel survives; each kind is refused and
+/// counted; the edge's CPU per hostile connection is printed (the figures of the note).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_of_hostile_input_loses_no_tunnel() {
+    use sluice_core::hello::build;
+    let backend = echo_backend().await;
+    let secrets = support::secrets("soak-token-0123456789abc name=agents\n");
+    let (edge_port, lb_port, hb_port) = (free_port(), free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[admin]
+address = "127.0.0.1:0"
+
+[limits]
+max_pending_hellos = 256
+max_pending_hellos_per_source = 64
+
+[heartbeat]
+address = "127.0.0.1:{hb_port}"
+cert_file = "{d}/cert.pem"
+key_file = "{d}/key.pem"
+tokens_file = "{d}/tokens"
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:{edge_port}"
+hello_timeout = "2s"
+
+[[listener]]
+name = "behind_lb"
+address = "127.0.0.1:{lb_port}"
+accept_proxy = "v2"
+trusted_proxies = ["127.0.0.1"]
+hello_timeout = "2s"
+
+[[route]]
+name = "all"
+pool = "p"
+idle_timeout = "0s"
+
+[pool.p]
+backends = ["{backend}"]
+"#,
+            d = secrets.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = support::process::sluice_run(&path, &[]);
+    let pid = child.id();
+    let (_, admin, log) = support::process::bound_addresses(&mut child);
+    let admin: SocketAddr = admin.parse().unwrap();
+    let edge = SocketAddr::from(([127, 0, 0, 1], edge_port));
+    let lb = SocketAddr::from(([127, 0, 0, 1], lb_port));
+    let hb = SocketAddr::from(([127, 0, 0, 1], hb_port));
+
+    // 200 established tunnels, held through everything.
+    let mut tunnels = Vec::new();
+    for i in 0..200u32 {
+        let source = Ipv4Addr::new(127, 0, 1 + (i / 200) as u8, 1 + (i % 200) as u8);
+        let mut t = connect_from(source, edge).await;
+        t.write_all(&tunnel_hello()).await.unwrap();
+        if read_line(&mut t).await != "echo" {
+            drop(child);
+            panic!("tunnel {i} refused:\n{}", log.join().unwrap());
+        }
+        let mut echoed = vec![0u8; tunnel_hello().len()];
+        t.read_exact(&mut echoed).await.unwrap();
+        tunnels.push(t);
+    }
+
+    let mut report = Vec::new();
+    let mut phase = |name: &'static str, n: usize, before: u64| {
+        let us = cpu_us(pid).saturating_sub(before);
+        report.push(format!(
+            "{name}: {n} connections, {} us of edge CPU each",
+            us / n as u64
+        ));
+    };
+
+    // 1. Slowloris on the edge: 600 connections, 100 from each of 6 sources, send one byte
+    //    and wait: each source's and the global pending cap close the oldest.
+    let before = cpu_us(pid);
+    let mut slow = Vec::new();
+    for i in 0..600u32 {
+        let mut s = connect_from(Ipv4Addr::new(127, 0, 2, 1 + (i / 100) as u8), edge).await;
+        let _ = s.write_all(&[0x16]).await;
+        slow.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await; // hello_timeout passes
+    drop(slow);
+    phase("slowloris (edge)", 600, before);
+
+    // 2. Slowloris on the admin port: 300 connections with half a request each.
+    let before = cpu_us(pid);
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n").await;
+        slow.push(s);
+    }
+    // The admin API keeps answering under it.
+    let (status, _) = http_get(admin, "/readyz").await;
+    assert_eq!(status, 200);
+    drop(slow);
+    phase("slowloris (admin)", 300, before);
+
+    // 3. Hellos in 1-byte TLS records (routed), and oversized ones (refused).
+    let before = cpu_us(pid);
+    let hello = build::hello(Some("frag.example.com"), &["h2"]);
+    let fragmented = build::records(&handshake_of(&hello), 1);
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(edge).await.unwrap();
+        s.write_all(&fragmented).await.unwrap();
+        assert_eq!(read_line(&mut s).await, "echo");
+    }
+    phase("hello in 1-byte records", 200, before);
+    let before = cpu_us(pid);
+    let mut oversized = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0xff, 0xff];
+    oversized.resize(70_000, 0x41);
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(edge).await.unwrap();
+        let _ = s.write_all(&oversized).await;
+        assert_eq!(read_line(&mut s).await, "", "refused");
+    }
+    phase("oversized hello", 200, before);
+
+    // 4. Forged PROXY headers from an untrusted source.
+    let before = cpu_us(pid);
+    let forged = sluice_core::proxy::encode(
+        sluice_core::proxy::ProxyProtocol::V2,
+        &sluice_core::proxy::HeaderInfo {
+            client: "10.9.9.9:1234".parse().unwrap(),
+            local: lb,
+            alpn: None,
+            sni: None,
+        },
+    )
+    .unwrap()
+    .unwrap();
+    for _ in 0..200 {
+        let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 2), lb).await;
+        let mut first = forged.clone();
+        first.extend_from_slice(&tunnel_hello());
+        let _ = s.write_all(&first).await;
+        assert_eq!(read_line(&mut s).await, "", "refused");
+    }
+    phase("forged PROXY header", 200, before);
+
+    // 5. Bad heartbeats: an unknown token, then malformed JSON with the right one.
+    let before = cpu_us(pid);
+    for i in 0..100 {
+        let (status, _) = support::heartbeats::api(
+            hb,
+            "POST",
+            "/v1/heartbeats",
+            Some("wrong-token-0123456789"),
+            "{}",
+        )
+        .await;
+        assert_eq!(status, 401);
+        let (status, _) = support::heartbeats::api(
+            hb,
+            "POST",
+            "/v1/heartbeats",
+            Some("soak-token-0123456789abc"),
+            &format!("{{\"agent\": \"a{i}\", \"address\": 5"),
+        )
+        .await;
+        assert_eq!(status, 400);
+    }
+    phase("bad heartbeat (TLS + HTTP each)", 200, before);
+
+    // Every tunnel is still there.
+    for t in &mut tunnels {
+        t.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), t.read_exact(&mut b))
+            .await
+            .expect("the tunnel answers")
+            .unwrap();
+        assert_eq!(&b, b"ping");
+    }
+    let s = support::scrape(admin).await;
+    for (reason, at_least) in [
+        ("hello_timeout", 1.0),
+        ("hello_too_large", 200.0),
+        ("proxy_untrusted", 200.0),
+    ] {
+        let n = s.sum("sluice_connections_closed_total", &[("reason", reason)]);
+        assert!(n >= at_least, "{reason}: {n}");
+    }
+    assert!(
+        s.value(
+            "sluice_pending_hello_evictions_total",
+            &[("reason", "source_cap")]
+        ) > 0.0
+    );
+    assert_eq!(
+        s.value("sluice_connections_active", &[("listener", "edge")]),
+        200.0
+    );
+    for line in &report {
+        eprintln!("soak: {line}");
+    }
+}
