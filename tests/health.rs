@@ -370,17 +370,35 @@ async fn a_removed_backends_series_go_with_it() {
             && healthy(&server, b.address).await == Some(1.0)
     })
     .await;
-    let cfg =
-        sluice::config::parse(std::path::Path::new("t.toml"), &conf(&[a.address], check)).unwrap();
-    server.rt.apply(cfg).await.unwrap();
     let admin = server.admin_addr().unwrap();
     let series = |s: &support::metrics::Scrape, name: &str, backend: SocketAddr| {
         s.get(name, &[("pool", "p"), ("backend", &backend.to_string())])
     };
+    // Every per-backend series exists from the backend's start, at 0.
+    let counters = [
+        "sluice_backend_connections_active",
+        "sluice_backend_connections_total",
+        "sluice_backend_connect_failures_total",
+    ];
+    let s = scrape(admin).await;
+    for name in counters {
+        assert_eq!(series(&s, name, b.address), Some(0.0), "{name}");
+    }
+    let bytes_of = |s: &support::metrics::Scrape, backend: SocketAddr| {
+        s.family("sluice_backend_bytes_total")
+            .lines()
+            .filter(|l| l.contains(&format!("backend=\"{backend}\"")))
+            .count()
+    };
+    assert_eq!(bytes_of(&s, b.address), 2, "both directions, at 0");
+    let cfg =
+        sluice::config::parse(std::path::Path::new("t.toml"), &conf(&[a.address], check)).unwrap();
+    server.rt.apply(cfg).await.unwrap();
     eventually("b's series are gone", || async {
         let s = scrape(admin).await;
         series(&s, "sluice_backend_healthy", b.address).is_none()
-            && series(&s, "sluice_backend_connections_active", b.address).is_none()
+            && counters.iter().all(|n| series(&s, n, b.address).is_none())
+            && bytes_of(&s, b.address) == 0
     })
     .await;
     let s = scrape(admin).await;

@@ -37,6 +37,57 @@ async fn dead_backend_is_retried_on_another() {
         .await,
         2.0
     );
+    // Per backend: the dead one's failures, the live one's connections; bytes and the
+    // duration histogram once the connections end.
+    let b = |addr: std::net::SocketAddr| addr.to_string();
+    let (dead, live) = (b(dead), b(live.address));
+    let per = |name: &'static str, backend: String| {
+        let server = &server;
+        async move { metric(server, name, &[("pool", "main"), ("backend", &backend)]).await }
+    };
+    assert_eq!(
+        per("sluice_backend_connect_failures_total", dead.clone()).await,
+        2.0
+    );
+    assert_eq!(
+        per("sluice_backend_connections_total", live.clone()).await,
+        4.0
+    );
+    assert_eq!(per("sluice_backend_connections_total", dead).await, 0.0);
+    eventually(
+        "the four connections ended and counted their bytes",
+        || async {
+            let s = scrape(server.admin_addr().unwrap()).await;
+            s.sum(
+                "sluice_backend_bytes_total",
+                &[
+                    ("pool", "main"),
+                    ("backend", &live),
+                    ("direction", "to_client"),
+                ],
+            ) > 0.0
+                && s.sum("sluice_connection_duration_seconds_count", &[]) == 4.0
+        },
+    )
+    .await;
+    assert!(
+        metric(
+            &server,
+            "sluice_backend_bytes_total",
+            &[
+                ("pool", "main"),
+                ("backend", &live),
+                ("direction", "to_backend")
+            ]
+        )
+        .await
+            >= 4.0 * tunnel_hello().len() as f64
+    );
+    // The process's own series.
+    let s = scrape(server.admin_addr().unwrap()).await;
+    assert!(s.value("process_open_fds", &[]) > 0.0);
+    assert!(s.value("process_start_time_seconds", &[]) > 1.0e9);
+    assert!(s.value("process_resident_memory_bytes", &[]) > 0.0);
     server.shutdown().await;
 }
 

@@ -406,6 +406,13 @@ fn closed(edge: &Edge, state: &ListenerState, log: &Log) {
         .closed
         .with_label_values(&[listener, log.route_name(), log.end.label()])
         .inc();
+    if let Some(b) = &log.backend {
+        b.moved(log.to_backend, log.to_client);
+        edge.metrics
+            .connection_duration
+            .with_label_values(&[log.route_name()])
+            .observe(log.started.elapsed().as_secs_f64());
+    }
     state.active.dec();
     log.emit(listener);
 }

@@ -25,6 +25,10 @@ pub const UPSTREAM_EXHAUSTED: &str = "sluice_upstream_unavailable_total";
 pub const BYTES: &str = "sluice_bytes_total";
 pub const POOL_BACKENDS: &str = "sluice_pool_backends";
 pub const BACKEND_ACTIVE: &str = "sluice_backend_connections_active";
+pub const BACKEND_CONNECTIONS: &str = "sluice_backend_connections_total";
+pub const BACKEND_CONNECT_FAILURES: &str = "sluice_backend_connect_failures_total";
+pub const BACKEND_BYTES: &str = "sluice_backend_bytes_total";
+pub const CONNECTION_DURATION: &str = "sluice_connection_duration_seconds";
 pub const BUILD_INFO: &str = "sluice_build_info";
 pub const LIFECYCLE_STATE: &str = "sluice_lifecycle_state";
 pub const MAX_CONNECTIONS: &str = "sluice_max_connections";
@@ -107,6 +111,14 @@ pub struct Metrics {
     pub pool_backends: IntGaugeVec,
     /// {pool, backend}
     pub backend_active: IntGaugeVec,
+    /// {pool, backend}: connections established to it.
+    pub backend_connections: IntCounterVec,
+    /// {pool, backend}: connects to it that failed (refused, timed out, reset, unreachable).
+    pub backend_connect_failures: IntCounterVec,
+    /// {pool, backend, direction}: bytes relayed through it, counted when each connection ends.
+    pub backend_bytes: IntCounterVec,
+    /// {route}: how long connections lasted, from accept to close.
+    pub connection_duration: HistogramVec,
     /// {state}: 1 for the current one of starting, ready, draining, closing
     pub lifecycle_state: IntGaugeVec,
     pub max_connections: IntGauge,
@@ -196,6 +208,12 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 impl Metrics {
     pub fn new() -> Metrics {
         let r = Registry::new();
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        // process_max_fds, process_start_time_seconds, ... (Linux /proc).
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("unique metric");
         let connect_seconds = registered(
             &r,
             HistogramVec::new(
@@ -508,6 +526,37 @@ impl Metrics {
                 &["route", "direction"],
             ),
             pool_backends: gauge(&r, POOL_BACKENDS, "Backends configured per pool.", &["pool"]),
+            backend_connections: counter(
+                &r,
+                BACKEND_CONNECTIONS,
+                "Connections established to a pool backend.",
+                &["pool", "backend"],
+            ),
+            backend_connect_failures: counter(
+                &r,
+                BACKEND_CONNECT_FAILURES,
+                "Connects to a pool backend that failed (refused, timed out, reset, unreachable).",
+                &["pool", "backend"],
+            ),
+            backend_bytes: counter(
+                &r,
+                BACKEND_BYTES,
+                "Bytes relayed through a pool backend, by direction, counted when each connection ends.",
+                &["pool", "backend", "direction"],
+            ),
+            connection_duration: registered(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        CONNECTION_DURATION,
+                        "How long relayed connections lasted, from accept to close, by route.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, 21600.0, 86400.0,
+                    ]),
+                    &["route"],
+                ),
+            ),
             backend_active: gauge(
                 &r,
                 BACKEND_ACTIVE,

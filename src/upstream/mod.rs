@@ -40,9 +40,9 @@ pub struct Backend {
     weight: AtomicU32,
     id: u64,
     active: AtomicU64,
-    /// `sluice_backend_connections_active{pool, backend}`; none for agents (their number is
-    /// unbounded, so they are not metric labels).
-    active_gauge: Option<IntGauge>,
+    /// Its per-backend series; none for agents (their number is unbounded, so they are not
+    /// metric labels).
+    series: Option<BackendSeries>,
     /// Its per-backend series, deleted when the last backend object of that (pool, name) is
     /// gone (a reload removed it and its connections ended, or DNS stopped answering it).
     _series: Option<SeriesUse>,
@@ -116,7 +116,7 @@ impl Backend {
             weight: AtomicU32::new(1),
             id: fnv1a(id.as_bytes()),
             active: AtomicU64::new(0),
-            active_gauge: None,
+            series: None,
             _series: None,
             ready_at: epoch(),
             in_service: AtomicBool::new(true),
@@ -165,6 +165,17 @@ impl Backend {
 
     fn connected(&self) {
         self.outlier.succeeded(ms_since_epoch(Instant::now()));
+        if let Some(s) = &self.series {
+            s.connections.inc();
+        }
+    }
+
+    /// A connection through it ended, having moved these bytes (counted at the end, once).
+    pub fn moved(&self, to_backend: u64, to_client: u64) {
+        if let Some(s) = &self.series {
+            s.bytes_to_backend.inc_by(to_backend);
+            s.bytes_to_client.inc_by(to_client);
+        }
     }
 
     /// A reload removed it: no new connections; after `drain`, close the established ones.
@@ -204,6 +215,39 @@ pub fn retirements() -> u64 {
 
 /// Live backend objects per (pool, backend name): a removed backend draining its connections
 /// and its replacement share their series, which go when the last of them does.
+/// A pool backend's own series, resolved once (every one exists, at 0, from its creation).
+#[derive(Debug)]
+struct BackendSeries {
+    /// `sluice_backend_connections_active`
+    active: IntGauge,
+    /// `sluice_backend_connections_total`
+    connections: prometheus::IntCounter,
+    /// `sluice_backend_connect_failures_total`
+    connect_failures: prometheus::IntCounter,
+    /// `sluice_backend_bytes_total{direction}`
+    bytes_to_backend: prometheus::IntCounter,
+    bytes_to_client: prometheus::IntCounter,
+}
+
+impl BackendSeries {
+    fn new(metrics: &Metrics, pool: &str, backend: &str) -> BackendSeries {
+        let labels = [pool, backend];
+        BackendSeries {
+            active: metrics.backend_active.with_label_values(&labels),
+            connections: metrics.backend_connections.with_label_values(&labels),
+            connect_failures: metrics.backend_connect_failures.with_label_values(&labels),
+            bytes_to_backend: metrics.backend_bytes.with_label_values(&[
+                pool,
+                backend,
+                "to_backend",
+            ]),
+            bytes_to_client: metrics
+                .backend_bytes
+                .with_label_values(&[pool, backend, "to_client"]),
+        }
+    }
+}
+
 type SeriesUsers = Arc<Mutex<HashMap<(String, String), usize>>>;
 
 /// One backend object's use of its per-backend series.
@@ -248,6 +292,13 @@ impl Drop for SeriesUse {
         let labels = [self.key.0.as_str(), self.key.1.as_str()];
         let m = &self.metrics;
         let _ = m.backend_active.remove_label_values(&labels);
+        let _ = m.backend_connections.remove_label_values(&labels);
+        let _ = m.backend_connect_failures.remove_label_values(&labels);
+        for direction in ["to_backend", "to_client"] {
+            let _ = m
+                .backend_bytes
+                .remove_label_values(&[labels[0], labels[1], direction]);
+        }
         let _ = m.backend_healthy.remove_label_values(&labels);
         let _ = m.ejections.remove_label_values(&labels);
     }
@@ -303,11 +354,7 @@ impl Backends {
             weight: AtomicU32::new(b.weight),
             id: fnv1a(b.address.to_string().as_bytes()),
             active: AtomicU64::new(0),
-            active_gauge: Some(
-                metrics
-                    .backend_active
-                    .with_label_values(&[pool.name.as_str(), b.name.as_str()]),
-            ),
+            series: Some(BackendSeries::new(metrics, &pool.name, &b.name)),
             _series: Some(SeriesUse::new(
                 &self.series,
                 metrics,
@@ -333,7 +380,7 @@ pub struct ActiveGuard(Arc<Backend>);
 impl ActiveGuard {
     fn new(b: Arc<Backend>) -> Self {
         b.active.fetch_add(1, Ordering::Relaxed);
-        if let Some(g) = &b.active_gauge {
+        if let Some(g) = b.series.as_ref().map(|s| &s.active) {
             g.inc();
         }
         ActiveGuard(b)
@@ -346,7 +393,7 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
-        if let Some(g) = &self.0.active_gauge {
+        if let Some(g) = self.0.series.as_ref().map(|s| &s.active) {
             g.dec();
         }
     }
@@ -614,6 +661,9 @@ impl Pool {
                 }
                 Err(e) => {
                     let reason = failure_reason(&e);
+                    if let Some(s) = &backend.series {
+                        s.connect_failures.inc();
+                    }
                     metrics
                         .connect_failures
                         .with_label_values(&[self.name.as_str(), reason])
