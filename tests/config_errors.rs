@@ -736,10 +736,10 @@ fn pool_errors() {
             ),
             case(
                 End,
-                "[pool.q]\nbackends = [\n  \"127.0.0.1:3025\",\n  { address = \"127.0.0.2:3025\", weight = 0 }, #<\n]",
+                "[pool.q]\nbackends = [\n  \"127.0.0.1:3025\",\n  { address = \"127.0.0.2:3025\", weight = 1001 }, #<\n]",
                 "pool.q.backends[1].weight",
-                "0 is out of range",
-                "use a value from 1 to 1000",
+                "1001 is out of range",
+                "use a value from 0 to 1000",
             ),
             case(
                 End,

@@ -353,3 +353,99 @@ async fn the_global_connection_cap_holds_new_connections_until_one_ends() {
     assert_eq!(accepted("edge").await, 2.0);
     server.shutdown().await;
 }
+
+/// A backend drained at run time (admin API) or by `weight = 0` takes no new connection and
+/// keeps its established ones; it stays drained across a reload while it stays configured,
+/// and shows as `draining` in `/debug/pools` and in `sluice_backend_draining`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backend_keeps_its_connections_and_gets_no_new_ones() {
+    let (a, b) = (
+        RawBackend::start("a", false).await,
+        RawBackend::start("b", false).await,
+    );
+    let text = one_pool_config(
+        "127.0.0.1:0",
+        "",
+        &format!(
+            "backends = [\"{}\", \"{}\"]\nbalance = \"round_robin\"",
+            a.address, b.address
+        ),
+    );
+    let server = start(&text, &[]).await;
+    let admin = server.admin_addr().unwrap();
+    let edge = edge(&server);
+    // One established tunnel on each.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(open_tunnel(edge).await);
+    }
+    let on_b = held.iter().position(|(_, tag)| tag == "b").unwrap();
+    let drain = format!("/-/pools/p/backends/{}/drain", b.address);
+    let (status, body) = http_request(admin, "POST", &drain).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("draining (1 connections open)"), "{body}");
+    assert_eq!(http_request(admin, "GET", &drain).await.0, 405);
+    assert_eq!(
+        http_request(admin, "POST", "/-/pools/p/backends/10.9.9.9:1/drain")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        http_request(admin, "POST", "/-/pools/nope/backends/x/drain")
+            .await
+            .0,
+        404
+    );
+    // New connections all go to a; b's tunnel still relays.
+    for _ in 0..6 {
+        assert_eq!(open_tunnel(edge).await.1, "a");
+    }
+    let (s, _) = &mut held[on_b];
+    s.write_all(b"still here").await.unwrap();
+    let (_, pools) = http_get(admin, "/debug/pools").await;
+    assert!(pools.contains("\"draining\""), "{pools}");
+    let labels = [("pool", "p"), ("backend", &*b.address.to_string())];
+    assert_eq!(
+        metric(&server, "sluice_backend_draining", &labels).await,
+        1.0
+    );
+    // A reload keeps it drained while b stays in the config.
+    let cfg = sluice::config::parse(
+        std::path::Path::new("t.toml"),
+        &text.replace("round_robin", "random"),
+    )
+    .unwrap();
+    server.rt.apply(cfg).await.unwrap();
+    for _ in 0..6 {
+        assert_eq!(open_tunnel(edge).await.1, "a");
+    }
+    // Undrained: b takes connections again.
+    let undrain = format!("/-/pools/p/backends/{}/undrain", b.address);
+    assert_eq!(http_request(admin, "POST", &undrain).await.0, 200);
+    let mut tags = std::collections::HashSet::new();
+    for _ in 0..20 {
+        tags.insert(open_tunnel(edge).await.1);
+    }
+    assert!(tags.contains("b"), "{tags:?}");
+    assert_eq!(
+        metric(&server, "sluice_backend_draining", &labels).await,
+        0.0
+    );
+    // weight = 0 in the config drains it too, and the admin API cannot undrain that.
+    let zero = text.replace(
+        &format!("\"{}\"]", b.address),
+        &format!("{{ address = \"{}\", weight = 0 }}]", b.address),
+    );
+    assert!(zero.contains("weight = 0"));
+    server
+        .rt
+        .apply(sluice::config::parse(std::path::Path::new("t.toml"), &zero).unwrap())
+        .await
+        .unwrap();
+    for _ in 0..6 {
+        assert_eq!(open_tunnel(edge).await.1, "a");
+    }
+    assert_eq!(http_request(admin, "POST", &undrain).await.0, 409);
+    server.shutdown().await;
+}

@@ -226,22 +226,94 @@ async fn reload(rt: &Arc<Runtime>, req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Serve the admin API on `listener` until `stop` fires.
-/// Admin connections served at once; at the cap, new ones wait in the listen backlog until
-/// a slot frees (idle and slow connections free theirs within seconds).
-/// Connections served at once: 512, less with a small open-file limit (the budget of
-/// `sluice_core::fds` counts them).
+/// Admin connections served at once: 512, less with a small open-file limit (the budget of
+/// `sluice_core::fds` counts them). At the cap, new ones wait in the listen backlog until a
+/// slot frees (idle and slow connections free theirs within seconds).
 fn budget_connections() -> usize {
     sluice_core::fds::Budget {
         nofile: crate::net::nofile(),
     }
     .admin_connections()
 }
+
 /// A connection must send a complete request head within this long (a slowloris is closed).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection with no request in flight for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `POST /-/pools/{pool}/backends/{backend}/drain` (or `/undrain`): the backend (by its name
+/// as configured, or its address) takes no new connection and keeps its established ones,
+/// until undrained; it stays drained across reloads while it stays in the config. A backend
+/// with `weight = 0` is drained by the config and cannot be undrained here.
+fn drain_backend(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::POST {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use POST /-/pools/{pool}/backends/{backend}/drain or /undrain\n",
+        );
+    }
+    let rest = req.uri().path().trim_start_matches("/-/pools/");
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [pool, "backends", backend, action] = parts[..] else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "POST /-/pools/{pool}/backends/{backend}/drain or /undrain\n",
+        );
+    };
+    let drain = match action {
+        "drain" => true,
+        "undrain" => false,
+        _ => {
+            return reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "the action is drain or undrain\n",
+            )
+        }
+    };
+    let snap = rt.snapshot();
+    let Some(p) = snap.pools.get(pool) else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no pool `{pool}`\n"),
+        );
+    };
+    let list = p.backends();
+    let Some(b) = list
+        .iter()
+        .find(|b| b.name == backend || b.address.to_string() == backend)
+    else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("pool `{pool}` has no backend `{backend}`\n"),
+        );
+    };
+    if !drain && b.weight() == 0 {
+        return reply(
+            StatusCode::CONFLICT,
+            "text/plain",
+            format!("`{backend}` has weight = 0 in the config: change the config to undrain it\n"),
+        );
+    }
+    b.set_drained(drain);
+    tracing::info!(pool, backend = %b.name, drained = drain, "backend drain changed through the admin API");
+    let state = if drain { "draining" } else { "undrained" };
+    reply(
+        StatusCode::OK,
+        "text/plain",
+        format!(
+            "{pool} {}: {state} ({} connections open)\n",
+            b.name,
+            b.active()
+        ),
+    )
+}
+
+/// Serve the admin API on `listener` until `stop` fires.
 pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: CancellationToken) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -280,8 +352,11 @@ pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancellat
                 let (rt, seen) = (rt.clone(), seen.clone());
                 async move {
                     let _busy = seen.start();
-                    let resp = if req.uri().path() == "/-/reload" {
+                    let path = req.uri().path();
+                    let resp = if path == "/-/reload" {
                         reload(&rt, &req).await
+                    } else if path.starts_with("/-/pools/") {
+                        drain_backend(&rt, &req)
                     } else {
                         handle(&rt, &req)
                     };

@@ -25,6 +25,7 @@ pub const UPSTREAM_EXHAUSTED: &str = "sluice_upstream_unavailable_total";
 pub const BYTES: &str = "sluice_bytes_total";
 pub const POOL_BACKENDS: &str = "sluice_pool_backends";
 pub const BACKEND_ACTIVE: &str = "sluice_backend_connections_active";
+pub const BACKEND_DRAINING: &str = "sluice_backend_draining";
 pub const BACKEND_CONNECTIONS: &str = "sluice_backend_connections_total";
 pub const BACKEND_CONNECT_FAILURES: &str = "sluice_backend_connect_failures_total";
 pub const BACKEND_BYTES: &str = "sluice_backend_bytes_total";
@@ -111,6 +112,8 @@ pub struct Metrics {
     pub pool_backends: IntGaugeVec,
     /// {pool, backend}
     pub backend_active: IntGaugeVec,
+    /// {pool, backend}: 1 while drained (admin API, or `weight = 0`).
+    pub backend_draining: IntGaugeVec,
     /// {pool, backend}: connections established to it.
     pub backend_connections: IntCounterVec,
     /// {pool, backend}: connects to it that failed (refused, timed out, reset, unreachable).
@@ -526,6 +529,12 @@ impl Metrics {
                 &["route", "direction"],
             ),
             pool_backends: gauge(&r, POOL_BACKENDS, "Backends configured per pool.", &["pool"]),
+            backend_draining: gauge(
+                &r,
+                BACKEND_DRAINING,
+                "1 while a backend is drained (no new connections; established ones kept): by the admin API, or weight = 0.",
+                &["pool", "backend"],
+            ),
             backend_connections: counter(
                 &r,
                 BACKEND_CONNECTIONS,

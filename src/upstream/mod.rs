@@ -50,6 +50,8 @@ pub struct Backend {
     ready_at: Instant,
     /// False once a reload removed it: it takes no new connections.
     in_service: AtomicBool,
+    /// Drained at run time (the admin API): no new connections, established ones kept.
+    drained: AtomicBool,
     /// Bumped on each removal and return, so a delayed close applies only to its own removal.
     /// Removal, return and the delayed close change `in_service`/`retire` under this lock.
     generation: Mutex<u64>,
@@ -120,6 +122,7 @@ impl Backend {
             _series: None,
             ready_at: epoch(),
             in_service: AtomicBool::new(true),
+            drained: AtomicBool::new(false),
             generation: Mutex::new(0),
             retire,
             outlier: Outlier::default(),
@@ -143,6 +146,18 @@ impl Backend {
     /// Past its `min_ready`.
     pub fn is_ready(&self, now: Instant) -> bool {
         now >= self.ready_at
+    }
+
+    /// Drained: at run time, or by `weight = 0` in the config.
+    pub fn drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed) || self.weight() == 0
+    }
+
+    pub fn set_drained(&self, drained: bool) {
+        self.drained.store(drained, Ordering::Relaxed);
+        if let Some(s) = &self.series {
+            s.draining.set(self.drained() as i64);
+        }
     }
 
     pub fn in_service(&self) -> bool {
@@ -220,6 +235,8 @@ pub fn retirements() -> u64 {
 struct BackendSeries {
     /// `sluice_backend_connections_active`
     active: IntGauge,
+    /// `sluice_backend_draining`
+    draining: IntGauge,
     /// `sluice_backend_connections_total`
     connections: prometheus::IntCounter,
     /// `sluice_backend_connect_failures_total`
@@ -234,6 +251,7 @@ impl BackendSeries {
         let labels = [pool, backend];
         BackendSeries {
             active: metrics.backend_active.with_label_values(&labels),
+            draining: metrics.backend_draining.with_label_values(&labels),
             connections: metrics.backend_connections.with_label_values(&labels),
             connect_failures: metrics.backend_connect_failures.with_label_values(&labels),
             bytes_to_backend: metrics.backend_bytes.with_label_values(&[
@@ -293,6 +311,7 @@ impl Drop for SeriesUse {
         let m = &self.metrics;
         let _ = m.backend_active.remove_label_values(&labels);
         let _ = m.backend_connections.remove_label_values(&labels);
+        let _ = m.backend_draining.remove_label_values(&labels);
         let _ = m.backend_connect_failures.remove_label_values(&labels);
         for direction in ["to_backend", "to_client"] {
             let _ = m
@@ -341,6 +360,9 @@ impl Backends {
                 .unwrap_or_else(|e| e.into_inner());
             if !existing.retire.is_cancelled() {
                 existing.weight.store(b.weight, Ordering::Relaxed);
+                if let Some(s) = &existing.series {
+                    s.draining.set(existing.drained() as i64);
+                }
                 if !existing.in_service.swap(true, Ordering::AcqRel) {
                     *g += 1;
                 }
@@ -362,11 +384,15 @@ impl Backends {
             )),
             ready_at: Instant::now() + if warm { pool.min_ready } else { Duration::ZERO },
             in_service: AtomicBool::new(true),
+            drained: AtomicBool::new(false),
             generation: Mutex::new(0),
             retire: self.close_all.child_token(),
             outlier: Outlier::default(),
             health: AtomicU8::new(Health::Unknown as u8),
         });
+        if let Some(s) = &backend.series {
+            s.draining.set(backend.drained() as i64);
+        }
         map.insert(key, Arc::downgrade(&backend));
         map.retain(|_, w| w.strong_count() > 0);
         backend
@@ -544,7 +570,9 @@ impl Pool {
                         weight: b.weight(),
                         active: b.active(),
                         health: b.health(),
-                        state: if b.health() == Health::Unhealthy {
+                        state: if b.drained() {
+                            "draining"
+                        } else if b.health() == Health::Unhealthy {
                             "unhealthy"
                         } else if !ejected.is_zero() {
                             "ejected"
@@ -586,6 +614,7 @@ impl Pool {
         for b in list {
             let standing = Standing {
                 in_service: b.in_service(),
+                drained: b.drained(),
                 healthy: b.health() != Health::Unhealthy,
                 ejected: !b.ejected_for(now).is_zero(),
                 ready: b.is_ready(now),

@@ -14,6 +14,8 @@ use std::time::Duration;
 pub struct Standing {
     /// Not removed by a reload.
     pub in_service: bool,
+    /// Drained by the operator (admin API, `weight = 0`): never picked.
+    pub drained: bool,
     /// Not found unhealthy by the active health checks (no verdict counts as healthy).
     pub healthy: bool,
     /// Passively ejected now.
@@ -29,7 +31,7 @@ pub struct Standing {
 /// just before the reload). `None`: never — weight 0, or unhealthy under `fail_open = false`.
 #[inline]
 pub fn tier(s: Standing, fail_open: bool) -> Option<u8> {
-    if s.weight == 0 || (!s.healthy && !fail_open) {
+    if s.weight == 0 || s.drained || (!s.healthy && !fail_open) {
         return None;
     }
     let usable = s.healthy && !s.ejected;
@@ -162,6 +164,7 @@ mod tests {
     fn standing() -> Standing {
         Standing {
             in_service: true,
+            drained: false,
             healthy: true,
             ejected: false,
             ready: true,
@@ -206,6 +209,7 @@ mod tests {
             Some(0)
         );
         assert_eq!(tier(Standing { weight: 0, ..s }, true), None);
+        assert_eq!(tier(Standing { drained: true, ..s }, true), None);
         assert_eq!(best_tier(&[Some(1), Some(3), None], &[]), Some(3));
         assert_eq!(best_tier(&[Some(1), Some(3), None], &[1]), Some(1));
         assert_eq!(best_tier(&[None, Some(3)], &[1]), None);

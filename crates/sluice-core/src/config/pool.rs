@@ -311,7 +311,8 @@ impl RawPool {
                 RawBackend::Address(a) => (a, None),
                 RawBackend::Detailed { address, weight } => (address, weight),
             };
-            let weight = int_in(errs, &bat.key("weight"), weight, 1, 1, 1000) as u32;
+            // 0: drained (no new connections; established ones kept).
+            let weight = int_in(errs, &bat.key("weight"), weight, 1, 0, 1000) as u32;
             let slot = AddrSlot::Backend {
                 pool: pool.to_owned(),
                 index: backends.len(),
