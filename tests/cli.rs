@@ -441,6 +441,19 @@ fn systemd_units_pass_systemd_analyze_verify() {
     let said =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    // And its exposure, as `systemd-analyze security` rates it (offline: no running systemd).
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(dir.path().join("sluice.service"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = text
+        .lines()
+        .find_map(|l| l.split("exposure level for sluice.service: ").nth(1))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(level <= 1.5, "exposure {level}:\n{text}");
 }
 
 /// The Kubernetes example: its embedded config passes `sluice check`, and the pod's grace

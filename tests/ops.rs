@@ -311,7 +311,8 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
             sock.display()
         );
         std::fs::write(&path, conf(&a, &top)).unwrap();
-        // As under systemd with NotifyAccess=all: both processes notify the same socket.
+        // Both processes notify the same socket (under systemd with NotifyAccess=main, only
+        // the main one's messages count: the old one names its successor MAINPID=).
         let notify_path = dir.path().join("notify.sock");
         let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
         notify.set_nonblocking(true).unwrap();
@@ -350,6 +351,10 @@ fn upgrade_hands_the_sockets_over_without_refusing_a_connection() {
             said.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
         assert!(said.contains(&format!("MAINPID={}", new.id())), "{said}");
+        old_log.wait_for(
+            &format!("\"new_pid\":{}", new.id()),
+            Duration::from_secs(5),
+        );
         assert!(!said.contains("STOPPING=1"), "{said}");
 
         // Again, by signal: SIGUSR2 makes the running process start its successor.

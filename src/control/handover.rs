@@ -1,7 +1,8 @@
 //! Listening sockets that come from outside the process: systemd socket activation, and the
 //! zero-downtime upgrade in which a new sluice takes the sockets of the running one.
 //!
-//! Owns: turning raw descriptors into sockets (two `unsafe` lines, each with its reason; the
+//! Owns: turning raw descriptors into sockets and asking a peer's pid (`unsafe` lines, each
+//! with its reason; the
 //! crate's other `unsafe` is in `edge::splice` and `edge::parking`), and the upgrade conversation over a Unix socket:
 //!
 //! ```text
@@ -250,7 +251,17 @@ impl ControlSocket {
                     .map_err(io::Error::other)?;
             match talked {
                 Ok(stream) => {
-                    // The successor is ready: stop accepting, then let it take the path.
+                    // The successor is ready: it is the service's main process from now on.
+                    // This (still the main) process says so, so that systemd can accept
+                    // notifications from the main process only (NotifyAccess=main).
+                    if let Some(pid) = peer_pid(&stream) {
+                        crate::control::systemd::notify(&[sd_notify::NotifyState::MainPid(pid)]);
+                        tracing::info!(
+                            new_pid = pid,
+                            "upgrade: the new process is the main one now"
+                        );
+                    }
+                    // Stop accepting, then let it take the path.
                     stop();
                     let _ = std::fs::remove_file(&self.path);
                     self.owns_path = false;
@@ -262,6 +273,28 @@ impl ControlSocket {
             }
         }
     }
+}
+
+/// The process at the other end of a Unix socket (SO_PEERCRED).
+fn peer_pid(stream: &UnixStream) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of a `ucred`, which is what SO_PEERCRED
+    // fills in; the descriptor is the stream's own, open for this call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }
 
 fn hand_over(stream: &UnixStream, offer: &dyn Fn() -> Vec<(String, OwnedFd)>) -> io::Result<()> {

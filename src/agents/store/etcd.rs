@@ -81,11 +81,13 @@ pub fn default_edge_id() -> String {
     }
 }
 
-/// The host name: `$HOSTNAME` (a Kubernetes pod's name), else the kernel's.
+/// The host name: `$HOSTNAME` (a Kubernetes pod's name), else the kernel's, else
+/// `/etc/hostname` (under systemd's `ProcSubset=pid`, /proc/sys is hidden).
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
 }
