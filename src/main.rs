@@ -50,6 +50,9 @@ enum Command {
     Check {
         #[arg(long, short, default_value = "conf/sluice.toml")]
         config: PathBuf,
+        /// Do not look host names up (CI outside the cluster): they are checked for form only.
+        #[arg(long)]
+        no_resolve: bool,
     },
     /// Announce an agent's resources to sluice's heartbeat API (runs beside the service).
     Heartbeat {
@@ -84,7 +87,14 @@ fn raise_nofile() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match sluice::config::load(&config) {
+        Command::Check { config, no_resolve } => match sluice::config::load_with(
+            &config,
+            if no_resolve {
+                sluice::config::Names::Skip
+            } else {
+                sluice::config::Names::Resolve
+            },
+        ) {
             Ok(c) => {
                 // It may run on another machine: a warning, with this machine's numbers.
                 let hard = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(_, h)| h);

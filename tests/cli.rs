@@ -880,3 +880,38 @@ fn rlimit_nofile() -> (u64, u64) {
         .collect();
     (row[0], row[1])
 }
+
+/// `sluice check --no-resolve` checks a config whose names only resolve inside the cluster
+/// (CI outside it), and still refuses what no resolver could take.
+#[test]
+fn check_no_resolve_leaves_names_to_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    let text = support::one_pool_config(
+        "127.0.0.1:0",
+        "",
+        "backends = [\"proxy.teleport.svc.cluster.local:3024\", \"proxy.teleport.svc.cluster.local:3025\"]",
+    );
+    std::fs::write(&path, &text).unwrap();
+    let (code, out) = check(&path);
+    assert_eq!(code, 1, "the names do not resolve here: {out}");
+    let run = |p: &std::path::Path| {
+        let out = Command::new(BIN)
+            .args(["check", "--no-resolve", "--config"])
+            .arg(p)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, out) = run(&path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(": ok"), "{out}");
+    std::fs::write(&path, text.replace(":3025\"", "\"")).unwrap();
+    let (code, out) = run(&path);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("has no port"), "{out}");
+}
