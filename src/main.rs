@@ -47,6 +47,12 @@ enum Command {
         upgrade: bool,
     },
     /// Validate a config; print every problem as path:line: key: problem — fix, exit 1.
+    /// Wait, then exit 0: a Kubernetes preStop hook in an image without a shell
+    /// (`sluice sleep 30s`).
+    Sleep {
+        /// How long, e.g. `30s`, `1m`.
+        duration: String,
+    },
     Check {
         #[arg(long, short, default_value = "conf/sluice.toml")]
         config: PathBuf,
@@ -87,6 +93,16 @@ fn raise_nofile() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Sleep { duration } => match humantime::parse_duration(&duration) {
+            Ok(d) => {
+                std::thread::sleep(d);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sluice sleep: `{duration}`: {e} (write e.g. 30s)");
+                ExitCode::from(2)
+            }
+        },
         Command::Check { config, no_resolve } => match sluice::config::load_with(
             &config,
             if no_resolve {

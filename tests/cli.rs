@@ -533,8 +533,12 @@ fn kubernetes_example_is_valid_and_consistent() {
     let grace = number("terminationGracePeriodSeconds:");
     let pre_stop: u64 = yaml
         .lines()
-        .find_map(|l| l.trim().strip_prefix("command: [\"/bin/sleep\", \""))
-        .and_then(|v| v.trim_end_matches("\"]").parse().ok())
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("command: [\"/usr/local/bin/sluice\", \"sleep\", \"")
+        })
+        .and_then(|v| humantime::parse_duration(v.trim_end_matches("\"]")).ok())
+        .map(|d| d.as_secs())
         .expect("preStop sleep");
     let lc = &cfg.lifecycle;
     let needed = pre_stop + (lc.drain_delay + lc.drain_timeout + lc.close_spread).as_secs();
@@ -914,4 +918,16 @@ fn check_no_resolve_leaves_names_to_the_cluster() {
     let (code, out) = run(&path);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("has no port"), "{out}");
+}
+
+/// `sluice sleep` is the preStop wait of an image without a shell.
+#[test]
+fn sleep_waits_then_exits_0() {
+    let started = std::time::Instant::now();
+    let status = Command::new(BIN).args(["sleep", "300ms"]).status().unwrap();
+    assert!(status.success());
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let out = Command::new(BIN).args(["sleep", "soon"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("write e.g. 30s"));
 }
