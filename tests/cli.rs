@@ -458,30 +458,55 @@ fn systemd_units_pass_systemd_analyze_verify() {
 
 /// The Kubernetes example: its embedded config passes `sluice check`, and the pod's grace
 /// period covers preStop + drain_delay + drain_timeout + close_spread.
-/// A Kubernetes example and the `sluice.toml` of its ConfigMap.
-fn manifest(name: &str) -> (String, String) {
-    let yaml = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("conf/kubernetes")
-            .join(name),
-    )
-    .unwrap();
-    let toml: String = yaml
-        .lines()
-        .skip_while(|l| !l.contains("sluice.toml: |"))
-        .skip(1)
-        .take_while(|l| l.is_empty() || l.starts_with("    "))
-        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
-        .collect();
+/// A kustomize layer of `deploy/kubernetes` (`base`, `overlays/NAME`): its manifests with
+/// the base's (for the numbers and keys the tests look for), and its `sluice.toml`.
+fn manifest(layer: &str) -> (String, String) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let mut yaml = String::new();
+    for dir in [root.join("base"), root.join(layer)] {
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+            .collect();
+        files.sort();
+        for f in files {
+            yaml.push_str(&std::fs::read_to_string(f).unwrap());
+            yaml.push('\n');
+        }
+    }
+    let toml = std::fs::read_to_string(root.join(layer).join("sluice.toml")).unwrap();
     (yaml, toml)
+}
+
+/// The base's and the QUIC overlay's configs pass `sluice check --no-resolve` (their backend
+/// names resolve inside the cluster only), as `.ci/run` checks them.
+#[test]
+fn kubernetes_configs_pass_check_without_resolving() {
+    for layer in ["base", "overlays/quic"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/kubernetes")
+            .join(layer)
+            .join("sluice.toml");
+        let out = Command::new(BIN)
+            .args(["check", "--no-resolve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{layer}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 /// The several-edges example: three replicas on the etcd store, a config `sluice check`
 /// accepts once its cluster-only names and secrets are given.
 #[test]
 fn kubernetes_several_edges_example_is_valid() {
-    let (yaml, toml) = manifest("several-edges.yaml");
-    assert!(yaml.contains("replicas: 3"), "three edges");
+    let (yaml, toml) = manifest("overlays/multi-edge");
+    assert!(yaml.contains("count: 3"), "three edges");
     let dir = support::secrets("kube-example-token-0123456789 name=agents\n");
     let d = dir.path().display().to_string();
     let toml = toml
@@ -514,7 +539,7 @@ fn kubernetes_several_edges_example_is_valid() {
 
 #[test]
 fn kubernetes_example_is_valid_and_consistent() {
-    let (yaml, toml) = manifest("sluice.yaml");
+    let (yaml, toml) = manifest("base");
     // Backend names resolve inside the cluster only.
     let toml = toml.replace("teleport-proxy.teleport.svc.cluster.local", "127.0.0.1");
     let dir = tempfile::tempdir().unwrap();
@@ -637,7 +662,8 @@ fn image_user_is_numeric_and_the_manifest_runs_as_it() {
         .unwrap_or_else(|_| panic!("USER {user}: the image's user must be numeric"));
     assert_ne!(uid, 0, "the image runs as root");
     assert!(gid.is_empty() || gid.parse::<u32>().is_ok(), "USER {user}");
-    let yaml = std::fs::read_to_string(root.join("conf/kubernetes/sluice.yaml")).unwrap();
+    let yaml =
+        std::fs::read_to_string(root.join("deploy/kubernetes/base/deployment.yaml")).unwrap();
     assert!(
         yaml.contains("runAsNonRoot: true"),
         "the pod must refuse root"
