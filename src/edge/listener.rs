@@ -86,6 +86,16 @@ impl ListenerHandle {
         let sock = SockRef::from(&*socket);
         sock.set_tcp_nodelay(true)?;
         crate::net::apply_keepalive(&sock, &config.keepalive)?;
+        // The listener's counters exist from its start, at 0 (an alert on accept errors has
+        // a series to watch before the first one).
+        for kind in ["emfile", "enfile", "enobufs", "enomem", "other"] {
+            edge.metrics
+                .accept_errors
+                .with_label_values(&[config.name.as_str(), kind]);
+        }
+        edge.metrics
+            .accepted
+            .with_label_values(&[config.name.as_str()]);
         let state = Arc::new(ListenerState {
             local_addr: socket.local_addr()?,
             permits: config.max_connections.map(|n| Arc::new(Semaphore::new(n))),

@@ -9,6 +9,9 @@
 
 pub mod discovery;
 pub mod health;
+mod series;
+
+use series::{BackendSeries, SeriesUse, SeriesUsers};
 
 use std::collections::HashMap;
 use std::io;
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex, Weak};
 use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, IntCounter, IntGauge};
+use prometheus::{Histogram, IntCounter};
 use serde::Serialize;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -226,101 +229,6 @@ static RETIREMENTS: AtomicU64 = AtomicU64::new(0);
 /// How many backends have retired in this process so far (see `RETIREMENTS`).
 pub fn retirements() -> u64 {
     RETIREMENTS.load(Ordering::Acquire)
-}
-
-/// Live backend objects per (pool, backend name): a removed backend draining its connections
-/// and its replacement share their series, which go when the last of them does.
-/// A pool backend's own series, resolved once (every one exists, at 0, from its creation).
-#[derive(Debug)]
-struct BackendSeries {
-    /// `sluice_backend_connections_active`
-    active: IntGauge,
-    /// `sluice_backend_draining`
-    draining: IntGauge,
-    /// `sluice_backend_connections_total`
-    connections: prometheus::IntCounter,
-    /// `sluice_backend_connect_failures_total`
-    connect_failures: prometheus::IntCounter,
-    /// `sluice_backend_bytes_total{direction}`
-    bytes_to_backend: prometheus::IntCounter,
-    bytes_to_client: prometheus::IntCounter,
-}
-
-impl BackendSeries {
-    fn new(metrics: &Metrics, pool: &str, backend: &str) -> BackendSeries {
-        let labels = [pool, backend];
-        BackendSeries {
-            active: metrics.backend_active.with_label_values(&labels),
-            draining: metrics.backend_draining.with_label_values(&labels),
-            connections: metrics.backend_connections.with_label_values(&labels),
-            connect_failures: metrics.backend_connect_failures.with_label_values(&labels),
-            bytes_to_backend: metrics.backend_bytes.with_label_values(&[
-                pool,
-                backend,
-                "to_backend",
-            ]),
-            bytes_to_client: metrics
-                .backend_bytes
-                .with_label_values(&[pool, backend, "to_client"]),
-        }
-    }
-}
-
-type SeriesUsers = Arc<Mutex<HashMap<(String, String), usize>>>;
-
-/// One backend object's use of its per-backend series.
-struct SeriesUse {
-    users: SeriesUsers,
-    key: (String, String),
-    metrics: Metrics,
-}
-
-impl std::fmt::Debug for SeriesUse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("SeriesUse").field(&self.key).finish()
-    }
-}
-
-impl SeriesUse {
-    fn new(users: &SeriesUsers, metrics: &Metrics, key: (String, String)) -> SeriesUse {
-        *users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default() += 1;
-        SeriesUse {
-            users: users.clone(),
-            key,
-            metrics: metrics.clone(),
-        }
-    }
-}
-
-impl Drop for SeriesUse {
-    fn drop(&mut self) {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(n) = users.get_mut(&self.key) else {
-            return;
-        };
-        *n -= 1;
-        if *n > 0 {
-            return;
-        }
-        users.remove(&self.key);
-        let labels = [self.key.0.as_str(), self.key.1.as_str()];
-        let m = &self.metrics;
-        let _ = m.backend_active.remove_label_values(&labels);
-        let _ = m.backend_connections.remove_label_values(&labels);
-        let _ = m.backend_draining.remove_label_values(&labels);
-        let _ = m.backend_connect_failures.remove_label_values(&labels);
-        for direction in ["to_backend", "to_client"] {
-            let _ = m
-                .backend_bytes
-                .remove_label_values(&[labels[0], labels[1], direction]);
-        }
-        let _ = m.backend_healthy.remove_label_values(&labels);
-        let _ = m.ejections.remove_label_values(&labels);
-    }
 }
 
 /// Every live backend object, keyed by (pool, address), so a reload finds the ones it keeps.
