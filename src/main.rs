@@ -151,8 +151,8 @@ fn main() -> ExitCode {
                 eprintln!("sluice: {}: {why}", config.display());
                 return ExitCode::from(1);
             }
-            let mut inherited = match handover::from_systemd() {
-                Ok(s) => s,
+            let (mut inherited, inherited_udp) = match handover::from_systemd() {
+                Ok(s) => (s.tcp, s.udp),
                 Err(e) => {
                     eprintln!("sluice: socket activation: {e}");
                     return ExitCode::from(1);
@@ -160,7 +160,8 @@ fn main() -> ExitCode {
             };
             // systemd keeps its own copy of each socket listening: one that no listener
             // claims would queue clients forever.
-            if let Some(name) = inherited.keys().find(|n| cfg.listener(n).is_none()) {
+            let names = inherited.keys().chain(inherited_udp.keys());
+            if let Some(name) = names.clone().find(|n| cfg.listener(n).is_none()) {
                 eprintln!(
                     "sluice: socket activation: the socket named `{name}` matches no [[listener]] \
                      in {}; name the listener `{name}` or change FileDescriptorName",
@@ -220,7 +221,7 @@ fn main() -> ExitCode {
             }
             let upgrade_command = std::env::current_exe().ok().map(|exe| (exe, args));
             run(async move {
-                let server = Server::start_with(cfg, inherited).await?;
+                let server = Server::start_activated(cfg, inherited, inherited_udp).await?;
                 server
                     .run_until_signal(RunOptions {
                         takeover,

@@ -428,7 +428,12 @@ fn systemd_units_pass_systemd_analyze_verify() {
     }
     let dir = tempfile::tempdir().unwrap();
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
-    for unit in ["sluice.socket", "sluice-edge6.socket", "sluice.service"] {
+    for unit in [
+        "sluice.socket",
+        "sluice-edge6.socket",
+        "sluice-quic.socket",
+        "sluice.service",
+    ] {
         let text = std::fs::read_to_string(src.join(unit))
             .unwrap()
             .replace("/usr/local/bin/sluice", BIN);
@@ -438,6 +443,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
         .arg("verify")
         .arg(dir.path().join("sluice.socket"))
         .arg(dir.path().join("sluice-edge6.socket"))
+        .arg(dir.path().join("sluice-quic.socket"))
         .arg(dir.path().join("sluice.service"))
         .output()
         .unwrap();

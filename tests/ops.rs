@@ -496,3 +496,67 @@ fn socket_activation_and_systemd_notifications() {
         );
     });
 }
+
+/// `ListenDatagram=` (systemd/sluice-quic.socket): a QUIC listener serves on the UDP socket
+/// systemd bound, named by `FileDescriptorName=`.
+#[test]
+fn a_quic_listener_takes_a_socket_activated_udp_socket() {
+    if !have("systemd-socket-activate") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let a = RawBackend::start("A", false).await;
+        let port = std::net::UdpSocket::bind("127.0.0.4:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        let text = conf(&a, "[reload]\nwatch = false").replace(
+            "[[route]]",
+            &format!(
+                "[[listener]]\nname = \"edge-quic\"\naddress = \"127.0.0.4:{port}\"\nprotocol = \"quic\"\n\n[[route]]"
+            ),
+        );
+        std::fs::write(&path, text).unwrap();
+        let mut child = Running(
+            Command::new("systemd-socket-activate")
+                .args(["--datagram", "-l", &format!("127.0.0.4:{port}")])
+                .arg("--fdname=edge-quic")
+                .arg(BIN)
+                .args(["--log-format", "json", "run", "--config"])
+                .arg(&path)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        // systemd-socket-activate starts sluice at the first datagram (as systemd does).
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut junk = vec![0xc0u8, 0, 0, 0, 1];
+        junk.resize(1200, 0);
+        std::thread::sleep(Duration::from_millis(200));
+        client.send_to(&junk, ("127.0.0.4", port)).unwrap();
+        let (_, admin, log) = bound_addresses(&mut child);
+        log.wait_for("using an inherited UDP socket", Duration::from_secs(10));
+        let admin: SocketAddr = admin.parse().unwrap();
+        let (_, listeners) = http_get(admin, "/debug/listeners").await;
+        assert!(
+            listeners.contains(&format!("127.0.0.4:{port}")),
+            "{listeners}"
+        );
+        // Datagrams sent to that socket reach sluice's QUIC listener (this one is no valid
+        // Initial: it is counted as refused, which proves it was read).
+        client.send_to(&junk, ("127.0.0.4", port)).unwrap();
+        eventually("the datagram was read", || async {
+            scrape(admin)
+                .await
+                .sum("sluice_quic_initials_total", &[("listener", "edge-quic")])
+                > 0.0
+        })
+        .await;
+        signal(child.id(), "TERM");
+        assert!(exits_within(&mut child, Duration::from_secs(20)).success());
+    });
+}

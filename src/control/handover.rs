@@ -46,30 +46,57 @@ const READY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Sockets passed by systemd (`LISTEN_FDS`, named by `FileDescriptorName=` in the socket
 /// unit), by name. Empty when not socket-activated.
-pub fn from_systemd() -> io::Result<HashMap<String, TcpListener>> {
-    let mut out = HashMap::new();
+pub fn from_systemd() -> io::Result<Activated> {
+    let mut out = Activated::default();
     for (fd, name) in sd_notify::listen_fds_with_names()? {
         // SAFETY: sd_notify returns only descriptors systemd passed to this very process
         // (LISTEN_PID matched); nothing else in the process has taken ownership of them.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let sock = listening_tcp(owned).map_err(|e| {
+        let taken = out.tcp.contains_key(&name) || out.udp.contains_key(&name);
+        let sock = socket2::Socket::from(owned);
+        let datagram = sock.r#type().is_ok_and(|t| t == socket2::Type::DGRAM);
+        let context = |e: io::Error| {
             io::Error::new(
                 e.kind(),
                 format!("socket-activated fd {fd} (`{name}`): {e}"),
             )
-        })?;
-        if out.contains_key(&name) {
+        };
+        if taken {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "two socket-activated sockets are named `{name}`: give each ListenStream \
-                     its own .socket unit with its own FileDescriptorName (= listener name)"
+                     or ListenDatagram its own .socket unit with its own FileDescriptorName \
+                     (= listener name)"
                 ),
             ));
         }
-        out.insert(name, sock);
+        if datagram {
+            out.udp
+                .insert(name.clone(), udp_socket(sock).map_err(context)?);
+        } else {
+            out.tcp
+                .insert(name.clone(), listening_tcp(sock.into()).map_err(context)?);
+        }
     }
     Ok(out)
+}
+
+/// The sockets systemd passed, by `FileDescriptorName=`: listening TCP sockets
+/// (`ListenStream=`, for TCP listeners) and UDP sockets (`ListenDatagram=`, for QUIC ones).
+#[derive(Default)]
+pub struct Activated {
+    pub tcp: HashMap<String, TcpListener>,
+    pub udp: HashMap<String, std::net::UdpSocket>,
+}
+
+/// Check that a descriptor is a bound UDP socket, and mark it close-on-exec.
+fn udp_socket(sock: socket2::Socket) -> io::Result<std::net::UdpSocket> {
+    sock.set_cloexec(true)?;
+    sock.local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a UDP socket"))?;
+    Ok(sock.into())
 }
 
 /// Check that a descriptor is a listening TCP socket, and mark it close-on-exec.

@@ -119,6 +119,8 @@ pub struct Runtime {
     quic: Mutex<Vec<Arc<crate::quic::QuicListener>>>,
     /// Listening sockets handed to this process (systemd, an upgrade), by listener name.
     inherited: Mutex<HashMap<String, std::net::TcpListener>>,
+    /// UDP sockets handed to this process (systemd's `ListenDatagram=`), by QUIC listener name.
+    inherited_udp: Mutex<HashMap<String, std::net::UdpSocket>>,
     pub backends: Arc<Backends>,
     /// The heartbeat table and the resource routes' sessions.
     pub agents: Arc<Agents>,
@@ -210,6 +212,7 @@ impl Runtime {
                 listeners: Mutex::new(Vec::new()),
                 quic: Mutex::new(Vec::new()),
                 inherited: Mutex::new(HashMap::new()),
+                inherited_udp: Mutex::new(HashMap::new()),
                 backends,
                 agents,
                 reload_lock: tokio::sync::Mutex::new(()),
@@ -298,6 +301,13 @@ impl Runtime {
     }
 
     /// Listening sockets handed over by systemd or a previous sluice, by listener name.
+    pub fn inherit_udp(&self, sockets: HashMap<String, std::net::UdpSocket>) {
+        self.inherited_udp
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(sockets);
+    }
+
     pub fn inherit(&self, sockets: HashMap<String, std::net::TcpListener>) {
         self.inherited
             .lock()
@@ -409,7 +419,20 @@ impl Runtime {
                 if same {
                     continue;
                 }
-                match crate::quic::QuicListener::bind(cfg) {
+                let handed = self
+                    .inherited_udp
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&cfg.name);
+                let bound = match handed {
+                    Some(sock) => {
+                        tracing::info!(listener = %cfg.name, address = ?sock.local_addr().ok(),
+                            "using an inherited UDP socket");
+                        crate::quic::QuicListener::adopt(sock)
+                    }
+                    None => crate::quic::QuicListener::bind(cfg),
+                };
+                match bound {
                     Ok(sock) => quic_fresh.push((cfg.clone(), sock)),
                     Err(source) => {
                         return Err(ApplyError::Bind {

@@ -98,7 +98,17 @@ impl Server {
     /// API's under `handover::ADMIN`) instead of binding new ones.
     pub async fn start_with(
         config: Config,
+        inherited: HashMap<String, std::net::TcpListener>,
+    ) -> Result<Server, StartError> {
+        Self::start_activated(config, inherited, HashMap::new()).await
+    }
+
+    /// As `start_with`, also with UDP sockets for QUIC listeners (systemd's
+    /// `ListenDatagram=`), by listener name.
+    pub async fn start_activated(
+        config: Config,
         mut inherited: HashMap<String, std::net::TcpListener>,
+        inherited_udp: HashMap<String, std::net::UdpSocket>,
     ) -> Result<Server, StartError> {
         let admin_addr = config.admin.address;
         let heartbeat_addr = config.heartbeat.address;
@@ -107,6 +117,7 @@ impl Server {
         let admin_inherited = inherited.remove(handover::ADMIN);
         let heartbeat_inherited = inherited.remove(handover::HEARTBEAT);
         rt.inherit(inherited);
+        rt.inherit_udp(inherited_udp);
         rt.open_listeners()?;
         let admin = side_listener("admin", admin_addr, admin_inherited).await?;
         let heartbeat = side_listener("heartbeat", heartbeat_addr, heartbeat_inherited).await?;

@@ -136,6 +136,15 @@ impl QuicListener {
         UdpSocket::from_std(socket.into())
     }
 
+    /// A UDP socket bound by someone else (systemd socket activation), made ready to serve.
+    pub fn adopt(socket: std::net::UdpSocket) -> std::io::Result<UdpSocket> {
+        let sock = socket2::Socket::from(socket);
+        sock.set_nonblocking(true)?;
+        let _ = sock.set_recv_buffer_size(4 << 20);
+        let _ = sock.set_send_buffer_size(4 << 20);
+        UdpSocket::from_std(sock.into())
+    }
+
     /// Start serving on `socket`.
     pub fn start(
         edge: &Arc<Edge>,
