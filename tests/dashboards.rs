@@ -200,3 +200,91 @@ backends = ["{dead}"]
     }
     server.shutdown().await;
 }
+
+/// Counters whose labels the config determines exist at 0 from the start, before any event:
+/// an alert on their rate has a series to watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn known_counters_exist_at_zero_from_the_start() {
+    let b = RawBackend::start("b", false).await;
+    let server = start(
+        &format!(
+            r#"
+[admin]
+address = "127.0.0.1:0"
+allow = ["127.0.0.1"]
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+
+[[route]]
+name = "apps"
+resource = {{ kind = "app", sni = "*.apps.example.com" }}
+
+[[route]]
+name = "all"
+pool = "p"
+
+[pool.p]
+backends = ["{}"]
+
+[pool.p.health]
+kind = "tcp"
+interval = "1h"
+"#,
+            b.address
+        ),
+        &[],
+    )
+    .await;
+    let s = scrape(server.admin_addr().unwrap()).await;
+    let zero = |name: &str, labels: &[(&str, &str)]| {
+        assert_eq!(s.get(name, labels), Some(0.0), "{name} {labels:?}");
+    };
+    zero(
+        "sluice_heartbeats_total",
+        &[("result", "store_unavailable")],
+    );
+    zero("sluice_config_reloads_total", &[("result", "failure")]);
+    zero(
+        "sluice_hello_total",
+        &[("listener", "edge"), ("result", "timeout")],
+    );
+    zero(
+        "sluice_connections_closed_total",
+        &[
+            ("listener", "edge"),
+            ("route", "none"),
+            ("reason", "hello_timeout"),
+        ],
+    );
+    zero(
+        "sluice_route_decisions_total",
+        &[("listener", "edge"), ("route", "apps")],
+    );
+    zero(
+        "sluice_resource_misses_total",
+        &[("route", "apps"), ("reason", "no_eligible_agent")],
+    );
+    zero(
+        "sluice_agent_connect_failures_total",
+        &[("route", "apps"), ("reason", "refused")],
+    );
+    zero(
+        "sluice_health_checks_total",
+        &[("pool", "p"), ("result", "fail")],
+    );
+    zero(
+        "sluice_access_denied_total",
+        &[("scope", "admin"), ("name", "admin")],
+    );
+    zero(
+        "sluice_accept_errors_total",
+        &[("listener", "edge"), ("kind", "emfile")],
+    );
+    zero(
+        "sluice_backend_connections_total",
+        &[("pool", "p"), ("backend", &b.address.to_string())],
+    );
+    server.shutdown().await;
+}

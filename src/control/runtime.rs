@@ -143,6 +143,7 @@ impl Runtime {
             .max_connections
             .unwrap_or_else(|| default_max_connections(&config));
         metrics.max_connections.set(max_connections as i64);
+        metrics.init_known(&config);
         crate::edge::splice::set_max_pipes(sluice_core::fds::Budget::pipes(max_connections));
         metrics
             .config_info
@@ -685,6 +686,7 @@ impl Runtime {
             });
         }
         self.metrics.max_connections.set(max as i64);
+        self.metrics.init_known(&new.config);
         crate::edge::splice::set_max_pipes(sluice_core::fds::Budget::pipes(max));
         self.edge.set_close_spread(lifecycle_spread);
         let limits = &new.config.limits;

@@ -623,3 +623,107 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+impl Metrics {
+    /// Create, at 0, every series the config makes possible whose labels are known in
+    /// advance, so that a rate or an alert has a series before the first event (start and
+    /// every reload). Series that depend on traffic (a route's close reasons) appear with
+    /// their first connection.
+    pub fn init_known(&self, config: &crate::config::Config) {
+        use crate::config::{ListenerProtocol, RouteTarget};
+        use sluice_core::close::CloseReason;
+        for result in ["success", "failure", "unchanged"] {
+            self.reloads.with_label_values(&[result]);
+        }
+        for result in [
+            "ok",
+            "goodbye",
+            "stream_ended",
+            "unauthorized",
+            "forbidden",
+            "malformed",
+            "too_large",
+            "too_many_resources",
+            "table_full",
+            "store_unavailable",
+            "stream_idle",
+            "tls_error",
+        ] {
+            self.heartbeats.with_label_values(&[result]);
+        }
+        // Ways a connection ends before any route took it.
+        let early = [
+            CloseReason::HelloTimeout,
+            CloseReason::HelloMalformed,
+            CloseReason::HelloTooLarge,
+            CloseReason::ClientClosedEarly,
+            CloseReason::NotTls,
+            CloseReason::NoRoute,
+            CloseReason::Denied,
+            CloseReason::PendingEvicted,
+        ];
+        for l in &config.listeners {
+            let name = l.name.as_str();
+            if l.protocol == ListenerProtocol::Quic {
+                continue;
+            }
+            for result in ["ok", "not_tls", "timeout", "too_large", "malformed", "eof"] {
+                self.hello.with_label_values(&[name, result]);
+            }
+            for reason in early {
+                self.closed
+                    .with_label_values(&[name, "none", reason.label()]);
+            }
+            self.route_decisions.with_label_values(&[name, "none"]);
+            for r in &config.routes {
+                self.route_decisions
+                    .with_label_values(&[name, r.name.as_str()]);
+            }
+            if !l.acl.is_open() {
+                self.access_denied.with_label_values(&["listener", name]);
+            }
+        }
+        for r in &config.routes {
+            let route = r.name.as_str();
+            if !r.acl.is_open() {
+                self.access_denied.with_label_values(&["route", route]);
+            }
+            if let RouteTarget::Resource(_) = &r.target {
+                for reason in [
+                    "no_name",
+                    "unknown_resource",
+                    "no_eligible_agent",
+                    "all_agents_failed",
+                ] {
+                    self.resource_misses.with_label_values(&[route, reason]);
+                }
+                for reason in ["refused", "timeout", "unreachable", "reset", "other"] {
+                    self.agent_connect_failures
+                        .with_label_values(&[route, reason]);
+                }
+                self.session_repins.with_label_values(&[route]);
+            }
+        }
+        if !config.admin.allow.is_open() {
+            self.access_denied.with_label_values(&["admin", "admin"]);
+        }
+        if !config.heartbeat.allow.is_open() {
+            self.access_denied
+                .with_label_values(&["heartbeat", "heartbeat"]);
+        }
+        for (name, p) in &config.pools {
+            if p.health.is_some() {
+                for result in ["ok", "fail"] {
+                    self.health_checks
+                        .with_label_values(&[name.as_str(), result]);
+                }
+            }
+            if p.discovery.is_some() {
+                for result in ["ok", "empty", "error"] {
+                    self.dns_resolutions
+                        .with_label_values(&[name.as_str(), result]);
+                }
+            }
+        }
+    }
+}
