@@ -1724,3 +1724,83 @@ async fn an_oversized_body_is_refused_while_the_upload_goes_on() {
     assert!(refused >= 3.0, "{refused}");
     server.shutdown().await;
 }
+
+/// `/debug/rollout` and `sluice_agent_versions`: agents by version and state against
+/// `cluster.version` (17.2.0 here), with the skewed ones and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollout_view_counts_versions_and_explains_skew() {
+    let dir = secrets();
+    let fb = RawBackend::start("fallback", false).await;
+    let server = start_with(dir.path(), "", "", fb.address).await;
+    let hb = server.heartbeat_addr().unwrap();
+    for (id, version) in [
+        ("a1", "17.2.0"),
+        ("a2", "17.2.0"),
+        ("a3", "17.1.0"),
+        ("a4", "18.0.0"),
+        ("a5", "15.0.0"),
+    ] {
+        let (status, body) = post(hb, &heartbeat(id, fb.address, version, &["myapp"])).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let admin = server.admin_addr().unwrap();
+    let (status, body) = http_get(admin, "/debug/rollout").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["cluster_version"], "17.2.0");
+    let versions: Vec<(String, u64, u64)> = v["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["version"].as_str().unwrap().to_owned(),
+                c["ready"].as_u64().unwrap(),
+                c["version_skew"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            ("18.0.0".to_owned(), 0, 1),
+            ("17.2.0".to_owned(), 2, 0),
+            ("17.1.0".to_owned(), 1, 0),
+            ("15.0.0".to_owned(), 0, 1),
+        ]
+    );
+    let skewed: Vec<(String, String)> = v["skewed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["agent"].as_str().unwrap().to_owned(),
+                s["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        skewed,
+        [
+            ("a4".to_owned(), "newer than cluster 17.2.0".to_owned()),
+            (
+                "a5".to_owned(),
+                "more than one major version older than cluster 17.2.0".to_owned()
+            ),
+        ]
+    );
+    let ready = [("version", "17.2.0"), ("state", "ready")];
+    assert_eq!(series(&server, "sluice_agent_versions", &ready).await, 2.0);
+    // An agent that leaves takes its version with it from the metric.
+    let (status, _) = api(hb, "DELETE", "/v1/agents/a5", Some(TOKEN), "").await;
+    assert_eq!(status, 200);
+    let s = scrape(admin).await;
+    assert!(s
+        .get(
+            "sluice_agent_versions",
+            &[("version", "15.0.0"), ("state", "version_skew")]
+        )
+        .is_none());
+    server.shutdown().await;
+}

@@ -184,6 +184,21 @@ impl Agents {
                 .set(counts.get(&s).copied().unwrap_or(0));
         }
         metrics.resources.set(self.table.resource_count() as i64);
+        // Versions seen in the table now: a version no agent runs any more leaves the metric.
+        metrics.agent_versions.reset();
+        for c in self.rollout(config).versions {
+            for (state, n) in [
+                ("ready", c.ready),
+                ("warming", c.warming),
+                ("expired", c.expired),
+                ("version_skew", c.version_skew),
+            ] {
+                metrics
+                    .agent_versions
+                    .with_label_values(&[c.version.as_str(), state])
+                    .set(n as i64);
+            }
+        }
         if let Store::Etcd(e) = &self.store {
             e.export();
         }
@@ -219,6 +234,21 @@ impl Agents {
                 tracing::info!(agents = gone, "swept expired agents");
             }
         }
+    }
+
+    /// `/debug/rollout`: agents by version and state, and the skewed ones with the reason.
+    pub fn rollout(&self, config: &Config) -> sluice_core::agents::rollout::Rollout {
+        let rules = Rules {
+            cluster_version: config.cluster.version,
+        };
+        let now = Self::now();
+        let agents = self.table.agents();
+        sluice_core::agents::rollout::summarize(
+            agents
+                .iter()
+                .map(|a| (&*a.id, a.version, rules.state(a, now))),
+            config.cluster.version,
+        )
     }
 
     /// `/debug/agents`

@@ -96,6 +96,7 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         }
         "/debug/agents" => json(&rt.agents.agents_view(&rt.snapshot().config)),
         "/debug/resources" => json(&rt.agents.resources_view(&rt.snapshot().config)),
+        "/debug/rollout" => json(&rt.agents.rollout(&rt.snapshot().config)),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz/heartbeat" => match crate::agents::api::readiness(&rt.api) {
             Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n"),
@@ -197,7 +198,7 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners /debug/process /debug/agents /debug/resources /debug/store /readyz/heartbeat, POST /-/reload\n",
+            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners /debug/process /debug/agents /debug/resources /debug/rollout /debug/store /readyz/heartbeat, POST /-/reload\n",
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }

@@ -52,6 +52,7 @@ pub const RELAY_PARKS: &str = "sluice_relay_parks_total";
 pub const AGENTS: &str = "sluice_agents";
 pub const RESOURCES: &str = "sluice_resources";
 pub const HEARTBEATS: &str = "sluice_heartbeats_total";
+pub const AGENT_VERSIONS: &str = "sluice_agent_versions";
 pub const SESSIONS_ACTIVE: &str = "sluice_sessions_active";
 pub const SESSION_REPINS: &str = "sluice_session_repins_total";
 pub const RESOURCE_MISSES: &str = "sluice_resource_misses_total";
@@ -145,6 +146,9 @@ pub struct Metrics {
     pub agents: IntGaugeVec,
     /// Distinct (kind, name) resources in the agent table.
     pub resources: IntGauge,
+    /// {version, state}: agents by the version they announce (`unknown`: none) and state;
+    /// bounded by the versions in the table now.
+    pub agent_versions: IntGaugeVec,
     /// {result}: ok, goodbye, stream_ended, unauthorized, forbidden, malformed, too_large,
     /// too_many_resources, table_full, tls_error
     pub heartbeats: IntCounterVec,
@@ -313,6 +317,12 @@ impl Metrics {
                 AGENTS,
                 "Agents in the heartbeat table, by state (ready, warming, expired, version_skew).",
                 &["state"],
+            ),
+            agent_versions: gauge(
+                &r,
+                AGENT_VERSIONS,
+                "Agents in the heartbeat table by announced version and state (a rollout's progress).",
+                &["version", "state"],
             ),
             heartbeats: counter(
                 &r,

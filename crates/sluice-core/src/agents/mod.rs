@@ -4,6 +4,7 @@
 pub mod affinity;
 pub mod auth;
 pub mod heartbeat;
+pub mod rollout;
 pub mod store;
 pub mod table;
 
