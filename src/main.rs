@@ -70,6 +70,11 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
     },
+    /// The agents of a running sluice's heartbeat table.
+    Agents {
+        #[command(subcommand)]
+        what: AgentsCommand,
+    },
     /// Everything in one process: the edge on 127.0.0.1:8443 and two demo TLS backends.
     Demo {
         #[arg(long, default_value_t = 8443)]
@@ -234,6 +239,12 @@ fn main() -> ExitCode {
             let _log = init_logging(cli.log_format, &cli.log_level);
             run(async move { sluice::agents::client::run(&config).await })
         }
+        Command::Agents {
+            what: AgentsCommand::Versions { admin },
+        } => run(async move {
+            print!("{}", sluice::agents::client::print_versions(&admin).await?);
+            Ok(())
+        }),
         Command::Resources { admin } => run(async move {
             print!("{}", sluice::agents::client::print_resources(&admin).await?);
             Ok(())
@@ -244,6 +255,15 @@ fn main() -> ExitCode {
             run(sluice::demo::run(port, &admin))
         }
     }
+}
+
+#[derive(clap::Subcommand)]
+enum AgentsCommand {
+    /// How far a rollout has got: agents by version and state, and the skewed ones and why.
+    Versions {
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
 }
 
 fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

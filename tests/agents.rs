@@ -1792,6 +1792,23 @@ async fn the_rollout_view_counts_versions_and_explains_skew() {
     );
     let ready = [("version", "17.2.0"), ("state", "ready")];
     assert_eq!(series(&server, "sluice_agent_versions", &ready).await, 2.0);
+    // The same as a table, as an operator reads it.
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["agents", "versions", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("cluster version: 17.2.0\n"), "{text}");
+    let row = text.lines().find(|l| l.starts_with("17.2.0")).unwrap();
+    assert_eq!(
+        row.split_whitespace().collect::<Vec<_>>(),
+        ["17.2.0", "2", "0", "0", "0"]
+    );
+    assert!(
+        text.contains("a4     18.0.0   newer than cluster 17.2.0"),
+        "{text}"
+    );
     // An agent that leaves takes its version with it from the metric.
     let (status, _) = api(hb, "DELETE", "/v1/agents/a5", Some(TOKEN), "").await;
     assert_eq!(status, 200);

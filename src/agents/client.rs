@@ -379,21 +379,44 @@ pub async fn run(config: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sluice resources --admin ADDR`: the table as text, one line per (resource, agent).
-pub async fn print_resources(admin: &str) -> anyhow::Result<String> {
+/// GET `path` from the admin API at `admin`; the body.
+async fn admin_get(admin: &str, path: &str) -> anyhow::Result<Bytes> {
     let tcp = TcpStream::connect(admin)
         .await
         .with_context(|| format!("cannot reach the admin API at {admin}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    let req = Request::get(format!("http://{admin}/debug/resources"))
+    let req = Request::get(format!("http://{admin}{path}"))
         .header("host", admin)
         .body(Full::new(Bytes::new()))?;
     let r = sender.send_request(req).await?;
     if r.status() != StatusCode::OK {
         bail!("admin API answered {}", r.status());
     }
-    let body = r.into_body().collect().await?.to_bytes();
+    Ok(r.into_body().collect().await?.to_bytes())
+}
+
+/// Rows as aligned columns, the first row the header.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `sluice resources --admin ADDR`: the table as text, one line per (resource, agent).
+pub async fn print_resources(admin: &str) -> anyhow::Result<String> {
+    let body = admin_get(admin, "/debug/resources").await?;
     let list: Vec<super::ResourceView> = serde_json::from_slice(&body)?;
     let mut rows = vec![[
         "KIND".to_owned(),
@@ -429,20 +452,55 @@ pub async fn print_resources(admin: &str) -> anyhow::Result<String> {
             ]);
         }
     }
-    let widths: Vec<usize> = (0..8)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = table(&rows);
     out.push_str(&format!("{} resources\n", list.len()));
+    Ok(out)
+}
+
+/// `sluice agents versions --admin ADDR`: the rollout view as text: agents by version and
+/// state, then the skewed ones and why.
+pub async fn print_versions(admin: &str) -> anyhow::Result<String> {
+    let body = admin_get(admin, "/debug/rollout").await?;
+    let r: sluice_core::agents::rollout::Rollout = serde_json::from_slice(&body)?;
+    let mut rows = vec![[
+        "VERSION".to_owned(),
+        "READY".to_owned(),
+        "WARMING".to_owned(),
+        "EXPIRED".to_owned(),
+        "VERSION SKEW".to_owned(),
+    ]];
+    for c in &r.versions {
+        rows.push([
+            c.version.clone(),
+            c.ready.to_string(),
+            c.warming.to_string(),
+            c.expired.to_string(),
+            c.version_skew.to_string(),
+        ]);
+    }
+    let mut out = format!(
+        "cluster version: {}\n",
+        r.cluster_version
+            .as_deref()
+            .unwrap_or("not set (no version rule)")
+    );
+    out.push_str(&table(&rows));
+    if !r.skewed.is_empty() {
+        out.push_str("\nskewed (no sessions):\n");
+        let mut rows = vec![[
+            "AGENT".to_owned(),
+            "VERSION".to_owned(),
+            "REASON".to_owned(),
+        ]];
+        for s in &r.skewed {
+            rows.push([
+                s.agent.clone(),
+                s.version.clone().unwrap_or_else(|| "-".into()),
+                s.reason.clone(),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
     Ok(out)
 }
 

@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::table::{AgentState, Version};
 
 /// Agents at one version, by state (`version` is `unknown` for agents that announce none).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionCount {
     pub version: String,
     pub ready: u64,
@@ -19,14 +19,14 @@ pub struct VersionCount {
 }
 
 /// An agent the version rule keeps from sessions.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Skewed {
     pub agent: String,
     pub version: Option<String>,
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollout {
     pub cluster_version: Option<String>,
     /// Highest version first.
