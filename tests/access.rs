@@ -4,18 +4,11 @@
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-
-async fn connect_from(source: Ipv4Addr, to: SocketAddr) -> TcpStream {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
-    sock.connect(to).await.unwrap()
-}
 
 /// Send `first` (a PROXY header and/or a hello) from `source`; the backend's tag line, or ""
 /// when sluice closes the connection.

@@ -5,11 +5,11 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 
 use support::*;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 /// Every `sluice_*` and `process_*` metric name in `text`, histogram series mapped to their
 /// family (`_bucket`, `_sum`, `_count`).
@@ -134,13 +134,8 @@ backends = ["{dead}"]
     .await
     .unwrap();
     assert_eq!(read_line(&mut s).await, "");
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 0))
-        .unwrap();
-    let mut s = sock
-        .connect(server.listener_addr("guarded").unwrap())
-        .await
-        .unwrap();
+    let guarded = server.listener_addr("guarded").unwrap();
+    let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 1), guarded).await;
     let _ = s.write_all(&tunnel_hello()).await;
     assert_eq!(read_line(&mut s).await, "");
     let (status, _) = support::heartbeats::api(

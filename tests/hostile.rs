@@ -4,18 +4,12 @@
 
 mod support;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
-
-async fn connect_from(source: Ipv4Addr, to: SocketAddr) -> TcpStream {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
-    sock.connect(to).await.unwrap()
-}
+use tokio::net::TcpStream;
 
 /// Whether sluice closed `s` (EOF or reset) within `limit`.
 async fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {

@@ -169,36 +169,26 @@ impl Agents {
     /// Refresh the gauges that are counted rather than tracked: agents by state, resources,
     /// sessions by route (at each scrape).
     pub fn export(&self, config: &Config, metrics: &Metrics) {
-        let rules = Rules {
-            cluster_version: config.cluster.version,
-        };
-        let now = Self::now();
-        let mut counts: HashMap<AgentState, i64> = HashMap::new();
-        for a in self.table.agents() {
-            *counts.entry(rules.state(&a, now)).or_default() += 1;
+        // One pass over the table: agents by version and state; by state is their sum.
+        let mut by_state: HashMap<AgentState, i64> = HashMap::new();
+        // Versions seen in the table now: a version no agent runs any more leaves the metric.
+        metrics.agent_versions.reset();
+        for c in self.rollout(config).versions {
+            for (state, n) in c.by_state() {
+                *by_state.entry(state).or_default() += n as i64;
+                metrics
+                    .agent_versions
+                    .with_label_values(&[c.version.as_str(), state.label()])
+                    .set(n as i64);
+            }
         }
         for s in AgentState::ALL {
             metrics
                 .agents
                 .with_label_values(&[s.label()])
-                .set(counts.get(&s).copied().unwrap_or(0));
+                .set(by_state.get(&s).copied().unwrap_or(0));
         }
         metrics.resources.set(self.table.resource_count() as i64);
-        // Versions seen in the table now: a version no agent runs any more leaves the metric.
-        metrics.agent_versions.reset();
-        for c in self.rollout(config).versions {
-            for (state, n) in [
-                ("ready", c.ready),
-                ("warming", c.warming),
-                ("expired", c.expired),
-                ("version_skew", c.version_skew),
-            ] {
-                metrics
-                    .agent_versions
-                    .with_label_values(&[c.version.as_str(), state])
-                    .set(n as i64);
-            }
-        }
         if let Store::Etcd(e) = &self.store {
             e.export();
         }

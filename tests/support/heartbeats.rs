@@ -67,9 +67,7 @@ pub fn heartbeat(agent: &str, address: SocketAddr, version: &str, apps: &[&str])
 /// Connect from `source` with a hello for `sni`; the backend's first line (its tag), or ""
 /// when sluice closes the connection.
 pub async fn visit(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> String {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
-    let mut s = sock.connect(edge).await.unwrap();
+    let mut s = super::connect_from(source, edge).await;
     s.write_all(&sluice_core::hello::build::hello(Some(sni), &["h2"]))
         .await
         .unwrap();
@@ -78,9 +76,7 @@ pub async fn visit(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> String {
 
 /// `visit`, keeping the connection open: the stream and the agent's first line.
 pub async fn visit_open(edge: SocketAddr, source: Ipv4Addr, sni: &str) -> (TcpStream, String) {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(IpAddr::V4(source), 0)).unwrap();
-    let mut s = sock.connect(edge).await.unwrap();
+    let mut s = super::connect_from(source, edge).await;
     s.write_all(&sluice_core::hello::build::hello(Some(sni), &["h2"]))
         .await
         .unwrap();

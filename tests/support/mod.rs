@@ -70,6 +70,13 @@ pub async fn start(config: &str, vars: &[(&str, String)]) -> Server {
     server
 }
 
+/// A TCP connection from `source` (a 127.0.0.x address: how tests play many clients).
+pub async fn connect_from(source: std::net::Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((source, 0))).unwrap();
+    sock.connect(to).await.unwrap()
+}
+
 pub fn edge(server: &Server) -> SocketAddr {
     server.listener_addr("edge").expect("listener `edge`")
 }

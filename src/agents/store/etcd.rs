@@ -383,13 +383,7 @@ impl Etcd {
                             Some(PutOptions::new().with_lease(lease)),
                         )])
                         .or_else([TxnOp::get(key.clone(), None)]);
-                    let resp = self
-                        .op("txn", || {
-                            let (mut kv, txn) = (client.kv_client(), txn.clone());
-                            async move { kv.txn(txn).await }
-                        })
-                        .await
-                        .map_err(WriteError::Unavailable)?;
+                    let resp = self.txn(&client, txn).await?;
                     if resp.succeeded() {
                         let rev = resp.header().map_or(0, |h| h.revision());
                         if granted {
@@ -425,6 +419,16 @@ impl Etcd {
             TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| self.current(id, kv)),
             _ => None,
         })
+    }
+
+    /// One transaction (retried within `store.timeout` like every operation).
+    async fn txn(&self, client: &Client, txn: Txn) -> Result<etcd_client::TxnResponse, WriteError> {
+        self.op("txn", || {
+            let (mut kv, txn) = (client.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        })
+        .await
+        .map_err(WriteError::Unavailable)
     }
 
     async fn grant(&self, client: &Client, ttl_ms: u64) -> Result<i64, WriteError> {
@@ -495,13 +499,7 @@ impl Etcd {
                     ),
                 ])
                 .or_else([TxnOp::get(key.clone(), None)]);
-            let resp = self
-                .op("txn", || {
-                    let (mut kv, txn) = (client.kv_client(), txn.clone());
-                    async move { kv.txn(txn).await }
-                })
-                .await
-                .map_err(WriteError::Unavailable)?;
+            let resp = self.txn(&client, txn).await?;
             if resp.succeeded() {
                 let rev = resp.header().map_or(0, |h| h.revision());
                 if c.lease != 0 {

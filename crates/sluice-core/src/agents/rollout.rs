@@ -18,6 +18,18 @@ pub struct VersionCount {
     pub version_skew: u64,
 }
 
+impl VersionCount {
+    /// The counts by state, in `AgentState::ALL` order.
+    pub fn by_state(&self) -> [(AgentState, u64); 4] {
+        [
+            (AgentState::Ready, self.ready),
+            (AgentState::Warming, self.warming),
+            (AgentState::Expired, self.expired),
+            (AgentState::VersionSkew, self.version_skew),
+        ]
+    }
+}
+
 /// An agent the version rule keeps from sessions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Skewed {
