@@ -124,15 +124,11 @@ pub fn parse_files_with(files: &[(PathBuf, String)], names: Names) -> Result<Con
                 cert,
                 key,
                 client_ca,
-                tokens_too,
                 fix,
-            } => {
-                match crate::tls::server::server_tls(&cert, &key, client_ca.as_deref(), tokens_too)
-                {
-                    Ok(tls) => config.heartbeat.tls = Some(tls),
-                    Err(problem) => errors.push(at.error(problem, fix)),
-                }
-            }
+            } => match crate::tls::server::server_tls(&cert, &key, client_ca.as_deref()) {
+                Ok(tls) => config.heartbeat.tls = Some(tls),
+                Err(problem) => errors.push(at.error(problem, fix)),
+            },
             Pending::QuicTls {
                 at,
                 route,
@@ -140,7 +136,7 @@ pub fn parse_files_with(files: &[(PathBuf, String)], names: Names) -> Result<Con
                 key,
                 alpn,
                 fix,
-            } => match crate::tls::server::server_tls(&cert, &key, None, false) {
+            } => match crate::tls::server::server_tls(&cert, &key, None) {
                 Ok(tls) => {
                     let mut tls = (*tls).clone();
                     // The route's exact ALPN names are what sluice can negotiate.

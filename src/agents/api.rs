@@ -5,9 +5,10 @@
 //! of a heartbeat, the streaming form (one heartbeat per line on one long request; when it
 //! ends or breaks, the agent's records go at once), and goodbyes. Every refusal has a status,
 //! a reason in the body and a count in `sluice_heartbeats_total{result}`. Never logs a token.
+//! The same listener serves the version server agents' updaters ask (`versions`).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -273,10 +274,33 @@ pub fn readiness(api: &Api) -> Result<(), &'static str> {
 }
 
 /// Route one request.
-async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<Full<Bytes>> {
+async fn handle(
+    api: Arc<Api>,
+    req: Request<Incoming>,
+    cert: bool,
+    peer: IpAddr,
+) -> Response<Full<Bytes>> {
     let snap = api.snapshot();
     let cfg = &snap.config.heartbeat;
     let path = req.uri().path().to_owned();
+    if let Some(asked) = sluice_core::agents::versions::parse_path(&path) {
+        // The version server: unauthenticated (updaters send no credential), rate limited.
+        return match (req.method(), asked) {
+            (&Method::GET, Ok((channel, endpoint))) => {
+                let (status, body) = api
+                    .agents
+                    .versions
+                    .answer(&snap.config, peer, channel, endpoint)
+                    .await;
+                reply(status, body)
+            }
+            (&Method::GET, Err(())) => reply(
+                StatusCode::NOT_FOUND,
+                "GET /v1/webapi/automaticupgrades/channel/<channel>/version or .../critical\n",
+            ),
+            _ => reply(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"),
+        };
+    }
     if req.method() == Method::GET && path == "/readyz" {
         // Unauthenticated: a load balancer's health check of the heartbeat port.
         return match readiness(&api) {
@@ -294,7 +318,8 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>, cert: bool) -> Response<F
     if !known {
         return reply(
             StatusCode::NOT_FOUND,
-            "POST /v1/heartbeats, POST /v1/heartbeats/stream, DELETE /v1/agents/{id}, GET /readyz\n",
+            "POST /v1/heartbeats, POST /v1/heartbeats/stream, DELETE /v1/agents/{id}, GET /readyz, \
+             GET /v1/webapi/automaticupgrades/channel/<channel>/version|critical\n",
         );
     }
     let cred = match authenticate(cfg, &req, cert) {
@@ -638,8 +663,10 @@ impl ApiError {
 }
 
 /// Terminate TLS on `io` and serve the API until the client leaves or sluice closes its
-/// connections. `Err` says why the connection ended early (for the access log).
-pub async fn serve_tls<IO>(api: Arc<Api>, io: IO) -> Result<(), ApiError>
+/// connections; `peer` is the client's address (after a trusted PROXY header), the key of
+/// the version server's rate limit. `Err` says why the connection ended early (for the
+/// access log).
+pub async fn serve_tls<IO>(api: Arc<Api>, io: IO, peer: IpAddr) -> Result<(), ApiError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -676,7 +703,7 @@ where
         let linger = linger.clone();
         async move {
             inflight.fetch_add(1, Ordering::Relaxed);
-            let resp = handle(api, req, cert).await;
+            let resp = handle(api, req, cert, peer).await;
             if resp
                 .headers()
                 .get(hyper::header::CONNECTION)
@@ -755,7 +782,7 @@ pub async fn listen(api: Arc<Api>, listener: Arc<TcpListener>, stop: Cancellatio
         );
         let api2 = api.clone();
         api.tracker.spawn(async move {
-            if let Err(e) = serve_tls(api2, stream).await {
+            if let Err(e) = serve_tls(api2, stream, peer.ip()).await {
                 tracing::debug!(%peer, error = %e, "heartbeat connection ended");
             }
             drop(permit);

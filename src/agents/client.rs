@@ -501,6 +501,41 @@ pub async fn print_versions(admin: &str) -> anyhow::Result<String> {
         }
         out.push_str(&table(&rows));
     }
+    if !r.channels.is_empty() {
+        out.push_str(
+            "\nchannels (agents at the target / agents ready for versions.stable_after):\n",
+        );
+        let mut rows = vec![[
+            "CHANNEL".to_owned(),
+            "TARGET".to_owned(),
+            "CRITICAL".to_owned(),
+            "ADOPTION".to_owned(),
+            "NOTE".to_owned(),
+        ]];
+        for (name, c) in &r.channels {
+            let note = match (&c.error, c.clamped, c.too_old) {
+                (Some(e), _, _) => e.clone(),
+                (None, true, _) => "clamped to the cluster version".into(),
+                (None, false, true) => "more than one major version below the cluster".into(),
+                _ => String::new(),
+            };
+            rows.push([
+                name.clone(),
+                c.target.clone().unwrap_or_else(|| "-".into()),
+                c.critical
+                    .map_or("-", |c| if c { "yes" } else { "no" })
+                    .to_owned(),
+                format!(
+                    "{}/{} ({:.0}%)",
+                    c.adoption.at_target,
+                    c.adoption.stable,
+                    c.adoption.share * 100.0
+                ),
+                note,
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
     Ok(out)
 }
 

@@ -10,6 +10,7 @@ pub mod api;
 pub mod client;
 pub mod router;
 pub mod store;
+pub mod versions;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +44,8 @@ pub struct Agents {
     close_all: CancellationToken,
     /// Where the table lives (read at start: `[store]` changes need a restart).
     pub store: Store,
+    /// What agents' updaters are told to run (`[versions]`).
+    pub versions: versions::VersionServer,
 }
 
 impl Agents {
@@ -70,6 +73,7 @@ impl Agents {
             next_stream: AtomicU64::new(1),
             close_all,
             store,
+            versions: versions::VersionServer::new(metrics.clone()),
         }
     }
 
@@ -87,6 +91,7 @@ impl Agents {
 
     /// Take a config's limits and static agents (startup and every reload).
     pub fn configure(&self, config: &Config) {
+        self.versions.configure(config);
         let hb = &config.heartbeat;
         self.table
             .set_limits(hb.max_agents, hb.min_ready.as_millis() as u64);

@@ -72,6 +72,15 @@ struct RouteView<'a> {
     active: i64,
 }
 
+/// `/debug/rollout`: the table's versions, and each channel's target (a forwarded channel may
+/// ask its upstream, as an updater's request would).
+pub async fn rollout(rt: &Runtime) -> sluice_core::agents::rollout::Rollout {
+    let snap = rt.snapshot();
+    let mut view = rt.agents.rollout(&snap.config);
+    view.channels = rt.agents.versions.channels(&snap.config, &rt.agents).await;
+    view
+}
+
 pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(
@@ -96,7 +105,6 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         }
         "/debug/agents" => json(&rt.agents.agents_view(&rt.snapshot().config)),
         "/debug/resources" => json(&rt.agents.resources_view(&rt.snapshot().config)),
-        "/debug/rollout" => json(&rt.agents.rollout(&rt.snapshot().config)),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz/heartbeat" => match crate::agents::api::readiness(&rt.api) {
             Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n"),
@@ -358,6 +366,8 @@ pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancellat
                         reload(&rt, &req).await
                     } else if path.starts_with("/-/pools/") {
                         drain_backend(&rt, &req)
+                    } else if path == "/debug/rollout" {
+                        json(&rollout(&rt).await)
                     } else {
                         handle(&rt, &req)
                     };

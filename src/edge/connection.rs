@@ -471,6 +471,7 @@ async fn start(
             let api = Box::pin(crate::agents::api::serve_tls(
                 edge.api.clone(),
                 crate::agents::api::Rewind::new(hello, stream),
+                log.client.ip(),
             ));
             match api.await {
                 Ok(()) => log.end = CloseReason::HeartbeatApi,

@@ -53,6 +53,9 @@ pub const AGENTS: &str = "sluice_agents";
 pub const RESOURCES: &str = "sluice_resources";
 pub const HEARTBEATS: &str = "sluice_heartbeats_total";
 pub const AGENT_VERSIONS: &str = "sluice_agent_versions";
+pub const VERSION_REQUESTS: &str = "sluice_version_requests_total";
+pub const VERSION_CLAMPED: &str = "sluice_version_clamped_total";
+pub const VERSION_FORWARD_FAILURES: &str = "sluice_version_forward_failures_total";
 pub const SESSIONS_ACTIVE: &str = "sluice_sessions_active";
 pub const SESSION_REPINS: &str = "sluice_session_repins_total";
 pub const RESOURCE_MISSES: &str = "sluice_resource_misses_total";
@@ -152,6 +155,14 @@ pub struct Metrics {
     /// {result}: ok, goodbye, stream_ended, unauthorized, forbidden, malformed, too_large,
     /// too_many_resources, table_full, tls_error
     pub heartbeats: IntCounterVec,
+    /// {channel, endpoint, answer}: version server requests; `answer` is version, none, yes,
+    /// no, stale (a cached answer served while upstream fails), unavailable, rate_limited or
+    /// not_found (`channel` is then `unknown`: names from the path are not labels).
+    pub version_requests: IntCounterVec,
+    /// {channel}: answers lowered to `cluster.version`.
+    pub version_clamped: IntCounterVec,
+    /// {channel}: failed refreshes of a forwarded channel.
+    pub version_forward_failures: IntCounterVec,
     /// {route}
     pub sessions_active: IntGaugeVec,
     /// {route}: a session's agent was no longer eligible; the client got a new one.
@@ -323,6 +334,24 @@ impl Metrics {
                 AGENT_VERSIONS,
                 "Agents in the heartbeat table by announced version and state (a rollout's progress).",
                 &["version", "state"],
+            ),
+            version_requests: counter(
+                &r,
+                VERSION_REQUESTS,
+                "Version server requests of agents' updaters, by channel, endpoint and answer.",
+                &["channel", "endpoint", "answer"],
+            ),
+            version_clamped: counter(
+                &r,
+                VERSION_CLAMPED,
+                "Version server answers lowered to cluster.version, by channel.",
+                &["channel"],
+            ),
+            version_forward_failures: counter(
+                &r,
+                VERSION_FORWARD_FAILURES,
+                "Failed refreshes of a forwarded version channel from its upstream.",
+                &["channel"],
             ),
             heartbeats: counter(
                 &r,
@@ -660,6 +689,19 @@ impl Metrics {
             "tls_error",
         ] {
             self.heartbeats.with_label_values(&[result]);
+        }
+        let channels = config.versions.channels.keys().map(String::as_str);
+        for channel in channels.chain([sluice_core::agents::versions::DEFAULT_CHANNEL]) {
+            self.version_clamped.with_label_values(&[channel]);
+            self.version_requests
+                .with_label_values(&[channel, "version", "version"]);
+            self.version_requests
+                .with_label_values(&[channel, "version", "unavailable"]);
+        }
+        for (channel, c) in &config.versions.channels {
+            if matches!(c, crate::config::Channel::Forward { .. }) {
+                self.version_forward_failures.with_label_values(&[channel]);
+            }
         }
         // Ways a connection ends before any route took it.
         let early = [

@@ -28,22 +28,55 @@ pub fn unverified(alpn: &[&str]) -> Arc<ClientConfig> {
 
 /// Verifies the server's certificate against the CA certificates in a PEM file.
 pub fn verified(ca_file: &Path, alpn: &[&str]) -> Result<Arc<ClientConfig>, String> {
+    let pem =
+        std::fs::read(ca_file).map_err(|e| format!("cannot read {}: {e}", ca_file.display()))?;
+    let roots = roots_from_pem(&pem, &ca_file.display().to_string())?;
+    Ok(with_alpn(
+        ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        alpn,
+    ))
+}
+
+/// Trust the CAs of `ca_pem`, or the system's when `None` (for upstreams on the internet,
+/// as the version server's `forward_url`).
+pub fn trusting(ca_pem: Option<&[u8]>, alpn: &[&str]) -> Result<Arc<ClientConfig>, String> {
+    let roots = match ca_pem {
+        Some(pem) => roots_from_pem(pem, "ca_file")?,
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(format!(
+                    "no system CA certificate found ({} errors); set a ca_file",
+                    found.errors.len()
+                ));
+            }
+            roots
+        }
+    };
+    Ok(with_alpn(
+        ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        alpn,
+    ))
+}
+
+/// The CAs of a PEM file's content; `name` says which file in messages.
+fn roots_from_pem(pem: &[u8], name: &str) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|e| format!("cannot read {}: {e}", ca_file.display()))?;
-    for cert in certs {
-        let cert = cert.map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    for cert in CertificateDer::pem_slice_iter(pem) {
         roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+            .add(cert.map_err(|e| format!("{name}: {e}"))?)
+            .map_err(|e| format!("{name}: {e}"))?;
     }
     if roots.is_empty() {
-        return Err(format!("{} holds no certificate", ca_file.display()));
+        return Err(format!("{name} holds no certificate"));
     }
-    let cfg = ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(with_alpn(cfg, alpn))
+    Ok(roots)
 }
 
 #[derive(Debug)]

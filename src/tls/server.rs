@@ -9,12 +9,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The TLS server config of the heartbeat API: its certificate, and a client-certificate
-/// verifier when `client_ca` is given (optional when tokens may be used instead).
+/// verifier when `client_ca` is given. A client certificate is asked for but optional at the
+/// handshake: bearer tokens and the version server's updaters come without one, and every
+/// heartbeat request is checked for a credential (`api::authenticate`).
 pub fn server_tls(
     cert_file: &Path,
     key_file: &Path,
     client_ca: Option<&Path>,
-    tokens_too: bool,
 ) -> Result<Arc<rustls::ServerConfig>, String> {
     let certs = CertificateDer::pem_file_iter(cert_file)
         .map_err(|e| format!("cannot read {}: {e}", cert_file.display()))?
@@ -44,12 +45,8 @@ pub fn server_tls(
                     .add(cert)
                     .map_err(|e| format!("{}: {e}", ca.display()))?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots));
-            let verifier = if tokens_too {
-                verifier.allow_unauthenticated()
-            } else {
-                verifier
-            };
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                .allow_unauthenticated();
             builder.with_client_cert_verifier(
                 verifier
                     .build()
@@ -106,10 +103,10 @@ mod tests {
         let (cert, keyf) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         std::fs::write(&cert, ca.pem()).unwrap();
         std::fs::write(&keyf, key.serialize_pem()).unwrap();
-        let err = server_tls(&cert, &keyf, None, false).unwrap_err();
+        let err = server_tls(&cert, &keyf, None).unwrap_err();
         assert!(err.contains("is a CA certificate"), "{err}");
         std::fs::write(&cert, leaf.cert.pem()).unwrap();
         std::fs::write(&keyf, leaf.key_pair.serialize_pem()).unwrap();
-        assert!(server_tls(&cert, &keyf, None, false).is_ok());
+        assert!(server_tls(&cert, &keyf, None).is_ok());
     }
 }

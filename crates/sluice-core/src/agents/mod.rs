@@ -7,6 +7,7 @@ pub mod heartbeat;
 pub mod rollout;
 pub mod store;
 pub mod table;
+pub mod versions;
 
 use std::net::SocketAddr;
 

@@ -38,12 +38,73 @@ pub struct Skewed {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     pub cluster_version: Option<String>,
     /// Highest version first.
     pub versions: Vec<VersionCount>,
     pub skewed: Vec<Skewed>,
+    /// By channel name: the version server's target and how far the channel's agents are.
+    #[serde(default)]
+    pub channels: BTreeMap<String, ChannelRollout>,
+}
+
+/// The agent label naming the update channel an agent follows (`default` without it).
+pub const CHANNEL_LABEL: &str = "channel";
+
+/// One channel of the version server, and its agents.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChannelRollout {
+    /// What updaters are answered now (`v17.1.0`, `none`); `None` when upstream cannot say.
+    pub target: Option<String>,
+    pub critical: Option<bool>,
+    /// Why there is no target (an upstream failing with nothing cached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The channel's target was above the cluster's version and is answered lowered.
+    pub clamped: bool,
+    /// The target is more than one major version below the cluster's.
+    pub too_old: bool,
+    pub adoption: Adoption,
+}
+
+/// Agents at the target among the channel's agents ready for `versions.stable_after`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Adoption {
+    pub at_target: u64,
+    pub stable: u64,
+    /// `at_target / stable`, 0 to 1 (0 when no agent is stable).
+    pub share: f64,
+}
+
+/// An agent as adoption sees it: its channel (from `CHANNEL_LABEL`), version, and whether it
+/// has been ready for `stable_after`.
+pub struct Adopter<'a> {
+    pub channel: Option<&'a str>,
+    pub version: Option<Version>,
+    pub stable: bool,
+}
+
+/// How far `channel`'s agents are towards `target`.
+pub fn adoption<'a>(
+    agents: impl IntoIterator<Item = Adopter<'a>>,
+    channel: &str,
+    target: Option<Version>,
+) -> Adoption {
+    let mut a = Adoption::default();
+    for agent in agents {
+        if !agent.stable || agent.channel.unwrap_or(super::versions::DEFAULT_CHANNEL) != channel {
+            continue;
+        }
+        a.stable += 1;
+        if target.is_some() && agent.version == target {
+            a.at_target += 1;
+        }
+    }
+    if a.stable > 0 {
+        a.share = a.at_target as f64 / a.stable as f64;
+    }
+    a
 }
 
 /// Why an agent at `version` is skewed against `cluster` (`None`: it is not).
@@ -91,6 +152,7 @@ pub fn summarize<'a>(
         cluster_version: cluster.map(|c| c.to_string()),
         versions: by_version.into_values().rev().collect(),
         skewed,
+        channels: BTreeMap::new(),
     }
 }
 
@@ -141,5 +203,31 @@ mod tests {
             ]
         );
         assert_eq!(skew_reason(v("16.0.0"), Version(17, 2, 0)), None);
+    }
+
+    #[test]
+    fn adoption_counts_the_channels_stable_agents_at_the_target() {
+        let v = |s: &str| Version::parse(s);
+        let agent = |channel, version: &str, stable| Adopter {
+            channel,
+            version: v(version),
+            stable,
+        };
+        let agents = || {
+            [
+                agent(None, "17.1.0", true),
+                agent(Some("default"), "17.1.0", true),
+                agent(None, "17.0.0", true),
+                agent(None, "17.1.0", false),
+                agent(Some("edge"), "17.1.0", true),
+            ]
+        };
+        let a = adoption(agents(), "default", v("17.1.0"));
+        assert_eq!((a.at_target, a.stable), (2, 3));
+        assert!((a.share - 2.0 / 3.0).abs() < 1e-9);
+        let e = adoption(agents(), "edge", v("17.2.0"));
+        assert_eq!((e.at_target, e.stable, e.share), (0, 1, 0.0));
+        let none = adoption(agents(), "nightly", None);
+        assert_eq!((none.at_target, none.stable, none.share), (0, 0, 0.0));
     }
 }

@@ -177,7 +177,6 @@ impl RawHeartbeat {
                     cert: cert.clone(),
                     key: key.clone(),
                     client_ca: client_ca_file.clone(),
-                    tokens_too: tokens_file.is_some(),
                     fix: "give a PEM certificate chain and its PEM private key",
                 });
             }

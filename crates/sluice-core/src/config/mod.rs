@@ -14,7 +14,7 @@
 //!
 //! One file per section, the checks beside the types they build: `global` (`[admin]`,
 //! `[lifecycle]`, `[limits]`, `[reload]`, `[dns]`), `listener`, `route`, `pool`, `heartbeat`
-//! (`[cluster]`, `[heartbeat]`, `[[agent]]`); shared value parsers in `values`, the serde
+//! (`[cluster]`, `[heartbeat]`, `[[agent]]`), `store`, `versions`; shared value parsers in `values`, the serde
 //! layer in `raw`, errors and their places in `error`, the collector validation writes to in
 //! `collect`, the pending work in `pending`.
 
@@ -29,6 +29,7 @@ mod raw;
 mod route;
 mod store;
 mod values;
+mod versions;
 
 #[cfg(test)]
 mod tests;
@@ -48,6 +49,7 @@ pub use self::pool::{BackendConfig, CheckKind, Discovery, Ejection, HealthCheck,
 pub use self::route::{Affinity, Pick, QuicTerminate, ResourceRoute, RouteConfig, RouteTarget};
 pub use self::store::{store_name_ok, StoreConfig, StoreKind, StoreSecrets};
 pub use self::values::{literal_address, AddressError, Keepalive};
+pub use self::versions::{channel_name_ok, Channel, VersionsConfig};
 pub use crate::proxy::{AcceptProxy, ProxyProtocol};
 
 use self::collect::Errors;
@@ -90,6 +92,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// `[[agent]]`: agents and resources known without heartbeats.
     pub agents: Vec<StaticAgent>,
+    /// `[versions]`: the version server for agents' updaters.
+    pub versions: VersionsConfig,
 }
 
 /// A config with no error that validation can see, and the work that needs I/O before it
@@ -314,6 +318,7 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         .any(|r| matches!(r.target, RouteTarget::Heartbeat));
     let heartbeat = raw.heartbeat.build(errs, &root, served);
     let agents = heartbeat::static_agents(errs, &root, &raw.agents);
+    let versions = raw.versions.build(errs, &root);
     Config {
         source: path.to_path_buf(),
         files: vec![path.to_path_buf()],
@@ -330,5 +335,6 @@ fn validate(path: &Path, raw: RawConfig, errs: &mut Errors<'_>) -> Config {
         heartbeat,
         store,
         agents,
+        versions,
     }
 }

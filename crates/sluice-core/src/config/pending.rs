@@ -33,14 +33,13 @@ pub enum Pending {
         fix: &'static str,
         line_fix: &'static str,
     },
-    /// Build `heartbeat.tls` from these files (the client CA verifies client certificates;
-    /// `tokens_too` lets clients without one in, for bearer tokens).
+    /// Build `heartbeat.tls` from these files (the client CA verifies client certificates,
+    /// asked for but optional: bearer tokens and updaters come without one).
     HeartbeatTls {
         at: Place,
         cert: PathBuf,
         key: PathBuf,
         client_ca: Option<PathBuf>,
-        tokens_too: bool,
         fix: &'static str,
     },
     /// Build the TLS config of `routes[route].quic_terminate` from these files, offering the
@@ -78,6 +77,8 @@ pub enum FileSlot {
     StoreKey,
     /// `store.password_file` (trailing white space dropped, as `etcdctl` users write it)
     StorePassword,
+    /// `versions.ca_file`
+    VersionsCa,
 }
 
 /// Where a resolved address goes.
@@ -109,6 +110,7 @@ impl Config {
     pub fn set_file(&mut self, slot: FileSlot, content: Vec<u8>) -> Result<(), String> {
         let s = &mut self.store.secrets;
         match slot {
+            FileSlot::VersionsCa => self.versions.ca = Some(content),
             FileSlot::StoreCa => s.ca = Some(content),
             FileSlot::StoreCert => s.cert = Some(content),
             FileSlot::StoreKey => s.key = Some(content),

@@ -35,6 +35,27 @@ pub(super) struct RawConfig {
     pub(super) store: RawStore,
     #[serde(default, rename = "agent")]
     pub(super) agents: Vec<RawAgent>,
+    #[serde(default)]
+    pub(super) versions: RawVersions,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVersions {
+    pub(super) channels: Option<BTreeMap<String, RawChannel>>,
+    pub(super) cache_ttl: Option<String>,
+    pub(super) max_stale: Option<String>,
+    pub(super) stable_after: Option<String>,
+    pub(super) rate_limit: Option<i64>,
+    pub(super) ca_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawChannel {
+    pub(super) static_version: Option<String>,
+    pub(super) critical: Option<bool>,
+    pub(super) forward_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -177,6 +198,16 @@ impl RawConfig {
         }
         if self.cluster.version.is_some() || self.cluster.name.is_some() {
             v.push("cluster");
+        }
+        let vs = &self.versions;
+        if vs.channels.is_some()
+            || vs.cache_ttl.is_some()
+            || vs.max_stale.is_some()
+            || vs.stable_after.is_some()
+            || vs.rate_limit.is_some()
+            || vs.ca_file.is_some()
+        {
+            v.push("versions");
         }
         let st = &self.store;
         if st.kind.is_some()

@@ -321,7 +321,6 @@ fn files_are_left_to_read_not_read() {
         cert: nowhere("cert.pem"),
         key: nowhere("key.pem"),
         client_ca: None,
-        tokens_too: true,
         fix: "give a PEM certificate chain and its PEM private key",
     }));
     let hashed: Vec<_> = v
@@ -652,4 +651,38 @@ fn allow_and_deny_lists_parse_and_bad_entries_are_errors_at_their_index() {
     let errs = parse(&bad).unwrap_err().0;
     assert_eq!(errs[0].key, "listener[0].allow[1]", "{errs:?}");
     assert!(errs[0].problem.contains("not an address or CIDR block"));
+}
+
+#[test]
+fn version_channels_have_one_source_each() {
+    let with = |text: &str| format!("{GOOD}\n{text}");
+    let errs = |text: &str| parse(&with(text)).unwrap_err().to_string();
+    let both = "[versions.channels.\"default\"]\nstatic_version = \"17.1.0\"\nforward_url = \"https://u.example/v1\"\n";
+    let e = errs(both);
+    assert!(
+        e.contains("versions.channels.default.forward_url") && e.contains("not both"),
+        "{e}"
+    );
+    assert!(errs("[versions.channels.\"x\"]\ncritical = true\n").contains("has no version"));
+    let e = errs(
+        "[versions.channels.\"x\"]\nforward_url = \"https://u.example/v1\"\ncritical = true\n",
+    );
+    assert!(e.contains("comes from upstream"), "{e}");
+    let e = errs("[versions.channels.\"x\"]\nstatic_version = \"latest\"\n");
+    assert!(e.contains("`latest` is not a version"), "{e}");
+    let e = errs("[versions]\ncache_ttl = \"2h\"\n");
+    assert!(e.contains("max_stale is shorter than cache_ttl"), "{e}");
+    let ok = validated(&with(
+        "[versions]\ncache_ttl = \"30s\"\n[versions.channels.\"stable/cloud\"]\nforward_url = \"http://127.0.0.1:9/v1/stable/cloud/\"\n",
+    ));
+    let v = &ok.config.versions;
+    assert_eq!(v.cache_ttl, Duration::from_secs(30));
+    assert_eq!(v.max_stale, Duration::from_secs(3600));
+    assert_eq!(v.rate_limit, 10);
+    assert_eq!(
+        v.channels.get("stable/cloud"),
+        Some(&Channel::Forward {
+            url: "http://127.0.0.1:9/v1/stable/cloud".into()
+        })
+    );
 }
