@@ -31,6 +31,32 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
+/// The status page (`/status`): static HTML, CSS and a script over the JSON endpoints, built
+/// into the binary (no external asset: it works offline). Nothing but this origin may be
+/// loaded by it.
+fn status_asset(path: &str) -> Option<Response<Body>> {
+    let (content_type, body) = match path {
+        "/status" => (
+            "text/html; charset=utf-8",
+            include_str!("status/status.html"),
+        ),
+        "/status.js" => (
+            "text/javascript; charset=utf-8",
+            include_str!("status/status.js"),
+        ),
+        "/status.css" => ("text/css; charset=utf-8", include_str!("status/status.css")),
+        _ => return None,
+    };
+    let resp = Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", content_type)
+        .header("content-security-policy", "default-src 'self'")
+        .header("x-content-type-options", "nosniff")
+        .header("cache-control", "no-cache")
+        .body(Full::new(Bytes::from_static(body.as_bytes())));
+    resp.ok()
+}
+
 fn json<T: Serialize>(value: &T) -> Response<Body> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => reply(StatusCode::OK, "application/json", body),
@@ -206,9 +232,10 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
         "/" => reply(
             StatusCode::OK,
             "text/plain",
-            "sluice admin: /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners /debug/process /debug/agents /debug/resources /debug/rollout /debug/store /readyz/heartbeat, POST /-/reload\n",
+            "sluice admin: /status (the status page) /metrics /healthz /readyz /debug/config /debug/routes /debug/pools /debug/listeners /debug/process /debug/agents /debug/resources /debug/rollout /debug/store /readyz/heartbeat, POST /-/reload\n",
         ),
-        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+        path => status_asset(path)
+            .unwrap_or_else(|| reply(StatusCode::NOT_FOUND, "text/plain", "not found\n")),
     }
 }
 
