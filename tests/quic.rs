@@ -1023,3 +1023,164 @@ async fn a_quic_flow_has_an_access_log_line() {
     assert!(v["client"].as_str().unwrap().starts_with("127.0.0.1:"));
     server.shutdown().await;
 }
+
+/// Batching never reorders a flow: 3,000 numbered datagrams each way, sent in GSO bursts
+/// (and one by one between them), arrive in the order they were sent, whatever sluice read
+/// or sent them with (recvmmsg, GRO, GSO). UDP may drop some under load; none may overtake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batching_keeps_each_flows_datagrams_in_order_both_ways() {
+    use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+    use sluice_core::quic::packet::{build_initial, V1};
+    use std::io::IoSliceMut;
+
+    const N: u32 = 3000;
+    const SIZE: usize = 1200;
+    const DCID: [u8; 8] = [0x42; 8];
+    let backend = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let server = start(
+        &CONFIG.replace("flow_idle_timeout = \"1s\"", "flow_idle_timeout = \"30s\""),
+        &[
+            ("a", backend.local_addr().unwrap().to_string()),
+            ("b", other.local_addr().unwrap().to_string()),
+        ],
+    )
+    .await;
+    let edge = server.quic_addr("quic").unwrap();
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (cs, bs) = (
+        UdpSocketState::new(UdpSockRef::from(&client)).unwrap(),
+        UdpSocketState::new(UdpSockRef::from(&backend)).unwrap(),
+    );
+    // A datagram of the flow: a short header with the flow's DCID (or, from the backend, any
+    // first byte), then its number.
+    let numbered = |i: u32| {
+        let mut d = vec![0x40u8];
+        d.extend_from_slice(&DCID);
+        d.extend_from_slice(&i.to_be_bytes());
+        d.resize(SIZE, 0xab);
+        d
+    };
+    let number = |d: &[u8]| u32::from_be_bytes(d[9..13].try_into().unwrap());
+    // Sends 0..N to `to`: bursts of up to 16 segments in one GSO sendmsg, and single ones.
+    async fn send_all(
+        sock: &tokio::net::UdpSocket,
+        state: &UdpSocketState,
+        to: SocketAddr,
+        numbered: &dyn Fn(u32) -> Vec<u8>,
+    ) {
+        let mut i = 0;
+        while i < N {
+            let burst = if i % 3 == 0 { 1 } else { 16.min(N - i) };
+            let contents: Vec<u8> = (i..i + burst).flat_map(numbered).collect();
+            let t = Transmit {
+                destination: to,
+                ecn: None,
+                contents: &contents,
+                segment_size: (burst > 1).then_some(SIZE),
+                src_ip: None,
+            };
+            loop {
+                sock.writable().await.unwrap();
+                match sock.try_io(tokio::io::Interest::WRITABLE, || {
+                    state.try_send(UdpSockRef::from(sock), &t)
+                }) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => panic!("send: {e}"),
+                }
+            }
+            i += burst;
+            // Paced, so that sluice and the receiver keep up most of the time.
+            if i % 64 < burst {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    // Reads datagrams (split at GRO boundaries) until `last` or a quiet second; their
+    // numbers and where the last read came from.
+    async fn receive(
+        sock: &tokio::net::UdpSocket,
+        state: &UdpSocketState,
+        number: &dyn Fn(&[u8]) -> u32,
+    ) -> (Vec<u32>, Option<SocketAddr>) {
+        let mut buf = vec![0u8; 65535];
+        let mut seen = Vec::new();
+        let mut from = None;
+        loop {
+            let mut meta = [RecvMeta::default()];
+            let got = tokio::time::timeout(Duration::from_secs(1), async {
+                loop {
+                    sock.readable().await.unwrap();
+                    let r = sock.try_io(tokio::io::Interest::READABLE, || {
+                        state.recv(
+                            UdpSockRef::from(sock),
+                            &mut [IoSliceMut::new(&mut buf)],
+                            &mut meta,
+                        )
+                    });
+                    if r.is_ok() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if got.is_err() {
+                return (seen, from);
+            }
+            from = Some(meta[0].addr);
+            let stride = if meta[0].stride == 0 {
+                meta[0].len
+            } else {
+                meta[0].stride
+            };
+            for d in buf[..meta[0].len].chunks(stride) {
+                if d.len() >= 13 && d[0] == 0x40 {
+                    seen.push(number(d));
+                }
+            }
+            if seen.last() == Some(&(N - 1)) {
+                return (seen, from);
+            }
+        }
+    }
+    let in_order = |what: &str, seen: &[u32]| {
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "{what}: reordered: {:?}",
+            seen.windows(2).find(|w| w[0] >= w[1])
+        );
+        assert!(
+            seen.len() as u32 >= N / 2,
+            "{what}: only {} of {N} arrived",
+            seen.len()
+        );
+    };
+
+    let hello = sluice_core::hello::build::hello(Some("a.example.com"), &["h3"]);
+    let initial = build_initial(V1, &DCID, &[7, 7, 7, 7], 0, 0, &hello[5..]);
+    client.send_to(&initial, edge).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let (_, flow_socket) =
+        tokio::time::timeout(Duration::from_secs(5), backend.recv_from(&mut buf))
+            .await
+            .expect("the Initial reaches the backend")
+            .unwrap();
+
+    let (up, down) = tokio::join!(
+        async {
+            send_all(&client, &cs, edge, &numbered).await;
+        },
+        receive(&backend, &bs, &number),
+    );
+    let ((), (seen, from)) = (up, down);
+    assert_eq!(from, Some(flow_socket), "one flow socket carried them");
+    in_order("client to backend", &seen);
+
+    let ((), (seen, _)) = tokio::join!(
+        send_all(&backend, &bs, flow_socket, &numbered),
+        receive(&client, &cs, &number),
+    );
+    in_order("backend to client", &seen);
+    server.shutdown().await;
+}

@@ -7,9 +7,18 @@
 //! toward its backend (so replies find their way back), flow expiry, and the QUIC metrics.
 //! It never decrypts anything but the client's Initials, and never changes a byte: TLS stays
 //! end to end. The packet logic is in `packet` (pure).
+//!
+//! Datagrams move in batches, with the kernel's offloads through quinn-udp: a read takes up
+//! to `BATCH` messages (`recvmmsg`), each of them possibly several datagrams of one sender
+//! coalesced by UDP GRO; a run of datagrams of one flow goes out in one `sendmsg` with UDP GSO
+//! (segment by segment where the kernel cannot). Datagrams are handled in the order they were
+//! read, so a flow's datagrams are never reordered; the ECN bits are carried over. The flows'
+//! backend sockets are not tokio tasks: they are registered in one epoll set per listener
+//! (mio), which one task waits on, so an idle flow costs its table entries and a socket.
 
 pub mod terminate;
 
+use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +26,9 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use prometheus::{IntCounter, IntGauge};
+use quinn_udp::{EcnCodepoint, RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +40,14 @@ use sluice_core::close::CloseReason;
 use sluice_core::quic::flows::{self, FlowState, FlowTable, Found, Limits, Pending};
 use sluice_core::route::{Facts, TlsFacts};
 
-const MAX_DATAGRAM: usize = 65535;
+/// The largest read: one datagram, or the datagrams GRO coalesced (the kernel stops at 64 KB).
+const MAX_READ: usize = 65535;
+/// Messages per `recvmmsg` on a listener socket.
+const BATCH: usize = if quinn_udp::BATCH_SIZE < 8 {
+    quinn_udp::BATCH_SIZE
+} else {
+    8
+};
 
 /// One client's QUIC connection, routed.
 struct Flow {
@@ -40,8 +59,9 @@ struct Flow {
     _guard: Option<ActiveGuard>,
     /// A terminated flow: its endpoint and this flow's socket port there (for PROXY headers).
     terminator: Option<(Arc<terminate::Terminator>, u16)>,
-    upstream: Arc<UdpSocket>,
-    stop: CancellationToken,
+    /// Connected to `backend`, non-blocking, in the listener's epoll set under the flow's id.
+    upstream: std::net::UdpSocket,
+    backend: SocketAddr,
     /// For its access-log line.
     log: FlowLog,
 }
@@ -103,6 +123,10 @@ pub struct QuicListener {
     accepting: AtomicBool,
     flows: Mutex<FlowTable<Flow>>,
     m: QuicMetrics,
+    /// The offloads the kernel has (GSO, GRO, ECN), for the listener's socket and the flows'.
+    udp: UdpSocketState,
+    /// The epoll set of the flows' backend sockets (token: the flow's id).
+    registry: mio::Registry,
 }
 
 struct QuicMetrics {
@@ -153,7 +177,12 @@ impl QuicListener {
     ) -> std::io::Result<Arc<QuicListener>> {
         let name = cfg.name.clone();
         let m = &edge.metrics;
+        let udp = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        let poll = mio::Poll::new()?;
+        let registry = poll.registry().try_clone()?;
         let l = Arc::new(QuicListener {
+            udp,
+            registry,
             local_addr: socket.local_addr()?,
             socket: Arc::new(socket),
             stop: edge.hard_stop.child_token(),
@@ -171,6 +200,11 @@ impl QuicListener {
             config: ArcSwap::from_pointee(cfg),
         });
         tokio::spawn(receive(Arc::downgrade(edge), l.clone()));
+        // SAFETY: the `mio::Poll` owns its epoll descriptor for its whole life and never
+        // replaces it; the AsyncFd owns the Poll (as in `edge::parking`).
+        #[allow(unsafe_code)]
+        let epoll = unsafe { AsyncFd::register_with_interest(poll, Interest::READABLE) }?;
+        tokio::spawn(from_backends(l.clone(), epoll));
         tokio::spawn(sweep(l.clone()));
         tracing::info!(listener = %name, address = %l.local_addr, "listening (QUIC)");
         Ok(l)
@@ -220,56 +254,148 @@ impl QuicListener {
         if let Some((t, port)) = &flow.terminator {
             t.unregister(*port);
         }
-        flow.stop.cancel();
+        // Closing its socket (when the last reference goes) takes it out of the epoll set.
+        let _ =
+            self.registry
+                .deregister(&mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(
+                    &flow.upstream,
+                )));
     }
 }
 
-fn forward(l: &QuicListener, flow: &Flow, data: &[u8]) {
-    flow.state.seen(clock_ms(Instant::now()));
-    l.m.packets_in.inc();
-    l.m.bytes_in.inc_by(data.len() as u64);
-    flow.route.bytes_to_backend.inc_by(data.len() as u64);
-    flow.log
-        .to_backend
-        .fetch_add(data.len() as u64, Ordering::Relaxed);
-    // UDP: a full send buffer drops the datagram, as the network would. The syscall is made
-    // directly: tokio's `try_send` answers WouldBlock until its reactor has seen the new
-    // socket writable, which dropped the first Initial of new flows.
-    let _ = socket2::SockRef::from(flow.upstream.as_ref()).send(data);
+/// `data`, datagrams of `stride` bytes (the last may be shorter) from one sender, to `to` in
+/// one `sendmsg` with UDP GSO where the kernel has it, else in as many as it takes. A full
+/// send buffer drops them, as the network would (QUIC retransmits).
+fn send_segments(
+    udp: &UdpSocketState,
+    socket: &impl std::os::fd::AsFd,
+    to: SocketAddr,
+    ecn: Option<EcnCodepoint>,
+    data: &[u8],
+    stride: usize,
+) {
+    let stride = stride.clamp(1, MAX_READ);
+    let per_send = stride * udp.max_gso_segments().max(1);
+    for chunk in data.chunks(per_send) {
+        let transmit = Transmit {
+            destination: to,
+            ecn,
+            contents: chunk,
+            segment_size: (chunk.len() > stride).then_some(stride),
+            src_ip: None,
+        };
+        if udp.send(UdpSockRef::from(socket), &transmit).is_err() {
+            return;
+        }
+    }
 }
 
-/// The receive loop: every datagram from clients.
+/// Datagrams of one flow from its client, in order, to its backend.
+fn forward(
+    l: &QuicListener,
+    flow: &Flow,
+    data: &[u8],
+    stride: usize,
+    ecn: Option<EcnCodepoint>,
+    now: u64,
+) {
+    flow.state.seen(now);
+    let bytes = data.len() as u64;
+    l.m.packets_in
+        .inc_by(data.len().div_ceil(stride.max(1)) as u64);
+    l.m.bytes_in.inc_by(bytes);
+    flow.route.bytes_to_backend.inc_by(bytes);
+    flow.log.to_backend.fetch_add(bytes, Ordering::Relaxed);
+    send_segments(&l.udp, &flow.upstream, flow.backend, ecn, data, stride);
+}
+
+/// The receive loop: every datagram from clients, read in batches.
 async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut storage = vec![0u8; MAX_READ * BATCH];
+    let mut metas = [RecvMeta::default(); BATCH];
     loop {
-        let (n, peer) = tokio::select! {
+        let read = tokio::select! {
             _ = l.stop.cancelled() => break,
-            r = l.socket.recv_from(&mut buf) => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "QUIC receive failed");
-                    continue;
-                }
-            },
+            r = l.socket.readable() => r.and_then(|()| {
+                let mut bufs: Vec<IoSliceMut<'_>> =
+                    storage.chunks_mut(MAX_READ).map(IoSliceMut::new).collect();
+                l.socket.try_io(Interest::READABLE, || {
+                    l.udp.recv(UdpSockRef::from(&*l.socket), &mut bufs, &mut metas)
+                })
+            }),
         };
-        let data = &buf[..n];
-        let Some(edge) = edge.upgrade() else { break };
-        let found = l.lock().find(peer, data);
-        match found {
-            Found::Flow { flow, moved } => {
-                if moved {
-                    l.m.migrations.inc();
-                    tracing::debug!(to = %peer, "QUIC flow followed to a new address");
-                }
-                forward(&l, &flow, data)
+        let messages = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "QUIC receive failed");
+                continue;
             }
-            Found::None => new_datagram(&edge, &l, peer, data).await,
+        };
+        let Some(edge) = edge.upgrade() else { break };
+        for (meta, buf) in metas[..messages].iter().zip(storage.chunks(MAX_READ)) {
+            let data = &buf[..meta.len.min(buf.len())];
+            let stride = if meta.stride == 0 {
+                data.len()
+            } else {
+                meta.stride
+            };
+            from_client(&edge, &l, meta.addr, data, stride, meta.ecn).await;
         }
     }
     // Stopped: every flow ends.
     let mut flows = l.lock();
     for f in flows.take_all() {
         l.remove_flow(&mut flows, &f, CloseReason::Shutdown);
+    }
+}
+
+/// One read from one client: datagrams of `stride` bytes, each routed on its own (they may
+/// belong to different connections of one socket), consecutive ones of the same flow sent on
+/// together.
+async fn from_client(
+    edge: &Arc<Edge>,
+    l: &Arc<QuicListener>,
+    peer: SocketAddr,
+    data: &[u8],
+    stride: usize,
+    ecn: Option<EcnCodepoint>,
+) {
+    let now = clock_ms(Instant::now());
+    // The flow of the run being gathered, and where the run starts in `data`.
+    let mut run: Option<(Arc<Flow>, usize)> = None;
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + stride).min(data.len());
+        let segment = &data[at..end];
+        let found = l.lock().find(peer, segment);
+        match found {
+            Found::Flow { flow, moved } => {
+                if moved {
+                    l.m.migrations.inc();
+                    tracing::debug!(to = %peer, "QUIC flow followed to a new address");
+                }
+                match &run {
+                    Some((current, _)) if Arc::ptr_eq(current, &flow) => {}
+                    _ => {
+                        if let Some((f, start)) = run.take() {
+                            forward(l, &f, &data[start..at], stride, ecn, now);
+                        }
+                        run = Some((flow, at));
+                    }
+                }
+            }
+            Found::None => {
+                if let Some((f, start)) = run.take() {
+                    forward(l, &f, &data[start..at], stride, ecn, now);
+                }
+                new_datagram(edge, l, peer, segment).await;
+            }
+        }
+        at = end;
+    }
+    if let Some((f, start)) = run {
+        forward(l, &f, &data[start..], stride, ecn, now);
     }
 }
 
@@ -383,22 +509,13 @@ async fn establish(
             (b.address, Some(b.guard()), b.name.clone())
         }
     };
-    let bind: SocketAddr = if target.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let upstream = match UdpSocket::bind(bind).await {
+    let upstream = match backend_socket(target) {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot open a UDP socket toward a QUIC backend");
+            tracing::warn!(backend = %label, error = %e, "cannot open a UDP socket toward a QUIC backend");
             return l.initial(edge, "backend_error");
         }
     };
-    if let Err(e) = upstream.connect(target).await {
-        tracing::warn!(backend = %label, error = %e, "cannot reach a QUIC backend");
-        return l.initial(edge, "backend_error");
-    }
     let terminator = match (route.terminator.get(), upstream.local_addr()) {
         (Some(t), Ok(local)) => {
             t.register(local.port(), peer);
@@ -412,8 +529,8 @@ async fn establish(
         route: route.clone(),
         _guard: guard,
         terminator,
-        upstream: Arc::new(upstream),
-        stop: l.stop.child_token(),
+        upstream,
+        backend: target,
         log: FlowLog {
             started: Instant::now(),
             names: format!(
@@ -432,6 +549,18 @@ async fn establish(
         },
     });
     l.lock().insert(flow.clone());
+    // In the epoll set once in the table (its events look it up), before anything reaches the
+    // backend (so no answer comes before).
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&flow.upstream);
+    if let Err(e) = l.registry.register(
+        &mut mio::unix::SourceFd(&fd),
+        mio::Token(id as usize),
+        mio::Interest::READABLE,
+    ) {
+        tracing::warn!(error = %e, "cannot watch a QUIC flow's backend socket");
+        l.lock().remove(&flow);
+        return l.initial(edge, "backend_error");
+    }
     l.m.active.inc();
     route.active.inc();
     l.initial(edge, "ok");
@@ -441,59 +570,132 @@ async fn establish(
         .inc();
     tracing::debug!(listener = %name, client = %peer, route = %route.name,
         backend = %label, sni = ?hello.sni, alpn = ?hello.alpn, "QUIC flow");
+    let now = clock_ms(Instant::now());
     for d in &pending.datagrams {
-        forward(l, &flow, d);
+        forward(l, &flow, d, d.len(), None, now);
     }
-    tokio::spawn(from_backend(l.clone(), flow));
 }
 
-thread_local! {
-    /// The buffer backend datagrams are read into: one per worker thread, not one per flow,
-    /// so an idle flow holds none (as an idle TCP relay holds no buffer).
-    static DATAGRAM: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_DATAGRAM]);
+/// A flow's socket toward `target`: its own port (the backend's answers come back to it),
+/// connected, non-blocking, with GRO and the ECN and path-MTU options quinn-udp sets.
+fn backend_socket(target: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::DGRAM.nonblocking(),
+        Some(Protocol::UDP),
+    )?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    socket.bind(&bind.into())?;
+    socket.connect(&target.into())?;
+    let socket = std::net::UdpSocket::from(socket);
+    // Sets the options; the capabilities it finds are the listener's too.
+    UdpSocketState::new(UdpSockRef::from(&socket))?;
+    Ok(socket)
 }
 
-/// Datagrams from a flow's backend, to its client (wherever it is now).
-async fn from_backend(l: Arc<QuicListener>, flow: Arc<Flow>) {
+/// Datagrams from the flows' backends, to their clients (wherever they are now): one task
+/// per listener waits on the epoll set of every flow's socket.
+async fn from_backends(l: Arc<QuicListener>, mut poll: AsyncFd<mio::Poll>) {
+    let mut events = mio::Events::with_capacity(256);
+    // One buffer for the listener: an idle flow holds none.
+    let mut buf = vec![0u8; MAX_READ];
     loop {
-        tokio::select! {
-            _ = flow.stop.cancelled() => break,
-            r = flow.upstream.readable() => if r.is_err() { break },
-        }
-        // Drain what is there without awaiting, so the buffer is never held across a wait.
+        let mut ready = tokio::select! {
+            _ = l.stop.cancelled() => return,
+            r = poll.readable_mut() => match r {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "QUIC backend sockets cannot be watched");
+                    return;
+                }
+            },
+        };
+        // Until the set is empty: the runtime reports the epoll fd again only for new
+        // readiness.
         loop {
-            let got = DATAGRAM.with(|b| {
-                let mut b = b.borrow_mut();
-                let n = flow.upstream.try_recv(&mut b)?;
-                to_client(&l, &flow, &b[..n]);
-                Ok::<_, std::io::Error>(())
-            });
-            match got {
+            match ready
+                .get_inner_mut()
+                .poll(&mut events, Some(Duration::ZERO))
+            {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                // An ICMP error from the backend (not listening yet): keep the flow; the
-                // client retransmits and the flow expires if nothing ever answers.
-                Err(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, "epoll_wait on QUIC backend sockets failed");
+                    return;
+                }
             }
+            if events.is_empty() {
+                ready.clear_ready();
+                break;
+            }
+            for event in events.iter() {
+                let flow = l.lock().get(event.token().0 as u64);
+                if let Some(flow) = flow {
+                    drain_backend(&l, &flow, &mut buf);
+                }
+            }
+            // Many flows answering at once: let this worker's other tasks run between batches.
+            tokio::task::yield_now().await;
         }
     }
 }
 
-/// One datagram from the backend: learn the server's connection ID, send it to the client.
-fn to_client(l: &QuicListener, flow: &Arc<Flow>, data: &[u8]) {
+/// Read a flow's socket until it is empty (the epoll set is edge-triggered), sending every
+/// read on to the client.
+fn drain_backend(l: &QuicListener, flow: &Arc<Flow>, buf: &mut [u8]) {
+    let mut meta = [RecvMeta::default()];
+    loop {
+        let got = l.udp.recv(
+            UdpSockRef::from(&flow.upstream),
+            &mut [IoSliceMut::new(buf)],
+            &mut meta,
+        );
+        match got {
+            Ok(_) => {
+                let data = &buf[..meta[0].len.min(buf.len())];
+                let stride = if meta[0].stride == 0 {
+                    data.len()
+                } else {
+                    meta[0].stride
+                };
+                to_client(l, flow, data, stride, meta[0].ecn);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // An ICMP error from the backend (not listening yet): keep the flow; the client
+            // retransmits and the flow expires if nothing ever answers.
+            Err(_) => continue,
+        }
+    }
+}
+
+/// Datagrams from the backend: learn the server's connection IDs, send them to the client.
+fn to_client(
+    l: &QuicListener,
+    flow: &Arc<Flow>,
+    data: &[u8],
+    stride: usize,
+    ecn: Option<EcnCodepoint>,
+) {
     // Server long headers carry the connection ID the client will address it by.
-    if data.first().is_some_and(|b| b & 0x80 != 0) {
-        l.lock().from_server(flow, data);
+    for segment in data.chunks(stride.max(1)) {
+        if segment.first().is_some_and(|b| b & 0x80 != 0) {
+            l.lock().from_server(flow, segment);
+        }
     }
     flow.state.seen(clock_ms(Instant::now()));
-    l.m.packets_out.inc();
-    l.m.bytes_out.inc_by(data.len() as u64);
-    flow.route.bytes_to_client.inc_by(data.len() as u64);
-    flow.log
-        .to_client
-        .fetch_add(data.len() as u64, Ordering::Relaxed);
-    let to = socket2::SockAddr::from(flow.state.client());
-    let _ = socket2::SockRef::from(l.socket.as_ref()).send_to(data, &to);
+    let bytes = data.len() as u64;
+    l.m.packets_out
+        .inc_by(data.len().div_ceil(stride.max(1)) as u64);
+    l.m.bytes_out.inc_by(bytes);
+    flow.route.bytes_to_client.inc_by(bytes);
+    flow.log.to_client.fetch_add(bytes, Ordering::Relaxed);
+    send_segments(&l.udp, &*l.socket, flow.state.client(), ecn, data, stride);
 }
 
 /// Expire idle flows and stale pending ones; stop a closed listener once it has no flows.

@@ -139,6 +139,11 @@ impl<F: Flow> FlowTable<F> {
         self.all.is_empty()
     }
 
+    /// The flow with this id.
+    pub fn get(&self, id: u64) -> Option<Arc<F>> {
+        self.all.get(&id).cloned()
+    }
+
     /// An id for a new flow.
     pub fn next_id(&mut self) -> u64 {
         self.next_id += 1;
