@@ -21,3 +21,43 @@ pub fn cpu_seconds(pid: &str) -> Option<f64> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
+
+/// A global allocator that counts: live heap bytes and allocations, for the benchmarks that
+/// run sluice in-process (`#[global_allocator] static A: Counting = Counting;`).
+pub struct Counting;
+
+static LIVE_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged; only counters are added.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        use std::sync::atomic::Ordering::Relaxed;
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        LIVE_BYTES.fetch_add(layout.size() as isize, Relaxed);
+        // SAFETY: the caller's contract for `alloc`, passed on.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE_BYTES.fetch_sub(layout.size() as isize, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: `ptr` came from `alloc`/`realloc` above, which the system allocator served.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        use std::sync::atomic::Ordering::Relaxed;
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        LIVE_BYTES.fetch_add(new as isize - layout.size() as isize, Relaxed);
+        // SAFETY: as for `dealloc`, and the caller's contract for `realloc`.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+/// Heap bytes allocated and not yet freed (with `Counting` as the global allocator).
+pub fn live_heap_bytes() -> i64 {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed) as i64
+}
+
+/// Allocations (and reallocations) so far (with `Counting` as the global allocator).
+pub fn allocations() -> u64 {
+    ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}

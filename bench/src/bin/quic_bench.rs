@@ -3,6 +3,10 @@
 //! Everything runs in this process: a quinn server, sluice (the library, as `sluice run`
 //! builds it) and quinn clients. Prints one JSON line.
 //!
+//! Also: several transfers at once (`--parallel`), and the latency sluice adds to one
+//! datagram (a UDP echo server behind a synthetic flow, round trips direct and through sluice,
+//! one at a time).
+//!
 //! Idle flows are opened with synthetic client Initials (a real ClientHello, encrypted with
 //! the Initial keys) from one UDP socket each, toward a sink that never answers: the resident
 //! memory they add, less the client sockets (opened before the first reading), is sluice's
@@ -27,7 +31,16 @@ struct Opts {
     /// Idle flows to open.
     #[arg(long, default_value_t = 4000)]
     flows: usize,
+    /// Concurrent transfers (each of `bytes / parallel`) in the several-flows run.
+    #[arg(long, default_value_t = 4)]
+    parallel: usize,
+    /// Round trips of one datagram for the latency figures.
+    #[arg(long, default_value_t = 5000)]
+    pings: usize,
 }
+
+#[global_allocator]
+static ALLOC: sluice_bench::Counting = sluice_bench::Counting;
 
 fn rss_kib() -> u64 {
     sluice_bench::vm_rss_kib("self").unwrap_or(0)
@@ -58,6 +71,54 @@ fn server() -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// `n` transfers of `bytes / n` at once, each on its own connection: total Gbit/s.
+async fn parallel(to: SocketAddr, bytes: usize, n: usize) -> anyhow::Result<f64> {
+    let each = bytes / n.max(1);
+    let t = Instant::now();
+    let runs: Vec<_> = (0..n).map(|_| tokio::spawn(bulk(to, each))).collect();
+    for r in runs {
+        r.await??;
+    }
+    Ok((each * n) as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Round trips of a 1,200-byte datagram to a UDP echo server, one at a time, from a socket
+/// that first sent a flow's Initial (so that through sluice it is one flow): microseconds,
+/// sorted.
+async fn pings(to: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>> {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let hello = sluice_core::hello::build::hello(Some("echo.example.com"), &["h3"]);
+    let dcid = [0x5e; 8];
+    let initial =
+        sluice_core::quic::packet::build_initial(sluice_core::quic::packet::V1, &dcid, &[1], 0, 0, &hello[5..]);
+    sock.send_to(&initial, to).await?;
+    let mut buf = vec![0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+        .await
+        .context("the echo of the Initial")??;
+    let mut ping = vec![0x40u8];
+    ping.extend_from_slice(&dcid);
+    ping.resize(1200, 0);
+    let mut rtts = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        sock.send_to(&ping, to).await?;
+        tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+            .await
+            .context("an echo")??;
+        rtts.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    rtts.sort_by(f64::total_cmp);
+    Ok(rtts)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round() as usize)
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 async fn bulk(to: SocketAddr, bytes: usize) -> anyhow::Result<f64> {
@@ -95,6 +156,14 @@ async fn main() -> anyhow::Result<()> {
     let o = Opts::parse();
     let backend = server()?;
     let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let echo = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
+    let echo_addr = echo.local_addr()?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        while let Ok((n, from)) = echo.recv_from(&mut buf).await {
+            let _ = echo.send_to(&buf[..n], from).await;
+        }
+    });
     let config = format!(
         r#"
 [admin]
@@ -117,6 +186,12 @@ sni = ["bulk.example.com"]
 pool = "bulk"
 
 [[route]]
+name = "echo"
+listener = "quic"
+sni = ["echo.example.com"]
+pool = "echo"
+
+[[route]]
 name = "idle"
 listener = "quic"
 sni = ["idle.example.com"]
@@ -127,6 +202,9 @@ backends = ["{backend}"]
 
 [pool.sink]
 backends = ["{}"]
+
+[pool.echo]
+backends = ["{echo_addr}"]
 "#,
         sink.local_addr()?
     );
@@ -136,10 +214,15 @@ backends = ["{}"]
     let edge = server.quic_addr("quic").context("QUIC listener")?;
 
     let (mut direct, mut through) = (Vec::new(), Vec::new());
+    let (mut direct_n, mut through_n) = (Vec::new(), Vec::new());
     for _ in 0..o.rounds {
         direct.push(bulk(backend, o.bytes).await?);
         through.push(bulk(edge, o.bytes).await?);
+        direct_n.push(parallel(backend, o.bytes, o.parallel).await?);
+        through_n.push(parallel(edge, o.bytes, o.parallel).await?);
     }
+    let direct_rtt = pings(echo_addr, o.pings).await?;
+    let through_rtt = pings(edge, o.pings).await?;
 
     // Idle flows.
     let hello = sluice_core::hello::build::hello(Some("idle.example.com"), &["h3"]);
@@ -149,6 +232,7 @@ backends = ["{}"]
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_kib();
+    let heap_before = sluice_bench::live_heap_bytes();
     let flows_before = server.rt.quic_listeners()[0].flow_count();
     for (i, c) in clients.iter().enumerate() {
         let dcid = (i as u64 + 1).to_be_bytes();
@@ -177,6 +261,7 @@ backends = ["{}"]
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss_kib();
+    let heap_after = sluice_bench::live_heap_bytes();
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     println!(
         "{}",
@@ -186,6 +271,17 @@ backends = ["{}"]
             "direct_gbit_per_s": direct,
             "sluice_gbit_per_s": through,
             "ratio_sluice_to_direct": mean(&through) / mean(&direct),
+            "parallel_flows": o.parallel,
+            "parallel_direct_gbit_per_s": direct_n,
+            "parallel_sluice_gbit_per_s": through_n,
+            "parallel_ratio_sluice_to_direct": mean(&through_n) / mean(&direct_n),
+            "pings": o.pings,
+            "rtt_direct_us_p50_p99": [quantile(&direct_rtt, 0.5), quantile(&direct_rtt, 0.99)],
+            "rtt_sluice_us_p50_p99": [quantile(&through_rtt, 0.5), quantile(&through_rtt, 0.99)],
+            // A round trip crosses sluice twice: half the difference is one datagram's.
+            "added_us_per_datagram_p50": (quantile(&through_rtt, 0.5) - quantile(&direct_rtt, 0.5)) / 2.0,
+            "added_us_per_datagram_p99": (quantile(&through_rtt, 0.99) - quantile(&direct_rtt, 0.99)) / 2.0,
+            "heap_bytes_per_idle_flow": (heap_after - heap_before) as f64 / open.max(1) as f64,
             "idle_flows_requested": o.flows,
             "idle_flows_open": open,
             "rss_kib_before": before,
