@@ -3,6 +3,7 @@
 
     report.py RESULTS.jsonl COMMANDS.txt [CRITERION_DIR]   -> markdown on stdout
     report.py --check RESULTS.jsonl                         -> exit 1 if the run is broken
+    report.py --table RESULTS.jsonl [PREVIOUS.jsonl]        -> the summary table alone
 """
 import datetime
 import json
@@ -120,9 +121,67 @@ def ratios_line(doc, label, groups, key, goal_text):
     doc(f"- {label}: " + (", ".join(parts) or "no figures") + f" (goal: {goal_text})")
 
 
+# The summary: (scenario, label, key, lower is better).
+FIGURES = [
+    ("connrate", "connections/s", "conns_per_s", False),
+    ("connrate", "p99 µs", "p99_us", True),
+    ("connrate", "edge CPU µs/conn", "edge_cpu_us_per_conn", True),
+    ("throughput", "Gbit/s", "gbit_per_s", False),
+    ("throughput", "edge CPU s/GiB", "edge_cpu_s_per_gib", True),
+    ("idle", "bytes/idle conn", "bytes_per_conn", True),
+    ("reload", "connections/s", "conns_per_s", False),
+    ("reload", "p99 µs", "p99_us", True),
+]
+
+
+def summary(d, rows, previous):
+    """One table: every scenario's figures for sluice, HAProxy, nginx and the backends
+    directly, sluice's ratio to HAProxy and to direct, and sluice's figure in the previous
+    run (`previous`: that run's rows, or [])."""
+    head = ["scenario", "figure", "sluice", "HAProxy", "nginx", "direct",
+            "sluice/HAProxy", "sluice/direct", "sluice, previous run"]
+    out = []
+    for scenario, label, key, _lower in FIGURES:
+        g = by_system(rows, scenario)
+        if not g:
+            continue
+        s = mean(g.get("sluice", []), key)
+        h = mean(g.get("haproxy", []), key)
+        n = mean(g.get("nginx", []), key)
+        x = mean(g.get("direct", []), key)
+        prev = mean(by_system(previous, scenario).get("sluice", []), key)
+        digits = 2 if key in ("gbit_per_s", "edge_cpu_s_per_gib") else (1 if "cpu" in key else 0)
+        r = lambda a, b: "–" if ratio(a, b) is None else f"{ratio(a, b):.2f}"
+        out.append([scenario, label, fmt(s, digits), fmt(h, digits), fmt(n, digits),
+                    fmt(x, digits), r(s, h), r(s, x), fmt(prev, digits)])
+    quic = os.environ.get("BENCH_QUIC")
+    for q in load(quic) if quic and os.path.exists(quic) else []:
+        for label, sk, dk in [("QUIC Gbit/s, one flow", "sluice_gbit_per_s", "direct_gbit_per_s"),
+                              (f"QUIC Gbit/s, {q.get('parallel_flows', '?')} flows",
+                               "parallel_sluice_gbit_per_s", "parallel_direct_gbit_per_s")]:
+            if sk in q:
+                s_, x_ = statistics.mean(q[sk]), statistics.mean(q[dk])
+                out.append(["quic", label, fmt(s_, 2), "–", "–", fmt(x_, 2), "–",
+                            f"{s_ / x_:.2f}", "–"])
+        if "rtt_sluice_us_p50_p99" in q:
+            s_, x_ = q["rtt_sluice_us_p50_p99"][1], q["rtt_direct_us_p50_p99"][1]
+            out.append(["quic", "round trip p99 µs", fmt(s_, 0), "–", "–", fmt(x_, 0), "–",
+                        f"{s_ / x_:.2f}", "–"])
+        if "heap_bytes_per_idle_flow" in q:
+            out.append(["quic", "heap bytes/idle flow", fmt(q["heap_bytes_per_idle_flow"], 0),
+                        "–", "–", "–", "–", "–", "–"])
+    d.table(head, out)
+
+
 def main(argv):
     if argv[1] == "--check":
         return check(load(argv[2]))
+    if argv[1] == "--table":
+        d = Doc()
+        prev = load(argv[3]) if len(argv) > 3 and os.path.exists(argv[3]) else []
+        summary(d, load(argv[2]), prev)
+        print("\n".join(d.lines))
+        return 0
     rows = load(argv[1])
     commands = open(argv[2]).read().splitlines() if os.path.exists(argv[2]) else []
     micro = argv[3] if len(argv) > 3 and argv[3] else None
@@ -145,6 +204,14 @@ def main(argv):
     d(f"- HAProxy: {sh('haproxy -v')}")
     d(f"- nginx: {sh('nginx -v')}")
     d()
+    d("## summary")
+    d()
+    d("Means over the rounds; ratios are sluice's figure over the other's (for µs, bytes and "
+      "CPU, lower is better). The last column is sluice's figure in the run this one "
+      "replaced (`bench/results.jsonl` before it).")
+    d()
+    previous = os.environ.get("BENCH_PREVIOUS")
+    summary(d, rows, load(previous) if previous and os.path.exists(previous) else [])
 
     # connrate
     g = by_system(rows, "connrate")
