@@ -91,8 +91,14 @@ async fn pings(to: SocketAddr, n: usize) -> anyhow::Result<Vec<f64>> {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
     let hello = sluice_core::hello::build::hello(Some("echo.example.com"), &["h3"]);
     let dcid = [0x5e; 8];
-    let initial =
-        sluice_core::quic::packet::build_initial(sluice_core::quic::packet::V1, &dcid, &[1], 0, 0, &hello[5..]);
+    let initial = sluice_core::quic::packet::build_initial(
+        sluice_core::quic::packet::V1,
+        &dcid,
+        &[1],
+        0,
+        0,
+        &hello[5..],
+    );
     sock.send_to(&initial, to).await?;
     let mut buf = vec![0u8; 2048];
     tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
