@@ -141,7 +141,7 @@ pub struct ListenerState {
 pub fn serve(
     edge: Arc<Edge>,
     state: Arc<ListenerState>,
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     client: SocketAddr,
     permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 ) -> Serve {
@@ -421,11 +421,29 @@ fn closed(edge: &Edge, state: &ListenerState, log: &Log) {
 async fn start(
     edge: Arc<Edge>,
     state: Arc<ListenerState>,
-    mut stream: TcpStream,
+    accepted: std::net::TcpStream,
     client: SocketAddr,
     permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 ) -> Option<Relaying> {
     state.active.inc();
+    // The first read before the socket joins the runtime's epoll set: a hello already there
+    // is taken now, and the registration then finds the socket drained, so the runtime never
+    // reports a readiness this read already used (which cost a wake-up of this task and a
+    // `recv` answering EAGAIN per connection). A source the listener refuses is not read.
+    let cfg = &state.config;
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    if cfg.accept_proxy != crate::config::AcceptProxy::None || cfg.acl.permits(client.ip()) {
+        let room = cfg.max_hello_size.max(sluice_core::proxy::MAX_V2_HEADER);
+        let _ = crate::edge::hello::read_now(&accepted, &mut buf, room);
+    }
+    let mut stream = match TcpStream::from_std(accepted) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(peer = %client, error = %e, "cannot watch an accepted connection; closing it");
+            state.active.dec();
+            return None;
+        }
+    };
     let mut log = Box::new(Log {
         id: edge.next_conn_id(),
         client,
@@ -443,7 +461,7 @@ async fn start(
     // Pending until its hello is read: a newer connection may need its place.
     let (pending, evicted) = edge.pending.register(log.id, client.ip());
     let outcome = tokio::select! {
-        r = establish(&edge, &state, &mut stream, &snapshot, &mut log, &pending) => Ok(r),
+        r = establish(&edge, &state, &mut stream, buf, &snapshot, &mut log, &pending) => Ok(r),
         Ok(why) = evicted => Err(why),
     };
     drop(pending);
@@ -548,13 +566,14 @@ async fn establish(
     edge: &Edge,
     state: &ListenerState,
     stream: &mut TcpStream,
+    mut buf: Vec<u8>,
     snapshot: &Snapshot,
     log: &mut Log,
     pending: &super::pending::PendingGuard<'_>,
 ) -> Option<Established> {
     let listener = state.config.name.as_str();
     // TCP_NODELAY and keepalive come from the listening socket (see `ListenerHandle::start`).
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    // `buf` holds what `start` read before registering the socket.
     let deadline = tokio::time::Instant::now() + state.config.hello_timeout;
     let mut local = None;
     if state.config.accept_proxy != crate::config::AcceptProxy::None {

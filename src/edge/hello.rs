@@ -97,8 +97,13 @@ async fn read_more(
     tokio::time::timeout_at(deadline, stream.read_buf(&mut (&mut *buf).limit(room))).await
 }
 
-/// One read on the socket, bypassing tokio's readiness; `None` if nothing is there yet.
-fn read_now(stream: &TcpStream, buf: &mut Vec<u8>, room: usize) -> Option<std::io::Result<usize>> {
+/// One read on the socket, bypassing tokio's readiness (or before the socket is registered
+/// with the runtime at all); `None` if nothing is there yet.
+pub fn read_now(
+    stream: &impl std::os::fd::AsFd,
+    buf: &mut Vec<u8>,
+    room: usize,
+) -> Option<std::io::Result<usize>> {
     use std::io::Read as _;
     let start = buf.len();
     let want = room.min((buf.capacity() - start).max(512));

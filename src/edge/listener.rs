@@ -168,6 +168,36 @@ async fn acquire(
     }
 }
 
+/// Accepts connections without registering them with the runtime (`connection::start` reads
+/// the hello first): a duplicate of the listening descriptor in the runtime's epoll set, and
+/// `accept4` with `SOCK_NONBLOCK` (through mio). The listener itself stays a tokio
+/// `TcpListener` for everything else (its address, backlog, hand-over).
+struct Acceptor(tokio::io::unix::AsyncFd<mio::net::TcpListener>);
+
+impl Acceptor {
+    fn of(listener: &TcpListener) -> io::Result<Acceptor> {
+        let fd = std::os::fd::AsFd::as_fd(listener).try_clone_to_owned()?;
+        let mio = mio::net::TcpListener::from_std(std::net::TcpListener::from(fd));
+        // SAFETY: the mio listener owns its (duplicated) descriptor for its whole life and
+        // never replaces it; the AsyncFd owns the listener.
+        #[allow(unsafe_code)]
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(mio, tokio::io::Interest::READABLE)
+        }?;
+        Ok(Acceptor(fd))
+    }
+
+    async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        loop {
+            let mut ready = self.0.readable().await?;
+            match ready.try_io(|l| l.get_ref().accept()) {
+                Ok(r) => return r.map(|(s, peer)| (std::net::TcpStream::from(s), peer)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 /// Accept until `stop` is cancelled. Each connection runs in its own task on the runtime's
 /// tracker, holding its permits until it ends.
 async fn accept_loop(
@@ -179,6 +209,13 @@ async fn accept_loop(
     let name = state.config.name.clone();
     let accepted = edge.metrics.accepted.with_label_values(&[name.as_str()]);
     let mut backoff = Duration::from_millis(5);
+    let acceptor = match Acceptor::of(&listener) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(listener = %name, error = %e, "cannot watch the listening socket; not accepting");
+            return;
+        }
+    };
     loop {
         // Take the slots first: at a cap, the loop waits here and new clients wait in the
         // backlog instead of being accepted and dropped.
@@ -206,7 +243,7 @@ async fn accept_loop(
         let accepted_conn = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            r = listener.accept() => r,
+            r = acceptor.accept() => r,
         };
         match accepted_conn {
             Ok((stream, peer)) => {
