@@ -28,12 +28,14 @@ pub struct Counting;
 
 static LIVE_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
 static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static ALLOCATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 // SAFETY: every call is passed on to the system allocator unchanged; only counters are added.
 unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
         use std::sync::atomic::Ordering::Relaxed;
         ALLOCATIONS.fetch_add(1, Relaxed);
+        ALLOCATED.fetch_add(layout.size() as u64, Relaxed);
         LIVE_BYTES.fetch_add(layout.size() as isize, Relaxed);
         // SAFETY: the caller's contract for `alloc`, passed on.
         unsafe { std::alloc::System.alloc(layout) }
@@ -46,6 +48,7 @@ unsafe impl std::alloc::GlobalAlloc for Counting {
     unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
         use std::sync::atomic::Ordering::Relaxed;
         ALLOCATIONS.fetch_add(1, Relaxed);
+        ALLOCATED.fetch_add(new as u64, Relaxed);
         LIVE_BYTES.fetch_add(new as isize - layout.size() as isize, Relaxed);
         // SAFETY: as for `dealloc`, and the caller's contract for `realloc`.
         unsafe { std::alloc::System.realloc(ptr, layout, new) }
@@ -60,4 +63,9 @@ pub fn live_heap_bytes() -> i64 {
 /// Allocations (and reallocations) so far (with `Counting` as the global allocator).
 pub fn allocations() -> u64 {
     ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Bytes allocated so far, freed or not (with `Counting` as the global allocator).
+pub fn allocated_bytes() -> u64 {
+    ALLOCATED.load(std::sync::atomic::Ordering::Relaxed)
 }
