@@ -898,6 +898,7 @@ fn run_raises_the_open_file_limit_to_the_hard_limit() {
         listeners: 1,
         quic_flows: 0,
         heartbeat_listener: false,
+        pipes: None,
     };
     let budget = sluice_core::fds::Budget { nofile: hard };
     assert_eq!(

@@ -318,6 +318,31 @@ async fn past_the_pipe_cap_bulk_relays_copy_and_are_counted() {
     server.shutdown().await;
 }
 
+/// `limits.max_pipes` sets the pipe cap itself: with 0 no relay splices, every byte is
+/// copied, and the bytes still all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_pipes_zero_copies_every_relay() {
+    let backend = echo_backend().await;
+    let server = start(&config("max_connections = 8\nmax_pipes = 0", backend), &[]).await;
+    let mut t = open_echoed_tunnel(&server).await;
+    let (mut r, mut w) = t.split();
+    let data = pattern(3, 8 << 20);
+    let mut back = vec![0u8; data.len()];
+    let (_, got) = tokio::join!(
+        async { w.write_all(&data).await.unwrap() },
+        r.read_exact(&mut back)
+    );
+    got.unwrap();
+    assert!(back == data, "the echo came back whole");
+    assert_eq!(
+        metric(&server, "sluice_relay_spliced_bytes_total", &[]).await,
+        0.0
+    );
+    assert!(metric(&server, "sluice_relay_pipes_unavailable_total", &[]).await > 0.0);
+    drop(t);
+    server.shutdown().await;
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

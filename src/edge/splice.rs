@@ -19,9 +19,10 @@ static MAX_PIPES: AtomicUsize = AtomicUsize::new(1024);
 /// Times a relay wanted a pipe and got none (it copied instead).
 static UNAVAILABLE: AtomicU64 = AtomicU64::new(0);
 
-/// The pipe cap (start, reload). Pipes above a lowered cap are closed as they come back.
+/// The pipe cap (start, reload; 0: relays always copy). Pipes above a lowered cap are closed
+/// as they come back.
 pub fn set_max_pipes(n: usize) {
-    MAX_PIPES.store(n.max(1), Ordering::Relaxed);
+    MAX_PIPES.store(n, Ordering::Relaxed);
 }
 
 /// Times a relay found no pipe and copied instead, since start.

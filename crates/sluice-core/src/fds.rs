@@ -2,8 +2,8 @@
 //! derived) never promises connections the process cannot open.
 //!
 //! A relayed TCP connection holds two sockets; while it moves bulk data it also holds a splice
-//! pipe (two descriptors), and pipes are capped at a quarter of `max_connections` (HAProxy's
-//! `maxpipes` default): 2.5 descriptors per connection in all. Beside the connections: the
+//! pipe (two descriptors), and pipes are capped at `limits.max_pipes`, by default a quarter of
+//! `max_connections` (HAProxy's `maxpipes` default): 2.5 descriptors per connection in all. Beside the connections: the
 //! admin API's and the heartbeat API's own connections (capped here by the budget), one UDP
 //! socket per QUIC flow (`max_flows` per QUIC listener), one per listener, and `RESERVED` for
 //! the rest (standard streams, the runtime's epoll and wakers, log files, the config watcher,
@@ -21,6 +21,8 @@ pub struct Shape {
     pub quic_flows: u64,
     /// The heartbeat API has its own listener.
     pub heartbeat_listener: bool,
+    /// `limits.max_pipes` when set (else a quarter of the connections).
+    pub pipes: Option<u64>,
 }
 
 /// The budget of a process whose open-file limit is `nofile`.
@@ -41,8 +43,11 @@ impl Budget {
     }
 
     /// Splice pipes at most, for `max_connections`: past them, relays copy.
-    pub fn pipes(max_connections: usize) -> usize {
-        (max_connections / 4).max(1)
+    pub fn pipes(shape: Shape, max_connections: usize) -> usize {
+        match shape.pipes {
+            Some(p) => p as usize,
+            None => (max_connections / 4).max(1),
+        }
     }
 
     /// Everything but the connections themselves.
@@ -58,15 +63,19 @@ impl Budget {
     /// Descriptors the process may need with `max_connections`.
     pub fn needed(&self, shape: Shape, max_connections: usize) -> u64 {
         let mc = max_connections as u64;
-        self.fixed(shape) + 2 * mc + 2 * Self::pipes(max_connections) as u64
+        self.fixed(shape) + 2 * mc + 2 * Self::pipes(shape, max_connections) as u64
     }
 
     /// The largest `max_connections` that fits (at least 16: a process with less is
     /// misconfigured anyway, and `needed` says by how much).
     pub fn max_connections(&self, shape: Shape) -> usize {
         let room = self.nofile.saturating_sub(self.fixed(shape));
-        // 2 sockets + 2 descriptors per pipe, one pipe per four connections.
-        let mut mc = (room * 2 / 5) as usize;
+        let mut mc = match shape.pipes {
+            // 2 sockets per connection, the pipes apart.
+            Some(p) => (room.saturating_sub(2 * p) / 2) as usize,
+            // 2 sockets + 2 descriptors per pipe, one pipe per four connections.
+            None => (room * 2 / 5) as usize,
+        };
         while mc > 16 && self.needed(shape, mc) > self.nofile {
             mc -= 1;
         }
@@ -86,6 +95,7 @@ mod tests {
         listeners: 1,
         quic_flows: 0,
         heartbeat_listener: false,
+        pipes: None,
     };
 
     #[test]
@@ -122,5 +132,22 @@ mod tests {
         let tiny = Budget { nofile: 1024 };
         assert_eq!(tiny.max_connections(quic), 16);
         assert!(tiny.needed(quic, 16) > 1024);
+    }
+
+    #[test]
+    fn fewer_pipes_leave_room_for_more_connections() {
+        // ulimit -n 20000, as the benchmarks run: a quarter of the connections as pipes
+        // allows 7,769; 512 pipes allow 9,199 (idle tunnels need no pipe).
+        let b = Budget { nofile: 20_000 };
+        assert_eq!(b.max_connections(TCP), 7_769);
+        let few = Shape {
+            pipes: Some(512),
+            ..TCP
+        };
+        let mc = b.max_connections(few);
+        assert_eq!(mc, 9_199);
+        assert!(b.needed(few, mc) <= 20_000 && b.needed(few, mc + 1) > 20_000);
+        assert_eq!(Budget::pipes(few, mc), 512);
+        assert_eq!(Budget::pipes(TCP, 9_000), 2_250);
     }
 }

@@ -60,12 +60,20 @@ pub struct LimitsConfig {
     pub max_pending_hellos: Option<usize>,
     /// Pending connections from one source (the address after a trusted PROXY header).
     pub max_pending_hellos_per_source: usize,
+    /// Splice pipes at most (2 descriptors each); `None`: a quarter of `max_connections`.
+    /// Past them, relays copy through sluice's memory.
+    pub max_pipes: Option<usize>,
 }
 
 /// `max_pending_hellos_per_source` when not set.
 pub const DEFAULT_PENDING_PER_SOURCE: usize = 128;
 
 impl LimitsConfig {
+    /// Splice pipes at most for a connection cap of `max_connections`.
+    pub fn pipe_cap(&self, max_connections: usize) -> usize {
+        self.max_pipes.unwrap_or((max_connections / 4).max(1))
+    }
+
     /// The pending cap for a connection cap of `max_connections`.
     pub fn pending_cap(&self, max_connections: usize) -> usize {
         self.max_pending_hellos
@@ -216,6 +224,16 @@ impl RawLimits {
                     self.max_pending_hellos,
                     0,
                     1,
+                    10_000_000,
+                ) as usize
+            }),
+            max_pipes: self.max_pipes.map(|_| {
+                int_in(
+                    errs,
+                    &root.key("limits").key("max_pipes"),
+                    self.max_pipes,
+                    0,
+                    0,
                     10_000_000,
                 ) as usize
             }),

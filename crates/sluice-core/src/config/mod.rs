@@ -142,6 +142,7 @@ impl Config {
                 .map(|l| l.quic.max_flows as u64)
                 .sum(),
             heartbeat_listener: self.heartbeat.address.is_some(),
+            pipes: self.limits.max_pipes.map(|p| p as u64),
         }
     }
 
@@ -160,7 +161,8 @@ impl Config {
             "limits.max_connections = {mc} needs about {needed} open files (2 per connection, \
              splice pipes, listeners, QUIC flows, the APIs), but the open-file limit is {nofile}: \
              raise it (LimitNOFILE= in the systemd unit, ulimit -n) to at least {needed}, or \
-             lower max_connections to {} (or remove it: sluice derives it from the limit)",
+             lower max_connections to {} (or remove it: sluice derives it from the limit), or \
+             set fewer limits.max_pipes",
             budget.max_connections(self.fd_shape())
         ))
     }

@@ -150,6 +150,7 @@ pub(super) struct RawLimits {
     pub(super) park_idle_after: Option<String>,
     pub(super) max_pending_hellos: Option<i64>,
     pub(super) max_pending_hellos_per_source: Option<i64>,
+    pub(super) max_pipes: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -187,6 +188,7 @@ impl RawConfig {
             || lim.park_idle_after.is_some()
             || lim.max_pending_hellos.is_some()
             || lim.max_pending_hellos_per_source.is_some()
+            || lim.max_pipes.is_some()
         {
             v.push("limits");
         }
