@@ -253,6 +253,13 @@ async fn a_target_above_the_cluster_is_clamped_and_one_too_old_is_flagged() {
     assert_eq!(v["channels"]["default"]["target"], "v17.2.0");
     assert_eq!(v["channels"]["default"]["clamped"], true);
     assert_eq!(v["channels"]["old"]["too_old"], true);
+    // A view, read-only like the other debug endpoints.
+    assert_eq!(
+        support::http_request(s.admin(), "POST", "/debug/rollout")
+            .await
+            .0,
+        405
+    );
     s.server.shutdown().await;
 }
 

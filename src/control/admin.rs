@@ -393,7 +393,9 @@ pub async fn serve(rt: Arc<Runtime>, listener: Arc<TcpListener>, stop: Cancellat
                         reload(&rt, &req).await
                     } else if path.starts_with("/-/pools/") {
                         drain_backend(&rt, &req)
-                    } else if path == "/debug/rollout" {
+                    } else if path == "/debug/rollout"
+                        && matches!(*req.method(), Method::GET | Method::HEAD)
+                    {
                         json(&rollout(&rt).await)
                     } else {
                         handle(&rt, &req)
