@@ -252,21 +252,20 @@ impl VersionServer {
         let mut out = std::collections::BTreeMap::new();
         for name in names.chain([DEFAULT_CHANNEL]) {
             let mut view = ChannelRollout::default();
-            match self.resolve(config, name).await {
+            let target = match self.resolve(config, name).await {
                 Ok(r) => {
                     view.target = Some(wire(&r.answer));
                     view.critical = Some(r.critical);
                     view.clamped = r.answer.clamped;
                     view.too_old = r.answer.too_old;
-                    let target = r.answer.target.map(|t| t.version);
-                    view.adoption =
-                        sluice_core::agents::rollout::adoption(adopters(), name, target);
+                    r.answer.target.map(|t| t.version)
                 }
                 Err(e) => {
                     view.error = Some(e.to_string());
-                    view.adoption = sluice_core::agents::rollout::adoption(adopters(), name, None);
+                    None
                 }
-            }
+            };
+            view.adoption = sluice_core::agents::rollout::adoption(adopters(), name, target);
             out.insert(name.to_owned(), view);
         }
         out

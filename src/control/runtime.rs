@@ -144,7 +144,10 @@ impl Runtime {
             .unwrap_or_else(|| default_max_connections(&config));
         metrics.max_connections.set(max_connections as i64);
         metrics.init_known(&config);
-        crate::edge::splice::set_max_pipes(config.limits.pipe_cap(max_connections));
+        crate::edge::splice::set_max_pipes(sluice_core::fds::Budget::pipes(
+            config.fd_shape(),
+            max_connections,
+        ));
         metrics
             .config_info
             .with_label_values(&[&config.hash])
@@ -687,7 +690,10 @@ impl Runtime {
         }
         self.metrics.max_connections.set(max as i64);
         self.metrics.init_known(&new.config);
-        crate::edge::splice::set_max_pipes(new.config.limits.pipe_cap(max));
+        crate::edge::splice::set_max_pipes(sluice_core::fds::Budget::pipes(
+            new.config.fd_shape(),
+            max,
+        ));
         self.edge.set_close_spread(lifecycle_spread);
         let limits = &new.config.limits;
         self.edge.pending.set_limits(

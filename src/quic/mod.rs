@@ -254,7 +254,8 @@ impl QuicListener {
         if let Some((t, port)) = &flow.terminator {
             t.unregister(*port);
         }
-        // Closing its socket (when the last reference goes) takes it out of the epoll set.
+        // Out of the epoll set now: a reference the backend task still holds may keep the
+        // socket open a little longer, and its events must not outlive the flow.
         let _ =
             self.registry
                 .deregister(&mut mio::unix::SourceFd(&std::os::fd::AsRawFd::as_raw_fd(
@@ -288,6 +289,18 @@ fn send_segments(
             return;
         }
     }
+}
+
+/// What one read put in `buf`: the bytes, and the size of each datagram in them (GRO's
+/// segment size; the whole read when it is one datagram).
+fn datagrams<'b>(meta: &RecvMeta, buf: &'b [u8]) -> (&'b [u8], usize) {
+    let data = &buf[..meta.len.min(buf.len())];
+    let stride = if meta.stride == 0 {
+        data.len()
+    } else {
+        meta.stride
+    };
+    (data, stride)
 }
 
 /// Datagrams of one flow from its client, in order, to its backend.
@@ -334,12 +347,7 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
         };
         let Some(edge) = edge.upgrade() else { break };
         for (meta, buf) in metas[..messages].iter().zip(storage.chunks(MAX_READ)) {
-            let data = &buf[..meta.len.min(buf.len())];
-            let stride = if meta.stride == 0 {
-                data.len()
-            } else {
-                meta.stride
-            };
+            let (data, stride) = datagrams(meta, buf);
             from_client(&edge, &l, meta.addr, data, stride, meta.ecn).await;
         }
     }
@@ -657,12 +665,7 @@ fn drain_backend(l: &QuicListener, flow: &Arc<Flow>, buf: &mut [u8]) {
         );
         match got {
             Ok(_) => {
-                let data = &buf[..meta[0].len.min(buf.len())];
-                let stride = if meta[0].stride == 0 {
-                    data.len()
-                } else {
-                    meta[0].stride
-                };
+                let (data, stride) = datagrams(&meta[0], buf);
                 to_client(l, flow, data, stride, meta[0].ecn);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,

@@ -69,11 +69,6 @@ pub struct LimitsConfig {
 pub const DEFAULT_PENDING_PER_SOURCE: usize = 128;
 
 impl LimitsConfig {
-    /// Splice pipes at most for a connection cap of `max_connections`.
-    pub fn pipe_cap(&self, max_connections: usize) -> usize {
-        self.max_pipes.unwrap_or((max_connections / 4).max(1))
-    }
-
     /// The pending cap for a connection cap of `max_connections`.
     pub fn pending_cap(&self, max_connections: usize) -> usize {
         self.max_pending_hellos
