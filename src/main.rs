@@ -156,7 +156,7 @@ fn main() -> ExitCode {
                 eprintln!("sluice: {}: {why}", config.display());
                 return ExitCode::from(1);
             }
-            let (mut inherited, inherited_udp) = match handover::from_systemd() {
+            let (mut inherited, mut inherited_udp) = match handover::from_systemd() {
                 Ok(s) => (s.tcp, s.udp),
                 Err(e) => {
                     eprintln!("sluice: socket activation: {e}");
@@ -175,6 +175,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
             let mut takeover = None;
+            let mut relays = std::collections::HashMap::new();
             if upgrade {
                 let Some(path) = cfg.lifecycle.upgrade_socket.clone() else {
                     eprintln!(
@@ -211,6 +212,27 @@ fn main() -> ExitCode {
                                     "upgrade: not taking this socket over: not in the new config at that address");
                             }
                         }
+                        // A QUIC listener's socket, and its pair end toward the old process
+                        // (dropped with the socket: the old one then keeps reading its own).
+                        for (name, sock) in std::mem::take(&mut t.udp) {
+                            let agrees = match (cfg.listener(&name), sock.local_addr()) {
+                                (Some(l), Ok(have)) => {
+                                    l.protocol == sluice::config::ListenerProtocol::Quic
+                                        && listener::addresses_agree(l.address, have)
+                                }
+                                _ => false,
+                            };
+                            if agrees {
+                                if let Some(relay) = t.relays.remove(&name) {
+                                    relays.insert(name.clone(), relay);
+                                }
+                                inherited_udp.insert(name, sock);
+                            } else {
+                                tracing::info!(socket = %name,
+                                    "upgrade: not taking this QUIC socket over: not in the new config at that address");
+                            }
+                        }
+                        t.relays.clear();
                         takeover = Some(t);
                     }
                     Err(e) => {
@@ -226,7 +248,7 @@ fn main() -> ExitCode {
             }
             let upgrade_command = std::env::current_exe().ok().map(|exe| (exe, args));
             run(async move {
-                let server = Server::start_activated(cfg, inherited, inherited_udp).await?;
+                let server = Server::start_upgraded(cfg, inherited, inherited_udp, relays).await?;
                 server
                     .run_until_signal(RunOptions {
                         takeover,

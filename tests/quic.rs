@@ -12,6 +12,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::ServerName;
 use sluice::control::server::Server;
+use support::process::*;
 use support::*;
 
 /// A quinn server that answers each bidirectional stream with `NAME:` and what it read.
@@ -1183,4 +1184,145 @@ async fn batching_keeps_each_flows_datagrams_in_order_both_ways() {
     );
     in_order("backend to client", &seen);
     server.shutdown().await;
+}
+
+/// A binary upgrade (`sluice run --upgrade`, the real binary twice) keeps QUIC flows: the new
+/// process takes the UDP socket over, the old one serves its established flow with the
+/// datagrams the new one passes across until the flow is idle, then exits; new flows are the
+/// new process's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upgrade_keeps_established_quic_flows() {
+    let (a, _) = quic_backend("A", "a.example.com", &["h3"]).await;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.toml");
+    let config = format!(
+        r#"
+[admin]
+address = "127.0.0.1:0"
+
+[lifecycle]
+upgrade_socket = "{sock}"
+drain_delay = "0s"
+drain_timeout = "30s"
+
+[reload]
+watch = false
+
+[[listener]]
+name = "edge"
+address = "127.0.0.1:0"
+
+[[listener]]
+name = "quic"
+address = "127.0.0.1:{port}"
+protocol = "quic"
+flow_idle_timeout = "1s"
+
+[[route]]
+name = "tcp"
+listener = "edge"
+sni = ["tcp.example.com"]
+pool = "tcp"
+
+[[route]]
+name = "a"
+listener = "quic"
+sni = ["a.example.com"]
+pool = "a"
+
+[pool.tcp]
+backends = ["{dead}"]
+
+[pool.a]
+backends = ["{a}"]
+"#,
+        sock = dir.path().join("upgrade.sock").display(),
+        dead = dead_address().await,
+    );
+    std::fs::write(&path, config).unwrap();
+    let edge: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut old = sluice_run(&path, &[]);
+    let (_, admin, old_log) = bound_addresses(&mut old);
+    let admin: SocketAddr = admin.parse().unwrap();
+
+    let ep = client_endpoint(&["h3"]);
+    let established = connect(&ep, edge, "a.example.com").await;
+    assert_eq!(ask(&established, "before").await, "A:before");
+
+    // The waits below block their thread: the runtime's other worker keeps the client's
+    // connection alive meanwhile.
+    let (mut new, new_log) = tokio::task::block_in_place(|| {
+        let mut new = sluice_run(&path, &["--upgrade"]);
+        let (_, admin2, new_log) = bound_addresses(&mut new);
+        assert_eq!(
+            admin2,
+            admin.to_string(),
+            "the admin socket is handed over too"
+        );
+        old_log.wait_for(
+            "a new sluice took over the sockets",
+            Duration::from_secs(10),
+        );
+        old_log.wait_for(
+            "the new process reads the QUIC socket",
+            Duration::from_secs(10),
+        );
+        new_log.wait_for("using an inherited UDP socket", Duration::from_secs(1));
+        (new, new_log)
+    });
+
+    // The flow the old process holds goes on, stream after stream, with every datagram from
+    // the client read by the new process and passed across.
+    for i in 0..20 {
+        let what = format!("during-{i}");
+        assert_eq!(ask(&established, &what).await, format!("A:{what}"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new connection is the new process's.
+    let fresh = connect(&client_endpoint(&["h3"]), edge, "a.example.com").await;
+    assert_eq!(ask(&fresh, "new").await, "A:new");
+    let passed = scrape(admin).await.sum(
+        "sluice_quic_handover_datagrams_total",
+        &[("listener", "quic"), ("direction", "sent")],
+    );
+    assert!(
+        passed >= 20.0,
+        "datagrams passed to the old process: {passed}"
+    );
+    assert!(
+        old.try_wait().unwrap().is_none(),
+        "the old process waits for its flow"
+    );
+
+    // Once its flow is idle, the old process exits; the new one serves on alone.
+    established.close(0u32.into(), b"done");
+    let status = exits(&mut old, Duration::from_secs(20)).await;
+    assert!(status.success(), "old process exit: {status:?}");
+    assert_eq!(ask(&fresh, "after").await, "A:after");
+    let old_log = old_log.join().unwrap();
+    assert!(!old_log.contains("malformed message"), "{old_log}");
+    fresh.close(0u32.into(), b"done");
+    signal(new.id(), "TERM");
+    assert!(exits(&mut new, Duration::from_secs(20)).await.success());
+    assert!(new_log.join().unwrap().contains("upgrade complete"));
+}
+
+/// `exits_within` without blocking the runtime's thread (the test's QUIC clients run on it).
+async fn exits(child: &mut Running, limit: Duration) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process still running after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -16,6 +16,10 @@
 //!             (the new process binds the control socket; the old one drains and exits)
 //! ```
 //!
+//! A QUIC listener's UDP socket travels under its name too, and with it `@relay:NAME`, one
+//! end of a Unix datagram socket pair whose other end the old process keeps: a QUIC flow
+//! lives in one process, and a datagram read by the other one crosses over (`quic`).
+//!
 //! If the new process goes away before READY, the old one logs it and carries on serving.
 
 #![allow(unsafe_code)]
@@ -35,6 +39,9 @@ use serde::{Deserialize, Serialize};
 pub const ADMIN: &str = "@admin";
 /// The name the heartbeat API's own socket (`[heartbeat] address`) travels under.
 pub const HEARTBEAT: &str = "@heartbeat";
+
+/// The prefix of the name a QUIC listener's socket pair end travels under.
+pub const RELAY: &str = "@relay:";
 
 /// At most this many descriptors in one handover (the kernel's SCM_MAX_FD is 253).
 const MAX_FDS: usize = 253;
@@ -152,6 +159,10 @@ pub struct Takeover {
     stream: UnixStream,
     pub old_pid: u32,
     pub sockets: HashMap<String, TcpListener>,
+    /// QUIC listeners' UDP sockets, by listener name.
+    pub udp: HashMap<String, std::net::UdpSocket>,
+    /// QUIC listeners' ends of the socket pair toward the old process, by listener name.
+    pub relays: HashMap<String, std::os::unix::net::UnixDatagram>,
 }
 
 /// Ask the sluice serving upgrades at `path` for its listening sockets.
@@ -190,14 +201,34 @@ pub fn take_over(path: &Path) -> io::Result<Takeover> {
             ),
         ));
     }
-    let mut sockets = HashMap::new();
+    let (mut sockets, mut udp, mut relays) = (HashMap::new(), HashMap::new(), HashMap::new());
     for (name, fd) in offer.names.into_iter().zip(owned) {
-        sockets.insert(name, listening_tcp(fd)?);
+        let sock = socket2::Socket::from(fd);
+        sock.set_cloexec(true)?;
+        if let Some(listener) = name.strip_prefix(RELAY) {
+            let unix = sock.local_addr().is_ok_and(|a| a.is_unix());
+            if !unix || sock.r#type()? != socket2::Type::DGRAM {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("`{name}` is not a Unix datagram socket"),
+                ));
+            }
+            relays.insert(
+                listener.to_owned(),
+                std::os::unix::net::UnixDatagram::from(OwnedFd::from(sock)),
+            );
+        } else if sock.r#type()? == socket2::Type::DGRAM {
+            udp.insert(name, udp_socket(sock)?);
+        } else {
+            sockets.insert(name, listening_tcp(sock.into())?);
+        }
     }
     Ok(Takeover {
         stream,
         old_pid: offer.pid,
         sockets,
+        udp,
+        relays,
     })
 }
 

@@ -121,6 +121,8 @@ pub struct Runtime {
     inherited: Mutex<HashMap<String, std::net::TcpListener>>,
     /// UDP sockets handed to this process (systemd's `ListenDatagram=`), by QUIC listener name.
     inherited_udp: Mutex<HashMap<String, std::net::UdpSocket>>,
+    /// Upgrade: the old process's QUIC listeners' socket pair ends, by listener name.
+    inherited_relays: Mutex<HashMap<String, std::os::unix::net::UnixDatagram>>,
     pub backends: Arc<Backends>,
     /// The heartbeat table and the resource routes' sessions.
     pub agents: Arc<Agents>,
@@ -217,6 +219,7 @@ impl Runtime {
                 quic: Mutex::new(Vec::new()),
                 inherited: Mutex::new(HashMap::new()),
                 inherited_udp: Mutex::new(HashMap::new()),
+                inherited_relays: Mutex::new(HashMap::new()),
                 backends,
                 agents,
                 reload_lock: tokio::sync::Mutex::new(()),
@@ -312,6 +315,14 @@ impl Runtime {
             .extend(sockets);
     }
 
+    /// Upgrade: the socket pair ends toward the old process, by QUIC listener name.
+    pub fn inherit_relays(&self, relays: HashMap<String, std::os::unix::net::UnixDatagram>) {
+        self.inherited_relays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(relays);
+    }
+
     pub fn inherit(&self, sockets: HashMap<String, std::net::TcpListener>) {
         self.inherited
             .lock()
@@ -330,6 +341,47 @@ impl Runtime {
                 Some((h.state.config.name.clone(), fd))
             })
             .collect()
+    }
+
+    /// For an upgrade handover: a duplicate of each QUIC listener's socket taking new flows,
+    /// by name, and for each a socket pair's end under `handover::RELAY` + name, whose other
+    /// end that listener keeps (datagrams of flows the other process has cross over it).
+    pub fn quic_fds(&self) -> Vec<(String, std::os::fd::OwnedFd)> {
+        use std::os::fd::AsFd;
+        let mut v = Vec::new();
+        for q in self.quic_listeners().iter().filter(|q| q.is_accepting()) {
+            let name = q.name();
+            let pair = std::os::unix::net::UnixDatagram::pair().map(|(ours, theirs)| {
+                for s in [&ours, &theirs] {
+                    // Room for a burst of datagrams while the other side is busy.
+                    let s = socket2::SockRef::from(s);
+                    let _ = s.set_send_buffer_size(4 << 20);
+                    let _ = s.set_recv_buffer_size(4 << 20);
+                }
+                (ours, theirs)
+            });
+            match (q.socket.as_fd().try_clone_to_owned(), pair) {
+                (Ok(fd), Ok((ours, theirs))) => {
+                    q.set_relay(ours);
+                    v.push((name.clone(), fd));
+                    v.push((
+                        format!("{}{name}", crate::control::handover::RELAY),
+                        theirs.into(),
+                    ));
+                }
+                (Err(e), _) | (_, Err(e)) => tracing::error!(listener = %name, error = %e,
+                    "upgrade: cannot hand this QUIC socket over; the new process binds its own"),
+            }
+        }
+        v
+    }
+
+    /// Upgrade: the new process is ready. QUIC listeners stop reading their sockets and
+    /// serve their flows with what the new process passes on.
+    pub fn hand_over_quic(&self) {
+        for q in self.quic_listeners() {
+            q.hand_over();
+        }
     }
 
     /// Stop every accept loop and close the listening sockets (drain, or after an upgrade).
@@ -580,8 +632,16 @@ impl Runtime {
         }
         for (cfg, sock) in fresh {
             let name = cfg.name.clone();
+            let relay = self
+                .inherited_relays
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
             match crate::quic::QuicListener::start(&self.edge, cfg, sock) {
                 Ok(q) => {
+                    if let Some(peer) = relay {
+                        q.set_relay(peer);
+                    }
                     if was.contains(&name) {
                         updated.push(name);
                     } else {

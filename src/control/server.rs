@@ -107,8 +107,19 @@ impl Server {
     /// `ListenDatagram=`), by listener name.
     pub async fn start_activated(
         config: Config,
+        inherited: HashMap<String, std::net::TcpListener>,
+        inherited_udp: HashMap<String, std::net::UdpSocket>,
+    ) -> Result<Server, StartError> {
+        Self::start_upgraded(config, inherited, inherited_udp, HashMap::new()).await
+    }
+
+    /// As `start_activated`, in an upgrade: `relays` are the socket pair ends toward the old
+    /// process, by QUIC listener name (`handover::RELAY`).
+    pub async fn start_upgraded(
+        config: Config,
         mut inherited: HashMap<String, std::net::TcpListener>,
         inherited_udp: HashMap<String, std::net::UdpSocket>,
+        relays: HashMap<String, std::os::unix::net::UnixDatagram>,
     ) -> Result<Server, StartError> {
         let admin_addr = config.admin.address;
         let heartbeat_addr = config.heartbeat.address;
@@ -118,6 +129,7 @@ impl Server {
         let heartbeat_inherited = inherited.remove(handover::HEARTBEAT);
         rt.inherit(inherited);
         rt.inherit_udp(inherited_udp);
+        rt.inherit_relays(relays);
         rt.open_listeners()?;
         let admin = side_listener("admin", admin_addr, admin_inherited).await?;
         let heartbeat = side_listener("heartbeat", heartbeat_addr, heartbeat_inherited).await?;
@@ -299,7 +311,8 @@ impl Server {
         self.stop_admin.cancel();
     }
 
-    /// The sockets a successor takes over: every listener, and the admin API's.
+    /// The sockets a successor takes over: every listener (QUIC ones with their socket
+    /// pair ends), and the admin and heartbeat APIs'.
     fn offer(
         rt: &Runtime,
         admin: &Option<Arc<TcpListener>>,
@@ -307,6 +320,7 @@ impl Server {
     ) -> Vec<(String, std::os::fd::OwnedFd)> {
         use std::os::fd::AsFd;
         let mut v = rt.listener_fds();
+        v.extend(rt.quic_fds());
         for (name, l) in [(handover::ADMIN, admin), (handover::HEARTBEAT, heartbeat)] {
             if let Some(fd) = l.as_ref().and_then(|a| a.as_fd().try_clone_to_owned().ok()) {
                 v.push((name.to_owned(), fd));
@@ -365,6 +379,7 @@ impl Server {
                         let offer = move || Self::offer(&rt, &admin, &heartbeat);
                         let stop = move || {
                             rt_stop.set_state(State::Draining);
+                            rt_stop.hand_over_quic();
                             rt_stop.close_listeners();
                             stop_admin.cancel();
                         };

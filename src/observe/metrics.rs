@@ -66,6 +66,7 @@ pub const QUIC_INITIALS: &str = "sluice_quic_initials_total";
 pub const QUIC_PACKETS: &str = "sluice_quic_packets_total";
 pub const QUIC_BYTES: &str = "sluice_quic_bytes_total";
 pub const QUIC_MIGRATIONS: &str = "sluice_quic_migrations_total";
+pub const QUIC_HANDOVER: &str = "sluice_quic_handover_datagrams_total";
 pub const QUIC_STREAM_RESETS: &str = "sluice_quic_stream_resets_total";
 pub const PENDING_HELLOS: &str = "sluice_pending_hellos";
 pub const PENDING_EVICTIONS: &str = "sluice_pending_hello_evictions_total";
@@ -183,6 +184,9 @@ pub struct Metrics {
     pub quic_bytes: IntCounterVec,
     /// {listener}
     pub quic_migrations: IntCounterVec,
+    /// {listener, direction}: in a binary upgrade, datagrams passed to the other process
+    /// (`sent`: of no flow here), served from it (`received`), malformed messages (`dropped`)
+    pub quic_handover: IntCounterVec,
     /// {route, reason}: streams of terminated QUIC connections sluice reset because their
     /// backend failed: `backend_unavailable` (no connect), `backend_error` (broke mid-stream)
     pub quic_stream_resets: IntCounterVec,
@@ -407,6 +411,12 @@ impl Metrics {
                 QUIC_MIGRATIONS,
                 "QUIC flows followed to a new client address by connection ID (migration, NAT rebinding).",
                 &["listener"],
+            ),
+            quic_handover: counter(
+                &r,
+                QUIC_HANDOVER,
+                "QUIC datagrams passed between the old and the new process in a binary upgrade: sent (of no flow here), received, dropped (malformed).",
+                &["listener", "direction"],
             ),
             quic_stream_resets: counter(
                 &r,

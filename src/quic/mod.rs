@@ -15,11 +15,19 @@
 //! read, so a flow's datagrams are never reordered; the ECN bits are carried over. The flows'
 //! backend sockets are not tokio tasks: they are registered in one epoll set per listener
 //! (mio), which one task waits on, so an idle flow costs its table entries and a socket.
+//!
+//! In a binary upgrade both processes serve the listener's socket for a while, and each
+//! flow lives in one of them: the old process hands the socket over with one end of a Unix
+//! datagram pair (`handover`), and from then on a datagram of no flow of its reader's, and
+//! no Initial it could start one with, goes across to the other process. Once the new process
+//! is ready the old one stops reading the socket and serves its flows with what comes across,
+//! until they are idle.
 
 pub mod terminate;
 
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,6 +46,7 @@ use crate::snapshot::{Route, Target};
 use crate::upstream::{clock_ms, ActiveGuard};
 use sluice_core::close::CloseReason;
 use sluice_core::quic::flows::{self, FlowState, FlowTable, Found, Limits, Pending};
+use sluice_core::quic::handover as relayed;
 use sluice_core::route::{Facts, TlsFacts};
 
 /// The largest read: one datagram, or the datagrams GRO coalesced (the kernel stops at 64 KB).
@@ -127,6 +136,13 @@ pub struct QuicListener {
     udp: UdpSocketState,
     /// The epoll set of the flows' backend sockets (token: the flow's id).
     registry: mio::Registry,
+    /// Upgrade: the socket pair's end toward the other process, until the receive loop
+    /// takes it (`relay_changed` tells it).
+    relay: Mutex<Option<UnixDatagram>>,
+    has_relay: AtomicBool,
+    /// Set once the new process is ready: this one no longer reads the listener's socket.
+    handed_over: AtomicBool,
+    relay_changed: tokio::sync::Notify,
 }
 
 struct QuicMetrics {
@@ -138,6 +154,10 @@ struct QuicMetrics {
     migrations: IntCounter,
     /// `sluice_quic_initials_total{result="timeout"}`: hellos not complete within hello_timeout.
     timeouts: IntCounter,
+    /// `sluice_quic_handover_datagrams_total{direction="sent"|"received"|"dropped"}`.
+    handover_sent: IntCounter,
+    handover_received: IntCounter,
+    handover_dropped: IntCounter,
 }
 
 impl QuicListener {
@@ -196,8 +216,15 @@ impl QuicListener {
                 bytes_out: m.quic_bytes.with_label_values(&[&name, "to_client"]),
                 migrations: m.quic_migrations.with_label_values(&[&name]),
                 timeouts: m.quic_initials.with_label_values(&[&name, "timeout"]),
+                handover_sent: m.quic_handover.with_label_values(&[&name, "sent"]),
+                handover_received: m.quic_handover.with_label_values(&[&name, "received"]),
+                handover_dropped: m.quic_handover.with_label_values(&[&name, "dropped"]),
             },
             config: ArcSwap::from_pointee(cfg),
+            relay: Mutex::new(None),
+            has_relay: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
+            relay_changed: tokio::sync::Notify::new(),
         });
         tokio::spawn(receive(Arc::downgrade(edge), l.clone()));
         // SAFETY: the `mio::Poll` owns its epoll descriptor for its whole life and never
@@ -222,6 +249,25 @@ impl QuicListener {
 
     pub fn is_accepting(&self) -> bool {
         self.accepting.load(Ordering::Acquire)
+    }
+
+    /// Upgrade: `peer` is the other process's end of the socket pair; datagrams of flows
+    /// this process does not have go to it, and what comes from it is served here.
+    pub fn set_relay(&self, peer: UnixDatagram) {
+        *self.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(peer);
+        self.has_relay.store(true, Ordering::Release);
+        self.relay_changed.notify_one();
+    }
+
+    /// Upgrade: the new process is ready. This one stops reading the socket (its flows'
+    /// datagrams come across from the new one) and takes no new flows. Without a peer
+    /// (this listener was not handed over) it only stops taking new flows.
+    pub fn hand_over(&self) {
+        self.close();
+        if self.has_relay.load(Ordering::Acquire) {
+            self.handed_over.store(true, Ordering::Release);
+            self.relay_changed.notify_one();
+        }
     }
 
     /// Stop at once, dropping every flow.
@@ -322,33 +368,141 @@ fn forward(
     send_segments(&l.udp, &flow.upstream, flow.backend, ecn, data, stride);
 }
 
-/// The receive loop: every datagram from clients, read in batches.
+/// The other process in an upgrade, as the receive loop holds it.
+struct Relay {
+    sock: tokio::net::UnixDatagram,
+    /// A message being read or written: header and datagrams.
+    buf: Vec<u8>,
+}
+
+impl Relay {
+    /// Pass `data` (datagrams of `stride` bytes from `client`) to the other process. A full
+    /// socket buffer drops them, as the network would; `false` when the other process is gone.
+    fn send(
+        &mut self,
+        client: SocketAddr,
+        ecn: Option<EcnCodepoint>,
+        data: &[u8],
+        stride: usize,
+    ) -> bool {
+        let stride = u16::try_from(stride).unwrap_or(u16::MAX);
+        relayed::encode_header(&mut self.buf, client, ecn.map_or(0, |e| e as u8), stride);
+        self.buf.extend_from_slice(data);
+        match self.sock.try_send(&self.buf) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => true,
+            Err(_) => false,
+        }
+    }
+}
+
+/// What woke the receive loop.
+enum Woke {
+    Socket(std::io::Result<usize>),
+    Relay(std::io::Result<usize>),
+    RelayChanged,
+}
+
+/// The receive loop: every datagram from clients, read in batches (and, in an upgrade, what
+/// the other process passes on).
 async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
     let mut storage = vec![0u8; MAX_READ * BATCH];
     let mut metas = [RecvMeta::default(); BATCH];
+    let mut relay: Option<Relay> = None;
+    let mut reading = true;
     loop {
-        let read = tokio::select! {
+        let woke = tokio::select! {
             _ = l.stop.cancelled() => break,
-            r = l.socket.readable() => r.and_then(|()| {
+            _ = l.relay_changed.notified() => Woke::RelayChanged,
+            r = l.socket.readable(), if reading => Woke::Socket(r.and_then(|()| {
                 let mut bufs: Vec<IoSliceMut<'_>> =
                     storage.chunks_mut(MAX_READ).map(IoSliceMut::new).collect();
                 l.socket.try_io(Interest::READABLE, || {
                     l.udp.recv(UdpSockRef::from(&*l.socket), &mut bufs, &mut metas)
                 })
-            }),
-        };
-        let messages = match read {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                tracing::debug!(error = %e, "QUIC receive failed");
-                continue;
-            }
+            })),
+            r = async {
+                let r = relay.as_mut().expect("guarded by the select condition");
+                r.buf.resize(relayed::MAX_HEADER + MAX_READ, 0);
+                r.sock.recv(&mut r.buf).await
+            }, if relay.is_some() => Woke::Relay(r),
         };
         let Some(edge) = edge.upgrade() else { break };
-        for (meta, buf) in metas[..messages].iter().zip(storage.chunks(MAX_READ)) {
-            let (data, stride) = datagrams(meta, buf);
-            from_client(&edge, &l, meta.addr, data, stride, meta.ecn).await;
+        match woke {
+            Woke::RelayChanged => {
+                let peer = l.relay.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(peer) = peer {
+                    match peer
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::UnixDatagram::from_std(peer))
+                    {
+                        Ok(sock) => {
+                            relay = Some(Relay {
+                                sock,
+                                buf: Vec::new(),
+                            })
+                        }
+                        Err(e) => tracing::error!(listener = %l.name(), error = %e,
+                            "upgrade: cannot use the socket toward the other process"),
+                    }
+                }
+                if l.handed_over.load(Ordering::Acquire) && reading {
+                    // Only if the new process holds its end (it drops it, and serves the
+                    // listener on a socket of its own, when its config moved the listener):
+                    // an empty message is refused once it has.
+                    let alive = relay.as_ref().is_some_and(|r| match r.sock.try_send(&[]) {
+                        Ok(_) => true,
+                        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                    });
+                    if !alive {
+                        relay = None;
+                        continue;
+                    }
+                    reading = false;
+                    tracing::info!(listener = %l.name(),
+                        "upgrade: the new process reads the QUIC socket; serving this one's flows with what it passes on");
+                }
+            }
+            Woke::Socket(Ok(messages)) => {
+                for (meta, buf) in metas[..messages].iter().zip(storage.chunks(MAX_READ)) {
+                    let (data, stride) = datagrams(meta, buf);
+                    from_client(&edge, &l, meta.addr, data, stride, meta.ecn, &mut relay).await;
+                }
+            }
+            Woke::Socket(Err(e)) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::debug!(error = %e, "QUIC receive failed");
+                }
+            }
+            // The other side's liveness probe.
+            Woke::Relay(Ok(0)) => {}
+            Woke::Relay(Ok(n)) => {
+                let msg = relay.as_ref().map_or(&[][..], |r| &r.buf[..n]);
+                match relayed::decode(msg) {
+                    Ok(m) => {
+                        // Owned: `from_client` may need `relay` (it never sends on it here).
+                        let data = m.data.to_vec();
+                        let (client, stride) = (m.client, usize::from(m.stride).max(1));
+                        let ecn = EcnCodepoint::from_bits(m.ecn);
+                        l.m.handover_received
+                            .inc_by(data.len().div_ceil(stride) as u64);
+                        from_client(&edge, &l, client, &data, stride, ecn, &mut None).await;
+                    }
+                    Err(why) => {
+                        l.m.handover_dropped.inc();
+                        tracing::warn!(listener = %l.name(), reason = why,
+                            "upgrade: a malformed message from the other process");
+                    }
+                }
+            }
+            Woke::Relay(Err(e)) => {
+                if e.kind() != std::io::ErrorKind::WouldBlock {
+                    tracing::info!(listener = %l.name(), error = %e,
+                        "upgrade: the other process is gone");
+                    relay = None;
+                }
+            }
         }
     }
     // Stopped: every flow ends.
@@ -361,6 +515,9 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
 /// One read from one client: datagrams of `stride` bytes, each routed on its own (they may
 /// belong to different connections of one socket), consecutive ones of the same flow sent on
 /// together.
+///
+/// `relay`: in an upgrade, the other process, to which datagrams of flows this one does not
+/// know go (`None` for what came from it: nothing crosses twice).
 async fn from_client(
     edge: &Arc<Edge>,
     l: &Arc<QuicListener>,
@@ -368,6 +525,7 @@ async fn from_client(
     data: &[u8],
     stride: usize,
     ecn: Option<EcnCodepoint>,
+    relay: &mut Option<Relay>,
 ) {
     let now = clock_ms(Instant::now());
     // The flow of the run being gathered, and where the run starts in `data`.
@@ -397,7 +555,9 @@ async fn from_client(
                 if let Some((f, start)) = run.take() {
                     forward(l, &f, &data[start..at], stride, ecn, now);
                 }
-                new_datagram(edge, l, peer, segment).await;
+                if let Err(reason) = new_datagram(edge, l, peer, segment).await {
+                    pass_on(edge, l, relay, peer, ecn, segment, reason);
+                }
             }
         }
         at = end;
@@ -408,41 +568,59 @@ async fn from_client(
 }
 
 /// A datagram from an address with no flow: an Initial starts (or continues) a pending flow;
-/// once its hello is complete, the flow is established.
-async fn new_datagram(edge: &Arc<Edge>, l: &Arc<QuicListener>, peer: SocketAddr, data: &[u8]) {
-    let refused = !l.config.load().acl.permits(peer.ip());
-    if refused {
-        let name = l.name();
-        let denied = edge
-            .metrics
-            .access_denied
-            .with_label_values(&["listener", &name]);
-        denied.inc();
-        return l.initial(edge, "denied");
-    }
-    if let Some((pending, hello)) = admit(edge, l, peer, data) {
-        establish(edge, l, peer, pending, hello).await;
-    }
-}
-
-/// The synchronous part of `new_datagram` (the flow table's lock is never held across an
-/// await): `Some` when a hello is complete. A refusal is counted under its reason.
-fn admit(
+/// once its hello is complete, the flow is established. `Err`: refused, with the reason
+/// (`sluice_quic_initials_total`'s result label), not counted yet.
+async fn new_datagram(
     edge: &Arc<Edge>,
     l: &Arc<QuicListener>,
     peer: SocketAddr,
     data: &[u8],
-) -> Option<(Pending, sluice_core::hello::ClientHello)> {
-    match admit_inner(l, peer, data, edge.accepting_new()) {
-        Ok(done) => done,
-        Err(reason) => {
-            l.initial(edge, reason);
-            None
-        }
+) -> Result<(), &'static str> {
+    if !l.config.load().acl.permits(peer.ip()) {
+        return Err("denied");
     }
+    if let Some((pending, hello)) = admit(l, peer, data, edge.accepting_new())? {
+        establish(edge, l, peer, pending, hello).await;
+    }
+    Ok(())
 }
 
-fn admit_inner(
+/// A datagram refused for `reason`: in an upgrade, one that may belong to the other process
+/// (of no flow here, or an Initial this process no longer takes) goes to it; anything else is
+/// counted here.
+fn pass_on(
+    edge: &Edge,
+    l: &QuicListener,
+    relay: &mut Option<Relay>,
+    peer: SocketAddr,
+    ecn: Option<EcnCodepoint>,
+    segment: &[u8],
+    reason: &'static str,
+) {
+    let theirs = matches!(
+        reason,
+        "unknown_flow" | "not_initial" | "draining" | "denied"
+    );
+    if let (true, Some(r)) = (theirs, relay.as_mut()) {
+        if r.send(peer, ecn, segment, segment.len()) {
+            l.m.handover_sent.inc();
+            return;
+        }
+        tracing::info!(listener = %l.name(), "upgrade: the other process is gone");
+        *relay = None;
+    }
+    if reason == "denied" {
+        edge.metrics
+            .access_denied
+            .with_label_values(&["listener", &l.name()])
+            .inc();
+    }
+    l.initial(edge, reason);
+}
+
+/// The synchronous part of `new_datagram` (the flow table's lock is never held across an
+/// await): `Some` when a hello is complete.
+fn admit(
     l: &QuicListener,
     peer: SocketAddr,
     data: &[u8],

@@ -1,5 +1,6 @@
-//! QUIC as far as a passthrough router needs it: the packets (`packet`) and the flow table
-//! (`flows`).
+//! QUIC as far as a passthrough router needs it: the packets (`packet`), the flow table
+//! (`flows`), and the datagrams two processes pass each other in an upgrade (`handover`).
 
 pub mod flows;
+pub mod handover;
 pub mod packet;

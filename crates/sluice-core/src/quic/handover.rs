@@ -1,0 +1,116 @@
+//! The messages two sluice processes pass each other during a binary upgrade, when both serve
+//! one QUIC listener's socket: a datagram one of them read but whose flow lives in the other,
+//! with the client's address (the socket pair between them knows nothing of it), the ECN bits
+//! and the size of each datagram when several of one sender travel together.
+//!
+//! ```text
+//! 1 byte   version (1)
+//! 1 byte   ECN bits (0: not ECN-capable)
+//! 2 bytes  datagram size (big endian; the last datagram may be shorter)
+//! 1 byte   4 or 6: the client's address family
+//! 4/16     the client's IP
+//! 2 bytes  the client's port
+//! rest     the datagrams
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+const VERSION: u8 = 1;
+/// The longest header (IPv6).
+pub const MAX_HEADER: usize = 1 + 1 + 2 + 1 + 16 + 2;
+
+/// Datagrams of one client, as carried between the processes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Relayed<'a> {
+    pub client: SocketAddr,
+    pub ecn: u8,
+    pub stride: u16,
+    pub data: &'a [u8],
+}
+
+/// Write the header for `client`'s datagrams into `out` (cleared first); the datagrams
+/// follow it.
+pub fn encode_header(out: &mut Vec<u8>, client: SocketAddr, ecn: u8, stride: u16) {
+    out.clear();
+    out.extend_from_slice(&[VERSION, ecn & 0b11]);
+    out.extend_from_slice(&stride.to_be_bytes());
+    match client.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&client.port().to_be_bytes());
+}
+
+/// Read one message; an error names what is wrong with it.
+pub fn decode(msg: &[u8]) -> Result<Relayed<'_>, &'static str> {
+    let [version, ecn, s0, s1, family, rest @ ..] = msg else {
+        return Err("too_short");
+    };
+    if *version != VERSION {
+        return Err("unknown_version");
+    }
+    let (ip, rest) = match family {
+        4 => {
+            let (ip, rest) = rest.split_first_chunk::<4>().ok_or("too_short")?;
+            (IpAddr::V4(Ipv4Addr::from(*ip)), rest)
+        }
+        6 => {
+            let (ip, rest) = rest.split_first_chunk::<16>().ok_or("too_short")?;
+            (IpAddr::V6(Ipv6Addr::from(*ip)), rest)
+        }
+        _ => return Err("bad_family"),
+    };
+    let (port, data) = rest.split_first_chunk::<2>().ok_or("too_short")?;
+    if data.is_empty() {
+        return Err("empty");
+    }
+    Ok(Relayed {
+        client: SocketAddr::new(ip, u16::from_be_bytes(*port)),
+        ecn: ecn & 0b11,
+        stride: u16::from_be_bytes([*s0, *s1]),
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(client: &str, ecn: u8, stride: u16, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_header(&mut out, client.parse().unwrap(), ecn, stride);
+        assert!(out.len() <= MAX_HEADER);
+        out.extend_from_slice(data);
+        out
+    }
+
+    #[test]
+    fn round_trips_both_families() {
+        for client in ["192.0.2.7:4433", "[2001:db8::1]:65535"] {
+            let msg = message(client, 2, 1200, b"datagrams");
+            let r = decode(&msg).unwrap();
+            assert_eq!(r.client, client.parse().unwrap());
+            assert_eq!((r.ecn, r.stride, r.data), (2, 1200, &b"datagrams"[..]));
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_bad_field_is_an_error() {
+        let msg = message("[2001:db8::1]:443", 1, 1200, b"x");
+        for n in 0..msg.len() - 1 {
+            assert!(decode(&msg[..n]).is_err(), "prefix of {n} bytes");
+        }
+        let mut bad = msg.clone();
+        bad[0] = 9;
+        assert_eq!(decode(&bad), Err("unknown_version"));
+        let mut bad = msg.clone();
+        bad[4] = 5;
+        assert_eq!(decode(&bad), Err("bad_family"));
+    }
+}
