@@ -113,4 +113,32 @@ mod tests {
         bad[4] = 5;
         assert_eq!(decode(&bad), Err("bad_family"));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn what_is_encoded_is_decoded(
+            ip in proptest::num::u128::ANY,
+            v4 in proptest::bool::ANY,
+            port in proptest::num::u16::ANY,
+            ecn in 0u8..4,
+            stride in proptest::num::u16::ANY,
+            data in proptest::collection::vec(proptest::num::u8::ANY, 1..64),
+        ) {
+            let client = if v4 {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip as u32)), port)
+            } else {
+                SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port)
+            };
+            let mut msg = Vec::new();
+            encode_header(&mut msg, client, ecn, stride);
+            msg.extend_from_slice(&data);
+            let r = decode(&msg).unwrap();
+            proptest::prop_assert_eq!(r, Relayed { client, ecn, stride, data: &data });
+        }
+    }
 }
