@@ -245,7 +245,7 @@ impl VersionServer {
                 channel: a.label(CHANNEL_LABEL),
                 version: a.version,
                 stable: rules.state(a, now) == sluice_core::agents::table::AgentState::Ready
-                    && now >= a.ready_at.saturating_add(stable_after),
+                    && now >= a.ready_at.max(a.version_since).saturating_add(stable_after),
             })
         };
         let names = config.versions.channels.keys().map(String::as_str);

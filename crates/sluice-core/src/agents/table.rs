@@ -128,6 +128,9 @@ pub struct Agent<B> {
     pub ready_at: u64,
     /// First seen, ms on the table clock.
     pub since: u64,
+    /// Announcing its current version since, ms on the table clock: an agent updated in
+    /// place (same address) keeps `since` and its warm-up, but not this.
+    pub version_since: u64,
     expires: AtomicU64,
     /// The streaming request that keeps it alive (0: none): when that stream ends, the agent
     /// goes — unless another heartbeat took it over meanwhile.
@@ -462,6 +465,10 @@ impl<B: Endpoint> AgentTable<B> {
             Some(o) if Arc::ptr_eq(&o.backend, &backend) => o.since,
             _ => now,
         };
+        let version_since = match &old {
+            Some(o) if o.version == hb.version => o.version_since.max(since),
+            _ => now,
+        };
         let agent = Arc::new(Agent {
             id: hb.agent.into_boxed_str(),
             backend,
@@ -471,6 +478,7 @@ impl<B: Endpoint> AgentTable<B> {
             owner: owner.into(),
             ready_at: since.saturating_add(self.min_ready.load(Ordering::Relaxed)),
             since,
+            version_since,
             expires: AtomicU64::new(expires),
             stream: AtomicU64::new(stream),
             resources: hb.resources.into_boxed_slice(),
@@ -633,6 +641,13 @@ impl<B: Endpoint> AgentTable<B> {
         let backend = Agent::backend_for(old.as_deref(), &hb, new_backend);
         let age = now_unix.saturating_sub(meta.first_seen_unix_ms);
         let since = now.saturating_sub(age);
+        // A version change is dated when this edge hears of it (the record has no field for
+        // it): within the watch's delay of the other edges.
+        let version_since = match &old {
+            Some(o) if o.version == hb.version => o.version_since,
+            Some(_) => now,
+            None => since,
+        };
         let agent = Arc::new(Agent {
             id: hb.agent.into_boxed_str(),
             backend,
@@ -642,6 +657,7 @@ impl<B: Endpoint> AgentTable<B> {
             owner: owner.into(),
             ready_at: since.saturating_add(self.min_ready.load(Ordering::Relaxed)),
             since,
+            version_since,
             expires: AtomicU64::new(u64::MAX),
             stream: AtomicU64::new(0),
             resources: hb.resources.into_boxed_slice(),
@@ -708,6 +724,7 @@ impl<B: Endpoint> AgentTable<B> {
                 owner: "config".into(),
                 ready_at: now,
                 since: now,
+                version_since: now,
                 expires: AtomicU64::new(u64::MAX),
                 stream: AtomicU64::new(0),
                 resources: hb.resources.into_boxed_slice(),
@@ -816,6 +833,22 @@ mod tests {
         let moved = t.agent("a1").unwrap();
         assert!(!Arc::ptr_eq(&before.backend, &moved.backend));
         assert_eq!(moved.since, 60);
+    }
+
+    #[test]
+    fn an_update_in_place_keeps_the_warm_up_but_dates_the_new_version() {
+        let t = AgentTable::default();
+        beat(&t, hb("a1", 1, "17.0.0", 100, &["x"]), 10).unwrap();
+        beat(&t, hb("a1", 1, "17.0.0", 100, &["x", "y"]), 40).unwrap();
+        let a = t.agent("a1").unwrap();
+        assert_eq!(
+            (a.since, a.version_since),
+            (10, 10),
+            "same version: unchanged"
+        );
+        beat(&t, hb("a1", 1, "17.1.0", 100, &["x", "y"]), 70).unwrap();
+        let a = t.agent("a1").unwrap();
+        assert_eq!((a.since, a.version_since), (10, 70));
     }
 
     #[test]
