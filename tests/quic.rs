@@ -49,6 +49,37 @@ async fn quic_backend(name: &'static str, cert_name: &str, alpn: &[&str]) -> (So
     (addr, der)
 }
 
+/// A quinn server that answers each bidirectional stream with the address it sees the
+/// connection at: through sluice, the flow's own socket toward it. A datagram sluice put on
+/// another flow's socket shows as the connection moving (quinn follows a connection by ID).
+async fn addressed_backend() -> SocketAddr {
+    let ck = rcgen::generate_simple_self_signed(vec!["a.example.com".to_owned()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
+    let mut tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![ck.cert.der().clone()], key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
+    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = ep.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let _ = recv.read_to_end(1 << 20).await;
+                    let _ = send
+                        .write_all(conn.remote_address().to_string().as_bytes())
+                        .await;
+                    let _ = send.finish();
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// A client whose connections send a keep-alive every 250 ms: an open connection's flow
 /// never reaches sluice's 1 s `flow_idle_timeout`, however slowly the test runs, so flow
 /// counts are exact; a closed one's flow expires.
@@ -1186,22 +1217,28 @@ async fn batching_keeps_each_flows_datagrams_in_order_both_ways() {
     server.shutdown().await;
 }
 
-/// A binary upgrade (`sluice run --upgrade`, the real binary twice) keeps QUIC flows: the new
-/// process takes the UDP socket over, the old one serves its established flow with the
-/// datagrams the new one passes across until the flow is idle, then exits; new flows are the
-/// new process's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_binary_upgrade_keeps_established_quic_flows() {
-    let (a, _) = quic_backend("A", "a.example.com", &["h3"]).await;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("sluice.toml");
-    let config = format!(
-        r#"
+/// A running `sluice` binary with a QUIC listener on a known port and an upgrade socket,
+/// for the binary-upgrade tests.
+struct Upgradable {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    edge: SocketAddr,
+    admin: SocketAddr,
+    old: Running,
+    old_log: Log,
+}
+
+impl Upgradable {
+    async fn start(backend: SocketAddr) -> Upgradable {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        let config = format!(
+            r#"
 [admin]
 address = "127.0.0.1:0"
 
@@ -1239,77 +1276,146 @@ pool = "a"
 backends = ["{dead}"]
 
 [pool.a]
-backends = ["{a}"]
+backends = ["{backend}"]
 "#,
-        sock = dir.path().join("upgrade.sock").display(),
-        dead = dead_address().await,
-    );
-    std::fs::write(&path, config).unwrap();
-    let edge: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut old = sluice_run(&path, &[]);
-    let (_, admin, old_log) = bound_addresses(&mut old);
-    let admin: SocketAddr = admin.parse().unwrap();
+            sock = dir.path().join("upgrade.sock").display(),
+            dead = dead_address().await,
+        );
+        std::fs::write(&path, config).unwrap();
+        let mut old = sluice_run(&path, &[]);
+        let (_, admin, old_log) = bound_addresses(&mut old);
+        Upgradable {
+            edge: format!("127.0.0.1:{port}").parse().unwrap(),
+            admin: admin.parse().unwrap(),
+            _dir: dir,
+            path,
+            old,
+            old_log,
+        }
+    }
 
+    /// `sluice run --upgrade`: returns once the new process serves and the old one has
+    /// stopped reading the QUIC socket. Blocks its thread while it waits: the runtime's other
+    /// worker keeps the test's QUIC connections alive meanwhile.
+    fn upgrade(&self) -> (Running, Log) {
+        tokio::task::block_in_place(|| {
+            let mut new = sluice_run(&self.path, &["--upgrade"]);
+            let (_, admin, new_log) = bound_addresses(&mut new);
+            assert_eq!(
+                admin,
+                self.admin.to_string(),
+                "the admin socket is handed over too"
+            );
+            let wait = Duration::from_secs(10);
+            self.old_log
+                .wait_for("a new sluice took over the sockets", wait);
+            self.old_log
+                .wait_for("the new process reads the QUIC socket", wait);
+            new_log.wait_for("using an inherited UDP socket", wait);
+            (new, new_log)
+        })
+    }
+}
+
+/// A binary upgrade (`sluice run --upgrade`, the real binary twice) keeps QUIC flows: the new
+/// process takes the UDP socket over, the old one serves its established flow with the
+/// datagrams the new one asks it about until the flow is idle, then exits; new flows are the
+/// new process's. Flows of one address in both processes are never mixed up: a second client
+/// from the same IP, and a second connection from the very socket of the old flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_upgrade_keeps_established_quic_flows() {
+    let mut u = Upgradable::start(addressed_backend().await).await;
     let ep = client_endpoint(&["h3"]);
-    let established = connect(&ep, edge, "a.example.com").await;
-    assert_eq!(ask(&established, "before").await, "A:before");
+    let established = connect(&ep, u.edge, "a.example.com").await;
+    // The backend sees each flow at its own socket of sluice's: it never changes.
+    let old_flow = ask(&established, "before").await;
 
-    // The waits below block their thread: the runtime's other worker keeps the client's
-    // connection alive meanwhile.
-    let (mut new, new_log) = tokio::task::block_in_place(|| {
-        let mut new = sluice_run(&path, &["--upgrade"]);
-        let (_, admin2, new_log) = bound_addresses(&mut new);
-        assert_eq!(
-            admin2,
-            admin.to_string(),
-            "the admin socket is handed over too"
-        );
-        old_log.wait_for(
-            "a new sluice took over the sockets",
-            Duration::from_secs(10),
-        );
-        old_log.wait_for(
-            "the new process reads the QUIC socket",
-            Duration::from_secs(10),
-        );
-        new_log.wait_for("using an inherited UDP socket", Duration::from_secs(1));
-        (new, new_log)
-    });
-
-    // The flow the old process holds goes on, stream after stream, with every datagram from
-    // the client read by the new process and passed across.
-    for i in 0..20 {
-        let what = format!("during-{i}");
-        assert_eq!(ask(&established, &what).await, format!("A:{what}"));
+    let (mut new, new_log) = u.upgrade();
+    for _ in 0..10 {
+        assert_eq!(ask(&established, "during").await, old_flow);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // A new connection is the new process's.
-    let fresh = connect(&client_endpoint(&["h3"]), edge, "a.example.com").await;
-    assert_eq!(ask(&fresh, "new").await, "A:new");
-    let passed = scrape(admin).await.sum(
-        "sluice_quic_handover_datagrams_total",
-        &[("listener", "quic"), ("direction", "sent")],
-    );
+    // New connections are the new process's: one from another socket of the same IP, one
+    // from the old flow's own socket (same address, another connection).
+    let fresh = connect(&client_endpoint(&["h3"]), u.edge, "a.example.com").await;
+    let same_socket = connect(&ep, u.edge, "a.example.com").await;
+    let flows = [
+        ask(&established, "x").await,
+        ask(&fresh, "x").await,
+        ask(&same_socket, "x").await,
+    ];
+    assert_eq!(flows[0], old_flow);
     assert!(
-        passed >= 20.0,
-        "datagrams passed to the old process: {passed}"
+        flows[0] != flows[1] && flows[1] != flows[2] && flows[0] != flows[2],
+        "{flows:?}"
     );
+    for _ in 0..10 {
+        for (conn, flow) in [&established, &fresh, &same_socket].into_iter().zip(&flows) {
+            assert_eq!(
+                &ask(conn, "x").await,
+                flow,
+                "each connection keeps its own flow"
+            );
+        }
+    }
+    let crossed = |direction| {
+        let admin = u.admin;
+        async move {
+            scrape(admin).await.sum(
+                "sluice_quic_handover_datagrams_total",
+                &[("listener", "quic"), ("direction", direction)],
+            )
+        }
+    };
+    // At least a datagram for each of the old connection's 21 streams since the upgrade;
+    // the new connections' first Initials were asked about too, and sent back.
+    let asked = crossed("sent").await;
+    assert!(asked >= 21.0, "datagrams asked about across: {asked}");
+    let returned = crossed("returned").await;
+    assert!(returned >= 2.0, "datagrams sent back: {returned}");
+    assert_eq!(crossed("dropped").await, 0.0);
     assert!(
-        old.try_wait().unwrap().is_none(),
+        u.old.try_wait().unwrap().is_none(),
         "the old process waits for its flow"
     );
 
     // Once its flow is idle, the old process exits; the new one serves on alone.
     established.close(0u32.into(), b"done");
-    let status = exits(&mut old, Duration::from_secs(20)).await;
+    let status = exits(&mut u.old, Duration::from_secs(20)).await;
     assert!(status.success(), "old process exit: {status:?}");
-    assert_eq!(ask(&fresh, "after").await, "A:after");
-    let old_log = old_log.join().unwrap();
+    assert_eq!(ask(&fresh, "after").await, flows[1]);
+    assert_eq!(ask(&same_socket, "after").await, flows[2]);
+    let old_log = u.old_log.join().unwrap();
     assert!(!old_log.contains("malformed message"), "{old_log}");
     fresh.close(0u32.into(), b"done");
+    same_socket.close(0u32.into(), b"done");
     signal(new.id(), "TERM");
     assert!(exits(&mut new, Duration::from_secs(20)).await.success());
     assert!(new_log.join().unwrap().contains("upgrade complete"));
+}
+
+/// If the new process dies after taking over, the old one sees the socket pair close, reads
+/// the QUIC socket again and its flows go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_old_process_reads_again_when_the_new_one_dies() {
+    let (a, _) = quic_backend("A", "a.example.com", &["h3"]).await;
+    let mut u = Upgradable::start(a).await;
+    let established = connect(&client_endpoint(&["h3"]), u.edge, "a.example.com").await;
+    let (mut new, _new_log) = u.upgrade();
+    assert_eq!(ask(&established, "across").await, "A:across");
+    signal(new.id(), "KILL");
+    let _ = exits(&mut new, Duration::from_secs(10)).await;
+    tokio::task::block_in_place(|| {
+        u.old_log
+            .wait_for("reading the QUIC socket again", Duration::from_secs(10))
+    });
+    for i in 0..5 {
+        let what = format!("alone-{i}");
+        assert_eq!(ask(&established, &what).await, format!("A:{what}"));
+    }
+    established.close(0u32.into(), b"done");
+    let status = exits(&mut u.old, Duration::from_secs(20)).await;
+    assert!(status.success(), "old process exit: {status:?}");
 }
 
 /// `exits_within` without blocking the runtime's thread (the test's QUIC clients run on it).

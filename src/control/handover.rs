@@ -17,7 +17,7 @@
 //! ```
 //!
 //! A QUIC listener's UDP socket travels under its name too, and with it `@relay:NAME`, one
-//! end of a Unix datagram socket pair whose other end the old process keeps: a QUIC flow
+//! end of a Unix seqpacket socket pair whose other end the old process keeps: a QUIC flow
 //! lives in one process, and a datagram read by the other one crosses over (`quic`).
 //!
 //! If the new process goes away before READY, the old one logs it and carries on serving.
@@ -161,7 +161,8 @@ pub struct Takeover {
     pub sockets: HashMap<String, TcpListener>,
     /// QUIC listeners' UDP sockets, by listener name.
     pub udp: HashMap<String, std::net::UdpSocket>,
-    /// QUIC listeners' ends of the socket pair toward the old process, by listener name.
+    /// QUIC listeners' ends of the socket pair toward the old process, by listener name
+    /// (`SOCK_SEQPACKET` sockets, held as std's datagram type: plain `send` and `recv`).
     pub relays: HashMap<String, std::os::unix::net::UnixDatagram>,
 }
 
@@ -207,10 +208,10 @@ pub fn take_over(path: &Path) -> io::Result<Takeover> {
         sock.set_cloexec(true)?;
         if let Some(listener) = name.strip_prefix(RELAY) {
             let unix = sock.local_addr().is_ok_and(|a| a.is_unix());
-            if !unix || sock.r#type()? != socket2::Type::DGRAM {
+            if !unix || sock.r#type()? != socket2::Type::SEQPACKET {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("`{name}` is not a Unix datagram socket"),
+                    format!("`{name}` is not a Unix seqpacket socket"),
                 ));
             }
             relays.insert(

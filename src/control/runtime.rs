@@ -351,15 +351,20 @@ impl Runtime {
         let mut v = Vec::new();
         for q in self.quic_listeners().iter().filter(|q| q.is_accepting()) {
             let name = q.name();
-            let pair = std::os::unix::net::UnixDatagram::pair().map(|(ours, theirs)| {
-                for s in [&ours, &theirs] {
-                    // Room for a burst of datagrams while the other side is busy.
-                    let s = socket2::SockRef::from(s);
-                    let _ = s.set_send_buffer_size(4 << 20);
-                    let _ = s.set_recv_buffer_size(4 << 20);
-                }
-                (ours, theirs)
-            });
+            // SOCK_SEQPACKET: message boundaries, and an end of file when the other process
+            // is gone (a datagram pair has none).
+            let pair = socket2::Socket::pair(socket2::Domain::UNIX, socket2::Type::SEQPACKET, None)
+                .map(|(ours, theirs)| {
+                    for s in [&ours, &theirs] {
+                        // Room for a burst of datagrams while the other side is busy.
+                        let _ = s.set_send_buffer_size(4 << 20);
+                        let _ = s.set_recv_buffer_size(4 << 20);
+                    }
+                    let unix = |s: socket2::Socket| {
+                        std::os::unix::net::UnixDatagram::from(std::os::fd::OwnedFd::from(s))
+                    };
+                    (unix(ours), unix(theirs))
+                });
             match (q.socket.as_fd().try_clone_to_owned(), pair) {
                 (Ok(fd), Ok((ours, theirs))) => {
                     q.set_relay(ours);

@@ -184,8 +184,9 @@ pub struct Metrics {
     pub quic_bytes: IntCounterVec,
     /// {listener}
     pub quic_migrations: IntCounterVec,
-    /// {listener, direction}: in a binary upgrade, datagrams passed to the other process
-    /// (`sent`: of no flow here), served from it (`received`), malformed messages (`dropped`)
+    /// {listener, direction}: in a binary upgrade, datagrams asked about across (`sent`),
+    /// served here when asked (`received`), asked about and sent back (`returned`), lost
+    /// (`dropped`: the socket pair's buffer full, or a malformed message)
     pub quic_handover: IntCounterVec,
     /// {route, reason}: streams of terminated QUIC connections sluice reset because their
     /// backend failed: `backend_unavailable` (no connect), `backend_error` (broke mid-stream)
@@ -415,7 +416,7 @@ impl Metrics {
             quic_handover: counter(
                 &r,
                 QUIC_HANDOVER,
-                "QUIC datagrams passed between the old and the new process in a binary upgrade: sent (of no flow here), received, dropped (malformed).",
+                "QUIC datagrams passed between the old and the new process in a binary upgrade: sent (asked about across), received (served here when asked), returned (asked about and sent back), dropped.",
                 &["listener", "direction"],
             ),
             quic_stream_resets: counter(

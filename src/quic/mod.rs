@@ -18,10 +18,13 @@
 //!
 //! In a binary upgrade both processes serve the listener's socket for a while, and each
 //! flow lives in one of them: the old process hands the socket over with one end of a Unix
-//! datagram pair (`handover`), and from then on a datagram of no flow of its reader's, and
-//! no Initial it could start one with, goes across to the other process. Once the new process
-//! is ready the old one stops reading the socket and serves its flows with what comes across,
-//! until they are idle.
+//! `SOCK_SEQPACKET` pair (`handover`). From then on a datagram its reader cannot place by
+//! connection ID (or as part of a hello pending there) is asked about across first: the other
+//! process serves it if it is surely its own (by ID, pending hello, or its client's exact
+//! address), else sends it back, and only then does the reader place it by address, follow a
+//! rebinding or start a new flow with it. Once the new process is ready the old one stops
+//! reading the socket and serves its flows with what comes across, until they are idle; if
+//! the new process goes away it reads the socket again.
 
 pub mod terminate;
 
@@ -154,9 +157,11 @@ struct QuicMetrics {
     migrations: IntCounter,
     /// `sluice_quic_initials_total{result="timeout"}`: hellos not complete within hello_timeout.
     timeouts: IntCounter,
-    /// `sluice_quic_handover_datagrams_total{direction="sent"|"received"|"dropped"}`.
+    /// `sluice_quic_handover_datagrams_total{direction}`: asked about across (`sent`), served
+    /// here when asked (`received`), asked about and sent back (`returned`), lost (`dropped`).
     handover_sent: IntCounter,
     handover_received: IntCounter,
+    handover_returned: IntCounter,
     handover_dropped: IntCounter,
 }
 
@@ -218,6 +223,7 @@ impl QuicListener {
                 timeouts: m.quic_initials.with_label_values(&[&name, "timeout"]),
                 handover_sent: m.quic_handover.with_label_values(&[&name, "sent"]),
                 handover_received: m.quic_handover.with_label_values(&[&name, "received"]),
+                handover_returned: m.quic_handover.with_label_values(&[&name, "returned"]),
                 handover_dropped: m.quic_handover.with_label_values(&[&name, "dropped"]),
             },
             config: ArcSwap::from_pointee(cfg),
@@ -368,31 +374,47 @@ fn forward(
     send_segments(&l.udp, &flow.upstream, flow.backend, ecn, data, stride);
 }
 
-/// The other process in an upgrade, as the receive loop holds it.
+/// The other process in an upgrade, as the receive loop holds it: a `SOCK_SEQPACKET` pair's
+/// end (message boundaries kept, and an end of file when the other process is gone), driven
+/// through tokio's datagram type (plain `send`/`recv`).
 struct Relay {
     sock: tokio::net::UnixDatagram,
     /// A message being read or written: header and datagrams.
     buf: Vec<u8>,
 }
 
+/// What became of a datagram passed across.
+enum Passed {
+    Sent,
+    /// The pair's buffer is full: dropped, as the network would.
+    Full,
+    /// The other process is gone.
+    Gone,
+}
+
 impl Relay {
-    /// Pass `data` (datagrams of `stride` bytes from `client`) to the other process. A full
-    /// socket buffer drops them, as the network would; `false` when the other process is gone.
     fn send(
         &mut self,
+        kind: relayed::Kind,
         client: SocketAddr,
         ecn: Option<EcnCodepoint>,
         data: &[u8],
         stride: usize,
-    ) -> bool {
+    ) -> Passed {
         let stride = u16::try_from(stride).unwrap_or(u16::MAX);
-        relayed::encode_header(&mut self.buf, client, ecn.map_or(0, |e| e as u8), stride);
+        relayed::encode_header(
+            &mut self.buf,
+            kind,
+            client,
+            ecn.map_or(0, |e| e as u8),
+            stride,
+        );
         self.buf.extend_from_slice(data);
         match self.sock.try_send(&self.buf) {
-            Ok(_) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => true,
-            Err(_) => false,
+            Ok(_) => Passed::Sent,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Passed::Full,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Passed::Full,
+            Err(_) => Passed::Gone,
         }
     }
 }
@@ -405,7 +427,7 @@ enum Woke {
 }
 
 /// The receive loop: every datagram from clients, read in batches (and, in an upgrade, what
-/// the other process passes on).
+/// the other process passes across).
 async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
     let mut storage = vec![0u8; MAX_READ * BATCH];
     let mut metas = [RecvMeta::default(); BATCH];
@@ -447,21 +469,13 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
                             "upgrade: cannot use the socket toward the other process"),
                     }
                 }
-                if l.handed_over.load(Ordering::Acquire) && reading {
-                    // Only if the new process holds its end (it drops it, and serves the
-                    // listener on a socket of its own, when its config moved the listener):
-                    // an empty message is refused once it has.
-                    let alive = relay.as_ref().is_some_and(|r| match r.sock.try_send(&[]) {
-                        Ok(_) => true,
-                        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-                    });
-                    if !alive {
-                        relay = None;
-                        continue;
-                    }
+                // Only with the other process there: if it is gone (or dropped its end, as
+                // it does when its config moved the listener), the end of file below turns
+                // reading back on.
+                if l.handed_over.load(Ordering::Acquire) && relay.is_some() && reading {
                     reading = false;
                     tracing::info!(listener = %l.name(),
-                        "upgrade: the new process reads the QUIC socket; serving this one's flows with what it passes on");
+                        "upgrade: the new process reads the QUIC socket; serving this one's flows with what it passes across");
                 }
             }
             Woke::Socket(Ok(messages)) => {
@@ -475,19 +489,16 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
                     tracing::debug!(error = %e, "QUIC receive failed");
                 }
             }
-            // The other side's liveness probe.
-            Woke::Relay(Ok(0)) => {}
-            Woke::Relay(Ok(n)) => {
+            Woke::Relay(Ok(n)) if n > 0 => {
                 let msg = relay.as_ref().map_or(&[][..], |r| &r.buf[..n]);
                 match relayed::decode(msg) {
                     Ok(m) => {
-                        // Owned: `from_client` may need `relay` (it never sends on it here).
+                        // Owned: answering may need `relay`.
                         let data = m.data.to_vec();
-                        let (client, stride) = (m.client, usize::from(m.stride).max(1));
+                        let (kind, client) = (m.kind, m.client);
+                        let stride = usize::from(m.stride).max(1);
                         let ecn = EcnCodepoint::from_bits(m.ecn);
-                        l.m.handover_received
-                            .inc_by(data.len().div_ceil(stride) as u64);
-                        from_client(&edge, &l, client, &data, stride, ecn, &mut None).await;
+                        across(&edge, &l, &mut relay, kind, client, &data, stride, ecn).await;
                     }
                     Err(why) => {
                         l.m.handover_dropped.inc();
@@ -496,11 +507,20 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
                     }
                 }
             }
-            Woke::Relay(Err(e)) => {
-                if e.kind() != std::io::ErrorKind::WouldBlock {
-                    tracing::info!(listener = %l.name(), error = %e,
-                        "upgrade: the other process is gone");
-                    relay = None;
+            // End of file, or an error: the other process is gone.
+            Woke::Relay(r) => {
+                if r.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
+                {
+                    continue;
+                }
+                relay = None;
+                if reading {
+                    tracing::info!(listener = %l.name(), "upgrade: the other process is gone");
+                } else {
+                    reading = true;
+                    tracing::warn!(listener = %l.name(),
+                        "upgrade: the new process is gone; reading the QUIC socket again");
                 }
             }
         }
@@ -512,12 +532,49 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
     }
 }
 
+/// A message from the other process: an `Ask` is served here if the datagram is surely this
+/// process's, else returned; a `Returned` datagram is handled here after all.
+#[allow(clippy::too_many_arguments)]
+async fn across(
+    edge: &Arc<Edge>,
+    l: &Arc<QuicListener>,
+    relay: &mut Option<Relay>,
+    kind: relayed::Kind,
+    client: SocketAddr,
+    data: &[u8],
+    stride: usize,
+    ecn: Option<EcnCodepoint>,
+) {
+    if kind == relayed::Kind::Ask {
+        let first = &data[..stride.min(data.len())];
+        if !l.lock().knows(client, first, true) {
+            if let Some(r) = relay.as_mut() {
+                match r.send(relayed::Kind::Returned, client, ecn, data, stride) {
+                    Passed::Sent => {}
+                    Passed::Full => l.m.handover_dropped.inc(),
+                    Passed::Gone => *relay = None,
+                }
+            }
+            return;
+        }
+    }
+    let segments = data.len().div_ceil(stride) as u64;
+    match kind {
+        relayed::Kind::Ask => l.m.handover_received.inc_by(segments),
+        relayed::Kind::Returned => l.m.handover_returned.inc_by(segments),
+    }
+    // Nothing crosses twice.
+    from_client(edge, l, client, data, stride, ecn, &mut None).await;
+}
+
 /// One read from one client: datagrams of `stride` bytes, each routed on its own (they may
 /// belong to different connections of one socket), consecutive ones of the same flow sent on
 /// together.
 ///
-/// `relay`: in an upgrade, the other process, to which datagrams of flows this one does not
-/// know go (`None` for what came from it: nothing crosses twice).
+/// `relay`: in an upgrade, the other process. A datagram of no flow this process knows by
+/// connection ID (nor a hello pending here) is asked about there first: only the process
+/// that has the flow may place it by address, or start a new flow with it (`None` for what
+/// came across: nothing crosses twice).
 async fn from_client(
     edge: &Arc<Edge>,
     l: &Arc<QuicListener>,
@@ -534,6 +591,26 @@ async fn from_client(
     while at < data.len() {
         let end = (at + stride).min(data.len());
         let segment = &data[at..end];
+        at = end;
+        if let Some(r) = relay.as_mut() {
+            if !l.lock().knows(peer, segment, false) {
+                if let Some((f, start)) = run.take() {
+                    forward(l, &f, &data[start..end - segment.len()], stride, ecn, now);
+                }
+                match r.send(relayed::Kind::Ask, peer, ecn, segment, segment.len()) {
+                    Passed::Sent => {
+                        l.m.handover_sent.inc();
+                        continue;
+                    }
+                    Passed::Full => {
+                        l.m.handover_dropped.inc();
+                        continue;
+                    }
+                    // Handled here, as with no other process.
+                    Passed::Gone => *relay = None,
+                }
+            }
+        }
         let found = l.lock().find(peer, segment);
         match found {
             Found::Flow { flow, moved } => {
@@ -545,22 +622,19 @@ async fn from_client(
                     Some((current, _)) if Arc::ptr_eq(current, &flow) => {}
                     _ => {
                         if let Some((f, start)) = run.take() {
-                            forward(l, &f, &data[start..at], stride, ecn, now);
+                            forward(l, &f, &data[start..end - segment.len()], stride, ecn, now);
                         }
-                        run = Some((flow, at));
+                        run = Some((flow, end - segment.len()));
                     }
                 }
             }
             Found::None => {
                 if let Some((f, start)) = run.take() {
-                    forward(l, &f, &data[start..at], stride, ecn, now);
+                    forward(l, &f, &data[start..end - segment.len()], stride, ecn, now);
                 }
-                if let Err(reason) = new_datagram(edge, l, peer, segment).await {
-                    pass_on(edge, l, relay, peer, ecn, segment, reason);
-                }
+                new_datagram(edge, l, peer, segment).await;
             }
         }
-        at = end;
     }
     if let Some((f, start)) = run {
         forward(l, &f, &data[start..], stride, ecn, now);
@@ -568,54 +642,20 @@ async fn from_client(
 }
 
 /// A datagram from an address with no flow: an Initial starts (or continues) a pending flow;
-/// once its hello is complete, the flow is established. `Err`: refused, with the reason
-/// (`sluice_quic_initials_total`'s result label), not counted yet.
-async fn new_datagram(
-    edge: &Arc<Edge>,
-    l: &Arc<QuicListener>,
-    peer: SocketAddr,
-    data: &[u8],
-) -> Result<(), &'static str> {
+/// once its hello is complete, the flow is established.
+async fn new_datagram(edge: &Arc<Edge>, l: &Arc<QuicListener>, peer: SocketAddr, data: &[u8]) {
     if !l.config.load().acl.permits(peer.ip()) {
-        return Err("denied");
-    }
-    if let Some((pending, hello)) = admit(l, peer, data, edge.accepting_new())? {
-        establish(edge, l, peer, pending, hello).await;
-    }
-    Ok(())
-}
-
-/// A datagram refused for `reason`: in an upgrade, one that may belong to the other process
-/// (of no flow here, or an Initial this process no longer takes) goes to it; anything else is
-/// counted here.
-fn pass_on(
-    edge: &Edge,
-    l: &QuicListener,
-    relay: &mut Option<Relay>,
-    peer: SocketAddr,
-    ecn: Option<EcnCodepoint>,
-    segment: &[u8],
-    reason: &'static str,
-) {
-    let theirs = matches!(
-        reason,
-        "unknown_flow" | "not_initial" | "draining" | "denied"
-    );
-    if let (true, Some(r)) = (theirs, relay.as_mut()) {
-        if r.send(peer, ecn, segment, segment.len()) {
-            l.m.handover_sent.inc();
-            return;
-        }
-        tracing::info!(listener = %l.name(), "upgrade: the other process is gone");
-        *relay = None;
-    }
-    if reason == "denied" {
         edge.metrics
             .access_denied
             .with_label_values(&["listener", &l.name()])
             .inc();
+        return l.initial(edge, "denied");
     }
-    l.initial(edge, reason);
+    match admit(l, peer, data, edge.accepting_new()) {
+        Ok(Some((pending, hello))) => establish(edge, l, peer, pending, hello).await,
+        Ok(None) => {}
+        Err(reason) => l.initial(edge, reason),
+    }
 }
 
 /// The synchronous part of `new_datagram` (the flow table's lock is never held across an

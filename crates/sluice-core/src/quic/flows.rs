@@ -182,6 +182,22 @@ impl<F: Flow> FlowTable<F> {
         }
     }
 
+    /// In a binary upgrade (two processes, one socket, each with flows of its own), whether a
+    /// datagram is surely this process's: one of its flows' connection IDs, or a pending
+    /// hello's address and ID. `by_address`: also a short header from one of its flows'
+    /// client addresses (the other process read it and has no flow with that ID). No guess
+    /// (port rebinding) and no change: the caller then handles it with `find`.
+    pub fn knows(&self, peer: SocketAddr, data: &[u8], by_address: bool) -> bool {
+        if self.by_cid(data).is_some() {
+            return true;
+        }
+        match packet::parse_header(data) {
+            Ok(Header::Long(long)) => self.pending.contains_key(&(peer, long.dcid.to_vec())),
+            Ok(Header::Short) => by_address && self.by_client.contains_key(&peer),
+            _ => false,
+        }
+    }
+
     /// The flow a datagram belongs to by its destination connection ID.
     fn by_cid(&self, data: &[u8]) -> Option<Arc<F>> {
         match packet::parse_header(data).ok()? {
@@ -493,6 +509,32 @@ mod tests {
     /// A 1-RTT (short header) datagram to connection ID `cid`.
     fn short(cid: &[u8]) -> Vec<u8> {
         [&[0x40][..], cid, &[0u8; 20]].concat()
+    }
+
+    #[test]
+    fn knows_claims_by_id_and_pending_hello_and_by_address_only_when_asked() {
+        let mut t: FlowTable<TestFlow> = FlowTable::default();
+        let f = open(&mut t, addr("192.0.2.1:1000"), &[7; 8], 0);
+        t.from_server(&f, &server_long(&[9; 8]));
+        // Its IDs, from any address.
+        assert!(t.knows(addr("198.51.100.1:1"), &short(&[9; 8]), false));
+        assert!(t.knows(addr("198.51.100.1:1"), &initial(&[7; 8]), false));
+        // An unknown ID from its client's address: only when the other process asks.
+        assert!(!t.knows(addr("192.0.2.1:1000"), &short(&[5; 8]), false));
+        assert!(t.knows(addr("192.0.2.1:1000"), &short(&[5; 8]), true));
+        // Another port of that address is a guess (port rebinding): never claimed.
+        assert!(!t.knows(addr("192.0.2.1:1001"), &short(&[5; 8]), true));
+        // A new connection's Initial is nobody's yet; once pending, its hello's.
+        assert!(!t.knows(addr("192.0.2.2:1"), &initial(&[3; 8]), true));
+        let hello = build::hello(Some("app.example.com"), &["h3"]);
+        let first_half = build_initial(V1, &[3; 8], &[1, 2, 3, 4], 0, 0, &hello[5..45]);
+        assert!(matches!(
+            t.admit(addr("192.0.2.2:1"), &first_half, true, LIMITS, 0),
+            Ok(None)
+        ));
+        assert!(t.knows(addr("192.0.2.2:1"), &initial(&[3; 8]), false));
+        assert!(!t.knows(addr("192.0.2.3:1"), &initial(&[3; 8]), false));
+        assert_eq!(t.len(), 1, "nothing was changed by asking");
     }
 
     /// A server's Handshake (long header) datagram with source connection ID `scid`.

@@ -1,10 +1,12 @@
 //! The messages two sluice processes pass each other during a binary upgrade, when both serve
-//! one QUIC listener's socket: a datagram one of them read but whose flow lives in the other,
-//! with the client's address (the socket pair between them knows nothing of it), the ECN bits
-//! and the size of each datagram when several of one sender travel together.
+//! one QUIC listener's socket and each has flows of its own: a datagram one of them read but
+//! cannot place for sure (`Ask`: is it yours?), or one the other sends back (`Returned`: not
+//! mine), with the client's address (the socket pair between them knows nothing of it), the
+//! ECN bits and the size of each datagram when several of one sender travel together.
 //!
 //! ```text
 //! 1 byte   version (1)
+//! 1 byte   kind (0: ask, 1: returned)
 //! 1 byte   ECN bits (0: not ECN-capable)
 //! 2 bytes  datagram size (big endian; the last datagram may be shorter)
 //! 1 byte   4 or 6: the client's address family
@@ -17,11 +19,22 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 const VERSION: u8 = 1;
 /// The longest header (IPv6).
-pub const MAX_HEADER: usize = 1 + 1 + 2 + 1 + 16 + 2;
+pub const MAX_HEADER: usize = 1 + 1 + 1 + 2 + 1 + 16 + 2;
+
+/// Why a datagram crosses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Read from the socket, of no flow the reader knows by connection ID: the other
+    /// process serves it if it is surely its own, else returns it.
+    Ask,
+    /// Not the other process's: the reader handles it after all (and never asks again).
+    Returned,
+}
 
 /// Datagrams of one client, as carried between the processes.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Relayed<'a> {
+    pub kind: Kind,
     pub client: SocketAddr,
     pub ecn: u8,
     pub stride: u16,
@@ -30,9 +43,13 @@ pub struct Relayed<'a> {
 
 /// Write the header for `client`'s datagrams into `out` (cleared first); the datagrams
 /// follow it.
-pub fn encode_header(out: &mut Vec<u8>, client: SocketAddr, ecn: u8, stride: u16) {
+pub fn encode_header(out: &mut Vec<u8>, kind: Kind, client: SocketAddr, ecn: u8, stride: u16) {
     out.clear();
-    out.extend_from_slice(&[VERSION, ecn & 0b11]);
+    let kind = match kind {
+        Kind::Ask => 0,
+        Kind::Returned => 1,
+    };
+    out.extend_from_slice(&[VERSION, kind, ecn & 0b11]);
     out.extend_from_slice(&stride.to_be_bytes());
     match client.ip() {
         IpAddr::V4(ip) => {
@@ -49,12 +66,17 @@ pub fn encode_header(out: &mut Vec<u8>, client: SocketAddr, ecn: u8, stride: u16
 
 /// Read one message; an error names what is wrong with it.
 pub fn decode(msg: &[u8]) -> Result<Relayed<'_>, &'static str> {
-    let [version, ecn, s0, s1, family, rest @ ..] = msg else {
+    let [version, kind, ecn, s0, s1, family, rest @ ..] = msg else {
         return Err("too_short");
     };
     if *version != VERSION {
         return Err("unknown_version");
     }
+    let kind = match kind {
+        0 => Kind::Ask,
+        1 => Kind::Returned,
+        _ => return Err("unknown_kind"),
+    };
     let (ip, rest) = match family {
         4 => {
             let (ip, rest) = rest.split_first_chunk::<4>().ok_or("too_short")?;
@@ -71,6 +93,7 @@ pub fn decode(msg: &[u8]) -> Result<Relayed<'_>, &'static str> {
         return Err("empty");
     }
     Ok(Relayed {
+        kind,
         client: SocketAddr::new(ip, u16::from_be_bytes(*port)),
         ecn: ecn & 0b11,
         stride: u16::from_be_bytes([*s0, *s1]),
@@ -84,7 +107,13 @@ mod tests {
 
     fn message(client: &str, ecn: u8, stride: u16, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        encode_header(&mut out, client.parse().unwrap(), ecn, stride);
+        encode_header(
+            &mut out,
+            Kind::Returned,
+            client.parse().unwrap(),
+            ecn,
+            stride,
+        );
         assert!(out.len() <= MAX_HEADER);
         out.extend_from_slice(data);
         out
@@ -95,6 +124,7 @@ mod tests {
         for client in ["192.0.2.7:4433", "[2001:db8::1]:65535"] {
             let msg = message(client, 2, 1200, b"datagrams");
             let r = decode(&msg).unwrap();
+            assert_eq!(r.kind, Kind::Returned);
             assert_eq!(r.client, client.parse().unwrap());
             assert_eq!((r.ecn, r.stride, r.data), (2, 1200, &b"datagrams"[..]));
         }
@@ -110,7 +140,10 @@ mod tests {
         bad[0] = 9;
         assert_eq!(decode(&bad), Err("unknown_version"));
         let mut bad = msg.clone();
-        bad[4] = 5;
+        bad[1] = 2;
+        assert_eq!(decode(&bad), Err("unknown_kind"));
+        let mut bad = msg.clone();
+        bad[5] = 5;
         assert_eq!(decode(&bad), Err("bad_family"));
     }
 
@@ -124,6 +157,7 @@ mod tests {
         fn what_is_encoded_is_decoded(
             ip in proptest::num::u128::ANY,
             v4 in proptest::bool::ANY,
+            ask in proptest::bool::ANY,
             port in proptest::num::u16::ANY,
             ecn in 0u8..4,
             stride in proptest::num::u16::ANY,
@@ -134,11 +168,12 @@ mod tests {
             } else {
                 SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port)
             };
+            let kind = if ask { Kind::Ask } else { Kind::Returned };
             let mut msg = Vec::new();
-            encode_header(&mut msg, client, ecn, stride);
+            encode_header(&mut msg, kind, client, ecn, stride);
             msg.extend_from_slice(&data);
             let r = decode(&msg).unwrap();
-            proptest::prop_assert_eq!(r, Relayed { client, ecn, stride, data: &data });
+            proptest::prop_assert_eq!(r, Relayed { kind, client, ecn, stride, data: &data });
         }
     }
 }
