@@ -642,11 +642,8 @@ impl Runtime {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&name);
-            match crate::quic::QuicListener::start(&self.edge, cfg, sock) {
+            match crate::quic::QuicListener::start(&self.edge, cfg, sock, relay) {
                 Ok(q) => {
-                    if let Some(peer) = relay {
-                        q.set_relay(peer);
-                    }
                     if was.contains(&name) {
                         updated.push(name);
                     } else {

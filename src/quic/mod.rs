@@ -194,11 +194,13 @@ impl QuicListener {
         UdpSocket::from_std(sock.into())
     }
 
-    /// Start serving on `socket`.
+    /// Start serving on `socket`; `relay`: in an upgrade, the socket pair's end toward the
+    /// old process (in place before the first datagram is read).
     pub fn start(
         edge: &Arc<Edge>,
         cfg: ListenerConfig,
         socket: UdpSocket,
+        relay: Option<UnixDatagram>,
     ) -> std::io::Result<Arc<QuicListener>> {
         let name = cfg.name.clone();
         let m = &edge.metrics;
@@ -232,6 +234,9 @@ impl QuicListener {
             handed_over: AtomicBool::new(false),
             relay_changed: tokio::sync::Notify::new(),
         });
+        if let Some(peer) = relay {
+            l.set_relay(peer);
+        }
         tokio::spawn(receive(Arc::downgrade(edge), l.clone()));
         // SAFETY: the `mio::Poll` owns its epoll descriptor for its whole life and never
         // replaces it; the AsyncFd owns the Poll (as in `edge::parking`).
@@ -434,9 +439,18 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
     let mut relay: Option<Relay> = None;
     let mut reading = true;
     loop {
+        // In this order: a socket pair end handed in is taken before the first datagram is
+        // placed without it, and what came back across (bounded by what was asked) before
+        // more is read.
         let woke = tokio::select! {
+            biased;
             _ = l.stop.cancelled() => break,
             _ = l.relay_changed.notified() => Woke::RelayChanged,
+            r = async {
+                let r = relay.as_mut().expect("guarded by the select condition");
+                r.buf.resize(relayed::MAX_HEADER + MAX_READ, 0);
+                r.sock.recv(&mut r.buf).await
+            }, if relay.is_some() => Woke::Relay(r),
             r = l.socket.readable(), if reading => Woke::Socket(r.and_then(|()| {
                 let mut bufs: Vec<IoSliceMut<'_>> =
                     storage.chunks_mut(MAX_READ).map(IoSliceMut::new).collect();
@@ -444,11 +458,6 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
                     l.udp.recv(UdpSockRef::from(&*l.socket), &mut bufs, &mut metas)
                 })
             })),
-            r = async {
-                let r = relay.as_mut().expect("guarded by the select condition");
-                r.buf.resize(relayed::MAX_HEADER + MAX_READ, 0);
-                r.sock.recv(&mut r.buf).await
-            }, if relay.is_some() => Woke::Relay(r),
         };
         let Some(edge) = edge.upgrade() else { break };
         match woke {
