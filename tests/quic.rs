@@ -1298,6 +1298,18 @@ backends = ["{backend}"]
     /// stopped reading the QUIC socket. Blocks its thread while it waits: the runtime's other
     /// worker keeps the test's QUIC connections alive meanwhile.
     fn upgrade(&self) -> (Running, Log) {
+        let (new, new_log) = self.upgrade_started();
+        let wait = Duration::from_secs(10);
+        tokio::task::block_in_place(|| {
+            self.old_log
+                .wait_for("the new process reads the QUIC socket", wait);
+            new_log.wait_for("using an inherited UDP socket", wait);
+        });
+        (new, new_log)
+    }
+
+    /// `sluice run --upgrade`, until the old process has handed its sockets over.
+    fn upgrade_started(&self) -> (Running, Log) {
         tokio::task::block_in_place(|| {
             let mut new = sluice_run(&self.path, &["--upgrade"]);
             let (_, admin, new_log) = bound_addresses(&mut new);
@@ -1306,12 +1318,10 @@ backends = ["{backend}"]
                 self.admin.to_string(),
                 "the admin socket is handed over too"
             );
-            let wait = Duration::from_secs(10);
-            self.old_log
-                .wait_for("a new sluice took over the sockets", wait);
-            self.old_log
-                .wait_for("the new process reads the QUIC socket", wait);
-            new_log.wait_for("using an inherited UDP socket", wait);
+            self.old_log.wait_for(
+                "a new sluice took over the sockets",
+                Duration::from_secs(10),
+            );
             (new, new_log)
         })
     }
@@ -1392,6 +1402,37 @@ async fn a_binary_upgrade_keeps_established_quic_flows() {
     signal(new.id(), "TERM");
     assert!(exits(&mut new, Duration::from_secs(20)).await.success());
     assert!(new_log.join().unwrap().contains("upgrade complete"));
+}
+
+/// An upgrade whose config moves the QUIC listener: the new process binds the new address
+/// and drops its end of the pair, so the old one keeps reading its socket for its flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_quic_listener_leaves_the_old_process_reading() {
+    let (a, _) = quic_backend("A", "a.example.com", &["h3"]).await;
+    let mut u = Upgradable::start(a).await;
+    let established = connect(&client_endpoint(&["h3"]), u.edge, "a.example.com").await;
+    let moved = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = std::fs::read_to_string(&u.path).unwrap();
+    let text = text.replace(&u.edge.to_string(), &moved.to_string());
+    std::fs::write(&u.path, text).unwrap();
+    let (mut new, new_log) = u.upgrade_started();
+    tokio::task::block_in_place(|| {
+        new_log.wait_for("not taking this QUIC socket over", Duration::from_secs(5))
+    });
+    for i in 0..5 {
+        let what = format!("kept-{i}");
+        assert_eq!(ask(&established, &what).await, format!("A:{what}"));
+    }
+    let fresh = connect(&client_endpoint(&["h3"]), moved, "a.example.com").await;
+    assert_eq!(ask(&fresh, "moved").await, "A:moved");
+    established.close(0u32.into(), b"done");
+    fresh.close(0u32.into(), b"done");
+    assert!(exits(&mut u.old, Duration::from_secs(20)).await.success());
+    signal(new.id(), "TERM");
+    assert!(exits(&mut new, Duration::from_secs(20)).await.success());
 }
 
 /// If the new process dies after taking over, the old one sees the socket pair close, reads

@@ -381,6 +381,9 @@ fn hand_over(stream: &UnixStream, offer: &dyn Fn() -> Vec<(String, OwnedFd)>) ->
         "upgrade: handing the listening sockets over"
     );
     stream.send_with_fd(&msg, &fds)?;
+    // The new process has its copies now. Ours go at once: a QUIC listener's socket pair end
+    // the new process drops (its config moved the listener) must show as closed to this one.
+    drop(owned);
     // The new process becomes ready first (its min_ready included).
     stream.set_read_timeout(Some(READY_TIMEOUT))?;
     expect(&mut reader, "READY")

@@ -276,6 +276,13 @@ impl QuicListener {
     pub fn hand_over(&self) {
         self.close();
         if self.has_relay.load(Ordering::Acquire) {
+            // A hello waiting here could never complete (no new flows): its client's
+            // retransmissions go to the new process whole instead.
+            let dropped = self.lock().drop_pending();
+            if dropped > 0 {
+                tracing::info!(listener = %self.name(), hellos = dropped,
+                    "upgrade: incomplete hellos left to the new process");
+            }
             self.handed_over.store(true, Ordering::Release);
             self.relay_changed.notify_one();
         }
@@ -438,6 +445,9 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
     let mut metas = [RecvMeta::default(); BATCH];
     let mut relay: Option<Relay> = None;
     let mut reading = true;
+    // The other process said it hands its part on to a newer one: its end of file then
+    // means nothing will come, not that it died.
+    let mut left = false;
     loop {
         // In this order: a socket pair end handed in is taken before the first datagram is
         // placed without it, and what came back across (bounded by what was asked) before
@@ -469,6 +479,15 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
                         .and_then(|()| tokio::net::UnixDatagram::from_std(peer))
                     {
                         Ok(sock) => {
+                            // A newer process takes over while an older one still serves
+                            // flows (one generation is followed): tell the older one, so
+                            // that it does not take the pair's end for its successor's death.
+                            if let Some(older) = relay.take() {
+                                let _ = older.sock.try_send(&relayed::LEAVE);
+                                tracing::warn!(listener = %l.name(),
+                                    "upgrade: a newer process takes over; the flows of the one before this one get no more datagrams");
+                            }
+                            left = false;
                             relay = Some(Relay {
                                 sock,
                                 buf: Vec::new(),
@@ -501,7 +520,7 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
             Woke::Relay(Ok(n)) if n > 0 => {
                 let msg = relay.as_ref().map_or(&[][..], |r| &r.buf[..n]);
                 match relayed::decode(msg) {
-                    Ok(m) => {
+                    Ok(relayed::Message::Datagrams(m)) => {
                         // Owned: answering may need `relay`.
                         let data = m.data.to_vec();
                         let (kind, client) = (m.kind, m.client);
@@ -509,6 +528,7 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
                         let ecn = EcnCodepoint::from_bits(m.ecn);
                         across(&edge, &l, &mut relay, kind, client, &data, stride, ecn).await;
                     }
+                    Ok(relayed::Message::Leave) => left = true,
                     Err(why) => {
                         l.m.handover_dropped.inc();
                         tracing::warn!(listener = %l.name(), reason = why,
@@ -526,6 +546,9 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
                 relay = None;
                 if reading {
                     tracing::info!(listener = %l.name(), "upgrade: the other process is gone");
+                } else if left {
+                    tracing::warn!(listener = %l.name(),
+                        "upgrade: a newer process took over; this one's flows end when idle");
                 } else {
                     reading = true;
                     tracing::warn!(listener = %l.name(),
@@ -541,8 +564,9 @@ async fn receive(edge: std::sync::Weak<Edge>, l: Arc<QuicListener>) {
     }
 }
 
-/// A message from the other process: an `Ask` is served here if the datagram is surely this
-/// process's, else returned; a `Returned` datagram is handled here after all.
+/// Datagrams from the other process. Of an `Ask`, the runs of datagrams that are surely this
+/// process's are served here, in order, and the others sent back as they came; `Returned`
+/// ones are handled here after all.
 #[allow(clippy::too_many_arguments)]
 async fn across(
     edge: &Arc<Edge>,
@@ -554,26 +578,46 @@ async fn across(
     stride: usize,
     ecn: Option<EcnCodepoint>,
 ) {
-    if kind == relayed::Kind::Ask {
-        let first = &data[..stride.min(data.len())];
-        if !l.lock().knows(client, first, true) {
-            if let Some(r) = relay.as_mut() {
-                match r.send(relayed::Kind::Returned, client, ecn, data, stride) {
-                    Passed::Sent => {}
-                    Passed::Full => l.m.handover_dropped.inc(),
-                    Passed::Gone => *relay = None,
-                }
+    let relayed::Kind::Ask { asker_has_address } = kind else {
+        l.m.handover_returned
+            .inc_by(data.len().div_ceil(stride) as u64);
+        // Nothing crosses twice.
+        return from_client(edge, l, client, data, stride, ecn, &mut None).await;
+    };
+    // Runs of consecutive datagrams with the same answer, in order.
+    let mut at = 0;
+    while at < data.len() {
+        let ours = |seg: &[u8]| l.lock().knows(client, seg, !asker_has_address);
+        let first = ours(&data[at..(at + stride).min(data.len())]);
+        let mut end = (at + stride).min(data.len());
+        while end < data.len() && ours(&data[end..(end + stride).min(data.len())]) == first {
+            end = (end + stride).min(data.len());
+        }
+        let run = &data[at..end];
+        at = end;
+        if first {
+            l.m.handover_received
+                .inc_by(run.len().div_ceil(stride) as u64);
+            from_client(edge, l, client, run, stride, ecn, &mut None).await;
+            continue;
+        }
+        let Some(r) = relay.as_mut() else {
+            // The asker is gone: nobody else will place them.
+            from_client(edge, l, client, run, stride, ecn, &mut None).await;
+            continue;
+        };
+        match r.send(relayed::Kind::Returned, client, ecn, run, stride) {
+            Passed::Sent => {}
+            Passed::Full => {
+                l.m.handover_dropped
+                    .inc_by(run.len().div_ceil(stride) as u64)
             }
-            return;
+            Passed::Gone => {
+                *relay = None;
+                from_client(edge, l, client, run, stride, ecn, &mut None).await;
+            }
         }
     }
-    let segments = data.len().div_ceil(stride) as u64;
-    match kind {
-        relayed::Kind::Ask => l.m.handover_received.inc_by(segments),
-        relayed::Kind::Returned => l.m.handover_returned.inc_by(segments),
-    }
-    // Nothing crosses twice.
-    from_client(edge, l, client, data, stride, ecn, &mut None).await;
 }
 
 /// One read from one client: datagrams of `stride` bytes, each routed on its own (they may
@@ -596,28 +640,35 @@ async fn from_client(
     let now = clock_ms(Instant::now());
     // The flow of the run being gathered, and where the run starts in `data`.
     let mut run: Option<(Arc<Flow>, usize)> = None;
+    // Datagrams to ask about across, gathered likewise (sent as one message).
+    let mut asking: Option<usize> = None;
     let mut at = 0;
     while at < data.len() {
         let end = (at + stride).min(data.len());
         let segment = &data[at..end];
         at = end;
-        if let Some(r) = relay.as_mut() {
-            if !l.lock().knows(peer, segment, false) {
-                if let Some((f, start)) = run.take() {
-                    forward(l, &f, &data[start..end - segment.len()], stride, ecn, now);
-                }
-                match r.send(relayed::Kind::Ask, peer, ecn, segment, segment.len()) {
-                    Passed::Sent => {
-                        l.m.handover_sent.inc();
-                        continue;
-                    }
-                    Passed::Full => {
-                        l.m.handover_dropped.inc();
-                        continue;
-                    }
-                    // Handled here, as with no other process.
-                    Passed::Gone => *relay = None,
-                }
+        let seg_start = end - segment.len();
+        if relay.is_some() && !l.lock().knows(peer, segment, false) {
+            if let Some((f, start)) = run.take() {
+                forward(l, &f, &data[start..seg_start], stride, ecn, now);
+            }
+            asking.get_or_insert(seg_start);
+            continue;
+        }
+        if let Some(start) = asking.take() {
+            ask(l, relay, peer, ecn, &data[start..seg_start], stride);
+            if relay.is_none() {
+                // The other process is gone: these are handled here after all.
+                Box::pin(from_client(
+                    edge,
+                    l,
+                    peer,
+                    &data[start..seg_start],
+                    stride,
+                    ecn,
+                    relay,
+                ))
+                .await;
             }
         }
         let found = l.lock().find(peer, segment);
@@ -647,6 +698,43 @@ async fn from_client(
     }
     if let Some((f, start)) = run {
         forward(l, &f, &data[start..], stride, ecn, now);
+    }
+    if let Some(start) = asking {
+        ask(l, relay, peer, ecn, &data[start..], stride);
+        if relay.is_none() {
+            Box::pin(from_client(
+                edge,
+                l,
+                peer,
+                &data[start..],
+                stride,
+                ecn,
+                relay,
+            ))
+            .await;
+        }
+    }
+}
+
+/// Ask the other process about `data` (datagrams of `stride` bytes from `peer`). Clears
+/// `relay` when the other process is gone (the caller then handles them).
+fn ask(
+    l: &QuicListener,
+    relay: &mut Option<Relay>,
+    peer: SocketAddr,
+    ecn: Option<EcnCodepoint>,
+    data: &[u8],
+    stride: usize,
+) {
+    let Some(r) = relay.as_mut() else { return };
+    let kind = relayed::Kind::Ask {
+        asker_has_address: l.lock().has_client(peer),
+    };
+    let n = data.len().div_ceil(stride.max(1)) as u64;
+    match r.send(kind, peer, ecn, data, stride) {
+        Passed::Sent => l.m.handover_sent.inc_by(n),
+        Passed::Full => l.m.handover_dropped.inc_by(n),
+        Passed::Gone => *relay = None,
     }
 }
 

@@ -198,6 +198,19 @@ impl<F: Flow> FlowTable<F> {
         }
     }
 
+    /// Whether a flow's client is at `peer`.
+    pub fn has_client(&self, peer: SocketAddr) -> bool {
+        self.by_client.contains_key(&peer)
+    }
+
+    /// Forget every pending hello (an upgrade's old process, once it takes no new flows: the
+    /// clients' retransmissions then go to the new process whole); how many there were.
+    pub fn drop_pending(&mut self) -> usize {
+        let n = self.pending.len();
+        self.pending.clear();
+        n
+    }
+
     /// The flow a datagram belongs to by its destination connection ID.
     fn by_cid(&self, data: &[u8]) -> Option<Arc<F>> {
         match packet::parse_header(data).ok()? {

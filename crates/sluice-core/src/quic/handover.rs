@@ -1,12 +1,14 @@
 //! The messages two sluice processes pass each other during a binary upgrade, when both serve
-//! one QUIC listener's socket and each has flows of its own: a datagram one of them read but
-//! cannot place for sure (`Ask`: is it yours?), or one the other sends back (`Returned`: not
-//! mine), with the client's address (the socket pair between them knows nothing of it), the
-//! ECN bits and the size of each datagram when several of one sender travel together.
+//! one QUIC listener's socket and each has flows of its own: datagrams one of them read but
+//! cannot place for sure (`Ask`: are they yours?), or ones the other sends back (`Returned`:
+//! not mine), with the client's address (the socket pair between them knows nothing of it),
+//! the ECN bits and the size of each datagram when several of one sender travel together;
+//! and `Leave`: the sender hands its part on to a newer process and will pass nothing more.
 //!
 //! ```text
 //! 1 byte   version (1)
-//! 1 byte   kind (0: ask, 1: returned)
+//! 1 byte   kind (0: ask, 2: ask, and the asker has a flow at that address,
+//!                1: returned, 3: leave: nothing follows)
 //! 1 byte   ECN bits (0: not ECN-capable)
 //! 2 bytes  datagram size (big endian; the last datagram may be shorter)
 //! 1 byte   4 or 6: the client's address family
@@ -21,15 +23,26 @@ const VERSION: u8 = 1;
 /// The longest header (IPv6).
 pub const MAX_HEADER: usize = 1 + 1 + 1 + 2 + 1 + 16 + 2;
 
-/// Why a datagram crosses.
+/// Why datagrams cross.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// Read from the socket, of no flow the reader knows by connection ID: the other
-    /// process serves it if it is surely its own, else returns it.
-    Ask,
-    /// Not the other process's: the reader handles it after all (and never asks again).
+    /// process serves them if they are surely its own, else returns them. `asker_has_address`:
+    /// the asker has a flow at the client's address, so the address alone says nothing.
+    Ask { asker_has_address: bool },
+    /// Not the other process's: the reader handles them after all (and never asks again).
     Returned,
 }
+
+/// One message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    Datagrams(Relayed<'a>),
+    Leave,
+}
+
+/// The `Leave` message.
+pub const LEAVE: [u8; 2] = [VERSION, 3];
 
 /// Datagrams of one client, as carried between the processes.
 #[derive(Debug, PartialEq, Eq)]
@@ -46,8 +59,13 @@ pub struct Relayed<'a> {
 pub fn encode_header(out: &mut Vec<u8>, kind: Kind, client: SocketAddr, ecn: u8, stride: u16) {
     out.clear();
     let kind = match kind {
-        Kind::Ask => 0,
+        Kind::Ask {
+            asker_has_address: false,
+        } => 0,
         Kind::Returned => 1,
+        Kind::Ask {
+            asker_has_address: true,
+        } => 2,
     };
     out.extend_from_slice(&[VERSION, kind, ecn & 0b11]);
     out.extend_from_slice(&stride.to_be_bytes());
@@ -65,7 +83,10 @@ pub fn encode_header(out: &mut Vec<u8>, kind: Kind, client: SocketAddr, ecn: u8,
 }
 
 /// Read one message; an error names what is wrong with it.
-pub fn decode(msg: &[u8]) -> Result<Relayed<'_>, &'static str> {
+pub fn decode(msg: &[u8]) -> Result<Message<'_>, &'static str> {
+    if msg == LEAVE {
+        return Ok(Message::Leave);
+    }
     let [version, kind, ecn, s0, s1, family, rest @ ..] = msg else {
         return Err("too_short");
     };
@@ -73,7 +94,9 @@ pub fn decode(msg: &[u8]) -> Result<Relayed<'_>, &'static str> {
         return Err("unknown_version");
     }
     let kind = match kind {
-        0 => Kind::Ask,
+        0 | 2 => Kind::Ask {
+            asker_has_address: *kind == 2,
+        },
         1 => Kind::Returned,
         _ => return Err("unknown_kind"),
     };
@@ -92,13 +115,13 @@ pub fn decode(msg: &[u8]) -> Result<Relayed<'_>, &'static str> {
     if data.is_empty() {
         return Err("empty");
     }
-    Ok(Relayed {
+    Ok(Message::Datagrams(Relayed {
         kind,
         client: SocketAddr::new(ip, u16::from_be_bytes(*port)),
         ecn: ecn & 0b11,
         stride: u16::from_be_bytes([*s0, *s1]),
         data,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -123,7 +146,9 @@ mod tests {
     fn round_trips_both_families() {
         for client in ["192.0.2.7:4433", "[2001:db8::1]:65535"] {
             let msg = message(client, 2, 1200, b"datagrams");
-            let r = decode(&msg).unwrap();
+            let Message::Datagrams(r) = decode(&msg).unwrap() else {
+                panic!("datagrams");
+            };
             assert_eq!(r.kind, Kind::Returned);
             assert_eq!(r.client, client.parse().unwrap());
             assert_eq!((r.ecn, r.stride, r.data), (2, 1200, &b"datagrams"[..]));
@@ -140,8 +165,10 @@ mod tests {
         bad[0] = 9;
         assert_eq!(decode(&bad), Err("unknown_version"));
         let mut bad = msg.clone();
-        bad[1] = 2;
+        bad[1] = 4;
         assert_eq!(decode(&bad), Err("unknown_kind"));
+        assert_eq!(decode(&LEAVE), Ok(Message::Leave));
+        assert_eq!(decode(&[VERSION, 3, 0]), Err("too_short"));
         let mut bad = msg.clone();
         bad[5] = 5;
         assert_eq!(decode(&bad), Err("bad_family"));
@@ -158,6 +185,7 @@ mod tests {
             ip in proptest::num::u128::ANY,
             v4 in proptest::bool::ANY,
             ask in proptest::bool::ANY,
+            has in proptest::bool::ANY,
             port in proptest::num::u16::ANY,
             ecn in 0u8..4,
             stride in proptest::num::u16::ANY,
@@ -168,12 +196,15 @@ mod tests {
             } else {
                 SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port)
             };
-            let kind = if ask { Kind::Ask } else { Kind::Returned };
+            let kind = match (ask, has) {
+                (true, has) => Kind::Ask { asker_has_address: has },
+                (false, _) => Kind::Returned,
+            };
             let mut msg = Vec::new();
             encode_header(&mut msg, kind, client, ecn, stride);
             msg.extend_from_slice(&data);
             let r = decode(&msg).unwrap();
-            proptest::prop_assert_eq!(r, Relayed { kind, client, ecn, stride, data: &data });
+            proptest::prop_assert_eq!(r, Message::Datagrams(Relayed { kind, client, ecn, stride, data: &data }));
         }
     }
 }
