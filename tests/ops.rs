@@ -507,11 +507,7 @@ fn a_quic_listener_takes_a_socket_activated_udp_socket() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let a = RawBackend::start("A", false).await;
-        let port = std::net::UdpSocket::bind("127.0.0.4:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_udp_address("127.0.0.4").port();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sluice.toml");
         let text = conf(&a, "[reload]\nwatch = false").replace(

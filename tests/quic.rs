@@ -1230,11 +1230,7 @@ struct Upgradable {
 
 impl Upgradable {
     async fn start(backend: SocketAddr) -> Upgradable {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_udp_address("127.0.0.1").port();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sluice.toml");
         let config = format!(
@@ -1411,10 +1407,7 @@ async fn a_moved_quic_listener_leaves_the_old_process_reading() {
     let (a, _) = quic_backend("A", "a.example.com", &["h3"]).await;
     let mut u = Upgradable::start(a).await;
     let established = connect(&client_endpoint(&["h3"]), u.edge, "a.example.com").await;
-    let moved = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let moved = free_udp_address("127.0.0.1");
     let text = std::fs::read_to_string(&u.path).unwrap();
     let text = text.replace(&u.edge.to_string(), &moved.to_string());
     std::fs::write(&u.path, text).unwrap();

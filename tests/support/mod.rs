@@ -147,6 +147,15 @@ impl RawBackend {
     }
 }
 
+/// An address on `ip` whose UDP port is free now: for a QUIC listener whose address a test
+/// must know before sluice binds it (a socket unit's, or one kept across an upgrade).
+pub fn free_udp_address(ip: &str) -> SocketAddr {
+    std::net::UdpSocket::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// An address where nothing listens (connect is refused).
 pub async fn dead_address() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
