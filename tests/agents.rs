@@ -324,6 +324,43 @@ async fn bad_and_forged_heartbeats_change_nothing_and_skewed_agents_get_nothing(
     };
     assert_eq!(state("skewed"), "version_skew");
     assert_eq!(state("good"), "ready");
+    // A page of the table, filtered in sluice: the counts travel in headers.
+    let total = v.as_array().unwrap().len();
+    let page = |path: &'static str| async move {
+        let (status, head, body) = http_response(admin, "GET", path).await;
+        let head = head.to_lowercase();
+        let count = |name: &str| -> usize {
+            head.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(usize::MAX)
+        };
+        let ids: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&body)
+            .map(|v| {
+                v.iter()
+                    .map(|a| a["id"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            status,
+            count("x-total-count:"),
+            count("x-matching-count:"),
+            ids,
+        )
+    };
+    assert_eq!(
+        page("/debug/agents?limit=1").await,
+        (200, total, total, vec!["good".to_owned()])
+    );
+    assert_eq!(
+        page("/debug/agents?q=18.0").await,
+        (200, total, 1, vec!["skewed".to_owned()])
+    );
+    assert_eq!(page("/debug/agents?q=APP2&limit=5").await.3, ["skewed"]);
+    assert_eq!(page("/debug/agents?q=version_skew").await.3, ["skewed"]);
+    assert_eq!(page("/debug/agents?limit=many").await.0, 400);
+    assert_eq!(page("/debug/agents?sort=id").await.0, 400);
     assert!(skewed.connections().is_empty());
     // Unknown resource: closed, counted.
     assert_eq!(

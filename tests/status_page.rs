@@ -191,6 +191,26 @@ async fn the_status_page_shows_agents_versions_and_an_unhealthy_backend_in_chrom
     assert!(row(alive.address.to_string()).contains("state ready"));
     // Every endpoint answered (the error box stays hidden).
     assert!(dom.contains("id=\"errors\" hidden=\"\""), "{dom}");
+    assert!(dom.contains(">4 agents<"), "{dom}");
+
+    // A filter in the address: sluice answers with the matching agents only, and says so.
+    let (b, p, u) = (
+        browser.to_owned(),
+        profile.path().to_owned(),
+        format!("{url}#q=EAST"),
+    );
+    let filtered = tokio::task::spawn_blocking(move || browse(&b, &p, &u, &["--dump-dom"]))
+        .await
+        .unwrap();
+    assert!(filtered.contains("4 agents, 2 matching"), "{filtered}");
+    assert!(
+        filtered.contains("data-agent=\"agent-east-2\""),
+        "{filtered}"
+    );
+    assert!(
+        !filtered.contains("data-agent=\"agent-west-1\""),
+        "{filtered}"
+    );
 
     let shot = artefacts().join("status.png");
     let _ = std::fs::remove_file(&shot);

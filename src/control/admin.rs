@@ -68,6 +68,41 @@ fn json<T: Serialize>(value: &T) -> Response<Body> {
     }
 }
 
+/// `/debug/agents`, optionally `?q=TEXT` (a filter) and `?limit=N`: the JSON array of the
+/// agents asked for, with `X-Total-Count` (agents in the table) and `X-Matching-Count`
+/// (agents the filter matches) headers, so a client can show a page of a large table.
+fn agents_page(rt: &Runtime, query: &str) -> Response<Body> {
+    let (mut q, mut limit) = (String::new(), None);
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "q" => q = value.into_owned(),
+            "limit" => match value.parse::<usize>() {
+                Ok(n) => limit = Some(n),
+                Err(_) => {
+                    return reply(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        format!("limit must be a whole number, not `{value}`\n"),
+                    )
+                }
+            },
+            _ => {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("unknown parameter `{key}`: /debug/agents takes q and limit\n"),
+                )
+            }
+        }
+    }
+    let page = rt.agents.agents_page(&rt.snapshot().config, &q, limit);
+    let mut response = json(&page.agents);
+    let headers = response.headers_mut();
+    headers.insert("x-total-count", page.total.into());
+    headers.insert("x-matching-count", page.matching.into());
+    response
+}
+
 #[derive(Serialize)]
 struct ListenerView {
     name: String,
@@ -129,7 +164,7 @@ pub fn handle(rt: &Runtime, req: &Request<Incoming>) -> Response<Body> {
                 rt.metrics.render(),
             )
         }
-        "/debug/agents" => json(&rt.agents.agents_view(&rt.snapshot().config)),
+        "/debug/agents" => agents_page(rt, req.uri().query().unwrap_or("")),
         "/debug/resources" => json(&rt.agents.resources_view(&rt.snapshot().config)),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz/heartbeat" => match crate::agents::api::readiness(&rt.api) {

@@ -279,6 +279,13 @@ pub async fn tls_session(
 /// there is no answer within 10 s (an admin API that stopped serving but still holds its
 /// socket would otherwise hang the test).
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = http_response(addr, method, path).await;
+    (status, body)
+}
+
+/// As `http_request`, with the response's header block too (lower-case it to look a header
+/// up).
+pub async fn http_response(addr: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
     let exchange = async {
         let mut s = TcpStream::connect(addr).await?;
         s.write_all(
@@ -302,11 +309,8 @@ pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, S
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_owned(), body.to_owned())
 }
 
 /// GET a path on the admin API; returns (status, body).

@@ -5,6 +5,9 @@
 
 const PERIOD = 5;
 const MAX_ROWS = 500;
+// Agents asked of /debug/agents per refresh: the filter runs in sluice, so a table of 100k
+// agents never travels whole.
+const MAX_AGENTS = 500;
 const STATES = ["ready", "warming", "expired", "version_skew"];
 
 function el(tag, attrs, ...children) {
@@ -153,6 +156,21 @@ function renderRollout(r) {
 }
 
 let agents = [];
+let agentCounts = { total: 0, matching: 0 };
+
+// A page of /debug/agents for the filter: the agents, and how many there are and match.
+async function getAgents() {
+  const q = document.getElementById("filter").value.trim();
+  const path = "/debug/agents?limit=" + MAX_AGENTS + (q ? "&q=" + encodeURIComponent(q) : "");
+  const r = await fetch(path, { cache: "no-store" });
+  if (!r.ok) throw new Error("/debug/agents: HTTP " + r.status);
+  const list = await r.json();
+  return {
+    list,
+    total: Number(r.headers.get("x-total-count") || list.length),
+    matching: Number(r.headers.get("x-matching-count") || list.length),
+  };
+}
 
 function renderAgents() {
   const q = document.getElementById("filter").value.trim().toLowerCase();
@@ -165,8 +183,11 @@ function renderAgents() {
   rows.sort((x, y) => x.res.localeCompare(y.res) || x.a.id.localeCompare(y.a.id));
   const shown = rows.filter(({ a, res }) => !q ||
     [a.id, res, a.version || "", a.state, a.address].some((f) => f.toLowerCase().includes(q)));
-  document.getElementById("agent-count").textContent =
-    agents.length + " agents" + (shown.length > MAX_ROWS ? ", showing " + MAX_ROWS + " of " + shown.length + " rows: narrow the filter" : "");
+  const { total, matching } = agentCounts;
+  document.getElementById("agent-count").textContent = total + " agents" +
+    (matching < total ? ", " + matching + " matching" : "") +
+    (matching > agents.length ? ", the first " + agents.length + " by id shown: narrow the filter" : "") +
+    (shown.length > MAX_ROWS ? ", showing " + MAX_ROWS + " of " + shown.length + " rows" : "");
   fill("agents", shown.slice(0, MAX_ROWS).map(({ a, res }) => el("tr", { "data-agent": a.id },
     el("td", {}, a.id), el("td", {}, a.version || "–"), el("td", {}, state(a.state)),
     el("td", {}, a.address), el("td", {}, res), el("td", { class: "num" }, a.active_connections),
@@ -179,7 +200,7 @@ async function refresh() {
   const take = (p) => p.catch((e) => { errors.push(e.message); return null; });
   const [proc, listeners, routes, pools, rollout, list, metrics] = await Promise.all([
     take(get("/debug/process")), take(get("/debug/listeners")), take(get("/debug/routes")),
-    take(get("/debug/pools")), take(get("/debug/rollout")), take(get("/debug/agents")),
+    take(get("/debug/pools")), take(get("/debug/rollout")), take(getAgents()),
     take(get("/metrics", true)),
   ]);
   const now = { time: Date.now(), samples: metrics ? parseMetrics(metrics) : [] };
@@ -191,7 +212,7 @@ async function refresh() {
   if (routes) renderRoutes(routes, now);
   if (pools) renderPools(pools);
   if (rollout) renderRollout(rollout);
-  if (list) { agents = list; renderAgents(); }
+  if (list) { agents = list.list; agentCounts = list; renderAgents(); }
   if (metrics) previous = now;
   const box = document.getElementById("errors");
   box.hidden = errors.length === 0;
@@ -201,7 +222,22 @@ async function refresh() {
 }
 
 document.getElementById("period").textContent = PERIOD;
-document.getElementById("filter").addEventListener("input", renderAgents);
+// A filter in the address (/status#q=TEXT) applies at load, so a view can be passed on;
+// typing keeps the address in step.
+const linked = new URLSearchParams(location.hash.slice(1)).get("q");
+if (linked) document.getElementById("filter").value = linked;
+
+// Typing narrows the rows at once, and asks sluice for the matching agents shortly after.
+let refetch = null;
+document.getElementById("filter").addEventListener("input", () => {
+  const q = document.getElementById("filter").value.trim();
+  history.replaceState(null, "", q ? "#q=" + encodeURIComponent(q) : location.pathname);
+  renderAgents();
+  clearTimeout(refetch);
+  refetch = setTimeout(() => getAgents().then((page) => {
+    agents = page.list; agentCounts = page; renderAgents();
+  }).catch(() => {}), 300);
+});
 // A second sample soon after the first gives the rates something to compare.
 refresh().then(() => setTimeout(refresh, 1000));
 setInterval(refresh, PERIOD * 1000);
