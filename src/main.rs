@@ -191,21 +191,10 @@ fn main() -> ExitCode {
                             sockets = t.sockets.len(),
                             "upgrade: took the listening sockets over"
                         );
+                        // A listener whose address changed binds anew (the old process keeps
+                        // the old socket until it has drained).
                         for (name, sock) in std::mem::take(&mut t.sockets) {
-                            // A listener whose address changed binds anew (the old process
-                            // keeps the old socket until it has drained).
-                            let wanted = if name == handover::ADMIN {
-                                cfg.admin.address
-                            } else if name == handover::HEARTBEAT {
-                                cfg.heartbeat.address
-                            } else {
-                                cfg.listener(&name).map(|l| l.address)
-                            };
-                            let agrees = match (wanted, sock.local_addr()) {
-                                (Some(w), Ok(have)) => listener::addresses_agree(w, have),
-                                _ => false,
-                            };
-                            if agrees {
+                            if takes_over(&cfg, &name, sock.local_addr(), false) {
                                 inherited.insert(name, sock);
                             } else {
                                 tracing::info!(socket = %name,
@@ -215,14 +204,7 @@ fn main() -> ExitCode {
                         // A QUIC listener's socket, and its pair end toward the old process
                         // (dropped with the socket: the old one then keeps reading its own).
                         for (name, sock) in std::mem::take(&mut t.udp) {
-                            let agrees = match (cfg.listener(&name), sock.local_addr()) {
-                                (Some(l), Ok(have)) => {
-                                    l.protocol == sluice::config::ListenerProtocol::Quic
-                                        && listener::addresses_agree(l.address, have)
-                                }
-                                _ => false,
-                            };
-                            if agrees {
+                            if takes_over(&cfg, &name, sock.local_addr(), true) {
                                 if let Some(relay) = t.relays.remove(&name) {
                                     relays.insert(name.clone(), relay);
                                 }
@@ -286,6 +268,25 @@ enum AgentsCommand {
         #[arg(long, default_value = "127.0.0.1:9901")]
         admin: String,
     },
+}
+
+/// Upgrade: whether the new config has a listener (`quic`: a QUIC one), or the admin or
+/// heartbeat API, of the name a socket was handed over under, at that socket's address.
+fn takes_over(
+    cfg: &sluice::config::Config,
+    name: &str,
+    have: std::io::Result<std::net::SocketAddr>,
+    quic: bool,
+) -> bool {
+    let wanted = match name {
+        handover::ADMIN => cfg.admin.address,
+        handover::HEARTBEAT => cfg.heartbeat.address,
+        _ => cfg
+            .listener(name)
+            .filter(|l| (l.protocol == sluice::config::ListenerProtocol::Quic) == quic)
+            .map(|l| l.address),
+    };
+    matches!((wanted, have), (Some(w), Ok(have)) if listener::addresses_agree(w, have))
 }
 
 fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

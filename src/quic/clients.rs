@@ -22,7 +22,7 @@ use std::time::Instant;
 use quinn_udp::{EcnCodepoint, RecvMeta, UdpSockRef};
 use tokio::io::Interest;
 
-use super::{datagrams, establish, forward, Flow, QuicListener, BATCH, MAX_READ};
+use super::{count, datagrams, establish, forward, Flow, QuicListener, BATCH, MAX_READ};
 use crate::edge::connection::Edge;
 use crate::upstream::clock_ms;
 use sluice_core::close::CloseReason;
@@ -222,8 +222,7 @@ async fn across(
     ecn: Option<EcnCodepoint>,
 ) {
     let relayed::Kind::Ask { asker_has_address } = kind else {
-        l.m.handover_returned
-            .inc_by(data.len().div_ceil(stride) as u64);
+        l.m.handover_returned.inc_by(count(data, stride));
         // Nothing crosses twice.
         return from_client(edge, l, client, data, stride, ecn, &mut None).await;
     };
@@ -239,27 +238,22 @@ async fn across(
         let run = &data[at..end];
         at = end;
         if first {
-            l.m.handover_received
-                .inc_by(run.len().div_ceil(stride) as u64);
-            from_client(edge, l, client, run, stride, ecn, &mut None).await;
-            continue;
-        }
-        let Some(r) = relay.as_mut() else {
-            // The asker is gone: nobody else will place them.
-            from_client(edge, l, client, run, stride, ecn, &mut None).await;
-            continue;
-        };
-        match r.send(relayed::Kind::Returned, client, ecn, run, stride) {
-            Passed::Sent => {}
-            Passed::Full => {
-                l.m.handover_dropped
-                    .inc_by(run.len().div_ceil(stride) as u64)
-            }
-            Passed::Gone => {
-                *relay = None;
-                from_client(edge, l, client, run, stride, ecn, &mut None).await;
+            l.m.handover_received.inc_by(count(run, stride));
+        } else {
+            let sent = relay
+                .as_mut()
+                .map(|r| r.send(relayed::Kind::Returned, client, ecn, run, stride));
+            match sent {
+                Some(Passed::Sent) => continue,
+                Some(Passed::Full) => {
+                    l.m.handover_dropped.inc_by(count(run, stride));
+                    continue;
+                }
+                // The asker is gone: nobody else will place them.
+                Some(Passed::Gone) | None => *relay = None,
             }
         }
+        from_client(edge, l, client, run, stride, ecn, &mut None).await;
     }
 }
 
@@ -287,10 +281,9 @@ async fn from_client(
     let mut asking: Option<usize> = None;
     let mut at = 0;
     while at < data.len() {
-        let end = (at + stride).min(data.len());
-        let segment = &data[at..end];
-        at = end;
-        let seg_start = end - segment.len();
+        let seg_start = at;
+        at = (at + stride).min(data.len());
+        let segment = &data[seg_start..at];
         if relay.is_some() && !l.lock().knows(peer, segment, false) {
             if let Some((f, start)) = run.take() {
                 forward(l, &f, &data[start..seg_start], stride, ecn, now);
@@ -299,20 +292,7 @@ async fn from_client(
             continue;
         }
         if let Some(start) = asking.take() {
-            ask(l, relay, peer, ecn, &data[start..seg_start], stride);
-            if relay.is_none() {
-                // The other process is gone: these are handled here after all.
-                Box::pin(from_client(
-                    edge,
-                    l,
-                    peer,
-                    &data[start..seg_start],
-                    stride,
-                    ecn,
-                    relay,
-                ))
-                .await;
-            }
+            ask(edge, l, relay, peer, ecn, &data[start..seg_start], stride).await;
         }
         let found = l.lock().find(peer, segment);
         match found {
@@ -325,15 +305,15 @@ async fn from_client(
                     Some((current, _)) if Arc::ptr_eq(current, &flow) => {}
                     _ => {
                         if let Some((f, start)) = run.take() {
-                            forward(l, &f, &data[start..end - segment.len()], stride, ecn, now);
+                            forward(l, &f, &data[start..seg_start], stride, ecn, now);
                         }
-                        run = Some((flow, end - segment.len()));
+                        run = Some((flow, seg_start));
                     }
                 }
             }
             Found::None => {
                 if let Some((f, start)) = run.take() {
-                    forward(l, &f, &data[start..end - segment.len()], stride, ecn, now);
+                    forward(l, &f, &data[start..seg_start], stride, ecn, now);
                 }
                 new_datagram(edge, l, peer, segment).await;
             }
@@ -343,41 +323,34 @@ async fn from_client(
         forward(l, &f, &data[start..], stride, ecn, now);
     }
     if let Some(start) = asking {
-        ask(l, relay, peer, ecn, &data[start..], stride);
-        if relay.is_none() {
-            Box::pin(from_client(
-                edge,
-                l,
-                peer,
-                &data[start..],
-                stride,
-                ecn,
-                relay,
-            ))
-            .await;
-        }
+        ask(edge, l, relay, peer, ecn, &data[start..], stride).await;
     }
 }
 
-/// Ask the other process about `data` (datagrams of `stride` bytes from `peer`). Clears
-/// `relay` when the other process is gone (the caller then handles them).
-fn ask(
-    l: &QuicListener,
+/// Ask the other process about `data` (datagrams of `stride` bytes from `peer`). If it is
+/// gone, `relay` is cleared and they are handled here after all.
+async fn ask(
+    edge: &Arc<Edge>,
+    l: &Arc<QuicListener>,
     relay: &mut Option<Relay>,
     peer: SocketAddr,
     ecn: Option<EcnCodepoint>,
     data: &[u8],
     stride: usize,
 ) {
-    let Some(r) = relay.as_mut() else { return };
     let kind = relayed::Kind::Ask {
         asker_has_address: l.lock().has_client(peer),
     };
-    let n = data.len().div_ceil(stride.max(1)) as u64;
-    match r.send(kind, peer, ecn, data, stride) {
-        Passed::Sent => l.m.handover_sent.inc_by(n),
-        Passed::Full => l.m.handover_dropped.inc_by(n),
-        Passed::Gone => *relay = None,
+    match relay
+        .as_mut()
+        .map(|r| r.send(kind, peer, ecn, data, stride))
+    {
+        Some(Passed::Sent) => l.m.handover_sent.inc_by(count(data, stride)),
+        Some(Passed::Full) => l.m.handover_dropped.inc_by(count(data, stride)),
+        Some(Passed::Gone) | None => {
+            *relay = None;
+            Box::pin(from_client(edge, l, peer, data, stride, ecn, &mut None)).await;
+        }
     }
 }
 

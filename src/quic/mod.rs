@@ -360,6 +360,11 @@ fn datagrams<'b>(meta: &RecvMeta, buf: &'b [u8]) -> (&'b [u8], usize) {
     (data, stride)
 }
 
+/// How many datagrams of `stride` bytes `data` holds (the last may be shorter).
+fn count(data: &[u8], stride: usize) -> u64 {
+    data.len().div_ceil(stride.max(1)) as u64
+}
+
 /// Datagrams of one flow from its client, in order, to its backend.
 fn forward(
     l: &QuicListener,
@@ -371,8 +376,7 @@ fn forward(
 ) {
     flow.state.seen(now);
     let bytes = data.len() as u64;
-    l.m.packets_in
-        .inc_by(data.len().div_ceil(stride.max(1)) as u64);
+    l.m.packets_in.inc_by(count(data, stride));
     l.m.bytes_in.inc_by(bytes);
     flow.route.bytes_to_backend.inc_by(bytes);
     flow.log.to_backend.fetch_add(bytes, Ordering::Relaxed);
@@ -609,8 +613,7 @@ fn to_client(
     }
     flow.state.seen(clock_ms(Instant::now()));
     let bytes = data.len() as u64;
-    l.m.packets_out
-        .inc_by(data.len().div_ceil(stride.max(1)) as u64);
+    l.m.packets_out.inc_by(count(data, stride));
     l.m.bytes_out.inc_by(bytes);
     flow.route.bytes_to_client.inc_by(bytes);
     flow.log.to_client.fetch_add(bytes, Ordering::Relaxed);
