@@ -46,13 +46,13 @@ enum Command {
         #[arg(long)]
         upgrade: bool,
     },
-    /// Validate a config; print every problem as path:line: key: problem — fix, exit 1.
     /// Wait, then exit 0: a Kubernetes preStop hook in an image without a shell
     /// (`sluice sleep 30s`).
     Sleep {
         /// How long, e.g. `30s`, `1m`.
         duration: String,
     },
+    /// Validate a config; print every problem as path:line: key: problem — fix, exit 1.
     Check {
         #[arg(long, short, default_value = "conf/sluice.toml")]
         config: PathBuf,

@@ -100,6 +100,30 @@ fn check_reports_a_missing_file() {
     );
 }
 
+/// `sluice --help` says what each command does, each beside its own name: `check` validates,
+/// `sleep` waits (their texts were once swapped onto one line).
+#[test]
+fn help_describes_each_command_on_its_own_line() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let line = |command: &str| {
+        help.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{command} ")))
+            .unwrap_or_else(|| panic!("no line for {command}: {help}"))
+            .to_string()
+    };
+    assert!(line("check").contains("Validate a config"), "{help}");
+    assert!(line("sleep").contains("Wait, then exit 0"), "{help}");
+    assert!(!line("sleep").contains("Validate"), "{help}");
+    for command in ["run", "heartbeat", "resources", "agents", "demo"] {
+        assert!(
+            line(command).len() > command.len() + 10,
+            "{command} has no help: {help}"
+        );
+    }
+}
+
 /// `sluice run` as a process, with real clients, then SIGTERM.
 #[test]
 fn run_routes_openssl_and_curl_and_stops_on_sigterm() {
