@@ -171,6 +171,26 @@ def summary(d, rows, previous):
             out.append(["quic", "heap bytes/idle flow", fmt(q["heap_bytes_per_idle_flow"], 0),
                         "–", "–", "–", "–", "–", "–"])
     d.table(head, out)
+    others(d, rows)
+
+
+def others(d, rows):
+    """Systems a partial run adds (the relay floors of finding 30): their connrate figures,
+    each with its edge CPU per connection over HAProxy's and sluice's in the same run."""
+    g = by_system(rows, "connrate")
+    extra = sorted(set(g) - {"sluice", "haproxy", "haproxy-splice", "nginx", "direct"})
+    if not extra:
+        return
+    key = "edge_cpu_us_per_conn"
+    h, s = mean(g.get("haproxy", []), key), mean(g.get("sluice", []), key)
+    out = []
+    for system in extra:
+        c = mean(g[system], key)
+        r = lambda a, b: "–" if ratio(a, b) is None else f"{ratio(a, b):.2f}"
+        out.append([system, fmt(mean(g[system], "conns_per_s"), 0),
+                    fmt(mean(g[system], "p99_us"), 0), fmt(c, 1), r(c, h), r(c, s)])
+    d.table(["connrate", "connections/s", "p99 µs", "edge CPU µs/conn", "CPU/HAProxy",
+             "CPU/sluice"], out)
 
 
 def main(argv):

@@ -162,7 +162,7 @@ wait_port() { # wait_port PORT: until something accepts on 127.0.0.1:PORT
 # RELOAD_CMD. The peers run in their master-worker modes, so a reload is theirs to do.
 start_edge() {
   rm -f "$RUN"/state/*
-  case $1 in sluice) port_free 28441 ;; haproxy*) port_free 28442 ;; nginx) port_free 28443 ;; esac
+  case $1 in sluice) port_free 28441 ;; haproxy*) port_free 28442 ;; nginx) port_free 28443 ;; floor-*) port_free 28444 ;; esac
   case $1 in
     sluice)
       cp "$RUN/sluice/sluice.toml.a" "$RUN/sluice/sluice.toml"
@@ -191,6 +191,17 @@ start_edge() {
       PIDS_CMD="echo $EDGE_PID; pgrep -P $EDGE_PID"
       RELOAD_CMD=""
       if [ "$1" = haproxy ]; then RELOAD_CMD="$RUN/flip.sh $cfg && kill -USR2 $EDGE_PID"; fi
+      ;;
+    floor-epoll | floor-io-uring)
+      # Not edges: the floor of a relay with sluice's routing and nothing else, its I/O through
+      # tokio's epoll or through io_uring (finding 30). For the connrate scenario only.
+      "$ROOT/target/$PROFILE/relay-floor" --mode "${1#floor-}" --listen 127.0.0.1:28444 \
+        --tunnel 127.0.0.1:29001 --client 127.0.0.1:29002 2>>"$RUN/relay-floor.log" &
+      EDGE_PID=$!
+      PORT=28444
+      wait_port $PORT
+      PIDS_CMD="echo $EDGE_PID"
+      RELOAD_CMD=""
       ;;
     nginx)
       cp "$RUN/nginx/nginx.conf.a" "$RUN/nginx/nginx.conf"
