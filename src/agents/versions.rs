@@ -240,14 +240,20 @@ impl VersionServer {
         let rules = sluice_core::agents::table::Rules {
             cluster_version: config.cluster.version,
         };
-        let adopters = || {
-            table.iter().map(|a| Adopter {
+        // One pass over the table, keeping the agents adoption counts (the stable ones): each
+        // channel then looks at those, not at every agent's state again.
+        let stable: Vec<Adopter<'_>> = table
+            .iter()
+            .filter(|a| {
+                rules.state(a, now) == sluice_core::agents::table::AgentState::Ready
+                    && now >= a.ready_at.max(a.version_since).saturating_add(stable_after)
+            })
+            .map(|a| Adopter {
                 channel: a.label(CHANNEL_LABEL),
                 version: a.version,
-                stable: rules.state(a, now) == sluice_core::agents::table::AgentState::Ready
-                    && now >= a.ready_at.max(a.version_since).saturating_add(stable_after),
+                stable: true,
             })
-        };
+            .collect();
         let names = config.versions.channels.keys().map(String::as_str);
         let mut out = std::collections::BTreeMap::new();
         for name in names.chain([DEFAULT_CHANNEL]) {
@@ -265,7 +271,8 @@ impl VersionServer {
                     None
                 }
             };
-            view.adoption = sluice_core::agents::rollout::adoption(adopters(), name, target);
+            view.adoption =
+                sluice_core::agents::rollout::adoption(stable.iter().copied(), name, target);
             out.insert(name.to_owned(), view);
         }
         out

@@ -79,6 +79,7 @@ pub struct Adoption {
 
 /// An agent as adoption sees it: its channel (from `CHANNEL_LABEL`), version, and whether it
 /// has been ready for `stable_after`.
+#[derive(Debug, Clone, Copy)]
 pub struct Adopter<'a> {
     pub channel: Option<&'a str>,
     pub version: Option<Version>,
