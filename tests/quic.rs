@@ -15,8 +15,9 @@ use sluice::control::server::Server;
 use support::process::*;
 use support::*;
 
-/// A quinn server that answers each bidirectional stream with `NAME:` and what it read.
-async fn quic_backend(name: &'static str, cert_name: &str, alpn: &[&str]) -> (SocketAddr, Vec<u8>) {
+/// A quinn endpoint on a loopback port with a fresh self-signed certificate for `cert_name`
+/// (returned, DER, for the client to trust), offering `alpn`; `early_data` accepts 0-RTT.
+fn quic_server(cert_name: &str, alpn: &[&str], early_data: bool) -> (quinn::Endpoint, Vec<u8>) {
     let ck = rcgen::generate_simple_self_signed(vec![cert_name.to_owned()]).unwrap();
     let der = ck.cert.der().to_vec();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
@@ -25,10 +26,18 @@ async fn quic_backend(name: &'static str, cert_name: &str, alpn: &[&str]) -> (So
         .with_single_cert(vec![ck.cert.der().clone()], key)
         .unwrap();
     tls.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
-    // 0-RTT: QUIC requires the maximum early data size to be 0xffffffff.
-    tls.max_early_data_size = u32::MAX;
+    if early_data {
+        // 0-RTT: QUIC requires the maximum early data size to be 0xffffffff.
+        tls.max_early_data_size = u32::MAX;
+    }
     let cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
     let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    (ep, der)
+}
+
+/// A quinn server that answers each bidirectional stream with `NAME:` and what it read.
+async fn quic_backend(name: &'static str, cert_name: &str, alpn: &[&str]) -> (SocketAddr, Vec<u8>) {
+    let (ep, der) = quic_server(cert_name, alpn, true);
     let addr = ep.local_addr().unwrap();
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
@@ -53,15 +62,7 @@ async fn quic_backend(name: &'static str, cert_name: &str, alpn: &[&str]) -> (So
 /// connection at: through sluice, the flow's own socket toward it. A datagram sluice put on
 /// another flow's socket shows as the connection moving (quinn follows a connection by ID).
 async fn addressed_backend() -> SocketAddr {
-    let ck = rcgen::generate_simple_self_signed(vec!["a.example.com".to_owned()]).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into());
-    let mut tls = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(vec![ck.cert.der().clone()], key)
-        .unwrap();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).unwrap()));
-    let ep = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let (ep, _) = quic_server("a.example.com", &["h3"], false);
     let addr = ep.local_addr().unwrap();
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
