@@ -48,14 +48,15 @@ struct Opts {
     threads: usize,
 }
 
+/// The two backends, as addresses (`epoll`) or as the ring's `sockaddr_in`s (`io-uring`).
 #[derive(Clone, Copy)]
-struct Backends {
-    tunnel: SocketAddr,
-    client: SocketAddr,
+struct Backends<A = SocketAddr> {
+    tunnel: A,
+    client: A,
 }
 
-impl Backends {
-    fn pick(&self, hello: &ClientHello) -> SocketAddr {
+impl<A: Copy> Backends<A> {
+    fn pick(&self, hello: &ClientHello) -> A {
         if hello
             .alpn
             .iter()
@@ -176,7 +177,7 @@ struct Ring {
     free: Vec<usize>,
     /// Buffers of closed connections, reused (a fresh one would be zeroed each time).
     pool: Vec<Box<[u8]>>,
-    backends: Backends,
+    backends: Backends<libc::sockaddr_in>,
     listen: RawFd,
 }
 
@@ -193,16 +194,17 @@ fn sockaddr(a: SocketAddr) -> Option<libc::sockaddr_in> {
 }
 
 fn ring(l: std::net::TcpListener, backends: Backends) -> anyhow::Result<()> {
-    if sockaddr(backends.tunnel).is_none() || sockaddr(backends.client).is_none() {
+    let (Some(tunnel), Some(client)) = (sockaddr(backends.tunnel), sockaddr(backends.client))
+    else {
         anyhow::bail!("the io-uring mode takes IPv4 backends");
-    }
+    };
     let ring = IoUring::builder().setup_coop_taskrun().build(4096)?;
     let mut r = Ring {
         ring,
         conns: Vec::new(),
         free: Vec::new(),
         pool: Vec::new(),
-        backends,
+        backends: Backends { tunnel, client },
         listen: l.as_raw_fd(),
     };
     r.accept();
@@ -325,9 +327,7 @@ impl Ring {
                 match parse(&c.bufs[0][..got]) {
                     Parse::Incomplete { .. } if got < BUF => self.recv(slot, 0, got, HELLO),
                     Parse::Hello { hello, .. } => {
-                        let to = backends.pick(&hello);
-                        // Checked IPv4 at the start.
-                        c.addr = sockaddr(to).unwrap_or(c.addr);
+                        c.addr = backends.pick(&hello);
                         let e = opcode::Socket::new(
                             libc::AF_INET,
                             libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
@@ -415,12 +415,7 @@ impl Ring {
             sending: [(0, 0); 2],
             eof: [false; 2],
             // Replaced once the hello named the backend.
-            addr: sockaddr(self.backends.client).unwrap_or(libc::sockaddr_in {
-                sin_family: 0,
-                sin_port: 0,
-                sin_addr: libc::in_addr { s_addr: 0 },
-                sin_zero: [0; 8],
-            }),
+            addr: self.backends.client,
             inflight: 0,
             closing: false,
         });
