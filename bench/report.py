@@ -87,6 +87,12 @@ def ratio(a, b):
     return None if a is None or not b else a / b
 
 
+def ratio_cell(a, b):
+    """`a / b` for a table cell, or a dash when either is missing."""
+    rt = ratio(a, b)
+    return "–" if rt is None else f"{rt:.2f}"
+
+
 class Doc:
     def __init__(self):
         self.lines = []
@@ -151,9 +157,8 @@ def summary(d, rows, previous):
         x = mean(g.get("direct", []), key)
         prev = mean(by_system(previous, scenario).get("sluice", []), key)
         digits = 2 if key in ("gbit_per_s", "edge_cpu_s_per_gib") else (1 if "cpu" in key else 0)
-        r = lambda a, b: "–" if ratio(a, b) is None else f"{ratio(a, b):.2f}"
         out.append([scenario, label, fmt(s, digits), fmt(h, digits), fmt(n, digits),
-                    fmt(x, digits), r(s, h), r(s, x), fmt(prev, digits)])
+                    fmt(x, digits), ratio_cell(s, h), ratio_cell(s, x), fmt(prev, digits)])
     quic = os.environ.get("BENCH_QUIC")
     for q in load(quic) if quic and os.path.exists(quic) else []:
         for label, sk, dk in [("QUIC Gbit/s, one flow", "sluice_gbit_per_s", "direct_gbit_per_s"),
@@ -186,9 +191,8 @@ def others(d, rows):
     out = []
     for system in extra:
         c = mean(g[system], key)
-        r = lambda a, b: "–" if ratio(a, b) is None else f"{ratio(a, b):.2f}"
         out.append([system, fmt(mean(g[system], "conns_per_s"), 0),
-                    fmt(mean(g[system], "p99_us"), 0), fmt(c, 1), r(c, h), r(c, s)])
+                    fmt(mean(g[system], "p99_us"), 0), fmt(c, 1), ratio_cell(c, h), ratio_cell(c, s)])
     d.table(["connrate", "connections/s", "p99 µs", "edge CPU µs/conn", "CPU/HAProxy",
              "CPU/sluice"], out)
 
